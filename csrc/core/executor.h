@@ -1,0 +1,35 @@
+// Runs a schedule over a transport. Receives that are reduced are cut into chunks and
+// double-buffered, so that summing one chunk overlaps receiving the next.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "dtype.h"
+#include "schedule.h"
+#include "transport.h"
+
+namespace fastar {
+
+struct ExecutorOptions {
+  int64_t chunk_bytes = 4 << 20;
+  uint32_t tag_base = 0;  // separates the messages of concurrent users of one transport
+};
+
+struct ExecutorStats {
+  int64_t bytes_sent = 0;
+  int64_t bytes_received = 0;
+  int64_t messages = 0;
+};
+
+class Executor {
+ public:
+  explicit Executor(ExecutorOptions opts = {}) : opts_(opts) {}
+  // In-place allreduce (sum) of `count` elements of `t` at `data`, following `steps`.
+  ExecutorStats run(const std::vector<Step>& steps, Transport& tr, void* data, int64_t count, DType t);
+
+ private:
+  ExecutorOptions opts_;
+  std::vector<char> scratch_;
+};
+
+}  // namespace fastar

@@ -1,0 +1,41 @@
+// Allreduce schedules as pure functions of (rank, world size, element count).
+// A schedule is the list of point-to-point steps one rank performs; the executor runs it over any
+// transport. Ranges are in elements of the flat buffer.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastar {
+
+struct Range {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t size() const { return end - begin; }
+  bool empty() const { return end <= begin; }
+};
+
+struct Step {
+  int send_peer = -1;  // -1: nothing to send in this step
+  Range send;
+  int recv_peer = -1;  // -1: nothing to receive in this step
+  Range recv;
+  bool reduce = false;  // received elements are summed into the buffer (else copied over it)
+};
+
+enum class Algorithm { HalvingDoubling = 0, Ring = 1 };
+
+std::vector<Step> halving_doubling_schedule(int rank, int size, int64_t count);
+std::vector<Step> ring_schedule(int rank, int size, int64_t count);
+std::vector<Step> make_schedule(Algorithm algo, int rank, int size, int64_t count);
+
+const char* algorithm_name(Algorithm a);
+Algorithm parse_algorithm(const std::string& s);  // throws std::invalid_argument
+
+// Element offset where part i of n balanced parts of count begins.
+inline int64_t part_begin(int64_t count, int64_t n, int64_t i) {
+  const int64_t q = count / n, r = count % n;
+  return i * q + (i < r ? i : r);
+}
+
+}  // namespace fastar
