@@ -1,0 +1,133 @@
+"""pytest-benchmark microbenchmarks of fastar's kernels against the torch code they replace: pack of a
+ResNet-50 25 MB gradient bucket (with the 1/world_size scale), unpack, fp16 compress, and sum_into of
+4 MB. CPU always; CUDA too when a GPU is visible and fastar._C has its CUDA kernels.
+
+    .venv/bin/python -m pytest bench/bench_kernels.py --benchmark-group-by=group \
+        [--benchmark-json bench/results/kernels_<host>.json]
+
+On CUDA every timed call ends with torch.cuda.synchronize(), so the numbers are launch + kernel time.
+"""
+import math
+
+import pytest
+import torch
+
+import fastar._C as C
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() and C.cuda_built()),
+        reason="needs a CUDA GPU and a fastar._C built with CUDA")),
+]
+SCALE = 1.0 / 8  # averaging over 8 ranks
+
+
+def resnet50_param_shapes():
+    """Parameter shapes of torchvision's resnet50, in registration order (no torchvision needed)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def bucket_shapes(cap_bytes=25 * 2**20):
+    """A 25 MB fp32 bucket filled as DDP fills it: from the last parameter backwards. ResNet-50's first
+    bucket holds few large tensors, so the second one (many small tensors: the harder case for a
+    multi-tensor kernel) is appended until the cap."""
+    out, size = [], 0
+    for s in reversed(resnet50_param_shapes()):
+        n = math.prod(s) * 4
+        if size + n > cap_bytes:
+            continue
+        out.append(s)
+        size += n
+    return out
+
+
+def timed(benchmark, device, fn):
+    if device == "cuda":
+        def run():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        run = fn
+    run()  # warm-up (allocator, pinned-memory pool)
+    benchmark(run)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def bucket(request):
+    device = request.param
+    gen = torch.Generator().manual_seed(0)
+    shapes = bucket_shapes()
+    srcs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    offsets, pos = [], 0
+    for t in srcs:
+        offsets.append(pos)
+        pos += t.numel()
+    flat = torch.empty(pos, device=device)
+    return device, srcs, offsets, flat
+
+
+@pytest.mark.parametrize("impl", ["fastar", "torch.cat*scale", "torch.cat(out=).mul_"])
+def test_pack(benchmark, bucket, impl):
+    device, srcs, offsets, flat = bucket
+    benchmark.group = f"pack {len(srcs)} tensors -> {flat.numel() * 4 / 2**20:.0f} MiB bucket, {device}"
+    benchmark.extra_info.update(bytes=flat.numel() * 4, tensors=len(srcs))
+    if impl == "fastar":
+        fn = lambda: C.kernels_pack(srcs, flat, offsets, SCALE)  # noqa: E731
+    elif impl == "torch.cat*scale":
+        fn = lambda: torch.cat([t.reshape(-1) for t in srcs]) * SCALE  # noqa: E731
+    else:
+        fn = lambda: torch.cat([t.reshape(-1) for t in srcs], out=flat).mul_(SCALE)  # noqa: E731
+    timed(benchmark, device, fn)
+    if impl != "torch.cat*scale":
+        torch.testing.assert_close(flat, torch.cat([t.reshape(-1) for t in srcs]) * SCALE, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["fastar", "torch._foreach_copy_"])
+def test_unpack(benchmark, bucket, impl):
+    device, srcs, offsets, flat = bucket
+    benchmark.group = f"unpack {flat.numel() * 4 / 2**20:.0f} MiB bucket -> {len(srcs)} tensors, {device}"
+    dsts = [torch.empty_like(t) for t in srcs]
+    if impl == "fastar":
+        fn = lambda: C.kernels_unpack(flat, dsts, offsets, 1.0)  # noqa: E731
+    else:
+        views = [flat[o:o + t.numel()].view_as(t) for t, o in zip(dsts, offsets)]
+        fn = lambda: torch._foreach_copy_(dsts, views)  # noqa: E731
+    timed(benchmark, device, fn)
+
+
+@pytest.mark.parametrize("impl", ["fastar", "torch .to"])
+def test_compress_fp16(benchmark, bucket, impl):
+    device, _, _, flat = bucket
+    benchmark.group = f"compress {flat.numel() * 4 / 2**20:.0f} MiB fp32 -> fp16, {device}"
+    flat.normal_()
+    if impl == "fastar":
+        fn = lambda: C.kernels_compress(flat, torch.float16)  # noqa: E731
+    else:
+        fn = lambda: flat.to(torch.float16)  # noqa: E731
+    timed(benchmark, device, fn)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", ["fastar", "torch add_"])
+def test_sum_into_4mb(benchmark, device, dtype, impl):
+    n = 4 * 2**20 // torch.tensor([], dtype=dtype).element_size()
+    benchmark.group = f"sum_into 4 MiB {str(dtype).replace('torch.', '')}, {device}"
+    benchmark.extra_info["bytes"] = 4 * 2**20
+    dst = torch.zeros(n, dtype=dtype, device=device)
+    src = torch.full((n,), 2.0**-20, dtype=dtype, device=device)
+    if impl == "fastar":
+        fn = lambda: C.kernels_sum_into(dst, src)  # noqa: E731
+    else:
+        fn = lambda: dst.add_(src)  # noqa: E731
+    timed(benchmark, device, fn)

@@ -1,0 +1,15 @@
+#pragma once
+#include <torch/extension.h>
+namespace fastar {
+// flat[offsets[i] : offsets[i] + srcs[i].numel()] = srcs[i] * scale (flat is 1-D contiguous; srcs contiguous, any shape, same dtype as flat). One kernel launch for all tensors on CUDA (multi-tensor apply: a small device array of {ptr, numel, offset} built per call), a plain (OpenMP-free) loop on CPU.
+void pack(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vector<int64_t>& offsets, double scale);
+// the reverse: dsts[i] = flat[offsets[i] : ...] * scale, one launch
+void unpack(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets, double scale);
+// fp32 bucket -> fp16 or bf16 wire copy (wire dtype at::kHalf / at::kBFloat16), and back (decompress writes into an fp32 tensor, fp32 accumulation)
+at::Tensor compress(const at::Tensor& flat, at::ScalarType wire);
+void decompress(const at::Tensor& wire, at::Tensor& flat);
+// dst += src elementwise (fp32, fp64, fp16, bf16; half types accumulate in float) — the sum the schedules use when buffers are on the GPU; CPU version too
+void sum_into(at::Tensor& dst, const at::Tensor& src);
+// registers python functions kernels_pack, kernels_unpack, kernels_compress, kernels_decompress, kernels_sum_into, and cuda_built() -> bool on the module
+void register_kernels(pybind11::module_& m);
+}
