@@ -1,0 +1,18 @@
+"""torchrun --nproc-per-node K -m fastar.train ...   or   fastar-train --nproc K ..."""
+import sys
+
+from .cli import run
+
+
+def main(argv=None) -> int:
+    summary = run(argv)
+    if summary is not None:
+        err = summary.get("median_last5_val_top1_err")
+        print(f"fastar.train: done in {summary['train_time_s']:.1f} s of training; val top-1 error "
+              f"{summary['final_val_top1_err']:.2f}% (median of last 5 epochs {err:.2f}%); "
+              f"metrics {summary['metrics']}; plots {', '.join(summary.get('plots', []))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
