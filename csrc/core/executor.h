@@ -25,6 +25,7 @@ class Executor {
  public:
   explicit Executor(ExecutorOptions opts = {}) : opts_(opts) {}
   // In-place allreduce (sum) of `count` elements of `t` at `data`, following `steps`.
+  void set_tag_base(uint32_t t) { opts_.tag_base = t; }
   ExecutorStats run(const std::vector<Step>& steps, Transport& tr, void* data, int64_t count, DType t);
 
  private:

@@ -1,0 +1,185 @@
+#include "hierarchical.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "reduce.h"
+
+namespace fastar {
+
+const char* hierarchy_name(Hierarchy h) {
+  switch (h) {
+    case Hierarchy::Flat: return "flat";
+    case Hierarchy::Leader: return "leader";
+    case Hierarchy::Rail: return "rail";
+  }
+  return "?";
+}
+
+Hierarchical::Hierarchical(ShmArena* arena, Transport* inter, int num_nodes)
+    : arena_(arena), inter_(inter), num_nodes_(num_nodes) {
+  if (inter_) worker_ = std::thread([this] { worker_loop(); });
+}
+
+Hierarchical::~Hierarchical() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+void Hierarchical::worker_loop() {
+  while (true) {
+    Job j;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      j = queue_.front();
+      queue_.pop_front();
+    }
+    try {
+      if (!error_) {
+        if (j.wait_reduced) arena_->wait_all(ShmFlag::Reduced, j.gen, "local reduce, before the inter-node phase");
+        auto steps = make_schedule(j.algo, inter_->rank(), inter_->size(), j.count);
+        auto st = exec_.run(steps, *inter_, j.data, j.count, j.dtype);
+        std::lock_guard<std::mutex> g(mu_);
+        inter_bytes_ += st.bytes_sent;
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> g(mu_);
+      if (!error_) error_ = std::current_exception();
+      arena_->mark_failed();
+    }
+    if (!error_) arena_->signal(ShmFlag::Done, j.gen);
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      done_gen_ = j.gen;
+    }
+    cv_.notify_all();
+  }
+}
+
+void Hierarchical::submit(const Job& j) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    queue_.push_back(j);
+  }
+  cv_.notify_all();
+}
+
+void Hierarchical::wait_job(uint32_t gen) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return (int32_t)(done_gen_ - gen) >= 0 || error_; });
+  if (error_) {
+    auto e = error_;
+    error_ = nullptr;
+    std::rethrow_exception(e);
+  }
+}
+
+HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t,
+                                          uint64_t seq) {
+  HierarchicalStats stats;
+  const int L = arena_->local_size();
+  const int lr = arena_->local_rank();
+  const size_t esize = dtype_size(t);
+  const int64_t chunk_elems = arena_->chunk_bytes() / (int64_t)esize;
+  const int64_t nchunks = count == 0 ? 0 : (count + chunk_elems - 1) / chunk_elems;
+  char* base = static_cast<char*>(data);
+  const bool multi = num_nodes_ > 1;
+  const bool i_run_inter = multi && inter_ != nullptr && (mode == Hierarchy::Rail || lr == 0);
+  if (multi && mode == Hierarchy::Rail && inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
+  const uint64_t desc[4] = {seq, (uint64_t)count, (uint64_t)t, (uint64_t)mode * 16 + (uint64_t)algo};
+  arena_->publish_desc(desc, gen_ + 1);
+  const uint32_t first_gen = gen_ + 1;
+  const uint64_t inter_before = inter_bytes_;
+
+  try {
+    // Small single-chunk buffers: one barrier, every rank sums all slots itself.
+    if (nchunks == 1 && count * (int64_t)esize <= small_bytes && (!multi || mode == Hierarchy::Leader)) {
+      const uint32_t g = ++gen_;
+      const int buf = g & 1;
+      std::memcpy(arena_->slot(lr, buf), base, count * esize);
+      arena_->signal(ShmFlag::In, g);
+      arena_->wait_all(ShmFlag::In, g, "copy-in");
+      for (int r = 0; r < L; ++r)
+        if (r != lr) arena_->check_desc(r, desc, first_gen, "an allreduce");
+      std::vector<const void*> srcs(L);
+      for (int r = 0; r < L; ++r) srcs[r] = arena_->slot(r, buf);
+      if (!multi) {
+        reduce_sum_many(t, base, srcs.data(), L, count);
+      } else if (lr == 0) {
+        char* res = arena_->result(buf);
+        reduce_sum_many(t, res, srcs.data(), L, count);
+        if (inter_) {
+          auto st = exec_.run(make_schedule(algo, inter_->rank(), inter_->size(), count), *inter_, res, count, t);
+          inter_bytes_ += st.bytes_sent;
+        }
+        arena_->signal(ShmFlag::Done, g);
+        std::memcpy(base, res, count * esize);
+      } else {
+        arena_->wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
+        std::memcpy(base, arena_->result(buf), count * esize);
+      }
+      stats.chunks = 1;
+      stats.inter_bytes_sent = inter_bytes_ - inter_before;
+      return stats;
+    }
+
+    std::vector<const void*> srcs(L);
+    auto copy_out = [&](int64_t c, uint32_t g) {
+      const int buf = g & 1;
+      const int64_t b = c * chunk_elems;
+      const int64_t n = std::min(chunk_elems, count - b);
+      if (i_run_inter) wait_job(g);
+      if (!multi) {
+        arena_->wait_all(ShmFlag::Reduced, g, "local reduce-scatter");
+      } else if (mode == Hierarchy::Rail) {
+        arena_->wait_all(ShmFlag::Done, g, "inter-node allreduce of a peer's slice");
+      } else if (lr != 0) {
+        arena_->wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
+      }
+      std::memcpy(base + b * esize, arena_->result(buf), n * esize);
+    };
+    uint32_t prev_gen = 0;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const uint32_t g = ++gen_;
+      const int buf = g & 1;
+      const int64_t b = c * chunk_elems;
+      const int64_t n = std::min(chunk_elems, count - b);
+      std::memcpy(arena_->slot(lr, buf), base + b * esize, n * esize);
+      arena_->signal(ShmFlag::In, g);
+      arena_->wait_all(ShmFlag::In, g, "copy-in");
+      if (c == 0)
+        for (int r = 0; r < L; ++r)
+          if (r != lr) arena_->check_desc(r, desc, first_gen, "an allreduce");
+      const int64_t s0 = part_begin(n, L, lr), s1 = part_begin(n, L, lr + 1);
+      for (int r = 0; r < L; ++r) srcs[r] = arena_->slot(r, buf) + s0 * esize;
+      char* res = arena_->result(buf);
+      reduce_sum_many(t, res + s0 * esize, srcs.data(), L, s1 - s0);
+      arena_->signal(ShmFlag::Reduced, g);
+      if (i_run_inter) {
+        if (mode == Hierarchy::Rail)
+          submit({res + s0 * esize, s1 - s0, g, false, algo, t});
+        else
+          submit({res, n, g, L > 1, algo, t});
+      }
+      if (c > 0) copy_out(c - 1, prev_gen);  // the previous chunk's network phase overlapped this one
+      prev_gen = g;
+    }
+    if (nchunks > 0) copy_out(nchunks - 1, prev_gen);
+    stats.chunks = nchunks;
+    stats.inter_bytes_sent = inter_bytes_ - inter_before;
+    return stats;
+  } catch (...) {
+    arena_->mark_failed();
+    throw;
+  }
+}
+
+}  // namespace fastar

@@ -1,0 +1,71 @@
+// The paper's three phases, over a node's shared-memory arena and an inter-node transport.
+//
+// The buffer is processed in chunks of the arena's chunk size. Per chunk: every local rank copies its
+// part into its slot; each local rank sums its 1/L slice of all slots into the result area (a
+// reduce-scatter, all cores busy); the inter-node phase allreduces the result among the nodes
+// ("leader": local rank 0 runs the schedule on the whole chunk with the other nodes' leaders, as in
+// the paper; "rail": every local rank runs it on its own slice with the ranks of the same local
+// rank on the other nodes, so that every NIC works); every local rank copies the result back.
+// The inter-node phase runs on a worker thread while the caller already copies and reduces the
+// next chunk, so local phases overlap the network. Small single-chunk buffers skip the second
+// barrier: every rank sums all slots straight into its own tensor.
+#pragma once
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "executor.h"
+#include "shm.h"
+
+namespace fastar {
+
+enum class Hierarchy { Flat = 0, Leader = 1, Rail = 2 };
+const char* hierarchy_name(Hierarchy h);
+
+struct HierarchicalStats {
+  int64_t chunks = 0;
+  int64_t inter_bytes_sent = 0;
+};
+
+class Hierarchical {
+ public:
+  // inter: the transport among this rank's inter-node peers (leaders for Leader, same local rank for
+  // Rail); nullptr when there is one node, or for non-leaders in Leader mode.
+  Hierarchical(ShmArena* arena, Transport* inter, int num_nodes);
+  ~Hierarchical();
+  HierarchicalStats allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq);
+  int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
+
+ private:
+  struct Job {
+    char* data;
+    int64_t count;
+    uint32_t gen;
+    bool wait_reduced;  // leader: wait for every local rank's slice first
+    Algorithm algo;
+    DType dtype;
+  };
+  void worker_loop();
+  void submit(const Job& j);
+  void wait_job(uint32_t gen);
+
+  ShmArena* arena_;
+  Transport* inter_;
+  int num_nodes_;
+  uint32_t gen_ = 0;
+  Executor exec_;
+  std::thread worker_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> queue_;
+  uint32_t done_gen_ = 0;
+  int64_t inter_bytes_ = 0;
+  std::exception_ptr error_;
+  bool stop_ = false;
+};
+
+}  // namespace fastar

@@ -1,0 +1,69 @@
+// The intra-node shared-memory arena: one POSIX segment per node per job (mode 0600, a name that
+// carries the job's identity and a random nonce), mapped by every local rank and unlinked as soon
+// as all have mapped it, so that a crash leaves nothing under /dev/shm.
+//
+// Layout: a control page per local rank (its pid and monotonically increasing flags, each on its
+// own cache line), then for each of two pipeline buffers: one input slot per local rank and one
+// result area, each chunk_bytes long.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastar {
+
+enum class ShmFlag : int { In = 0, Reduced = 1, Done = 2, Count = 3 };
+
+class ShmArena {
+ public:
+  // create: local rank 0 creates the segment (O_EXCL), the others open the name it sent them.
+  ShmArena(const std::string& name, bool create, int local_rank, int local_size, int64_t chunk_bytes,
+           double timeout_s);
+  ~ShmArena();
+  ShmArena(const ShmArena&) = delete;
+  ShmArena& operator=(const ShmArena&) = delete;
+
+  void unlink();  // idempotent
+  const std::string& name() const { return name_; }
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
+  int64_t chunk_bytes() const { return chunk_bytes_; }
+  double timeout_s() const { return timeout_s_; }
+  void set_timeout(double s) { timeout_s_ = s; }
+
+  char* slot(int rank, int buf) const;
+  char* result(int buf) const;
+
+  // Flags are generation counters: signal sets this rank's flag to gen; waits return once the
+  // flag reached gen. Waits spin briefly, then yield the core, then sleep on a futex, and throw a
+  // std::runtime_error naming the missing local rank on timeout or when its process died.
+  void signal(ShmFlag f, uint32_t gen);
+  void wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what);
+  void wait_all(ShmFlag f, uint32_t gen, const char* what);
+
+  // Marks this rank failed, so that local peers waiting on it fail at once instead of timing out.
+  void mark_failed();
+  // Header describing this rank's current collective, checked by peers (count, dtype, mode, seq).
+  // Published before signalling In for generation gen, checked after waiting for it.
+  void publish_desc(const uint64_t desc[4], uint32_t gen);
+  void check_desc(int rank, const uint64_t desc[4], uint32_t gen, const char* what);
+
+  // Removes fastar segments of this user whose creating process is gone (crash during init).
+  static int remove_stale(const std::string& prefix);
+
+ private:
+  struct Control;
+  std::atomic<uint32_t>* flag(int rank, ShmFlag f) const;
+  std::atomic<uint64_t>* desc_slot(int rank, uint32_t gen) const;
+  std::string name_;
+  int local_rank_, local_size_;
+  int64_t chunk_bytes_;
+  double timeout_s_;
+  size_t total_bytes_ = 0;
+  char* base_ = nullptr;
+  bool unlinked_ = false;
+  bool creator_ = false;
+};
+
+}  // namespace fastar

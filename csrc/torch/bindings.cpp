@@ -1,0 +1,81 @@
+// The one PYBIND11_MODULE: fastar._C.
+#include <torch/extension.h>
+
+#include "core/schedule.h"
+#include "core/shm.h"
+#include "torch/communicator.h"
+#if __has_include("torch/kernels.h")
+#include "torch/kernels.h"
+#define FASTAR_HAS_KERNELS 1
+#endif
+
+namespace py = pybind11;
+using fastar::Communicator;
+
+static c10::intrusive_ptr<c10d::ProcessGroup> as_pg(const py::object& o) {
+  if (o.is_none()) return {};
+  return o.cast<c10::intrusive_ptr<c10d::ProcessGroup>>();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastar: hierarchical halving/doubling allreduce (compiled core)";
+
+  py::class_<fastar::AsyncWork, std::shared_ptr<fastar::AsyncWork>>(m, "AsyncWork")
+      .def("wait", &fastar::AsyncWork::wait, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("is_completed", &fastar::AsyncWork::is_completed)
+      .def_readonly("start_s", &fastar::AsyncWork::start_s)
+      .def_readonly("end_s", &fastar::AsyncWork::end_s)
+      .def_readonly("algorithm", &fastar::AsyncWork::algorithm);
+
+  py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
+      .def(py::init([](int rank, int size, int local_rank, int local_size, int node, int num_nodes, py::object world,
+                       std::vector<int> world_ranks, py::object cross, std::vector<int> cross_ranks,
+                       std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s) {
+             fastar::Topology t{rank, size, local_rank, local_size, node, num_nodes};
+             auto w = as_pg(world);
+             auto c = as_pg(cross);
+             py::gil_scoped_release nogil;
+             return std::make_shared<Communicator>(t, w, world_ranks, c, cross_ranks, shm_name, shm_create,
+                                                   shm_chunk_bytes, timeout_s);
+           }),
+           py::arg("rank"), py::arg("size"), py::arg("local_rank"), py::arg("local_size"), py::arg("node"),
+           py::arg("num_nodes"), py::arg("world"), py::arg("world_ranks"), py::arg("cross"), py::arg("cross_ranks"),
+           py::arg("shm_name"), py::arg("shm_create"), py::arg("shm_chunk_bytes"), py::arg("timeout_s"))
+      .def("allreduce", &Communicator::allreduce, py::arg("tensor"), py::arg("algorithm"), py::arg("hierarchy"),
+           py::arg("avg"), py::arg("validate"), py::call_guard<py::gil_scoped_release>())
+      .def("allreduce_async", &Communicator::allreduce_async, py::arg("tensor"), py::arg("algorithm"),
+           py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::call_guard<py::gil_scoped_release>())
+      .def("unlink_shm", &Communicator::unlink_shm)
+      .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
+      .def("set_timeout", &Communicator::set_timeout)
+      .def("set_small_bytes", &Communicator::set_small_bytes)
+      .def("has_shm", &Communicator::has_shm)
+      .def("shm_name", &Communicator::shm_name)
+      .def("last_op", [](Communicator& c) {
+        auto r = c.last_op();
+        py::dict d;
+        d["hierarchy"] = r.hierarchy;
+        d["algorithm"] = r.algorithm;
+        d["bytes"] = r.bytes;
+        d["seconds"] = r.seconds;
+        return d;
+      });
+
+  m.def("schedule", [](const std::string& algo, int rank, int size, int64_t count) {
+    py::list out;
+    for (const auto& s : fastar::make_schedule(fastar::parse_algorithm(algo), rank, size, count)) {
+      py::dict d;
+      d["send_peer"] = s.send_peer;
+      d["send"] = py::make_tuple(s.send.begin, s.send.end);
+      d["recv_peer"] = s.recv_peer;
+      d["recv"] = py::make_tuple(s.recv.begin, s.recv.end);
+      d["reduce"] = s.reduce;
+      out.append(d);
+    }
+    return out;
+  }, "The steps one rank performs (for tests and docs).");
+  m.def("remove_stale_shm", &fastar::ShmArena::remove_stale, py::arg("prefix"));
+#ifdef FASTAR_HAS_KERNELS
+  fastar::register_kernels(m);
+#endif
+}

@@ -1,0 +1,232 @@
+#include "torch/communicator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+
+#include "core/reduce.h"
+
+namespace fastar {
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default:
+      TORCH_CHECK(false, "fastar reduces float32, float64, float16 and bfloat16 tensors, not ", s,
+                  "; use torch.distributed.all_reduce for other dtypes");
+  }
+}
+
+Hierarchy parse_hierarchy(const std::string& h) {
+  if (h == "flat") return Hierarchy::Flat;
+  if (h == "leader") return Hierarchy::Leader;
+  if (h == "rail") return Hierarchy::Rail;
+  throw std::invalid_argument("fastar: unknown hierarchy '" + h + "' (expected flat, leader or rail)");
+}
+
+}  // namespace
+
+void AsyncWork::wait(double timeout_s) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (!cv_.wait_for(l, std::chrono::duration<double>(timeout_s), [&] { return done_; }))
+    throw std::runtime_error("fastar: allreduce did not complete within " + std::to_string((int)timeout_s) +
+                             " s (a peer rank is stuck or dead)");
+  if (error_) std::rethrow_exception(error_);
+}
+
+bool AsyncWork::is_completed() {
+  std::lock_guard<std::mutex> g(mu_);
+  return done_;
+}
+
+void AsyncWork::finish(std::exception_ptr e) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    done_ = true;
+    error_ = e;
+  }
+  cv_.notify_all();
+}
+
+Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup> world, std::vector<int> world_ranks,
+                           c10::intrusive_ptr<c10d::ProcessGroup> cross, std::vector<int> cross_ranks,
+                           std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s)
+    : topo_(topo), timeout_s_(timeout_s) {
+  world_ = std::make_unique<PGTransport>(world, world_ranks, timeout_s, "fastar's world group");
+  if (cross) cross_ = std::make_unique<PGTransport>(cross, cross_ranks, timeout_s, "fastar's inter-node group");
+  if (!shm_name.empty()) {
+    arena_ = std::make_unique<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
+                                        timeout_s);
+    hier_ = std::make_unique<Hierarchical>(arena_.get(), cross_.get(), topo.num_nodes);
+  }
+  worker_ = std::thread([this] { worker_loop(); });
+}
+
+Communicator::~Communicator() { close(); }
+
+void Communicator::close() {
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  q_cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  std::lock_guard<std::mutex> g(exec_mu_);
+  hier_.reset();
+  arena_.reset();
+}
+
+void Communicator::unlink_shm() {
+  if (arena_) arena_->unlink();
+}
+
+void Communicator::set_timeout(double s) {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  timeout_s_ = s;
+  world_->set_timeout(s);
+  if (cross_) cross_->set_timeout(s);
+  if (arena_) arena_->set_timeout(s);
+}
+
+void Communicator::set_small_bytes(int64_t b) {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  if (hier_) hier_->small_bytes = b;
+}
+
+OpRecord Communicator::last_op() {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  return last_;
+}
+
+void Communicator::worker_loop() {
+  while (true) {
+    std::function<void()> task;
+    {
+      std::unique_lock<std::mutex> l(q_mu_);
+      q_cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+      busy_ = true;
+    }
+    task();
+    {
+      std::lock_guard<std::mutex> g(q_mu_);
+      busy_ = false;
+    }
+    q_cv_.notify_all();
+  }
+}
+
+std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, const std::string& algorithm,
+                                                         const std::string& hierarchy, bool avg, bool validate) {
+  auto work = std::make_shared<AsyncWork>();
+  work->algorithm = hierarchy + ":" + algorithm;
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+    queue_.push_back([this, t, algorithm, hierarchy, avg, validate, work] {
+      work->start_s = now_s();
+      std::exception_ptr e;
+      try {
+        run(t, algorithm, hierarchy, avg, validate);
+      } catch (...) {
+        e = std::current_exception();
+      }
+      work->end_s = now_s();
+      work->finish(e);
+    });
+  }
+  q_cv_.notify_all();
+  return work;
+}
+
+void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
+                             bool validate) {
+  {
+    // Run inline unless queued work must go first: same order on every rank, no thread hop.
+    std::unique_lock<std::mutex> l(q_mu_);
+    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+    if (!queue_.empty() || busy_) {
+      l.unlock();
+      allreduce_async(t, algorithm, hierarchy, avg, validate)->wait(timeout_s_ * 2 + 60);
+      return;
+    }
+    busy_ = true;
+  }
+  std::exception_ptr e;
+  try {
+    run(t, algorithm, hierarchy, avg, validate);
+  } catch (...) {
+    e = std::current_exception();
+  }
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    busy_ = false;
+  }
+  q_cv_.notify_all();
+  if (e) std::rethrow_exception(e);
+}
+
+void Communicator::validate_flat(const std::vector<Step>& steps, const at::Tensor& t, uint64_t seq, int algo_id) {
+  // One 32-byte header to and from every peer of the schedule before any data moves, so that ranks
+  // that disagree fail with a message instead of mismatched receives.
+  std::vector<int> peers;
+  for (const auto& s : steps)
+    for (int p : {s.send_peer, s.recv_peer})
+      if (p >= 0 && std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(p);
+  const uint64_t mine[4] = {seq, (uint64_t)t.numel(), (uint64_t)to_dtype(t.scalar_type()), (uint64_t)algo_id};
+  std::vector<uint64_t> theirs(4 * peers.size());
+  std::vector<Transport::Handle> hs;
+  const uint32_t tag = 0x7F000000u | (uint32_t)(seq & 0xFFFF);
+  for (size_t i = 0; i < peers.size(); ++i) {
+    hs.push_back(world_->isend(peers[i], mine, sizeof(mine), tag));
+    hs.push_back(world_->irecv(peers[i], &theirs[4 * i], sizeof(mine), tag));
+  }
+  for (auto h : hs) world_->wait(h);
+  static const char* names[4] = {"call number", "element count", "dtype", "algorithm"};
+  for (size_t i = 0; i < peers.size(); ++i)
+    for (int k = 0; k < 4; ++k)
+      if (theirs[4 * i + k] != mine[k])
+        throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[k]) + " of an allreduce: rank " +
+                                 std::to_string(topo_.rank) + " has " + std::to_string(mine[k]) + ", rank " +
+                                 std::to_string(world_->global_rank(peers[i])) + " has " +
+                                 std::to_string(theirs[4 * i + k]) +
+                                 ". Every rank must call the same collectives with tensors of the same shape and dtype.");
+}
+
+void Communicator::run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
+                       bool validate) {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  TORCH_CHECK(t.is_contiguous() && t.layout() == at::kStrided, "fastar: allreduce needs a dense contiguous tensor");
+  TORCH_CHECK(t.device().is_cpu(), "fastar: this build moves CPU tensors; got a tensor on ", t.device());
+  const DType dt = to_dtype(t.scalar_type());
+  const Algorithm algo = parse_algorithm(algorithm);
+  Hierarchy h = parse_hierarchy(hierarchy);
+  if (h != Hierarchy::Flat && !hier_) h = Hierarchy::Flat;  // one rank per node: nothing to do locally
+  const uint64_t seq = ++seq_;
+  const double t0 = now_s();
+  const int64_t count = t.numel();
+  void* data = t.data_ptr();
+  if (h == Hierarchy::Flat) {
+    auto steps = make_schedule(algo, world_->rank(), world_->size(), count);
+    if (validate && topo_.size > 1) validate_flat(steps, t, seq, (int)algo);
+    exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
+    exec_.run(steps, *world_, data, count, dt);
+  } else {
+    hier_->allreduce(h, algo, data, count, dt, seq);
+  }
+  if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
+  last_ = {hierarchy_name(h), algorithm_name(algo), count * (int64_t)dtype_size(dt), now_s() - t0};
+}
+
+}  // namespace fastar

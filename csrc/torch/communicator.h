@@ -1,0 +1,91 @@
+// The one stateful object Python holds (fastar._C.Communicator): the process groups fastar made,
+// this node's shared-memory arena, and a thread that runs queued collectives in submission order.
+#pragma once
+#include <torch/extension.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "core/hierarchical.h"
+#include "core/shm.h"
+#include "torch/pg_transport.h"
+
+namespace fastar {
+
+struct Topology {
+  int rank = 0, size = 1;
+  int local_rank = 0, local_size = 1;
+  int node = 0, num_nodes = 1;
+};
+
+// A handle for an allreduce in flight (async_op=True, or a bucket of fastar.wrap).
+class AsyncWork {
+ public:
+  void wait(double timeout_s);  // rethrows the collective's error
+  bool is_completed();
+  void finish(std::exception_ptr e);
+  double start_s = 0, end_s = 0;  // steady clock, seconds
+  std::string algorithm;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::exception_ptr error_;
+};
+
+struct OpRecord {
+  std::string hierarchy, algorithm;
+  int64_t bytes = 0;
+  double seconds = 0;
+};
+
+class Communicator {
+ public:
+  Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup> world, std::vector<int> world_ranks,
+               c10::intrusive_ptr<c10d::ProcessGroup> cross, std::vector<int> cross_ranks, std::string shm_name,
+               bool shm_create, int64_t shm_chunk_bytes, double timeout_s);
+  ~Communicator();
+  void close();
+  void unlink_shm();
+  // In-place sum (avg: then divided by the world size). algorithm/hierarchy are resolved names.
+  void allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate);
+  std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
+                                             bool avg, bool validate);
+  void set_timeout(double s);
+  void set_small_bytes(int64_t b);
+  const Topology& topology() const { return topo_; }
+  bool has_shm() const { return arena_ != nullptr; }
+  std::string shm_name() const { return arena_ ? arena_->name() : ""; }
+  OpRecord last_op();
+
+ private:
+  void run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate);
+  void validate_flat(const std::vector<Step>& steps, const at::Tensor& t, uint64_t seq, int algo_id);
+  void worker_loop();
+
+  Topology topo_;
+  double timeout_s_;
+  std::unique_ptr<PGTransport> world_;
+  std::unique_ptr<PGTransport> cross_;
+  std::unique_ptr<ShmArena> arena_;
+  std::unique_ptr<Hierarchical> hier_;
+  Executor exec_;
+  uint64_t seq_ = 0;
+  OpRecord last_;
+
+  std::mutex exec_mu_;  // one collective at a time, in submission order
+  std::mutex q_mu_;
+  std::condition_variable q_cv_;
+  std::deque<std::function<void()>> queue_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+}  // namespace fastar

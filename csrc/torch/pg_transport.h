@@ -1,0 +1,48 @@
+// A Transport over a c10d ProcessGroup's point-to-point send/recv: Gloo carries the bytes on CPU
+// (NCCL on GPU). fastar never opens sockets of its own.
+#pragma once
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "core/transport.h"
+
+namespace fastar {
+
+class PGTransport : public Transport {
+ public:
+  // global_ranks[i]: the world rank of group rank i (for error messages).
+  PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks, double timeout_s,
+              std::string name);
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Handle isend(int peer, const void* data, size_t bytes, uint32_t tag) override;
+  Handle irecv(int peer, void* data, size_t bytes, uint32_t tag) override;
+  void wait(Handle h) override;
+  void set_timeout(double s) { timeout_ = std::chrono::milliseconds((int64_t)(s * 1000)); }
+  void set_device(c10::Device d) { device_ = d; }
+  int global_rank(int r) const { return global_ranks_.at(r); }
+  const std::string& name() const { return name_; }
+
+ private:
+  struct Op {
+    c10::intrusive_ptr<c10d::Work> work;
+    at::Tensor tensor;
+    int peer;
+    size_t bytes;
+    bool send;
+  };
+  c10::intrusive_ptr<c10d::Backend> backend_;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  std::vector<int> global_ranks_;
+  std::chrono::milliseconds timeout_;
+  std::string name_;
+  int rank_, size_;
+  c10::Device device_ = c10::Device(c10::kCPU);
+  std::vector<Op> ops_;
+  size_t done_ = 0;
+};
+
+}  // namespace fastar

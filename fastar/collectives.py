@@ -1,0 +1,325 @@
+"""fastar.init / fastar.all_reduce: the Python boundary of the compiled communicator.
+
+Input checks live here, once, with messages that say what was wrong and what to do; the C++ side
+re-checks cheaply (TORCH_CHECK) but Python users should never see its text for a mistake of theirs.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import topology as _topology
+
+log = logging.getLogger("fastar")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+ALGORITHMS = ("auto", "halving_doubling", "ring")
+HIERARCHIES = ("auto", "flat", "leader", "rail")
+
+# Crossovers for "auto", measured with bench/allreduce_bw.py (docs/results.md):
+# halving/doubling sends the same bytes as ring in 2*log2(p) steps instead of 2*(p-1), so it wins at
+# every size for powers of two. Binary blocks add an unbalanced extra step for other world sizes;
+# ring overtakes it only for large buffers.
+RING_ABOVE_BYTES_NON_POW2 = 16 << 20
+# Multi-node: below this a single leader per node moves the data (fewer, larger messages); above it
+# every local rank drives its own shard ("rail").
+RAIL_ABOVE_BYTES = 1 << 20
+SHM_CHUNK_BYTES = int(float(os.environ.get("FASTAR_SHM_CHUNK_MB", "4")) * (1 << 20))
+
+
+def _C():
+    from . import _C as ext  # noqa: PLC0415 - imported lazily so pure-Python parts load without it
+    return ext
+
+
+@dataclass
+class _State:
+    topo: _topology.Topology
+    comm: object  # fastar._C.Communicator
+    world_group: object
+    cross_group: object
+    timeout: timedelta
+    last_choice: dict = field(default_factory=dict)
+    group_comms: dict = field(default_factory=dict)
+
+
+_state: _State | None = None
+_lock = threading.Lock()
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _require_dist() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "fastar: torch.distributed is not initialised. Call torch.distributed.init_process_group('gloo') "
+            "(or 'nccl' on GPUs) first, e.g. under torchrun, then fastar.init() or fastar.all_reduce(...).")
+
+
+def _job_id() -> str:
+    raw = os.environ.get("TORCHELASTIC_RUN_ID", "") + os.environ.get("MASTER_ADDR", "") + os.environ.get("MASTER_PORT", "")
+    return hashlib.sha1(raw.encode()).hexdigest()[:8]
+
+
+def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5)):
+    """Creates fastar's own process groups (so its traffic never interleaves with the user's
+    collectives) and the node's shared-memory arena. Collective: every rank calls it. Optional:
+    all_reduce and wrap call it with defaults. Returns the topology."""
+    global _state
+    _require_dist()
+    with _lock:
+        if _state is not None:
+            if local_size is not None and local_size != _state.topo.local_size:
+                raise RuntimeError("fastar.init was already called with local_size="
+                                   f"{_state.topo.local_size}; call fastar.shutdown() first to change it")
+            return _state.topo
+        if isinstance(timeout, (int, float)):
+            timeout = timedelta(seconds=timeout)
+        topo = _topology.detect(local_size)
+        world_ranks = list(range(topo.size))
+        world = dist.new_group(ranks=world_ranks, backend="gloo", timeout=timeout)
+        cross_groups = []
+        for lr in range(topo.local_size):  # every rank creates every group, in the same order
+            ranks = topo.rail_ranks(lr)
+            cross_groups.append(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout) if len(ranks) > 1 else None)
+        cross = cross_groups[topo.local_rank]
+        shm_name, create = "", False
+        if topo.local_size > 1:
+            if topo.local_rank == 0:
+                _C().remove_stale_shm("fastar_")
+                shm_name = (f"/fastar_{os.getuid()}_{_job_id()}_n{topo.node}_{secrets.token_hex(4)}_p{os.getpid()}")
+                create = True
+        names: list = [None] * topo.size
+        dist.all_gather_object(names, shm_name, group=world)
+        if topo.local_size > 1:
+            shm_name = names[topo.node * topo.local_size]
+        def make():
+            return _C().Communicator(
+                rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
+                node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
+                cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
+                shm_name=shm_name, shm_create=create, shm_chunk_bytes=SHM_CHUNK_BYTES,
+                timeout_s=timeout.total_seconds())
+        comm = make() if create else None  # local rank 0 creates the segment first,
+        dist.barrier(group=world)
+        if comm is None:
+            comm = make()                  # then the others map it,
+        dist.barrier(group=world)
+        comm.unlink_shm()                  # and its name goes at once: a crash can leave nothing behind
+        _state = _State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout)
+        log.debug("fastar.init: %s", topo)
+        return topo
+
+
+def shutdown() -> None:
+    """Closes fastar's communicator (not torch.distributed). fastar.init may be called again."""
+    global _state
+    with _lock:
+        if _state is not None:
+            _state.comm.close()
+            for c in _state.group_comms.values():
+                c.close()
+            _state = None
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def get_state() -> _State:
+    if _state is None:
+        init()
+    return _state
+
+
+def set_timeout(timeout: timedelta) -> None:
+    st = get_state()
+    st.timeout = timeout
+    st.comm.set_timeout(timeout.total_seconds())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def choose(nbytes: int, algorithm: str, hierarchy: str, topo: _topology.Topology) -> tuple[str, str, str]:
+    """Resolves "auto" and says why (the reason is what fastar.explain() prints)."""
+    why = []
+    if hierarchy == "auto":
+        if topo.local_size == 1:
+            hierarchy = "flat"
+            why.append("flat: one rank per node, no local phase")
+        elif topo.num_nodes == 1:
+            hierarchy = "leader"
+            why.append("leader: one node, the whole allreduce runs in shared memory")
+        elif nbytes > RAIL_ABOVE_BYTES:
+            hierarchy = "rail"
+            why.append(f"rail: {nbytes} B > {RAIL_ABOVE_BYTES} B, every local rank drives a shard between nodes")
+        else:
+            hierarchy = "leader"
+            why.append(f"leader: {nbytes} B <= {RAIL_ABOVE_BYTES} B, one message per node beats {topo.local_size} small ones")
+    p = topo.size if hierarchy == "flat" else topo.num_nodes
+    if algorithm == "auto":
+        if _is_pow2(p) or nbytes <= RING_ABOVE_BYTES_NON_POW2:
+            algorithm = "halving_doubling"
+            why.append(f"halving_doubling: {p} inter-node participants, {nbytes} B "
+                       f"({'power of two' if _is_pow2(p) else 'binary blocks, below the ring crossover'})")
+        else:
+            algorithm = "ring"
+            why.append(f"ring: {p} participants is not a power of two and {nbytes} B > {RING_ABOVE_BYTES_NON_POW2} B")
+    return algorithm, hierarchy, "; ".join(why)
+
+
+_REDUCE_OPS = {"sum": False, "avg": True, "mean": True}
+
+
+def _parse_op(op):
+    if isinstance(op, str):
+        key = op.lower()
+        if key in _REDUCE_OPS:
+            return _REDUCE_OPS[key]
+        raise ValueError(f"fastar.all_reduce: op={op!r} is not supported; use 'sum' or 'avg' "
+                         "(or torch.distributed.all_reduce for max/min/product)")
+    if op == dist.ReduceOp.SUM:
+        return False
+    if op == dist.ReduceOp.AVG:
+        return True
+    return None  # another ReduceOp: fall back
+
+
+def check_tensor(tensor, where: str = "fastar.all_reduce") -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{where}: the tensor is {tensor.layout} (sparse); fastar reduces dense tensors: "
+                         "call .to_dense() first, or use torch.distributed.all_reduce for sparse ones")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{where}: the tensor is not contiguous (shape {tuple(tensor.shape)}, strides "
+                         f"{tensor.stride()}); reduce a contiguous tensor (t = t.contiguous(), then copy back)")
+
+
+class Work:
+    """Handle of an asynchronous fastar.all_reduce, like torch.distributed's Work."""
+
+    def __init__(self, native, tensor, timeout_s: float):
+        self._native, self._tensor, self._timeout = native, tensor, timeout_s
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        t = timeout.total_seconds() if timeout is not None else self._timeout
+        self._native.wait(t)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._native.is_completed()
+
+    def result(self):
+        return [self._tensor]
+
+
+class _DoneWork:
+    def __init__(self, tensor, inner=None):
+        self._tensor, self._inner = tensor, inner
+
+    def wait(self, timeout=None) -> bool:
+        if self._inner is not None:
+            self._inner.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._inner is None or self._inner.is_completed()
+
+    def result(self):
+        return [self._tensor]
+
+
+def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto", async_op=False, validate=True):
+    """In-place allreduce of `tensor` across ranks, like torch.distributed.all_reduce.
+
+    op: "sum" or "avg" (or dist.ReduceOp.SUM / AVG). algorithm: "auto" | "halving_doubling" | "ring".
+    hierarchy: "auto" | "flat" | "leader" | "rail". validate: exchange a small header first so that
+    ranks passing different shapes or dtypes get an error instead of a wrong result.
+    """
+    _require_dist()
+    check_tensor(tensor)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"fastar.all_reduce: algorithm={algorithm!r}; expected one of {ALGORITHMS}")
+    if hierarchy not in HIERARCHIES:
+        raise ValueError(f"fastar.all_reduce: hierarchy={hierarchy!r}; expected one of {HIERARCHIES}")
+    avg = _parse_op(op)
+    if avg is None or tensor.dtype not in SUPPORTED_DTYPES:
+        what = f"op {op}" if avg is None else f"dtype {tensor.dtype}"
+        _warn_once(f"fallback:{what}", f"fastar reduces float32/float64/float16/bfloat16 with sum or avg; "
+                   f"{what} goes through torch.distributed.all_reduce instead")
+        dop = op if avg is None else (dist.ReduceOp.SUM if not avg else dist.ReduceOp.AVG)
+        if dop == dist.ReduceOp.AVG and dist.get_backend(group) == "gloo":
+            w = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+            w.wait()
+            if tensor.is_floating_point():
+                tensor.div_(dist.get_world_size(group))
+            else:
+                tensor.floor_divide_(dist.get_world_size(group))
+            return _DoneWork(tensor) if async_op else None
+        w = dist.all_reduce(tensor, op=dop, group=group, async_op=async_op)
+        return _DoneWork(tensor, w) if async_op else None
+    st = get_state()
+    if tensor.device.type != "cpu":
+        raise ValueError(f"fastar.all_reduce: the tensor is on {tensor.device}, but this fastar build moves CPU "
+                         "tensors over Gloo; move it with .cpu(), or use a CUDA build with an NCCL group")
+    comm, topo = st.comm, st.topo
+    if group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != topo.size:
+        comm, topo, hierarchy = _group_comm(st, group), None, "flat"
+    nbytes = tensor.numel() * tensor.element_size()
+    if topo is None:
+        size = dist.get_world_size(group)
+        topo = _topology.Topology(rank=dist.get_rank(group), size=size, local_rank=0, local_size=1,
+                                  node=0, num_nodes=size, source="user group")
+    algo, hier, why = choose(nbytes, algorithm, hierarchy, topo)
+    st.last_choice = {"bytes": nbytes, "algorithm": algo, "hierarchy": hier, "why": why,
+                      "requested": (algorithm, hierarchy)}
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("fastar.all_reduce %d B: %s:%s (%s)", nbytes, hier, algo, why)
+    if async_op:
+        return Work(comm.allreduce_async(tensor, algo, hier, avg, validate), tensor, st.timeout.total_seconds() + 30)
+    comm.allreduce(tensor, algo, hier, avg, validate)
+    return None
+
+
+def _group_comm(st: _State, group):
+    """A flat communicator over a user's process group (its traffic shares that group)."""
+    key = id(group)
+    if key not in st.group_comms:
+        ranks = dist.get_process_group_ranks(group)
+        r, n = dist.get_rank(group), len(ranks)
+        st.group_comms[key] = _C().Communicator(
+            rank=r, size=n, local_rank=0, local_size=1, node=r, num_nodes=n, world=group, world_ranks=ranks,
+            cross=None, cross_ranks=[], shm_name="", shm_create=False, shm_chunk_bytes=SHM_CHUNK_BYTES,
+            timeout_s=st.timeout.total_seconds())
+    return st.group_comms[key]
+
+
+def explain() -> str:
+    """What fastar knows about the job and what it chose for the last allreduce, and why."""
+    if _state is None:
+        return "fastar is not initialised (fastar.init() or any fastar.all_reduce does it)"
+    t = _state.topo
+    lines = [f"rank {t.rank} of {t.size}: node {t.node} of {t.num_nodes}, local rank {t.local_rank} of "
+             f"{t.local_size} (local size from {t.source})",
+             f"intra-node phase: {'shared memory arena' if _state.comm.has_shm() else 'none (one rank per node)'}"]
+    if _state.last_choice:
+        c = _state.last_choice
+        lines.append(f"last allreduce: {c['bytes']} B -> {c['hierarchy']}:{c['algorithm']} because {c['why']}")
+    return "\n".join(lines)
