@@ -148,31 +148,29 @@ def schedule_rounds(algorithm: str, p: int, nbytes: float):
     raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
 
 
-def rounds_time(rounds, t: Topo, rank_map=None) -> float:
-    """Seconds for the rounds on topology t. rank_map(virtual) -> physical rank (node = rank // gpus)."""
+def rounds_time(rounds, t: Topo) -> float:
+    """Seconds for the rounds on topology t (rank r lives on node r // t.gpus). A round lasts as long
+    as its slowest rank; a rank's intra-node and network transfers proceed at the same time."""
     total = 0.0
     for src, dst, size, reduce, repeat in rounds:
-        if rank_map is not None:
-            src, dst = rank_map(src), rank_map(dst)
-        n_ranks = int(max(src.max(), dst.max())) + 1
+        n = int(max(src.max(), dst.max())) + 1
         net = (src // t.gpus) != (dst // t.gpus)
-        per_rank = {}
+        link = {}
         for name, mask in (("in", ~net), ("net", net)):
-            w = size * mask
-            sent = np.bincount(src, w, n_ranks)
-            got = np.bincount(dst, w, n_ranks)
-            busy = np.bincount(src, mask.astype(float), n_ranks) + np.bincount(dst, mask.astype(float), n_ranks) > 0
-            per_rank[name] = (np.maximum(sent, got), got, busy)
-        bi, gi, busy_i = per_rank["in"]
-        bn, gn, busy_n = per_rank["net"]
+            sent = np.bincount(src, size * mask, n)
+            got = np.bincount(dst, size * mask, n)
+            busy = (np.bincount(src, mask.astype(float), n) + np.bincount(dst, mask.astype(float), n)) > 0
+            link[name] = (np.maximum(sent, got), got, busy)  # full duplex: the larger direction counts
+        b_in, got_in, busy_in = link["in"]
+        b_net, got_net, busy_net = link["net"]
         # The node's NICs are shared by its ranks: a rank gets at best its share of the node's bytes.
-        nodes = np.arange(n_ranks) // t.gpus
-        node_sent = np.bincount(nodes, per_rank["net"][0], nodes.max() + 1)
-        bn_eff = np.maximum(bn, node_sent[nodes] / t.nics)
-        t_in = np.where(busy_i, t.a_in + bi * t.b_in, 0.0)
-        t_net = np.where(busy_n, t.a_net + bn_eff * t.b_net, 0.0)
-        t_red = (gi * t.g_in + gn * t.g_net) if reduce else 0.0
-        total += repeat * float(np.max(np.maximum(t_in, t_net) + t_red))
+        node = np.arange(n) // t.gpus
+        node_bytes = np.bincount(node, b_net, node.max() + 1)
+        b_net = np.maximum(b_net, node_bytes[node] / t.nics)
+        t_in = np.where(busy_in, t.a_in + b_in * t.b_in, 0.0)
+        t_net = np.where(busy_net, t.a_net + b_net * t.b_net, 0.0)
+        t_sum = (got_in * t.g_in + got_net * t.g_net) if reduce else 0.0
+        total += repeat * float(np.max(np.maximum(t_in, t_net) + t_sum))
     return total
 
 
