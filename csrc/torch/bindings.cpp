@@ -3,6 +3,7 @@
 
 #include "core/schedule.h"
 #include "core/shm.h"
+#include "torch/bucket_engine.h"
 #include "torch/communicator.h"
 #if __has_include("torch/kernels.h")
 #include "torch/kernels.h"
@@ -60,6 +61,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["seconds"] = r.seconds;
         return d;
       });
+
+  py::class_<fastar::BucketEngine, std::shared_ptr<fastar::BucketEngine>>(m, "BucketEngine")
+      .def(py::init<std::shared_ptr<Communicator>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t,
+                    double>(),
+           py::arg("comm"), py::arg("params"), py::arg("order"), py::arg("cap_bytes"), py::arg("first_cap_bytes"),
+           py::arg("timeout_s"))
+      .def("rebuild", &fastar::BucketEngine::rebuild)
+      .def("num_buckets", &fastar::BucketEngine::num_buckets)
+      .def("bucket_bytes", &fastar::BucketEngine::bucket_bytes)
+      .def("bucket_params", &fastar::BucketEngine::bucket_params)
+      .def("set_choice", &fastar::BucketEngine::set_choice)
+      .def("mark_ready", &fastar::BucketEngine::mark_ready, py::call_guard<py::gil_scoped_release>())
+      .def("missing", &fastar::BucketEngine::missing)
+      .def("finalize", &fastar::BucketEngine::finalize, py::arg("fill_unused"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("ready_order", &fastar::BucketEngine::ready_order)
+      .def("in_iteration", &fastar::BucketEngine::in_iteration)
+      .def("stats", &fastar::BucketEngine::stats);
 
   m.def("schedule", [](const std::string& algo, int rank, int size, int64_t count) {
     py::list out;

@@ -1,0 +1,170 @@
+#include "torch/bucket_engine.h"
+
+#include <chrono>
+#include <stdexcept>
+
+namespace fastar {
+namespace {
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+BucketEngine::BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params,
+                           std::vector<int64_t> order, int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s)
+    : comm_(std::move(comm)), params_(std::move(params)), cap_bytes_(cap_bytes), first_cap_bytes_(first_cap_bytes),
+      timeout_s_(timeout_s) {
+  scale_ = 1.0 / comm_->topology().size;
+  layout(order);
+}
+
+void BucketEngine::layout(const std::vector<int64_t>& order) {
+  TORCH_CHECK(order.size() == params_.size(), "fastar: bucket order names ", order.size(), " parameters, expected ",
+              params_.size());
+  buckets_.clear();
+  where_.assign(params_.size(), {-1, -1});
+  std::vector<int64_t> sizes;
+  Bucket cur;
+  int64_t cur_bytes = 0;
+  auto close = [&]() {
+    if (cur.params.empty()) return;
+    const auto& p0 = params_[cur.params[0]];
+    cur.flat = at::zeros({cur_bytes / (int64_t)p0.element_size()}, p0.options().requires_grad(false));
+    buckets_.push_back(std::move(cur));
+    cur = Bucket();
+    cur_bytes = 0;
+  };
+  for (int64_t idx : order) {
+    TORCH_CHECK(idx >= 0 && idx < (int64_t)params_.size() && where_[idx].first == -1,
+                "fastar: bad or repeated parameter index ", idx, " in bucket order");
+    const at::Tensor& p = params_[idx];
+    const int64_t bytes = p.numel() * (int64_t)p.element_size();
+    const int64_t cap = buckets_.empty() ? first_cap_bytes_ : cap_bytes_;
+    if (!cur.params.empty()) {
+      const auto& p0 = params_[cur.params[0]];
+      if (p0.scalar_type() != p.scalar_type() || p0.device() != p.device() || cur_bytes + bytes > cap) close();
+    }
+    where_[idx] = {(int64_t)buckets_.size(), cur_bytes / (int64_t)p.element_size()};
+    cur.params.push_back(idx);
+    cur.offsets.push_back(cur_bytes / (int64_t)p.element_size());
+    cur_bytes += bytes;
+  }
+  close();
+  marked_.assign(params_.size(), 0);
+  for (auto& b : buckets_) b.pending = (int64_t)b.params.size();
+  next_launch_ = 0;
+  started_ = false;
+}
+
+void BucketEngine::rebuild(const std::vector<int64_t>& order) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(!started_, "fastar: cannot rebuild buckets during an iteration");
+  layout(order);
+}
+
+int64_t BucketEngine::bucket_bytes(int64_t b) const {
+  const auto& bk = buckets_.at(b);
+  return bk.flat.numel() * (int64_t)bk.flat.element_size();
+}
+
+void BucketEngine::set_choice(int64_t b, const std::string& algorithm, const std::string& hierarchy) {
+  buckets_.at(b).algorithm = algorithm;
+  buckets_.at(b).hierarchy = hierarchy;
+}
+
+void BucketEngine::launch_ready_locked() {
+  // Strictly in bucket order, so that every rank issues the same sequence of collectives.
+  while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
+    Bucket& b = buckets_[next_launch_++];
+    b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false);
+  }
+}
+
+void BucketEngine::mark_ready(int64_t param, const at::Tensor& grad) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(param >= 0 && param < (int64_t)params_.size(), "fastar: bad parameter index");
+  if (!started_) {
+    started_ = true;
+    ready_order_.clear();
+  }
+  TORCH_CHECK(!marked_[param], "fastar: a gradient for parameter ", param,
+              " arrived twice in one backward pass; call backward once per iteration, or use no_sync()");
+  marked_[param] = 1;
+  ready_order_.push_back(param);
+  auto [bi, off] = where_[param];
+  Bucket& b = buckets_[bi];
+  at::Tensor dst = b.flat.narrow(0, off, grad.numel());
+  at::Tensor src = grad.reshape({-1});
+  if (scale_ == 1.0)
+    dst.copy_(src);
+  else
+    at::mul_out(dst, src, scale_);  // the average's division fused into the copy
+  if (--b.pending == 0) {
+    b.ready_s = now_s();
+    launch_ready_locked();
+  }
+}
+
+std::vector<int64_t> BucketEngine::missing() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (!marked_[i]) out.push_back((int64_t)i);
+  return out;
+}
+
+void BucketEngine::finalize(bool fill_unused) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (fill_unused) {
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (marked_[i]) continue;
+        marked_[i] = 1;
+        auto [bi, off] = where_[i];
+        Bucket& b = buckets_[bi];
+        b.flat.narrow(0, off, params_[i].numel()).zero_();
+        if (--b.pending == 0) b.ready_s = now_s();
+      }
+      launch_ready_locked();
+    }
+    TORCH_CHECK(next_launch_ == buckets_.size(), "fastar: finalize with gradients missing");
+  }
+  std::exception_ptr err;
+  for (auto& b : buckets_) {
+    try {
+      b.work->wait(timeout_s_ + 30);
+    } catch (...) {
+      if (!err) err = std::current_exception();
+    }
+  }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& b : buckets_) b.pending = (int64_t)b.params.size();
+    std::fill(marked_.begin(), marked_.end(), 0);
+    next_launch_ = 0;
+    started_ = false;
+  }
+  if (err) std::rethrow_exception(err);
+  for (auto& b : buckets_) {
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      at::Tensor& p = params_[b.params[k]];
+      at::Tensor src = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+      at::Tensor& grad = p.mutable_grad();
+      if (!grad.defined() || grad.sizes() != p.sizes())
+        grad = src.clone();
+      else
+        grad.copy_(src);
+    }
+  }
+}
+
+std::vector<std::tuple<int64_t, double, double, double, std::string>> BucketEngine::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<std::tuple<int64_t, double, double, double, std::string>> out;
+  for (const auto& b : buckets_)
+    out.emplace_back(b.flat.numel() * (int64_t)b.flat.element_size(), b.ready_s, b.work ? b.work->start_s : 0.0,
+                     b.work ? b.work->end_s : 0.0, b.hierarchy + ":" + b.algorithm);
+  return out;
+}
+
+}  // namespace fastar

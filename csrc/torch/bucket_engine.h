@@ -1,0 +1,67 @@
+// Gradient buckets for fastar.wrap: gradients are copied (scaled by 1/world, one pass) into flat
+// buckets as autograd produces them; a full bucket goes to the communicator's thread at once, in
+// the same bucket order on every rank, while backward goes on; finalize waits for the last bucket
+// and copies the averaged gradients back into .grad.
+#pragma once
+#include <torch/extension.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "torch/communicator.h"
+
+namespace fastar {
+
+struct Bucket {
+  std::vector<int64_t> params;   // indices into the engine's parameter list
+  std::vector<int64_t> offsets;  // element offset of each parameter in flat
+  at::Tensor flat;
+  int64_t pending = 0;
+  std::string algorithm = "halving_doubling", hierarchy = "flat";
+  std::shared_ptr<AsyncWork> work;
+  double ready_s = 0;  // when its last gradient arrived
+};
+
+class BucketEngine {
+ public:
+  // order: parameter indices in the order their gradients are expected (reverse definition order
+  // before the first iteration). Buckets never mix dtypes or devices.
+  BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params, std::vector<int64_t> order,
+               int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s);
+  void rebuild(const std::vector<int64_t>& order);
+  int64_t num_buckets() const { return (int64_t)buckets_.size(); }
+  int64_t bucket_bytes(int64_t b) const;
+  std::vector<int64_t> bucket_params(int64_t b) const { return buckets_.at(b).params; }
+  void set_choice(int64_t b, const std::string& algorithm, const std::string& hierarchy);
+
+  void mark_ready(int64_t param, const at::Tensor& grad);
+  // Parameters that got no gradient this iteration (finalize then launches nothing for them).
+  std::vector<int64_t> missing() const;
+  // fill_unused: treat missing gradients as zeros. Waits for every bucket, writes .grad.
+  void finalize(bool fill_unused);
+  std::vector<int64_t> ready_order() const { return ready_order_; }
+  bool in_iteration() const { return started_; }
+  // Per bucket: bytes, ready, start, end (steady-clock seconds), algorithm.
+  std::vector<std::tuple<int64_t, double, double, double, std::string>> stats() const;
+
+ private:
+  void layout(const std::vector<int64_t>& order);
+  void launch_ready_locked();
+
+  std::shared_ptr<Communicator> comm_;
+  std::vector<at::Tensor> params_;
+  std::vector<std::pair<int64_t, int64_t>> where_;  // param -> (bucket, offset)
+  std::vector<Bucket> buckets_;
+  std::vector<char> marked_;
+  std::vector<int64_t> ready_order_;
+  int64_t cap_bytes_, first_cap_bytes_;
+  double timeout_s_;
+  double scale_;
+  size_t next_launch_ = 0;
+  bool started_ = false;
+  mutable std::mutex mu_;
+};
+
+}  // namespace fastar

@@ -1,0 +1,216 @@
+"""fastar.wrap(model): gradients averaged over all workers by allreduces that run while backward
+is still going, in buckets, through the compiled BucketEngine; and fastar.comm_hook for users who
+keep DDP.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import collectives
+
+log = logging.getLogger("fastar")
+
+
+def _check_same_across_ranks(module: nn.Module, group) -> None:
+    """Parameter names, shapes and dtypes must agree on every rank: an error names the first
+    mismatching parameter and rank."""
+    mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    ref = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs == ref:
+            continue
+        for i in range(max(len(ref), len(theirs))):
+            a = ref[i] if i < len(ref) else None
+            b = theirs[i] if i < len(theirs) else None
+            if a != b:
+                raise RuntimeError(
+                    f"fastar.wrap: the models differ across ranks: parameter #{i} is {a} on rank 0 but {b} on rank "
+                    f"{rank} (name, shape, dtype, requires_grad). Build the same model on every rank before wrapping.")
+
+
+class FastarModule(nn.Module):
+    """What fastar.wrap returns: forward passes through; after backward() every parameter's .grad
+    holds the average over all workers (each worker's loss is its own mean over n images; summing
+    over k workers and dividing by k equals a loss normalised by k*n, as in the paper)."""
+
+    def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
+                 algorithm: str = "auto", hierarchy: str = "auto", find_unused_parameters: bool = False,
+                 broadcast_from_rank0: bool = True, check_finite: bool = False):
+        super().__init__()
+        collectives._require_dist()
+        if algorithm not in collectives.ALGORITHMS:
+            raise ValueError(f"fastar.wrap: algorithm={algorithm!r}; expected one of {collectives.ALGORITHMS}")
+        if hierarchy not in collectives.HIERARCHIES:
+            raise ValueError(f"fastar.wrap: hierarchy={hierarchy!r}; expected one of {collectives.HIERARCHIES}")
+        self.module = module
+        st = collectives.get_state()
+        self._state = st
+        self._algorithm, self._hierarchy = algorithm, hierarchy
+        self.find_unused_parameters = find_unused_parameters
+        self.check_finite = check_finite
+        group = st.world_group
+        _check_same_across_ranks(module, group)
+        if broadcast_from_rank0 and st.topo.size > 1:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t.data, src=0, group=group)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # frozen ones are skipped
+        for n, p in named:
+            if p.layout != torch.strided:
+                raise ValueError(f"fastar.wrap: parameter {n} is {p.layout}; fastar reduces dense gradients")
+            if p.dtype not in collectives.SUPPORTED_DTYPES:
+                raise TypeError(f"fastar.wrap: parameter {n} has dtype {p.dtype}; fastar reduces "
+                                "float32/float64/float16/bfloat16 (keep it frozen, or cast the model)")
+            if p.device.type != "cpu":
+                raise ValueError(f"fastar.wrap: parameter {n} is on {p.device}; this fastar build reduces CPU "
+                                 "gradients (over Gloo). Use torch DDP with fastar.comm_hook for GPU models for now.")
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        order = list(reversed(range(len(self._params))))  # gradients appear roughly in reverse order
+        self._engine = collectives._C().BucketEngine(
+            st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
+            int(first_bucket_mb * (1 << 20)), st.timeout.total_seconds())
+        self._apply_choices()
+        self._sync = True
+        self._rebuilt = False
+        self._callback_queued = False
+        self._iteration = 0
+        self._bwd_first = self._bwd_end = 0.0
+        self._last_stats: list = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+
+    def _apply_choices(self):
+        topo = self._state.topo
+        for b in range(self._engine.num_buckets()):
+            algo, hier, _ = collectives.choose(self._engine.bucket_bytes(b), self._algorithm, self._hierarchy, topo)
+            self._engine.set_choice(b, algo, hier)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradients accumulate locally inside this block; the first backward outside it syncs them."""
+        old = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def _make_hook(self, i: int):
+        def hook(param):
+            if not self._sync:
+                return
+            if not self._callback_queued:
+                self._callback_queued = True
+                self._bwd_first = time.monotonic()
+                torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+            self._engine.mark_ready(i, param.grad)
+        return hook
+
+    def _finalize(self):
+        self._callback_queued = False
+        missing = self._engine.missing()
+        if missing and not self.find_unused_parameters:
+            names = ", ".join(self._names[i] for i in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise RuntimeError(
+                f"fastar.wrap: rank {self._state.topo.rank}: these parameters got no gradient in this iteration: "
+                f"{names}{more}. If some parameters are legitimately unused, wrap with find_unused_parameters=True "
+                "(their gradients are then treated as zeros); if they should never train, set requires_grad=False.")
+        self._bwd_end = time.monotonic()
+        self._engine.finalize(self.find_unused_parameters)
+        self._last_stats = self._engine.stats()
+        self._iteration += 1
+        if self.check_finite:
+            self._check_finite()
+        if not self._rebuilt:
+            self._rebuild_from_observed_order()
+
+    def _rebuild_from_observed_order(self):
+        # After the first iteration, lay buckets out in the order gradients really became ready, so
+        # that each bucket fills as early as possible. Rank 0's order is used everywhere, so that
+        # every rank builds identical buckets.
+        self._rebuilt = True
+        order = [self._engine.ready_order()]
+        dist.broadcast_object_list(order, src=0, group=self._state.world_group)
+        order = list(order[0])
+        seen = set(order)
+        order += [i for i in reversed(range(len(self._params))) if i not in seen]  # unused ones last
+        self._engine.rebuild(order)
+        self._apply_choices()
+
+    def _check_finite(self):
+        for n, p in zip(self._names, self._params):
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise FloatingPointError(
+                    f"fastar.wrap: the averaged gradient of {n} has NaN or Inf (iteration {self._iteration}); "
+                    "some worker's loss diverged: lower the learning rate or check the data")
+
+    def comm_stats(self) -> dict:
+        """Per bucket of the last synchronised iteration: bytes, when it became ready, when its
+        allreduce started and ended (seconds after the first gradient), and the overlap: the share
+        of communication time that ran before backward ended."""
+        t0, end = self._bwd_first, self._bwd_end
+        buckets, total, hidden = [], 0.0, 0.0
+        for nbytes, ready, start, stop, algo in self._last_stats:
+            dur = max(0.0, stop - start)
+            total += dur
+            hidden += max(0.0, min(stop, end) - start) if start < end else 0.0
+            buckets.append({"bytes": nbytes, "ready_s": ready - t0, "start_s": start - t0, "end_s": stop - t0,
+                            "algorithm": algo})
+        return {"iteration": self._iteration, "backward_s": end - t0, "comm_s": total,
+                "overlap": hidden / total if total > 0 else 0.0, "buckets": buckets,
+                "bucket_params": [[self._names[i] for i in self._engine.bucket_params(b)]
+                                  for b in range(self._engine.num_buckets())]}
+
+    def __del__(self):
+        for h in getattr(self, "_handles", []):
+            h.remove()
+
+
+def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1, algorithm: str = "auto",
+         hierarchy: str = "auto", find_unused_parameters: bool = False, check_finite: bool = False) -> FastarModule:
+    """model = fastar.wrap(model): data parallel training over fastar's hierarchical allreduce."""
+    return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
+                        hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite)
+
+
+class _HookState:
+    def __init__(self, algorithm: str, hierarchy: str):
+        self.algorithm, self.hierarchy = algorithm, hierarchy
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastar-hook")
+
+
+def hook_state(algorithm: str = "auto", hierarchy: str = "auto") -> _HookState:
+    """State for fastar.comm_hook: ddp.register_comm_hook(fastar.hook_state(), fastar.comm_hook)."""
+    collectives.get_state()
+    return _HookState(algorithm, hierarchy)
+
+
+def comm_hook(state: _HookState, bucket) -> torch.futures.Future:
+    """A DDP communication hook that averages DDP's bucket with fastar's allreduce."""
+    buf = bucket.buffer()
+    work = collectives.all_reduce(buf, op="avg", algorithm=state.algorithm, hierarchy=state.hierarchy,
+                                  async_op=True, validate=False)
+    fut: torch.futures.Future = torch.futures.Future()
+
+    def complete():
+        try:
+            work.wait()
+            fut.set_result(buf)
+        except Exception as e:  # noqa: BLE001 - handed to DDP through the future
+            fut.set_exception(e)
+
+    state.pool.submit(complete)
+    return fut

@@ -1,0 +1,181 @@
+"""fastar.wrap against torch DDP on the same data and seed, with real processes on Gloo."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mp_utils import run_workers
+
+
+class Net(nn.Module):
+    """BN, a layer used twice, a weight tied between two layers, a frozen layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.shared = nn.Linear(16, 16)
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.tie_a = nn.Linear(16, 16, bias=False)
+        self.tie_b = nn.Linear(16, 16, bias=False)
+        self.tie_b.weight = self.tie_a.weight
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        x = self.tie_b(torch.relu(self.tie_a(self.frozen(x))))
+        return self.head(x)
+
+
+def _batches(rank, steps, n=6):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (n,), generator=g)) for _ in range(steps)]
+
+
+def _train(model, batches, accumulate=1):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for i in range(0, len(batches), accumulate):
+        opt.zero_grad()
+        chunk = batches[i:i + accumulate]
+        for j, (x, y) in enumerate(chunk):
+            ctx = model.no_sync() if j < len(chunk) - 1 else _null()
+            with ctx:
+                nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _compare_worker(rank, n, local_size, hierarchies, accumulate, bucket_cap_mb):
+    import fastar
+    fastar.init(local_size=local_size)
+    torch.manual_seed(0)
+    base = Net().double()
+    batches = _batches(rank, 6)
+    ref = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), broadcast_buffers=False)
+    _train(ref, batches, accumulate)
+    out = {}
+    for hier in hierarchies:
+        model = fastar.wrap(copy.deepcopy(base), hierarchy=hier, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=0.001)
+        _train(model, batches, accumulate)
+        worst = 0.0
+        for (name, a), b in zip(model.module.state_dict().items(), ref.module.state_dict().values()):
+            if a.is_floating_point():
+                worst = max(worst, (a - b).abs().max().item())
+        out[hier] = worst
+        assert model.module.tie_a.weight is model.module.tie_b.weight
+    return out
+
+
+@pytest.mark.parametrize("n,local_size", [(2, 1), (2, 2), (3, 1)])
+def test_wrap_matches_ddp(n, local_size):
+    hiers = ["flat", "leader", "rail"] if local_size > 1 else ["flat"]
+    out = run_workers(_compare_worker, n, local_size, hiers, 1, 0.002, timeout=240)
+    for rank_out in out:
+        for hier, worst in rank_out.items():
+            assert worst < 1e-9, f"{hier}: parameters differ from DDP by {worst}"
+
+
+def test_no_sync_accumulates_then_syncs():
+    out = run_workers(_compare_worker, 2, 1, ["auto"], 3, 25, timeout=180)
+    assert all(o["auto"] < 1e-9 for o in out)
+
+
+def _stats_worker(rank, n):
+    import fastar
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()]
+    for _ in range(6):
+        layers += [nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = fastar.wrap(net, bucket_cap_mb=0.02, first_bucket_mb=0.01)  # 37 KB per conv: a bucket each
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        nn.functional.cross_entropy(model(x), y).backward()
+    return model.comm_stats()
+
+
+def test_comm_stats_shows_overlap():
+    for st in run_workers(_stats_worker, 2, timeout=120):
+        assert len(st["buckets"]) > 2
+        assert st["iteration"] == 3
+        # the first bucket's allreduce started before backward ended
+        assert min(b["start_s"] for b in st["buckets"]) < st["backward_s"]
+        assert all(b["end_s"] >= b["start_s"] >= b["ready_s"] - 1e-6 for b in st["buckets"])
+        assert 0.0 <= st["overlap"] <= 1.0
+        assert sum(b["bytes"] for b in st["buckets"]) > 0
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def _unused_worker(rank, n, find_unused):
+    import fastar
+    torch.manual_seed(0)
+    model = fastar.wrap(Unused(), find_unused_parameters=find_unused)
+    model(torch.ones(2, 4) * (rank + 1)).sum().backward()
+    return model.module.used.weight.grad.clone(), model.module.unused.weight.grad
+
+
+def test_unused_parameters_error_names_them():
+    got, failures = run_workers(_unused_worker, 2, False, timeout=120, allow_failures=True)
+    assert len(failures) == 2
+    for tb in failures.values():
+        assert "unused.weight" in tb and "find_unused_parameters=True" in tb
+
+
+def test_find_unused_parameters():
+    out = run_workers(_unused_worker, 2, True, timeout=120)
+    for used_grad, unused_grad in out:
+        assert torch.allclose(used_grad, torch.full((4, 4), 3.0))  # mean over ranks of 2*(rank+1)
+        assert torch.equal(unused_grad, torch.zeros(4, 4))
+
+
+def _mismatch_worker(rank, n):
+    import fastar
+    model = nn.Sequential(nn.Linear(4, 4 if rank == 0 else 5))
+    fastar.wrap(model)
+
+
+def test_mismatched_models_error_names_parameter_and_rank():
+    got, failures = run_workers(_mismatch_worker, 2, timeout=120, allow_failures=True)
+    assert failures
+    for tb in failures.values():
+        assert "0.weight" in tb and "rank 1" in tb
+
+
+def _hook_worker(rank, n):
+    import fastar
+    torch.manual_seed(0)
+    base = Net().double()
+    batches = _batches(rank, 4)
+    ref = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), broadcast_buffers=False)
+    _train(ref, batches)
+    hooked = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), broadcast_buffers=False)
+    hooked.register_comm_hook(fastar.hook_state(), fastar.comm_hook)
+    _train(hooked, batches)
+    return max((a - b).abs().max().item() for a, b in zip(hooked.parameters(), ref.parameters()))
+
+
+def test_ddp_comm_hook_matches_ddp():
+    assert all(d < 1e-9 for d in run_workers(_hook_worker, 2, timeout=120))
