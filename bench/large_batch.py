@@ -34,7 +34,7 @@ def settings(n: int, factor: int) -> dict[str, list[str]]:
     big = n * factor
     common = ["--batch", str(n), "--base-lr", "0.1", "--ref-batch", str(n)]
     return {
-        f"baseline kn={n}": common + ["--accum", "1"],
+        f"baseline kn={n}": common + ["--accum", "1", "--warmup", "gradual"],  # (nothing to warm up)
         f"kn={big}, linear scaling + gradual warmup": common + ["--accum", str(factor), "--warmup", "gradual"],
         f"kn={big}, linear scaling + constant warmup": common + ["--accum", str(factor), "--warmup", "constant"],
         f"kn={big}, linear scaling, no warmup": common + ["--accum", str(factor), "--warmup", "none"],
@@ -58,9 +58,18 @@ def one_run(job) -> dict:
                 "history": [], "wall_s": time.perf_counter() - t0}
 
 
+def sweep_settings(n: int, factors: list[int]) -> dict[str, list[str]]:
+    common = ["--batch", str(n), "--base-lr", "0.1", "--ref-batch", str(n)]
+    return {f"kn={n * f}": common + ["--accum", str(f), "--warmup", "gradual"] for f in factors}
+
+
+def _mean_sd(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def table(results: dict, epochs: int) -> str:
-    lines = ["| setting | lr | iters/epoch | top-1 error % (mean +- std) | runs |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| setting | lr | iters/epoch | top-1 error % (mean +- std) | final train loss (mean) | runs |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for label, runs in results.items():
         ok = [r["err"] for r in runs if not r["diverged"]]
         if ok:
@@ -70,9 +79,38 @@ def table(results: dict, epochs: int) -> str:
             cell = "diverged"
         div = sum(r["diverged"] for r in runs)
         r0 = next((r for r in runs if not r["diverged"]), runs[0])
+        loss = [r["history"][-1]["train_loss"] for r in runs if not r["diverged"]]
+        loss_cell = f"{statistics.mean(loss):.4f}" if loss else "-"
         lines.append(f"| {label} | {r0.get('target_lr', float('nan')):g} | {r0.get('iters_per_epoch', '-')} | "
-                     f"{cell} | {len(runs)}" + (f" ({div} diverged)" if div else "") + " |")
+                     f"{cell} | {loss_cell} | {len(runs)}" + (f" ({div} diverged)" if div else "") + " |")
     return "\n".join(lines)
+
+
+def plot_sweep(sweep: dict, path: str, model: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ms, sds = [], [], []
+    for label, runs in sweep.items():
+        ok = [r["err"] for r in runs if not r["diverged"]]
+        if ok:
+            m, sd = _mean_sd(ok)
+            xs.append(int(label.split("=")[1]))
+            ms.append(m)
+            sds.append(sd)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("minibatch size kn")
+    ax.set_ylabel("val top-1 error % (median of last 5 epochs)")
+    ax.set_title(f"digits, {model}: error vs minibatch (scaling + gradual warmup)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def update_docs(md: str, path: str) -> None:
@@ -98,32 +136,48 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--warmup-epochs", type=float, default=5)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
+    p.add_argument("--sweep", default="1,2,4,8,16,32",
+                   help="minibatch factors for the error-vs-minibatch sweep (gradual warmup); '' for none")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--runs-dir", default=os.path.join(REPO, "runs", "large_batch"))
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/training.md")
     args = p.parse_args(argv)
+    from fastar.train.recipe import default_milestones
 
     common = ["--data", "digits", "--model", args.model, "--image-size", str(args.image_size),
               "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs),
               "--threads", "1", "--no-progress", "--no-plots", "--quiet"]
-    jobs = []
-    for label, extra in settings(args.batch, args.factor).items():
+    main_set = settings(args.batch, args.factor)
+    factors = [int(f) for f in args.sweep.split(",") if f.strip()]
+    sweep_set = sweep_settings(args.batch, factors)
+    jobs, by_argv = [], {}
+    for label, extra in list(main_set.items()) + list(sweep_set.items()):
         for seed in range(args.seeds):
+            argv_ = common + extra + ["--seed", str(seed)]
+            if tuple(argv_) in by_argv:  # the sweep's kn=n and kn=8n are runs of the main table
+                continue
             slug = "".join(c if c.isalnum() else "_" for c in label)[:60]
-            jobs.append((label, common + extra + ["--seed", str(seed)],
-                         os.path.join(args.runs_dir, f"{slug}_s{seed}")))
+            by_argv[tuple(argv_)] = None
+            jobs.append((label, argv_, os.path.join(args.runs_dir, f"{slug}_s{seed}")))
     t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for r in pool.map(one_run, jobs):
-            results.setdefault(r["label"], []).append(r)
+            by_argv[tuple(r["argv"])] = r
             print(f"  {r['label']:48s} seed {r['argv'][-1]}: "
                   + ("diverged" if r["diverged"] else f"{r['err']:.2f}% ({r['wall_s']:.0f} s)"), flush=True)
     wall = time.perf_counter() - t0
 
+    def collect(sets):
+        return {label: [by_argv[tuple(common + extra + ["--seed", str(s)])] for s in range(args.seeds)]
+                for label, extra in sets.items()}
+
+    results, sweep = collect(main_set), collect(sweep_set)
     md = table(results, args.epochs)
+    if sweep:
+        md += ("\n\nError vs minibatch (linear scaling + gradual warmup, reference lr 0.1 at "
+               f"kn={args.batch}; the paper's Figure 1 in miniature):\n\n" + table(sweep, args.epochs))
     header = (f"digits (1437 train / 360 val), {args.model} at {args.image_size}x{args.image_size}, "
-              f"{args.epochs} epochs (lr /10 at {', '.join(str(m) for m in __import__('fastar.train.recipe', fromlist=['x']).default_milestones(args.epochs))}), "
+              f"{args.epochs} epochs (lr /10 at {', '.join(str(m) for m in default_milestones(args.epochs))}), "
               f"warmup {args.warmup_epochs:g} epochs, {args.seeds} seeds, one process (workers simulated by "
               f"accumulation); error = median of the last 5 epochs' val top-1 error. "
               f"Measured by `python bench/large_batch.py` in {wall / 60:.1f} min.")
@@ -132,13 +186,15 @@ def main(argv=None) -> int:
     print(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "large_batch.json"), "w") as f:
-        json.dump({"args": vars(args), "wall_s": wall, "results": results}, f, indent=1)
+        json.dump({"args": vars(args), "wall_s": wall, "results": results, "sweep": sweep}, f, indent=1)
     from fastar.train.plots import plot_comparison
 
     png = plot_comparison({k: [r["history"] for r in v if not r["diverged"]] for k, v in results.items()
                            if any(not r["diverged"] for r in v)},
                           os.path.join(args.out, "large_batch.png"),
                           f"digits, {args.model}: minibatch {args.batch} vs {args.batch * args.factor}")
+    if sweep:
+        png += " and " + plot_sweep(sweep, os.path.join(args.out, "large_batch_sweep.png"), args.model)
     print(f"\nwrote {os.path.join(args.out, 'large_batch.json')} and {png}")
     if not args.no_docs:
         update_docs(md, os.path.join(REPO, "docs", "training.md"))
