@@ -57,13 +57,7 @@ def wrap_model(model: nn.Module, args, world: int, device: torch.device) -> tupl
     if world == 1:
         return model, "none"
     if how == "ddp":
-        import inspect
-
-        ids = [device.index] if device.type == "cuda" else None
-        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        # newer torch renames broadcast_buffers; buffers start equal on all ranks (same seed) anyway
-        kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, **kw), "torch:ddp"
+        return _ddp(model, device), "torch:ddp"
     if how == "fastar":
         import fastar  # lazily: the recipe modules must import without the compiled extension
 
@@ -74,8 +68,26 @@ def wrap_model(model: nn.Module, args, world: int, device: torch.device) -> tupl
             kw["algorithm"] = args.algorithm
         if args.hierarchy is not None:
             kw["hierarchy"] = args.hierarchy
+        if device.type == "cuda" and not getattr(fastar, "wrap_supports_cuda", False):
+            # fastar.wrap reduces CPU gradients over Gloo; on GPUs keep DDP and let fastar's comm
+            # hook do its allreduces (the way the project documents for GPU models)
+            ddp = _ddp(model, device)
+            ddp.register_comm_hook(fastar.hook_state(**{k: v for k, v in kw.items() if k != "bucket_cap_mb"}),
+                                   fastar.comm_hook)
+            return ddp, "torch:ddp+fastar.comm_hook"
         return fastar.wrap(model, **kw), "fastar"
     raise ValueError(f"--wrap / {WRAP_ENV} must be 'fastar' or 'ddp', not {how!r}")
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    import inspect
+
+    ids = [device.index] if device.type == "cuda" else None
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    # no buffer broadcasts: BN statistics stay per worker (newer torch renames the flag; buffers
+    # start equal on every rank anyway, from the same seed)
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **kw)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
