@@ -286,16 +286,21 @@ def _wrap_env():
 
 
 def test_end_to_end_two_processes_match_accumulation(tmp_path):
-    """`fastar-train --nproc 2` on digits: it trains, logs, checkpoints, and its 2 workers x n=16
-    take the same steps as one process accumulating 2 micro-batches of 16."""
+    """`fastar-train --nproc 2` on digits: it trains, logs, checkpoints, resumes mid-epoch after a
+    stop, and its 2 workers x n=16 take the same steps as one process accumulating 2 micro-batches
+    of 16 (same samples and lr exactly, same weights up to float rounding)."""
     from fastar.train import run
 
     env = _wrap_env()
-    args = TINY + ["--epochs", "1", "--warmup", "none"]
+    args = TINY + ["--epochs", "1", "--warmup", "none", "--ckpt-every-iters", "10"]
     out2 = str(tmp_path / "two")
     cmd = [sys.executable, "-m", "fastar.train", "--nproc", "2", "--out", out2] + \
         [a for a in args if a != "--no-plots"]
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=150)
+    p = subprocess.run(cmd + ["--stop-at-iter", "25"], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(_trace(out2, 1)) == 25
+    p = subprocess.run(cmd + ["--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=150)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "val top-1 error" in p.stdout
     with open(os.path.join(out2, "summary.json")) as f:
@@ -312,6 +317,8 @@ def test_end_to_end_two_processes_match_accumulation(tmp_path):
     out1 = str(tmp_path / "one")
     s1 = run(args + ["--accum", "2", "--out", out1])
     t = _trace(out1)
+    assert [r["iter"] for r in t0] == [r["iter"] for r in t] == list(range(1437 // 32))
+    assert [r["lr"] for r in t0] == [r["lr"] for r in t1] == [r["lr"] for r in t]
     assert [sorted(r["indices"]) for r in t] == [sorted(a["indices"] + b["indices"]) for a, b in zip(t0, t1)]
     assert s2["history"][0]["train_loss"] == pytest.approx(s1["history"][0]["train_loss"], rel=1e-3)
     c1 = torch.load(os.path.join(out1, "checkpoint.pt"), weights_only=False)["model"]

@@ -10,7 +10,8 @@ def main(argv=None) -> int:
         err = summary.get("median_last5_val_top1_err")
         print(f"fastar.train: done in {summary['train_time_s']:.1f} s of training; val top-1 error "
               f"{summary['final_val_top1_err']:.2f}% (median of last 5 epochs {err:.2f}%); "
-              f"metrics {summary['metrics']}; plots {', '.join(summary.get('plots', []))}")
+              f"metrics {summary['metrics']}"
+              + (f"; plots {', '.join(summary['plots'])}" if summary.get("plots") else ""))
     return 0
 
 
