@@ -326,3 +326,34 @@ def test_end_to_end_two_processes_match_accumulation(tmp_path):
     for k, v in c1.items():
         if v.is_floating_point() and "running" not in k:
             torch.testing.assert_close(c2[k], v, rtol=1e-3, atol=1e-4)
+
+
+def test_image_folder_and_synthetic_data(tmp_path):
+    """--data PATH (ImageNet layout, standard augmentations) and --data synthetic run end to end;
+    augmentation is a function of (seed, epoch, index)."""
+    from PIL import Image
+
+    from fastar.train import run
+    from fastar.train.data import build_datasets
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for c in ("cat", "dog"):
+            d = tmp_path / "imgs" / split / c
+            d.mkdir(parents=True)
+            for i in range(count):
+                arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    ds = build_datasets(str(tmp_path / "imgs"), image_size=24)
+    assert ds.num_classes == 2 and len(ds.train) == 24 and len(ds.val) == 8
+    x0, _ = ds.train[(3, 5)]
+    assert x0.shape == (3, 24, 24)
+    assert torch.equal(ds.train[(3, 5)][0], x0) and not torch.equal(ds.train[(4, 5)][0], x0)
+    assert torch.equal(ds.val[1][0], ds.val[1][0])
+    common = ["--model", "resnet8", "--width", "4", "--batch", "4", "--epochs", "2", "--workers", "0",
+              "--no-progress", "--no-plots", "--quiet", "--threads", "1"]
+    s = run(common + ["--data", str(tmp_path / "imgs"), "--image-size", "24", "--out", str(tmp_path / "f")])
+    assert s["iters_per_epoch"] == 6 and s["final_val_top1_err"] is not None
+    s = run(common + ["--data", "synthetic", "--synthetic-size", "32", "--num-classes", "5",
+                      "--image-size", "16", "--out", str(tmp_path / "s")])
+    assert s["iters_per_epoch"] == 8 and len(s["history"]) == 2
