@@ -1,0 +1,380 @@
+"""Allreduce bandwidth, nccl-tests style: fastar's hierarchies x algorithms against
+torch.distributed.all_reduce on Gloo, all in the same run.
+
+    python bench/allreduce_bw.py --nproc 4 [--local-size 2] --sizes 4K,256K,4M,64M --json out.json \
+        [--plot out.png] [--iters N --warmup N] [--impls torch:gloo,fastar:flat:*] [--dtype float32]
+    torchrun --nproc-per-node 4 bench/allreduce_bw.py --sizes ...      (WORLD_SIZE set: no spawning)
+
+Impls: "torch:gloo" (torch.distributed.all_reduce on a Gloo group) and "fastar:<hierarchy>:<algorithm>"
+for hierarchy in flat, leader, rail (leader and rail only with local_size > 1) and algorithm in
+halving_doubling, ring, timed with fastar.all_reduce(..., validate=False) (no header exchange). One more
+impl, "fastar:auto:auto", is timed with the defaults a user gets (auto choice, validate=True) at sizes up
+to --auto-max (where the header exchange can matter).
+
+Method, per size:
+  warm-up: --warmup calls of every impl (default: adapted to size);
+  timing:  --iters calls per impl (default: adapted so that each impl gets about --budget-s seconds),
+           split into rounds; every round runs every impl once, in a rotated order, so that drift in
+           the machine's load (it is shared) hits all impls alike. A block of calls starts after a
+           barrier and its time is taken on each rank with perf_counter around the calls;
+  time_us: per rank, the mean over all timed calls; reported: the max over ranks (nccl-tests'
+           "time averaged across ranks" in its conservative form);
+  algbw = bytes / time; busbw = algbw * 2 (n-1) / n, n = world size (the ring's bytes per link, so
+           that busbw is comparable across world sizes and to the hardware's bandwidth);
+  wrong:   a separate correctness pass per impl and size on integer-valued data whose sum is exact in
+           the dtype: the number of elements that differ from the exact expected value, summed over ranks.
+memcpy_GBps: one process (before the workers start, or rank 0 alone under torchrun), torch copy_ of a
+64 MiB buffer: bytes / time, best of 10 copies with 1 thread and with one thread per core; the ceiling
+every allreduce is measured against (memcpy_detail has each setting's best and median).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from datetime import timedelta
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+HIERARCHIES = ("flat", "leader", "rail")
+ALGORITHMS = ("halving_doubling", "ring")
+AUTO_IMPL = "fastar:auto:auto"
+DEFAULT_SIZES = "4K,64K,256K,1M,4M,16M,64M"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def fmt_size(b: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if b >= div and b % div == 0:
+            return f"{b // div}{unit}"
+    return str(b)
+
+
+def all_impls(local_size: int) -> list[str]:
+    hiers = HIERARCHIES if local_size > 1 else ("flat",)
+    return ["torch:gloo"] + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
+
+
+def select_impls(spec: str | None, local_size: int) -> list[str]:
+    avail = all_impls(local_size)
+    if not spec:
+        return avail
+    out = []
+    for pat in spec.split(","):
+        pat = pat.strip()
+        hits = [i for i in avail if fnmatch.fnmatchcase(i, pat)]
+        if not hits:
+            raise SystemExit(f"allreduce_bw: --impls entry {pat!r} matches none of {avail} "
+                             "(leader and rail need --local-size > 1)")
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def _copy_gbps(nbytes: int, reps: int) -> tuple[float, float]:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return nbytes / times[0] / 1e9, nbytes / times[len(times) // 2] / 1e9
+
+
+def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 10) -> dict:
+    """Host memcpy bandwidth: bytes copied / time of torch copy_ of a 64 MiB buffer (twice the
+    last-level cache of this host), one process, with 1 thread and with every core's thread.
+    "GBps" (reported as memcpy_GBps, the ceiling) is the best of all; the medians say how much other
+    load on the host moved it (a multi-threaded copy on a loaded host waits for its slowest thread)."""
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for n in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(n)
+            best, med = _copy_gbps(nbytes, reps)
+            out[f"{n}_threads_best"], out[f"{n}_threads_median"] = best, med
+    finally:
+        torch.set_num_threads(threads)
+    out["GBps"] = max(v for k, v in out.items() if k.endswith("_best"))
+    return out
+
+
+def loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def code_version() -> dict:
+    """Which library code was measured: the commit, files changed since, and the extension's build time."""
+    import subprocess
+    info = {}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                        text=True, timeout=10).stdout.strip()
+        info["dirty"] = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "fastar"], cwd=REPO,
+                                       capture_output=True, text=True, timeout=10).stdout.split("\n")[:20]
+        info["dirty"] = [d.strip() for d in info["dirty"] if d.strip()]
+        import fastar._C as ext
+        info["ext_built"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(ext.__file__)))
+    except Exception as e:  # noqa: BLE001 - informational only
+        info["error"] = str(e)
+    return info
+
+
+def fill_exact(t: torch.Tensor, rank: int) -> None:
+    """Integer values 0..8+rank: the sum over n ranks is at most 9n + n(n-1)/2, exact in every dtype
+    (bfloat16 holds integers exactly up to 256, enough for 24 ranks)."""
+    idx = torch.arange(t.numel(), dtype=torch.int64)
+    t.copy_(((idx * 7 + rank) % 9 + rank).to(t.dtype))
+
+
+def expected_exact(numel: int, world: int) -> torch.Tensor:
+    idx = torch.arange(numel, dtype=torch.int64)
+    return sum(((idx * 7 + r) % 9 + r) for r in range(world)).to(torch.float64)
+
+
+def auto_counts(nbytes: int, warmup: int | None) -> int:
+    if warmup is not None:
+        return warmup
+    return 20 if nbytes <= 64 << 10 else 5 if nbytes <= 4 << 20 else 2
+
+
+class Runner:
+    def __init__(self, args, rank: int, world: int, topo):
+        import fastar
+        self.fastar = fastar
+        self.args, self.rank, self.world, self.topo = args, rank, world, topo
+        self.gloo = dist.new_group(backend="gloo")  # the baseline's own group, like fastar has its own
+        self.ctl = dist.new_group(backend="gloo")   # barriers and result gathering, never timed
+
+    def call(self, impl: str, t: torch.Tensor) -> None:
+        if impl == "torch:gloo":
+            dist.all_reduce(t, group=self.gloo)
+        elif impl == AUTO_IMPL:
+            self.fastar.all_reduce(t)  # what a user gets: auto choice, validate=True
+        else:
+            _, h, a = impl.split(":")
+            self.fastar.all_reduce(t, hierarchy=h, algorithm=a, validate=False)
+
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        v = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.ctl)
+        return v.tolist()
+
+    def block(self, impl: str, t: torch.Tensor, n: int) -> float:
+        dist.barrier(group=self.ctl)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.call(impl, t)
+        return time.perf_counter() - t0
+
+    def correctness(self, impl: str, numel: int, dtype) -> int:
+        t = torch.empty(numel, dtype=dtype)
+        fill_exact(t, self.rank)
+        self.call(impl, t)
+        wrong = int((t.to(torch.float64) != expected_exact(numel, self.world)).sum())
+        w = torch.tensor([wrong], dtype=torch.int64)
+        dist.all_reduce(w, group=self.ctl)
+        return int(w.item())
+
+    def measure_size(self, nbytes: int, impls: list[str], dtype) -> list[dict]:
+        a = self.args
+        esize = torch.empty((), dtype=dtype).element_size()
+        numel = max(1, nbytes // esize)
+        nbytes = numel * esize
+        # timing buffers hold zeros: repeated in-place sums stay finite (no inf/NaN, no denormals)
+        bufs = {i: torch.zeros(numel, dtype=dtype) for i in impls}
+        nwarm = auto_counts(nbytes, a.warmup)
+        warm_s = []
+        for impl in impls:
+            self.block(impl, bufs[impl], 1)  # first call: lazy set-up, not counted
+            warm_s.append(self.block(impl, bufs[impl], max(1, nwarm - 1)) / max(1, nwarm - 1))
+        warm_s = self.max_over_ranks(warm_s)
+        if a.iters is not None:
+            iters = {i: a.iters for i in impls}
+        else:  # every impl gets about budget_s seconds (the ranks agree: max over ranks of the warm-up)
+            iters = {i: int(min(a.max_iters, max(a.min_iters, a.budget_s / max(w, 1e-7))))
+                     for i, w in zip(impls, warm_s)}
+        rounds = max(1, min(a.rounds, min(iters.values())))
+        spent = {i: 0.0 for i in impls}
+        done = {i: 0 for i in impls}
+        for r in range(rounds):
+            order = impls[r % len(impls):] + impls[:r % len(impls)]
+            for impl in order:
+                n = iters[impl] * (r + 1) // rounds - iters[impl] * r // rounds
+                if n:
+                    spent[impl] += self.block(impl, bufs[impl], n)
+                    done[impl] += n
+        mean_s = self.max_over_ranks([spent[i] / done[i] for i in impls])
+        rows = []
+        for impl, t in zip(impls, mean_s):
+            wrong = self.correctness(impl, numel, dtype)
+            algbw = nbytes / t / 1e9
+            rows.append({"impl": impl, "bytes": nbytes, "dtype": a.dtype, "time_us": t * 1e6,
+                         "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (self.world - 1) / self.world,
+                         "wrong": wrong, "_iters": done[impl]})
+        return rows
+
+
+def print_table(rows: list[dict], world: int) -> None:
+    print(f"# world_size {world}; time_us = max over ranks of the per-rank mean; "
+          "vs gloo = torch:gloo time / this time")
+    print(f"#{'size':>10} {'count':>10} {'type':>8}  {'impl':<31} {'iters':>6} {'time(us)':>11} "
+          f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>6} {'vs gloo':>8}")
+    sizes = list(dict.fromkeys(r["bytes"] for r in rows))
+    for b in sizes:
+        rs = [r for r in rows if r["bytes"] == b]
+        base = next((r["time_us"] for r in rs if r["impl"].startswith("torch:")), None)
+        for r in rs:
+            esize = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
+            ratio = f"{base / r['time_us']:8.2f}" if base else f"{'-':>8}"
+            print(f" {r['bytes']:>10} {r['bytes'] // esize:>10} {r['dtype']:>8}  {r['impl']:<31} "
+                  f"{r.get('_iters', 0):>6} {r['time_us']:>11.1f} {r['algbw_GBps']:>11.3f} "
+                  f"{r['busbw_GBps']:>11.3f} {r['wrong']:>6} {ratio}")
+    print(f"# total #wrong: {sum(r['wrong'] for r in rows)}")
+
+
+def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -> None:
+    if port is not None:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                           "RANK": str(rank), "WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)  # the workers share the host's cores; the reductions are single-threaded
+    timeout = timedelta(seconds=args.timeout_s)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    import fastar
+    topo = fastar.init(local_size=args.local_size, timeout=timeout)
+    if args.local_size and args.local_size > 1 and topo.local_size != args.local_size:
+        raise RuntimeError(f"rank {rank}: asked for local_size {args.local_size}, fastar has {topo.local_size}")
+    impls = select_impls(args.impls, topo.local_size)
+    runner = Runner(args, rank, world, topo)
+    if memcpy is None:  # torchrun: rank 0 measures alone while the others wait
+        dist.barrier(group=runner.ctl)
+        objs = [memcpy_gbps() if rank == 0 else None]
+        dist.barrier(group=runner.ctl)
+        dist.broadcast_object_list(objs, 0, group=runner.ctl)
+        memcpy = objs[0]
+    dtype = DTYPES[args.dtype]
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    bar = None
+    if rank == 0 and not args.no_progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(sizes), desc=f"allreduce_bw {world}p", unit="size", file=sys.stderr)
+        except ImportError:
+            bar = None
+    load_before = loadavg()
+    t_start = time.time()
+    rows = []
+    for nbytes in sizes:
+        these = [i for i in impls if i != AUTO_IMPL or nbytes <= args.auto_max]
+        rows += runner.measure_size(nbytes, these, dtype)
+        if bar is not None:
+            bar.set_postfix_str(fmt_size(nbytes))
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        print_table(rows, world)
+        out = {
+            "world_size": world, "local_size": topo.local_size, "memcpy_GBps": memcpy["GBps"],
+            "memcpy_detail": memcpy,
+            "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+            "dtype": args.dtype, "num_nodes": topo.num_nodes,
+            "iters": {f"{r['impl']}@{r['bytes']}": r["_iters"] for r in rows},
+            "time_us_is": "per-rank mean over timed calls, max over ranks",
+            "timed_with": "fastar.all_reduce(validate=False) for fastar:<h>:<a>; "
+                          "fastar.all_reduce() defaults (auto, validate=True) for fastar:auto:auto",
+            "host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
+            "wall_s": time.time() - t_start, "code": code_version(),
+            "command": "python bench/allreduce_bw.py " + " ".join(args.argv),
+        }
+        print(f"# memcpy_GBps {memcpy['GBps']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in memcpy.items() if k != 'GBps')}); load average before {load_before}, after {out['loadavg_after']}; "
+              f"{out['wall_s']:.0f} s")
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+            print(f"# wrote {args.json}")
+        if args.plot:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from plot import plot_allreduce
+            plot_allreduce(out, args.plot)
+            print(f"# wrote {args.plot}")
+    dist.barrier(group=runner.ctl)
+    fastar.shutdown()
+    dist.destroy_process_group()
+
+
+def _spawned(rank, world, args, port, memcpy):
+    worker(rank, world, args, port, memcpy)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=2, help="local workers to spawn when WORLD_SIZE is unset")
+    ap.add_argument("--local-size", type=int, default=None,
+                    help="ranks per simulated node (default: LOCAL_WORLD_SIZE under torchrun, else host names)")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated bytes, K/M/G suffixes ({DEFAULT_SIZES})")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--impls", default=None, help="comma-separated impl names or globs, e.g. 'torch:gloo,fastar:flat:*'")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per impl and size (default: adaptive)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl and size (default: adaptive)")
+    ap.add_argument("--budget-s", type=float, default=0.8, help="adaptive iters: seconds of timing per impl and size")
+    ap.add_argument("--min-iters", type=int, default=5)
+    ap.add_argument("--max-iters", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed calls are split into")
+    ap.add_argument("--auto-max", type=parse_size, default=256 << 10,
+                    help="largest size timed for fastar:auto:auto (validate=True)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of busbw and time against size")
+    ap.add_argument("--timeout-s", type=float, default=300)
+    ap.add_argument("--no-progress", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if "WORLD_SIZE" in os.environ:  # torchrun (or any launcher that sets the env:// variables)
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None, None)
+        return 0
+    if args.nproc < 1:
+        ap.error("--nproc must be >= 1")
+    if args.local_size and args.nproc % args.local_size:
+        ap.error(f"--local-size {args.local_size} does not divide --nproc {args.nproc}")
+    memcpy = memcpy_gbps()  # single process, before the workers exist
+    import torch.multiprocessing as mp
+    mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
