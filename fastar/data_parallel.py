@@ -44,7 +44,8 @@ class FastarModule(nn.Module):
 
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  algorithm: str = "auto", hierarchy: str = "auto", find_unused_parameters: bool = False,
-                 broadcast_from_rank0: bool = True, check_finite: bool = False):
+                 broadcast_from_rank0: bool = True, check_finite: bool = False,
+                 gradient_as_bucket_view: bool = True):
         super().__init__()
         collectives._require_dist()
         if algorithm not in collectives.ALGORITHMS:
@@ -78,7 +79,7 @@ class FastarModule(nn.Module):
         order = list(reversed(range(len(self._params))))  # gradients appear roughly in reverse order
         self._engine = collectives._C().BucketEngine(
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
-            int(first_bucket_mb * (1 << 20)), st.timeout.total_seconds())
+            int(first_bucket_mb * (1 << 20)), st.timeout.total_seconds(), gradient_as_bucket_view)
         self._apply_choices()
         self._sync = True
         self._rebuilt = False
@@ -180,10 +181,17 @@ class FastarModule(nn.Module):
 
 
 def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1, algorithm: str = "auto",
-         hierarchy: str = "auto", find_unused_parameters: bool = False, check_finite: bool = False) -> FastarModule:
-    """model = fastar.wrap(model): data parallel training over fastar's hierarchical allreduce."""
+         hierarchy: str = "auto", find_unused_parameters: bool = False, check_finite: bool = False,
+         gradient_as_bucket_view: bool = True) -> FastarModule:
+    """model = fastar.wrap(model): data parallel training over fastar's hierarchical allreduce.
+
+    gradient_as_bucket_view: after each synchronised backward, .grad is a view into fastar's bucket
+    (no copy back; like DDP's option of that name). A .grad kept across iterations is then
+    overwritten by the next synchronised backward; set False to get separate gradient tensors.
+    check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
-                        hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite)
+                        hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,
+                        gradient_as_bucket_view=gradient_as_bucket_view)
 
 
 class _HookState:
@@ -198,7 +206,7 @@ def hook_state(algorithm: str = "auto", hierarchy: str = "auto") -> _HookState:
     return _HookState(algorithm, hierarchy)
 
 
-def comm_hook(state: _HookState, bucket) -> torch.futures.Future:
+def comm_hook(state, bucket):  # no annotations: DDP compares them as objects, and this file postpones them
     """A DDP communication hook that averages DDP's bucket with fastar's allreduce."""
     buf = bucket.buffer()
     work = collectives.all_reduce(buf, op="avg", algorithm=state.algorithm, hierarchy=state.hierarchy,

@@ -42,7 +42,8 @@ def _batches(rank, steps, n=6):
 def _train(model, batches, accumulate=1):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     for i in range(0, len(batches), accumulate):
-        opt.zero_grad()
+        # with accumulation, keep the gradient tensors (fastar's are then views of its buckets)
+        opt.zero_grad(set_to_none=accumulate == 1)
         chunk = batches[i:i + accumulate]
         for j, (x, y) in enumerate(chunk):
             ctx = model.no_sync() if j < len(chunk) - 1 else _null()
@@ -134,7 +135,8 @@ def _unused_worker(rank, n, find_unused):
     torch.manual_seed(0)
     model = fastar.wrap(Unused(), find_unused_parameters=find_unused)
     model(torch.ones(2, 4) * (rank + 1)).sum().backward()
-    return model.module.used.weight.grad.clone(), model.module.unused.weight.grad
+    # plain lists: tensors sent through a queue would live in shared memory the worker takes down
+    return model.module.used.weight.grad.tolist(), model.module.unused.weight.grad.tolist()
 
 
 def test_unused_parameters_error_names_them():
@@ -147,6 +149,7 @@ def test_unused_parameters_error_names_them():
 def test_find_unused_parameters():
     out = run_workers(_unused_worker, 2, True, timeout=120)
     for used_grad, unused_grad in out:
+        used_grad, unused_grad = torch.tensor(used_grad), torch.tensor(unused_grad)
         assert torch.allclose(used_grad, torch.full((4, 4), 3.0))  # mean over ranks of 2*(rank+1)
         assert torch.equal(unused_grad, torch.zeros(4, 4))
 

@@ -64,9 +64,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<fastar::BucketEngine, std::shared_ptr<fastar::BucketEngine>>(m, "BucketEngine")
       .def(py::init<std::shared_ptr<Communicator>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t,
-                    double>(),
+                    double, bool>(),
            py::arg("comm"), py::arg("params"), py::arg("order"), py::arg("cap_bytes"), py::arg("first_cap_bytes"),
-           py::arg("timeout_s"))
+           py::arg("timeout_s"), py::arg("grad_as_bucket_view"))
       .def("rebuild", &fastar::BucketEngine::rebuild)
       .def("num_buckets", &fastar::BucketEngine::num_buckets)
       .def("bucket_bytes", &fastar::BucketEngine::bucket_bytes)

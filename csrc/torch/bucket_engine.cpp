@@ -11,9 +11,9 @@ double now_s() {
 }  // namespace
 
 BucketEngine::BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params,
-                           std::vector<int64_t> order, int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s)
+                           std::vector<int64_t> order, int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s, bool as_view)
     : comm_(std::move(comm)), params_(std::move(params)), cap_bytes_(cap_bytes), first_cap_bytes_(first_cap_bytes),
-      timeout_s_(timeout_s) {
+      timeout_s_(timeout_s), as_view_(as_view) {
   scale_ = 1.0 / comm_->topology().size;
   layout(order);
 }
@@ -145,15 +145,21 @@ void BucketEngine::finalize(bool fill_unused) {
     started_ = false;
   }
   if (err) std::rethrow_exception(err);
+  // .grad becomes a view of the bucket (DDP's gradient_as_bucket_view): no copy back, and when the
+  // optimizer keeps gradients (zero_grad(set_to_none=False)) autograd accumulates straight into it.
   for (auto& b : buckets_) {
     for (size_t k = 0; k < b.params.size(); ++k) {
       at::Tensor& p = params_[b.params[k]];
-      at::Tensor src = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+      at::Tensor view = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
       at::Tensor& grad = p.mutable_grad();
-      if (!grad.defined() || grad.sizes() != p.sizes())
-        grad = src.clone();
-      else
-        grad.copy_(src);
+      if (!as_view_) {
+        if (!grad.defined() || grad.sizes() != p.sizes())
+          grad = view.clone();
+        else
+          grad.copy_(view);
+      } else if (!grad.defined() || !grad.is_alias_of(view) || grad.data_ptr() != view.data_ptr()) {
+        grad = view;
+      }
     }
   }
 }

@@ -29,7 +29,7 @@ class BucketEngine {
   // order: parameter indices in the order their gradients are expected (reverse definition order
   // before the first iteration). Buckets never mix dtypes or devices.
   BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params, std::vector<int64_t> order,
-               int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s);
+               int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s, bool as_view);
   void rebuild(const std::vector<int64_t>& order);
   int64_t num_buckets() const { return (int64_t)buckets_.size(); }
   int64_t bucket_bytes(int64_t b) const;
@@ -58,6 +58,7 @@ class BucketEngine {
   std::vector<int64_t> ready_order_;
   int64_t cap_bytes_, first_cap_bytes_;
   double timeout_s_;
+  bool as_view_;
   double scale_;
   size_t next_launch_ = 0;
   bool started_ = false;

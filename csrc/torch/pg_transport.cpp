@@ -53,7 +53,8 @@ void PGTransport::wait(Handle h) {
                              "\nThat rank has probably exited or timed out, or the ranks called fastar with "
                              "different tensor sizes or in a different order.");
   }
-  op.work.reset();
+  retired_.push_back(std::move(op.work));
+  if (retired_.size() > 512) retired_.pop_front();
   op.tensor = at::Tensor();
   ++done_;
 }
