@@ -97,32 +97,41 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
             ranks = topo.rail_ranks(lr)
             cross_groups.append(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout) if len(ranks) > 1 else None)
         cross = cross_groups[topo.local_rank]
-        shm_name, create = "", False
-        if topo.local_size > 1:
-            if topo.local_rank == 0:
-                _C().remove_stale_shm("fastar_")
-                shm_name = (f"/fastar_{os.getuid()}_{_job_id()}_n{topo.node}_{secrets.token_hex(4)}_p{os.getpid()}")
-                create = True
-        names: list = [None] * topo.size
-        dist.all_gather_object(names, shm_name, group=world)
-        if topo.local_size > 1:
-            shm_name = names[topo.node * topo.local_size]
-        def make():
+        def make(shm_name, create):
             return _C().Communicator(
                 rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
                 node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
                 cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
                 shm_name=shm_name, shm_create=create, shm_chunk_bytes=SHM_CHUNK_BYTES,
                 timeout_s=timeout.total_seconds())
-        comm = make() if create else None  # local rank 0 creates the segment first,
-        dist.barrier(group=world)
-        if comm is None:
-            comm = make()                  # then the others map it,
-        dist.barrier(group=world)
-        comm.unlink_shm()                  # and its name goes at once: a crash can leave nothing behind
+        comm = node_segment(topo, world, make, "arena")
+        if topo.local_size > 1:
+            comm.unlink_shm()
         _state = _State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout)
         log.debug("fastar.init: %s", topo)
         return topo
+
+
+def node_segment(topo: _topology.Topology, group, make, kind: str):
+    """Collective: make(name, create) builds an object over a shared-memory segment of this node.
+    Local rank 0 creates the segment (O_EXCL, 0600, a random part in its name) before the others
+    map it. The caller unlinks it right after this returns (every local rank has mapped it by
+    then), so that a crash can leave nothing behind. Without local peers, make("", False)."""
+    name = ""
+    if topo.local_size > 1 and topo.local_rank == 0:
+        _C().remove_stale_shm("fastar_")
+        name = f"/fastar_{os.getuid()}_{_job_id()}_{kind}_n{topo.node}_{secrets.token_hex(4)}_p{os.getpid()}"
+    names: list = [None] * topo.size
+    dist.all_gather_object(names, name, group=group)
+    if topo.local_size == 1:
+        return make("", False)
+    name = names[topo.node * topo.local_size]
+    obj = make(name, True) if topo.local_rank == 0 else None
+    dist.barrier(group=group)
+    if topo.local_rank != 0:
+        obj = make(name, False)
+    dist.barrier(group=group)
+    return obj
 
 
 def shutdown() -> None:
@@ -212,6 +221,52 @@ def check_tensor(tensor, where: str = "fastar.all_reduce") -> None:
                          f"{tensor.stride()}); reduce a contiguous tensor (t = t.contiguous(), then copy back)")
 
 
+_ERR_KEY = "fastar/error/{}"
+
+
+def _store_call(fn, seconds: float = 2.0):
+    """Runs a store operation on a daemon thread, bounded: the store may live in a dead process."""
+    out: list = []
+    th = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    th.start()
+    th.join(seconds)
+    return out[0] if out else None
+
+
+def _with_cause(err: BaseException) -> BaseException:
+    """A rank whose peer failed only sees that peer go away; the rank that saw the real cause (the
+    dead or disagreeing rank) published it in the job's store. Adds the others' reports to this
+    rank's error and publishes this one, so that every rank's error names the rank that failed."""
+    msg = str(err)
+    try:
+        rank, size = dist.get_rank(), dist.get_world_size()
+        store = dist.distributed_c10d._get_default_store()
+        _store_call(lambda: store.set(_ERR_KEY.format(rank), msg[:4000]))
+
+        def others():
+            found = []
+            for r in range(size):
+                k = _ERR_KEY.format(r)
+                if r != rank and store.check([k]):
+                    found.append((r, store.get(k).decode(errors="replace")))
+            return found
+        reports = _store_call(others) or []
+    except Exception:  # noqa: BLE001 - the original error matters more than its annotation
+        return err
+    if not reports:
+        return err
+    lines = [msg, "Errors reported by other ranks (the first cause is usually among them):"]
+    lines += [f"  rank {r}: {m.splitlines()[0] if m else ''}" for r, m in reports]
+    return RuntimeError("\n".join(lines))
+
+
+def _reraise(e: RuntimeError):
+    new = _with_cause(e)
+    if new is e:
+        raise e
+    raise new from e
+
+
 class Work:
     """Handle of an asynchronous fastar.all_reduce, like torch.distributed's Work."""
 
@@ -220,7 +275,10 @@ class Work:
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         t = timeout.total_seconds() if timeout is not None else self._timeout
-        self._native.wait(t)
+        try:
+            self._native.wait(t)
+        except RuntimeError as e:
+            _reraise(e)
         return True
 
     def is_completed(self) -> bool:
@@ -294,7 +352,10 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
         log.debug("fastar.all_reduce %d B: %s:%s (%s)", nbytes, hier, algo, why)
     if async_op:
         return Work(comm.allreduce_async(tensor, algo, hier, avg, validate), tensor, st.timeout.total_seconds() + 30)
-    comm.allreduce(tensor, algo, hier, avg, validate)
+    try:
+        comm.allreduce(tensor, algo, hier, avg, validate)
+    except RuntimeError as e:
+        _reraise(e)
     return None
 
 

@@ -45,7 +45,7 @@ class FastarModule(nn.Module):
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  algorithm: str = "auto", hierarchy: str = "auto", find_unused_parameters: bool = False,
                  broadcast_from_rank0: bool = True, check_finite: bool = False,
-                 gradient_as_bucket_view: bool = True):
+                 gradient_as_bucket_view: bool = True, shm_buckets: bool = True):
         super().__init__()
         collectives._require_dist()
         if algorithm not in collectives.ALGORITHMS:
@@ -81,6 +81,11 @@ class FastarModule(nn.Module):
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
             int(first_bucket_mb * (1 << 20)), st.timeout.total_seconds(), gradient_as_bucket_view)
         self._apply_choices()
+        if st.topo.local_size > 1 and shm_buckets:
+            # Buckets live in the node's shared memory: the local phase reads them where they are.
+            collectives.node_segment(st.topo, group, lambda name, create: self._engine.attach_arena(name, create),
+                                     "buckets")
+            self._engine.unlink_arena()
         self._sync = True
         self._rebuilt = False
         self._callback_queued = False

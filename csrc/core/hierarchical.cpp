@@ -8,6 +8,17 @@
 #include "reduce.h"
 
 namespace fastar {
+namespace {
+std::string what_of(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
+}  // namespace
 
 const char* hierarchy_name(Hierarchy h) {
   switch (h) {
@@ -53,7 +64,7 @@ void Hierarchical::worker_loop() {
     } catch (...) {
       std::lock_guard<std::mutex> g(mu_);
       if (!error_) error_ = std::current_exception();
-      arena_->mark_failed();
+      arena_->mark_failed(what_of(std::current_exception()));
     }
     if (!error_) arena_->signal(ShmFlag::Done, j.gen);
     {
@@ -100,8 +111,10 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
   const uint64_t inter_before = inter_bytes_;
 
   try {
-    // Small single-chunk buffers: one barrier, every rank sums all slots itself.
-    if (nchunks == 1 && count * (int64_t)esize <= small_bytes && (!multi || mode == Hierarchy::Leader)) {
+    // Small single-chunk buffers: one barrier, every rank sums all slots itself. An empty buffer
+    // takes this path too, so that its peers still check that they agree on the call.
+    if (count == 0 ||
+        (nchunks == 1 && count * (int64_t)esize <= small_bytes && (!multi || mode == Hierarchy::Leader))) {
       const uint32_t g = ++gen_;
       const int buf = g & 1;
       std::memcpy(arena_->slot(lr, buf), base, count * esize);
@@ -177,7 +190,7 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
     stats.inter_bytes_sent = inter_bytes_ - inter_before;
     return stats;
   } catch (...) {
-    arena_->mark_failed();
+    arena_->mark_failed(what_of(std::current_exception()));
     throw;
   }
 }

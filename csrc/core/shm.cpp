@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -21,6 +22,7 @@ namespace {
 
 constexpr size_t kCtlBytes = 4096;  // per local rank
 constexpr size_t kLine = 64;
+constexpr size_t kErrOffset = 1024;  // in a rank's control page: its error text, NUL-terminated
 constexpr uint64_t kMagic = 0x66617374617231ull;  // "fastar1"
 
 struct Header {
@@ -142,20 +144,20 @@ void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
     }
     const auto now = std::chrono::steady_clock::now();
     auto* hdr = reinterpret_cast<Header*>(base_ + kCtlBytes * rank);
-    if (hdr->failed.load(std::memory_order_relaxed))
-      throw std::runtime_error("fastar shm: local rank " + std::to_string(rank) + " failed (see its error) while local rank " +
-                               std::to_string(local_rank_) + " waited for it (" + what + ")");
+    if (hdr->failed.load(std::memory_order_acquire)) {
+      const char* err = base_ + kCtlBytes * rank + kErrOffset;
+      throw std::runtime_error("fastar shm: " + who(rank) + " failed while " + who(local_rank_) + " waited for it (" +
+                               what + "); its error: " + (err[0] ? std::string(err) : std::string("(none given)")));
+    }
     if (now - last_check > std::chrono::milliseconds(100)) {
       last_check = now;
       const int pid = hdr->pid.load();
       if (!process_alive(pid))
-        throw std::runtime_error("fastar shm: local rank " + std::to_string(rank) + " (pid " + std::to_string(pid) +
-                                 ") exited while local rank " + std::to_string(local_rank_) + " waited for it (" +
-                                 what + ")");
+        throw std::runtime_error("fastar shm: " + who(rank) + " (pid " + std::to_string(pid) + ") exited while " +
+                                 who(local_rank_) + " waited for it (" + what + ")");
       if (std::chrono::duration<double>(now - start).count() > timeout_s_)
-        throw std::runtime_error("fastar shm: timed out after " + std::to_string((int)timeout_s_) +
-                                 " s: local rank " + std::to_string(local_rank_) + " waited for local rank " +
-                                 std::to_string(rank) + " (" + what +
+        throw std::runtime_error("fastar shm: timed out after " + std::to_string((int)timeout_s_) + " s: " +
+                                 who(local_rank_) + " waited for " + who(rank) + " (" + what +
                                  "); that rank is stuck, dead, or called a different collective");
     }
   }
@@ -166,9 +168,21 @@ void ShmArena::wait_all(ShmFlag f, uint32_t gen, const char* what) {
     if (r != local_rank_) wait_rank(f, r, gen, what);
 }
 
-void ShmArena::mark_failed() {
+std::string ShmArena::who(int local_rank) const {
+  std::string s = "local rank " + std::to_string(local_rank);
+  if (first_global_rank_ >= 0) s += " (rank " + std::to_string(first_global_rank_ + local_rank) + ")";
+  return s;
+}
+
+void ShmArena::mark_failed(const std::string& why) {
   auto* hdr = reinterpret_cast<Header*>(base_ + kCtlBytes * local_rank_);
-  hdr->failed.store(1);
+  if (!hdr->failed.load()) {  // the first error is the cause; later ones are its echoes
+    char* err = base_ + kCtlBytes * local_rank_ + kErrOffset;
+    const size_t n = std::min(why.size(), kCtlBytes - kErrOffset - 1);
+    std::memcpy(err, why.data(), n);
+    err[n] = '\0';
+  }
+  hdr->failed.store(1, std::memory_order_release);
   for (int f = 0; f < (int)ShmFlag::Count; ++f) futex_wake(flag(local_rank_, (ShmFlag)f));
 }
 
@@ -190,9 +204,9 @@ void ShmArena::check_desc(int rank, const uint64_t desc[4], uint32_t gen, const 
   for (int i = 0; i < 4; ++i) {
     const uint64_t theirs = d[i].load(std::memory_order_relaxed);
     if (theirs != desc[i])
-      throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[i]) + " of " + what + ": local rank " +
-                               std::to_string(local_rank_) + " has " + std::to_string(desc[i]) + ", local rank " +
-                               std::to_string(rank) + " has " + std::to_string(theirs) +
+      throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[i]) + " of " + what + ": " +
+                               who(local_rank_) + " has " + std::to_string(desc[i]) + ", " + who(rank) + " has " +
+                               std::to_string(theirs) +
                                ". Every rank must call the same collectives with tensors of the same shape and dtype.");
   }
 }

@@ -42,8 +42,11 @@ class ShmArena {
   void wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what);
   void wait_all(ShmFlag f, uint32_t gen, const char* what);
 
-  // Marks this rank failed, so that local peers waiting on it fail at once instead of timing out.
-  void mark_failed();
+  // Marks this rank failed, so that local peers waiting on it fail at once instead of timing out;
+  // `why` (this rank's error, truncated) is shown in their errors, so that they name the real cause.
+  void mark_failed(const std::string& why = "");
+  // Global rank of local rank 0 (ranks are laid out node by node), so errors name global ranks too.
+  void set_first_global_rank(int r) { first_global_rank_ = r; }
   // Header describing this rank's current collective, checked by peers (count, dtype, mode, seq).
   // Published before signalling In for generation gen, checked after waiting for it.
   void publish_desc(const uint64_t desc[4], uint32_t gen);
@@ -56,6 +59,8 @@ class ShmArena {
   struct Control;
   std::atomic<uint32_t>* flag(int rank, ShmFlag f) const;
   std::atomic<uint64_t>* desc_slot(int rank, uint32_t gen) const;
+  std::string who(int local_rank) const;  // "local rank 1 (rank 3)"
+  int first_global_rank_ = -1;
   std::string name_;
   int local_rank_, local_size_;
   int64_t chunk_bytes_;

@@ -68,6 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("comm"), py::arg("params"), py::arg("order"), py::arg("cap_bytes"), py::arg("first_cap_bytes"),
            py::arg("timeout_s"), py::arg("grad_as_bucket_view"))
       .def("rebuild", &fastar::BucketEngine::rebuild)
+      .def("attach_arena", &fastar::BucketEngine::attach_arena, py::arg("name"), py::arg("create"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("unlink_arena", &fastar::BucketEngine::unlink_arena)
+      .def("has_arena", &fastar::BucketEngine::has_arena)
       .def("num_buckets", &fastar::BucketEngine::num_buckets)
       .def("bucket_bytes", &fastar::BucketEngine::bucket_bytes)
       .def("bucket_params", &fastar::BucketEngine::bucket_params)

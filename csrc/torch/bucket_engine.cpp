@@ -26,10 +26,18 @@ void BucketEngine::layout(const std::vector<int64_t>& order) {
   std::vector<int64_t> sizes;
   Bucket cur;
   int64_t cur_bytes = 0;
+  int64_t region_off = 0;
   auto close = [&]() {
     if (cur.params.empty()) return;
     const auto& p0 = params_[cur.params[0]];
-    cur.flat = at::zeros({cur_bytes / (int64_t)p0.element_size()}, p0.options().requires_grad(false));
+    if (arena_) {  // a typed view of this rank's shared region, 64-byte aligned
+      cur.region_offset = region_off;
+      cur.flat = region_.narrow(0, region_off, cur_bytes).view(p0.scalar_type());
+      cur.flat.zero_();
+      region_off += (cur_bytes + 63) / 64 * 64;
+    } else {
+      cur.flat = at::zeros({cur_bytes / (int64_t)p0.element_size()}, p0.options().requires_grad(false));
+    }
     buckets_.push_back(std::move(cur));
     cur = Bucket();
     cur_bytes = 0;
@@ -59,7 +67,39 @@ void BucketEngine::layout(const std::vector<int64_t>& order) {
 void BucketEngine::rebuild(const std::vector<int64_t>& order) {
   std::lock_guard<std::mutex> g(mu_);
   TORCH_CHECK(!started_, "fastar: cannot rebuild buckets during an iteration");
+  // Gradients that are views of the old layout would alias other parameters' new places.
+  for (auto& p : params_) {
+    at::Tensor& grad = p.mutable_grad();
+    if (as_view_ && grad.defined()) grad = grad.clone();
+  }
   layout(order);
+}
+
+int64_t BucketEngine::arena_bytes_needed() const {
+  int64_t total = 64;
+  for (const auto& p : params_) total += p.numel() * (int64_t)p.element_size() + 64;  // + padding per bucket
+  return total;
+}
+
+void BucketEngine::attach_arena(const std::string& name, bool create) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(!started_, "fastar: cannot move buckets during an iteration");
+  const Topology& t = comm_->topology();
+  const int64_t bytes = (arena_bytes_needed() + 4095) / 4096 * 4096;
+  arena_ = std::make_unique<ShmArena>(name, create, t.local_rank, t.local_size, bytes, comm_->timeout_s());
+  arena_ar_ = std::make_unique<ArenaAllreduce>(arena_.get(), comm_->cross_transport(), t.num_nodes);
+  region_ = at::from_blob(arena_ar_->region(t.local_rank), {bytes}, at::TensorOptions().dtype(at::kByte));
+  std::vector<int64_t> order;
+  for (const auto& b : buckets_) order.insert(order.end(), b.params.begin(), b.params.end());
+  for (auto& p : params_) {
+    at::Tensor& grad = p.mutable_grad();
+    if (as_view_ && grad.defined()) grad = grad.clone();
+  }
+  layout(order);
+}
+
+void BucketEngine::unlink_arena() {
+  if (arena_) arena_->unlink();
 }
 
 int64_t BucketEngine::bucket_bytes(int64_t b) const {
@@ -76,7 +116,21 @@ void BucketEngine::launch_ready_locked() {
   // Strictly in bucket order, so that every rank issues the same sequence of collectives.
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& b = buckets_[next_launch_++];
-    b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false);
+    if (arena_ && b.hierarchy != "flat") {
+      const Hierarchy h = b.hierarchy == "rail" ? Hierarchy::Rail : Hierarchy::Leader;
+      const Algorithm a = parse_algorithm(b.algorithm);
+      const int64_t off = b.region_offset, n = b.flat.numel();
+      const DType dt = b.flat.scalar_type() == at::kFloat    ? DType::Float32
+                       : b.flat.scalar_type() == at::kDouble ? DType::Float64
+                       : b.flat.scalar_type() == at::kHalf   ? DType::Float16
+                                                             : DType::BFloat16;
+      const uint64_t seq = ++seq_;
+      ArenaAllreduce* ar = arena_ar_.get();
+      b.work = comm_->submit([ar, h, a, off, n, dt, seq] { ar->allreduce(h, a, off, n, dt, seq); },
+                            b.hierarchy + ":" + b.algorithm);
+    } else {
+      b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false);
+    }
   }
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/arena_allreduce.h"
 #include "torch/communicator.h"
 
 namespace fastar {
@@ -22,6 +23,7 @@ struct Bucket {
   std::string algorithm = "halving_doubling", hierarchy = "flat";
   std::shared_ptr<AsyncWork> work;
   double ready_s = 0;  // when its last gradient arrived
+  int64_t region_offset = 0;  // byte offset in the shared region, when buckets live there
 };
 
 class BucketEngine {
@@ -31,6 +33,13 @@ class BucketEngine {
   BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params, std::vector<int64_t> order,
                int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s, bool as_view);
   void rebuild(const std::vector<int64_t>& order);
+  // Bytes of shared memory one rank needs for its buckets, whatever their order.
+  int64_t arena_bytes_needed() const;
+  // Moves the buckets into this node's shared segment `name` (created by local rank 0): the local
+  // phase then reads every rank's bucket where it lies. Collective over the node.
+  void attach_arena(const std::string& name, bool create);
+  void unlink_arena();
+  bool has_arena() const { return arena_ != nullptr; }
   int64_t num_buckets() const { return (int64_t)buckets_.size(); }
   int64_t bucket_bytes(int64_t b) const;
   std::vector<int64_t> bucket_params(int64_t b) const { return buckets_.at(b).params; }
@@ -51,6 +60,10 @@ class BucketEngine {
   void launch_ready_locked();
 
   std::shared_ptr<Communicator> comm_;
+  std::unique_ptr<ShmArena> arena_;
+  std::unique_ptr<ArenaAllreduce> arena_ar_;
+  at::Tensor region_;  // this rank's region of the segment, as bytes
+  uint64_t seq_ = 0;
   std::vector<at::Tensor> params_;
   std::vector<std::pair<int64_t, int64_t>> where_;  // param -> (bucket, offset)
   std::vector<Bucket> buckets_;

@@ -65,6 +65,7 @@ Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup>
   if (!shm_name.empty()) {
     arena_ = std::make_unique<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
                                         timeout_s);
+    arena_->set_first_global_rank(topo.node * topo.local_size);
     hier_ = std::make_unique<Hierarchical>(arena_.get(), cross_.get(), topo.num_nodes);
   }
   worker_ = std::thread([this] { worker_loop(); });
@@ -150,6 +151,29 @@ std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, const std
   return work;
 }
 
+std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const std::string& label) {
+  auto work = std::make_shared<AsyncWork>();
+  work->algorithm = label;
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+    queue_.push_back([this, fn, work] {
+      work->start_s = now_s();
+      std::exception_ptr e;
+      try {
+        std::lock_guard<std::mutex> g(exec_mu_);
+        fn();
+      } catch (...) {
+        e = std::current_exception();
+      }
+      work->end_s = now_s();
+      work->finish(e);
+    });
+  }
+  q_cv_.notify_all();
+  return work;
+}
+
 void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
                              bool validate) {
   {
@@ -177,29 +201,30 @@ void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const s
   if (e) std::rethrow_exception(e);
 }
 
-void Communicator::validate_flat(const std::vector<Step>& steps, const at::Tensor& t, uint64_t seq, int algo_id) {
+void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id) {
   // One 32-byte header to and from every peer of the schedule before any data moves, so that ranks
-  // that disagree fail with a message instead of mismatched receives.
+  // that disagree fail with a message instead of mismatched receives. The peers come from the
+  // schedule of a non-empty buffer, so that a rank passing an empty tensor still takes part.
   std::vector<int> peers;
-  for (const auto& s : steps)
+  for (const auto& s : make_schedule(algo, tr.rank(), tr.size(), 1))
     for (int p : {s.send_peer, s.recv_peer})
       if (p >= 0 && std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(p);
-  const uint64_t mine[4] = {seq, (uint64_t)t.numel(), (uint64_t)to_dtype(t.scalar_type()), (uint64_t)algo_id};
+  const uint64_t mine[4] = {seq, (uint64_t)t.numel(), (uint64_t)to_dtype(t.scalar_type()), (uint64_t)mode_algo_id};
   std::vector<uint64_t> theirs(4 * peers.size());
   std::vector<Transport::Handle> hs;
   const uint32_t tag = 0x7F000000u | (uint32_t)(seq & 0xFFFF);
   for (size_t i = 0; i < peers.size(); ++i) {
-    hs.push_back(world_->isend(peers[i], mine, sizeof(mine), tag));
-    hs.push_back(world_->irecv(peers[i], &theirs[4 * i], sizeof(mine), tag));
+    hs.push_back(tr.isend(peers[i], mine, sizeof(mine), tag));
+    hs.push_back(tr.irecv(peers[i], &theirs[4 * i], sizeof(mine), tag));
   }
-  for (auto h : hs) world_->wait(h);
-  static const char* names[4] = {"call number", "element count", "dtype", "algorithm"};
+  for (auto h : hs) tr.wait(h);
+  static const char* names[4] = {"call number", "element count", "dtype", "hierarchy/algorithm"};
   for (size_t i = 0; i < peers.size(); ++i)
     for (int k = 0; k < 4; ++k)
       if (theirs[4 * i + k] != mine[k])
         throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[k]) + " of an allreduce: rank " +
                                  std::to_string(topo_.rank) + " has " + std::to_string(mine[k]) + ", rank " +
-                                 std::to_string(world_->global_rank(peers[i])) + " has " +
+                                 std::to_string(tr.global_rank(peers[i])) + " has " +
                                  std::to_string(theirs[4 * i + k]) +
                                  ". Every rank must call the same collectives with tensors of the same shape and dtype.");
 }
@@ -219,10 +244,20 @@ void Communicator::run(at::Tensor t, const std::string& algorithm, const std::st
   void* data = t.data_ptr();
   if (h == Hierarchy::Flat) {
     auto steps = make_schedule(algo, world_->rank(), world_->size(), count);
-    if (validate && topo_.size > 1) validate_flat(steps, t, seq, (int)algo);
+    if (validate && topo_.size > 1) validate_peers(*world_, algo, t, seq, (int)algo);
     exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
     exec_.run(steps, *world_, data, count, dt);
   } else {
+    // The shared-memory phase checks the local ranks against each other; the ranks that carry the
+    // inter-node phase check their inter-node peers the same way as the flat path.
+    if (validate && cross_ && topo_.num_nodes > 1 && (h == Hierarchy::Rail || topo_.local_rank == 0)) {
+      try {
+        validate_peers(*cross_, algo, t, seq, (int)h * 16 + (int)algo);
+      } catch (const std::exception& e) {
+        arena_->mark_failed(e.what());  // local peers fail at once, with this reason
+        throw;
+      }
+    }
     hier_->allreduce(h, algo, data, count, dt, seq);
   }
   if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);

@@ -57,6 +57,10 @@ class Communicator {
   void allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate);
   std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
                                              bool avg, bool validate);
+  // Queues fn behind every collective submitted before it (fastar.wrap's shared-memory buckets).
+  std::shared_ptr<AsyncWork> submit(std::function<void()> fn, const std::string& label);
+  Transport* cross_transport() const { return cross_.get(); }
+  double timeout_s() const { return timeout_s_; }
   void set_timeout(double s);
   void set_small_bytes(int64_t b);
   const Topology& topology() const { return topo_; }
@@ -66,7 +70,7 @@ class Communicator {
 
  private:
   void run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate);
-  void validate_flat(const std::vector<Step>& steps, const at::Tensor& t, uint64_t seq, int algo_id);
+  void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id);
   void worker_loop();
 
   Topology topo_;
