@@ -1,0 +1,123 @@
+"""Reliability (issue 8): dead ranks and ranks that disagree fail fast, say why, leak nothing.
+
+4 processes play 2 nodes x 2 (fastar.init(local_size=2)) so that every hierarchy has both a
+shared-memory and a Gloo phase. Every test bounds the time to the error by the configured timeout
+plus a few seconds, and checks /dev/shm afterwards.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from mp_utils import run_workers
+from test_hierarchical import fastar_segments, leaked
+
+TIMEOUT_S = 6
+SLACK_S = 5
+N, LOCAL = 4, 2
+
+
+def _timed(fn):
+    t0 = time.monotonic()
+    try:
+        fn()
+        return None, time.monotonic() - t0
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        return str(e), time.monotonic() - t0
+
+
+def _kill_worker(rank, n, hierarchy, victim):
+    import fastar
+    fastar.init(local_size=LOCAL, timeout=timedelta(seconds=TIMEOUT_S))
+    big = 2**22 + 1  # several shared-memory chunks: the victim dies mid-pipeline
+    t = torch.ones(big)
+    fastar.all_reduce(t, hierarchy=hierarchy)
+    assert t[0].item() == n
+    if rank == victim:
+        fastar.all_reduce(torch.ones(big), hierarchy=hierarchy, async_op=True)
+        time.sleep(0.03)
+        os.kill(os.getpid(), signal.SIGKILL)
+    err, elapsed = _timed(lambda: fastar.all_reduce(torch.ones(big), hierarchy=hierarchy))
+    if err is None:  # a survivor finished before the victim died (it cannot have: it needs its data)
+        err2, elapsed2 = _timed(lambda: fastar.all_reduce(torch.ones(big), hierarchy=hierarchy))
+        err, elapsed = err2, elapsed + elapsed2
+    return os.getpid(), err, elapsed
+
+
+@pytest.mark.parametrize("hierarchy,victim", [("flat", 3), ("leader", 3), ("leader", 2), ("rail", 1)])
+def test_killed_rank(hierarchy, victim):
+    before = fastar_segments()
+    t0 = time.monotonic()
+    got, failures = run_workers(_kill_worker, N, hierarchy, victim, timeout=120, allow_failures=True)
+    assert set(failures) == {victim}, failures
+    assert "-9" in failures[victim] or "exit" in failures[victim]
+    for r, (_, err, elapsed) in got.items():
+        assert err is not None, f"rank {r} did not notice that rank {victim} died"
+        assert elapsed < TIMEOUT_S + SLACK_S, f"rank {r} took {elapsed:.1f} s to fail: {err}"
+        assert f"rank {victim}" in err, f"rank {r}'s error does not name rank {victim}: {err}"
+    # no process left behind: run_workers joined them all
+    assert time.monotonic() - t0 < 60
+    assert not leaked(before, {pid for pid, _, _ in got.values()})
+
+
+def _disagree_worker(rank, n, hierarchy, what):
+    import fastar
+    fastar.init(local_size=LOCAL, timeout=timedelta(seconds=TIMEOUT_S))
+    count, dtype = 100_000, torch.float32
+    odd = {"count": [3], "dtype": [3], "node_count": [2, 3], "node_dtype": [2, 3], "zero": [1]}[what]
+    if rank in odd:
+        if "dtype" in what:
+            dtype = torch.float64
+        else:
+            count = 0 if what == "zero" else count + 1
+    t = torch.ones(count, dtype=dtype)
+    err, elapsed = _timed(lambda: fastar.all_reduce(t, hierarchy=hierarchy))
+    if err is None:
+        ok = torch.equal(t, torch.full_like(t, n))
+        err2, elapsed2 = _timed(lambda: fastar.all_reduce(torch.ones(8), hierarchy=hierarchy))
+        return os.getpid(), None if ok else "wrong result", elapsed, err2
+    return os.getpid(), err, elapsed, None
+
+
+@pytest.mark.parametrize("hierarchy,what", [
+    ("leader", "count"), ("rail", "dtype"), ("leader", "node_count"), ("rail", "node_count"),
+    ("leader", "node_dtype"), ("rail", "zero"), ("flat", "dtype")])
+def test_disagreeing_ranks_error_everywhere(hierarchy, what):
+    before = fastar_segments()
+    got, failures = run_workers(_disagree_worker, N, hierarchy, what, timeout=120, allow_failures=True)
+    assert not failures, failures
+    for r, (_, err, elapsed, _) in got.items():
+        assert err is not None, f"rank {r} got no error for a {what} mismatch ({hierarchy})"
+        assert err != "wrong result"
+        assert elapsed < TIMEOUT_S + SLACK_S, f"rank {r} took {elapsed:.1f} s to fail: {err}"
+    word = "dtype" if "dtype" in what else "element count"
+    assert any(f"disagree on the {word}" in got[r][1] for r in got), [got[r][1] for r in got]
+    assert not leaked(before, {pid for pid, *_ in got.values()})
+
+
+def _twice_worker(rank, n, hierarchy):
+    import fastar
+    fastar.init(local_size=LOCAL, timeout=timedelta(seconds=TIMEOUT_S))
+    t = torch.ones(1000)
+    fastar.all_reduce(t, hierarchy=hierarchy)
+    assert t[0].item() == n
+    if rank == 0:
+        return _timed(lambda: fastar.all_reduce(torch.ones(1000), hierarchy=hierarchy))
+    time.sleep(TIMEOUT_S + 2)  # stay alive: rank 0 must give up by itself, not because peers left
+    return None, 0.0
+
+
+@pytest.mark.parametrize("hierarchy", ["flat", "leader", "rail"])
+def test_one_rank_calls_twice(hierarchy):
+    before = fastar_segments()
+    out = run_workers(_twice_worker, N, hierarchy, timeout=120)
+    err, elapsed = out[0]
+    assert err is not None, "rank 0's extra allreduce did not fail"
+    assert elapsed < TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s: {err}"
+    assert "rank" in err and ("timed out" in err.lower() or "timeout" in err.lower()), err
+    assert not leaked(before, set())
