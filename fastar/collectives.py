@@ -104,19 +104,17 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
                 cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
                 shm_name=shm_name, shm_create=create, shm_chunk_bytes=SHM_CHUNK_BYTES,
                 timeout_s=timeout.total_seconds())
-        comm = node_segment(topo, world, make, "arena")
-        if topo.local_size > 1:
-            comm.unlink_shm()
+        comm = node_segment(topo, world, make, "arena", lambda c: c.unlink_shm())
         _state = _State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout)
         log.debug("fastar.init: %s", topo)
         return topo
 
 
-def node_segment(topo: _topology.Topology, group, make, kind: str):
+def node_segment(topo: _topology.Topology, group, make, kind: str, unlink):
     """Collective: make(name, create) builds an object over a shared-memory segment of this node.
     Local rank 0 creates the segment (O_EXCL, 0600, a random part in its name) before the others
-    map it. The caller unlinks it right after this returns (every local rank has mapped it by
-    then), so that a crash can leave nothing behind. Without local peers, make("", False)."""
+    map it; once all have, unlink(obj) removes the name, before any rank returns, so that a crash can
+    leave nothing behind. Without local peers, make("", False)."""
     name = ""
     if topo.local_size > 1 and topo.local_rank == 0:
         _C().remove_stale_shm("fastar_")
@@ -130,6 +128,8 @@ def node_segment(topo: _topology.Topology, group, make, kind: str):
     dist.barrier(group=group)
     if topo.local_rank != 0:
         obj = make(name, False)
+    dist.barrier(group=group)
+    unlink(obj)  # a no-op except on the creator
     dist.barrier(group=group)
     return obj
 

@@ -83,9 +83,8 @@ class FastarModule(nn.Module):
         self._apply_choices()
         if st.topo.local_size > 1 and shm_buckets:
             # Buckets live in the node's shared memory: the local phase reads them where they are.
-            collectives.node_segment(st.topo, group, lambda name, create: self._engine.attach_arena(name, create),
-                                     "buckets")
-            self._engine.unlink_arena()
+            collectives.node_segment(st.topo, group, self._engine.attach_arena, "buckets",
+                                     lambda _: self._engine.unlink_arena())
         self._sync = True
         self._rebuilt = False
         self._callback_queued = False
