@@ -175,12 +175,13 @@ def _kill_worker(rank, n, local_size, victim, hierarchy, timeout_s):
     t = torch.ones(2**20 + 3)
     fastar.all_reduce(t, hierarchy=hierarchy)  # a first one that works
     if rank == victim:
-        work = fastar.all_reduce(torch.ones(2**22), hierarchy=hierarchy, async_op=True)  # noqa: F841
-        time.sleep(0.05)  # die in the middle of it
+        # 64 MiB take tens of ms even on a quiet host: die a few ms into it, not after it
+        work = fastar.all_reduce(torch.ones(2**24), hierarchy=hierarchy, async_op=True)  # noqa: F841
+        time.sleep(0.003)
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.monotonic()
     try:
-        fastar.all_reduce(torch.ones(2**22), hierarchy=hierarchy)
+        fastar.all_reduce(torch.ones(2**24), hierarchy=hierarchy)
         err = None
     except Exception as e:  # noqa: BLE001 - reported to the parent
         err = str(e)
