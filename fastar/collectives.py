@@ -31,8 +31,9 @@ HIERARCHIES = ("auto", "flat", "leader", "rail")
 # ring overtakes it only for large buffers.
 RING_ABOVE_BYTES_NON_POW2 = 16 << 20
 # Multi-node: below this a single leader per node moves the data (fewer, larger messages); above it
-# every local rank drives its own shard ("rail").
-RAIL_ABOVE_BYTES = 1 << 20
+# every local rank drives its own shard ("rail"). Measured at 2 nodes x 2 (docs/results.md): leader
+# ahead up to 4 MiB, rail ahead from 16 MiB.
+RAIL_ABOVE_BYTES = 8 << 20
 SHM_CHUNK_BYTES = int(float(os.environ.get("FASTAR_SHM_CHUNK_MB", "4")) * (1 << 20))
 
 
