@@ -130,38 +130,21 @@ void Communicator::worker_loop() {
 
 std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, const std::string& algorithm,
                                                          const std::string& hierarchy, bool avg, bool validate) {
-  auto work = std::make_shared<AsyncWork>();
-  work->algorithm = hierarchy + ":" + algorithm;
-  {
-    std::lock_guard<std::mutex> g(q_mu_);
-    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-    queue_.push_back([this, t, algorithm, hierarchy, avg, validate, work] {
-      work->start_s = now_s();
-      std::exception_ptr e;
-      try {
-        run(t, algorithm, hierarchy, avg, validate);
-      } catch (...) {
-        e = std::current_exception();
-      }
-      work->end_s = now_s();
-      work->finish(e);
-    });
-  }
-  q_cv_.notify_all();
-  return work;
+  return submit([this, t, algorithm, hierarchy, avg, validate] { run(t, algorithm, hierarchy, avg, validate); },
+                hierarchy + ":" + algorithm);
 }
 
 std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const std::string& label) {
+  // Queued tasks run one at a time on the worker; busy_ keeps inline allreduce() calls out meanwhile.
   auto work = std::make_shared<AsyncWork>();
   work->algorithm = label;
   {
     std::lock_guard<std::mutex> g(q_mu_);
     TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-    queue_.push_back([this, fn, work] {
+    queue_.push_back([fn, work] {
       work->start_s = now_s();
       std::exception_ptr e;
       try {
-        std::lock_guard<std::mutex> g(exec_mu_);
         fn();
       } catch (...) {
         e = std::current_exception();
