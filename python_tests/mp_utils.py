@@ -15,7 +15,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, nprocs, port, env, init_dist, results, args):
+def _entry(fn, rank, nprocs, port, env, init_dist, results, args, all_done):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(nprocs), **(env or {})})
     try:
@@ -28,6 +28,10 @@ def _entry(fn, rank, nprocs, port, env, init_dist, results, args):
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
+        # Stay alive until every rank has reported, as under torchrun, where the rendezvous store
+        # (hosted here by rank 0) outlives the ranks: a rank that fails first must not take the
+        # store, and the error reports its peers read from it, down with it.
+        all_done.wait(60)
         try:
             import fastar
             fastar.shutdown()
@@ -49,8 +53,10 @@ def run_workers(fn, nprocs: int, *args, timeout: float = 180, env: dict | None =
     still alive after `timeout` seconds."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    all_done = ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, env, init_dist, results, args), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, env, init_dist, results, args, all_done),
+                         daemon=True)
              for r in range(nprocs)]
     for p in procs:
         p.start()
@@ -74,6 +80,7 @@ def run_workers(fn, nprocs: int, *args, timeout: float = 180, env: dict | None =
                 continue
             (got if ok else failures)[rank] = out
     finally:
+        all_done.set()
         for p in procs:
             p.join(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
         for p in procs:
