@@ -8,11 +8,16 @@ ResNet-50 25 MB gradient bucket (with the 1/world_size scale), unpack, fp16 comp
 On CUDA every timed call ends with torch.cuda.synchronize(), so the numbers are launch + kernel time.
 """
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 import fastar._C as C
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from python_tests.test_kernels import resnet50_param_shapes  # noqa: E402  (its test checks the count)
 
 DEVICES = [
     "cpu",
@@ -21,20 +26,6 @@ DEVICES = [
         reason="needs a CUDA GPU and a fastar._C built with CUDA")),
 ]
 SCALE = 1.0 / 8  # averaging over 8 ranks
-
-
-def resnet50_param_shapes():
-    """Parameter shapes of torchvision's resnet50, in registration order (no torchvision needed)."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for planes, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
-        for b in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
-            if b == 0:
-                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
-            inplanes = planes * 4
-    return shapes + [(1000, 2048), (1000,)]
 
 
 def bucket_shapes(cap_bytes=25 * 2**20):
