@@ -64,15 +64,19 @@ void BucketEngine::layout(const std::vector<int64_t>& order) {
   started_ = false;
 }
 
-void BucketEngine::rebuild(const std::vector<int64_t>& order) {
-  std::lock_guard<std::mutex> g(mu_);
-  TORCH_CHECK(!started_, "fastar: cannot rebuild buckets during an iteration");
+void BucketEngine::relayout(const std::vector<int64_t>& order) {
   // Gradients that are views of the old layout would alias other parameters' new places.
   for (auto& p : params_) {
     at::Tensor& grad = p.mutable_grad();
     if (as_view_ && grad.defined()) grad = grad.clone();
   }
   layout(order);
+}
+
+void BucketEngine::rebuild(const std::vector<int64_t>& order) {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(!started_, "fastar: cannot rebuild buckets during an iteration");
+  relayout(order);
 }
 
 int64_t BucketEngine::arena_bytes_needed() const {
@@ -91,11 +95,7 @@ void BucketEngine::attach_arena(const std::string& name, bool create) {
   region_ = at::from_blob(arena_ar_->region(t.local_rank), {bytes}, at::TensorOptions().dtype(at::kByte));
   std::vector<int64_t> order;
   for (const auto& b : buckets_) order.insert(order.end(), b.params.begin(), b.params.end());
-  for (auto& p : params_) {
-    at::Tensor& grad = p.mutable_grad();
-    if (as_view_ && grad.defined()) grad = grad.clone();
-  }
-  layout(order);
+  relayout(order);
 }
 
 void BucketEngine::unlink_arena() {

@@ -57,6 +57,7 @@ class BucketEngine {
 
  private:
   void layout(const std::vector<int64_t>& order);
+  void relayout(const std::vector<int64_t>& order);  // layout() after detaching .grad views
   void launch_ready_locked();
 
   std::shared_ptr<Communicator> comm_;
