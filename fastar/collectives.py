@@ -24,6 +24,8 @@ log = logging.getLogger("fastar")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ALGORITHMS = ("auto", "halving_doubling", "ring")
 HIERARCHIES = ("auto", "flat", "leader", "rail")
+# Gradient compression: the dtype on the wire; sums are accumulated in the tensor's own dtype.
+COMPRESSIONS = {None: "", "none": "", "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
 
 # Crossovers for "auto", measured with bench/allreduce_bw.py (docs/results.md):
 # halving/doubling sends the same bytes as ring in 2*log2(p) steps instead of 2*(p-1), so it wins at
@@ -51,6 +53,7 @@ class _State:
     timeout: timedelta
     last_choice: dict = field(default_factory=dict)
     group_comms: dict = field(default_factory=dict)
+    device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> description, once set up
 
 
 _state: _State | None = None
@@ -305,15 +308,84 @@ class _DoneWork:
         return [self._tensor]
 
 
-def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto", async_op=False, validate=True):
+def parse_compression(compression, where: str = "fastar.all_reduce") -> str:
+    key = compression.lower() if isinstance(compression, str) else compression
+    if key not in COMPRESSIONS:
+        raise ValueError(f"{where}: compression={compression!r}; expected None, 'fp16' or 'bf16'")
+    return COMPRESSIONS[key]
+
+
+def _backend_of(group) -> str:
+    try:
+        return str(dist.get_backend(group)).lower()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def ensure_device_groups(st: _State, device: torch.device) -> None:
+    """Collective on first use: fastar's process groups for the TensorAllreduce path on `device`'s
+    type: NCCL groups (world, each node's local ranks, each rail) for CUDA tensors; Gloo groups for
+    CPU tensors sent compressed. Every rank creates every group, in the same order."""
+    kind = device.type
+    if kind in st.device_groups:
+        return
+    topo, timeout = st.topo, st.timeout
+    if kind == "cuda":
+        if not _C().cuda_built():
+            raise RuntimeError(f"fastar: the tensor is on {device}, but this fastar build has no CUDA support; "
+                               "rebuild it where a CUDA toolkit is found (FASTAR_CUDA=1 pip install "
+                               "--no-build-isolation -e .) or move the tensor to the CPU")
+        if not (torch.cuda.is_available() and dist.is_nccl_available()):
+            raise RuntimeError(f"fastar: the tensor is on {device}, but NCCL is not available in this torch "
+                               "build, and fastar's GPU path moves CUDA tensors over NCCL")
+        backend = "nccl"
+    elif kind == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"fastar: tensors on {device} are not supported; use CPU or CUDA tensors")
+    if kind == "cuda":
+        world = dist.new_group(ranks=list(range(topo.size)), backend=backend, timeout=timeout)
+        rails = [dist.new_group(ranks=topo.rail_ranks(lr), backend=backend, timeout=timeout)
+                 if topo.num_nodes > 1 else None for lr in range(topo.local_size)]
+        cross = rails[topo.local_rank]
+    else:
+        world, cross = st.world_group, st.cross_group
+    local = None
+    if topo.local_size > 1:
+        locals_ = [dist.new_group(ranks=topo.node_ranks(n), backend=backend, timeout=timeout)
+                   for n in range(topo.num_nodes)]
+        local = locals_[topo.node]
+    if kind == "cuda":
+        # NCCL makes a communicator on a group's first collective, which every member must join:
+        # do it now, together, so that later batched sends and receives find it ready.
+        with torch.cuda.device(device):
+            for g in (world, local, cross):
+                if g is not None:
+                    dist.all_reduce(torch.zeros(1, device=device), group=g)
+            torch.cuda.synchronize(device)
+    st.comm.set_tensor_groups(kind, world, local, cross, list(range(topo.size)),
+                              topo.rail_ranks(topo.local_rank) if cross is not None else [])
+    st.device_groups[kind] = {
+        "world": world,
+        "desc": f"{backend} groups: world {topo.size}, local {topo.local_size if local else '-'}, "
+                f"rails {topo.num_nodes if cross is not None else '-'}"}
+
+
+def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto", async_op=False, validate=True,
+               compression=None):
     """In-place allreduce of `tensor` across ranks, like torch.distributed.all_reduce.
 
     op: "sum" or "avg" (or dist.ReduceOp.SUM / AVG). algorithm: "auto" | "halving_doubling" | "ring".
     hierarchy: "auto" | "flat" | "leader" | "rail". validate: exchange a small header first so that
     ranks passing different shapes or dtypes get an error instead of a wrong result.
+    compression: None | "fp16" | "bf16": the dtype of the data on the wire between nodes (sums stay in
+    the tensor's dtype; the result is rounded to the wire dtype, identically on every rank).
+    CUDA tensors go over NCCL groups fastar creates on first use, ordered on fastar's own CUDA
+    stream against the caller's stream (the call returns without waiting for the GPU, like NCCL).
     """
     _require_dist()
     check_tensor(tensor)
+    wire = parse_compression(compression)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"fastar.all_reduce: algorithm={algorithm!r}; expected one of {ALGORITHMS}")
     if hierarchy not in HIERARCHIES:
@@ -335,42 +407,61 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
         w = dist.all_reduce(tensor, op=dop, group=group, async_op=async_op)
         return _DoneWork(tensor, w) if async_op else None
     st = get_state()
-    if tensor.device.type != "cpu":
-        raise ValueError(f"fastar.all_reduce: the tensor is on {tensor.device}, but this fastar build moves CPU "
-                         "tensors over Gloo; move it with .cpu(), or use a CUDA build with an NCCL group")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fastar.all_reduce: the tensor is on {tensor.device}; fastar reduces CPU tensors "
+                         "(over Gloo and shared memory) and CUDA tensors (over NCCL)")
+    if wire and tensor.dtype not in (torch.float32, torch.float64):
+        wire = ""  # already a 16-bit dtype: nothing to compress
     comm, topo = st.comm, st.topo
-    if group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != topo.size:
-        comm, topo, hierarchy = _group_comm(st, group), None, "flat"
+    user_group = group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != topo.size
+    if tensor.device.type == "cuda" and group is not None and group is not dist.group.WORLD \
+            and "nccl" not in _backend_of(group):
+        raise ValueError(f"fastar.all_reduce: the tensor is on {tensor.device} but the group is a CPU-only "
+                         f"({_backend_of(group) or 'unknown'}) group; pass an NCCL group "
+                         "(dist.new_group(ranks, backend='nccl')) or group=None, or move the tensor to the CPU")
+    if user_group:
+        comm, topo, hierarchy = _group_comm(st, group, tensor.device, wire), None, "flat"
+    elif tensor.device.type == "cuda" or wire:
+        ensure_device_groups(st, tensor.device)
     nbytes = tensor.numel() * tensor.element_size()
     if topo is None:
         size = dist.get_world_size(group)
         topo = _topology.Topology(rank=dist.get_rank(group), size=size, local_rank=0, local_size=1,
                                   node=0, num_nodes=size, source="user group")
     algo, hier, why = choose(nbytes, algorithm, hierarchy, topo)
+    if tensor.device.type == "cuda" or wire:
+        why += f"; {tensor.device.type} tensor" + (f", {wire} on the wire" if wire else "") + \
+            " -> torch ops and c10d collectives on fastar's groups"
     st.last_choice = {"bytes": nbytes, "algorithm": algo, "hierarchy": hier, "why": why,
-                      "requested": (algorithm, hierarchy)}
+                      "requested": (algorithm, hierarchy), "device": str(tensor.device), "compression": wire}
     if log.isEnabledFor(logging.DEBUG):
         log.debug("fastar.all_reduce %d B: %s:%s (%s)", nbytes, hier, algo, why)
     if async_op:
-        return Work(comm.allreduce_async(tensor, algo, hier, avg, validate), tensor, st.timeout.total_seconds() + 30)
+        return Work(comm.allreduce_async(tensor, algo, hier, avg, validate, wire), tensor,
+                    st.timeout.total_seconds() + 30)
     try:
-        comm.allreduce(tensor, algo, hier, avg, validate)
+        comm.allreduce(tensor, algo, hier, avg, validate, wire)
     except RuntimeError as e:
         _reraise(e)
     return None
 
 
-def _group_comm(st: _State, group):
+def _group_comm(st: _State, group, device: torch.device, wire: str):
     """A flat communicator over a user's process group (its traffic shares that group)."""
     key = id(group)
+    ranks = dist.get_process_group_ranks(group)
     if key not in st.group_comms:
-        ranks = dist.get_process_group_ranks(group)
         r, n = dist.get_rank(group), len(ranks)
         st.group_comms[key] = _C().Communicator(
             rank=r, size=n, local_rank=0, local_size=1, node=r, num_nodes=n, world=group, world_ranks=ranks,
             cross=None, cross_ranks=[], shm_name="", shm_create=False, shm_chunk_bytes=SHM_CHUNK_BYTES,
             timeout_s=st.timeout.total_seconds())
-    return st.group_comms[key]
+    comm = st.group_comms[key]
+    if (device.type == "cuda" or wire) and not comm.has_tensor_groups(device.type):
+        if device.type == "cuda" and not _C().cuda_built():
+            ensure_device_groups(st, device)  # raises the no-CUDA-build error
+        comm.set_tensor_groups(device.type, group, None, None, ranks, [])
+    return comm
 
 
 def explain() -> str:
@@ -381,6 +472,8 @@ def explain() -> str:
     lines = [f"rank {t.rank} of {t.size}: node {t.node} of {t.num_nodes}, local rank {t.local_rank} of "
              f"{t.local_size} (local size from {t.source})",
              f"intra-node phase: {'shared memory arena' if _state.comm.has_shm() else 'none (one rank per node)'}"]
+    for kind, g in _state.device_groups.items():
+        lines.append(f"{kind} tensor path: {g['desc']}")
     if _state.last_choice:
         c = _state.last_choice
         lines.append(f"last allreduce: {c['bytes']} B -> {c['hierarchy']}:{c['algorithm']} because {c['why']}")

@@ -45,13 +45,14 @@ class FastarModule(nn.Module):
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  algorithm: str = "auto", hierarchy: str = "auto", find_unused_parameters: bool = False,
                  broadcast_from_rank0: bool = True, check_finite: bool = False,
-                 gradient_as_bucket_view: bool = True, shm_buckets: bool = True):
+                 gradient_as_bucket_view: bool = True, shm_buckets: bool = True, compression=None):
         super().__init__()
         collectives._require_dist()
         if algorithm not in collectives.ALGORITHMS:
             raise ValueError(f"fastar.wrap: algorithm={algorithm!r}; expected one of {collectives.ALGORITHMS}")
         if hierarchy not in collectives.HIERARCHIES:
             raise ValueError(f"fastar.wrap: hierarchy={hierarchy!r}; expected one of {collectives.HIERARCHIES}")
+        wire = collectives.parse_compression(compression, "fastar.wrap")
         self.module = module
         st = collectives.get_state()
         self._state = st
@@ -60,10 +61,6 @@ class FastarModule(nn.Module):
         self.check_finite = check_finite
         group = st.world_group
         _check_same_across_ranks(module, group)
-        if broadcast_from_rank0 and st.topo.size > 1:
-            with torch.no_grad():
-                for t in list(module.parameters()) + list(module.buffers()):
-                    dist.broadcast(t.data, src=0, group=group)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # frozen ones are skipped
         for n, p in named:
             if p.layout != torch.strided:
@@ -71,17 +68,30 @@ class FastarModule(nn.Module):
             if p.dtype not in collectives.SUPPORTED_DTYPES:
                 raise TypeError(f"fastar.wrap: parameter {n} has dtype {p.dtype}; fastar reduces "
                                 "float32/float64/float16/bfloat16 (keep it frozen, or cast the model)")
-            if p.device.type != "cpu":
-                raise ValueError(f"fastar.wrap: parameter {n} is on {p.device}; this fastar build reduces CPU "
-                                 "gradients (over Gloo). Use torch DDP with fastar.comm_hook for GPU models for now.")
+        devices = sorted({str(p.device) for _, p in named})
+        if len(devices) > 1:
+            raise ValueError(f"fastar.wrap: the model's parameters are on several devices ({', '.join(devices)}); "
+                             "fastar.wrap, like DDP, takes a model on one device: move it with model.to(device)")
+        device = named[0][1].device if named else torch.device("cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"fastar.wrap: the model is on {device}; fastar reduces CPU and CUDA gradients")
+        if device.type == "cuda" or wire:
+            collectives.ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
+        if broadcast_from_rank0 and st.topo.size > 1:
+            bgroup = st.device_groups["cuda"]["world"] if device.type == "cuda" else group
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t.data, src=0, group=bgroup)
+        self.compression = wire or None
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         order = list(reversed(range(len(self._params))))  # gradients appear roughly in reverse order
         self._engine = collectives._C().BucketEngine(
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
             int(first_bucket_mb * (1 << 20)), st.timeout.total_seconds(), gradient_as_bucket_view)
+        self._engine.set_wire(wire)
         self._apply_choices()
-        if st.topo.local_size > 1 and shm_buckets:
+        if st.topo.local_size > 1 and shm_buckets and device.type == "cpu" and not wire:
             # Buckets live in the node's shared memory: the local phase reads them where they are.
             collectives.node_segment(st.topo, group, self._engine.attach_arena, "buckets",
                                      lambda _: self._engine.unlink_arena())
@@ -186,8 +196,13 @@ class FastarModule(nn.Module):
 
 def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1, algorithm: str = "auto",
          hierarchy: str = "auto", find_unused_parameters: bool = False, check_finite: bool = False,
-         gradient_as_bucket_view: bool = True) -> FastarModule:
+         gradient_as_bucket_view: bool = True, compression=None) -> FastarModule:
     """model = fastar.wrap(model): data parallel training over fastar's hierarchical allreduce.
+
+    The model may live on the CPU (Gloo between nodes, shared memory inside a node) or on one GPU
+    per rank (NCCL; buckets packed by one kernel and reduced on fastar's own CUDA stream, ordered
+    against backward's with events). compression: None | "fp16" | "bf16": gradients cross the
+    wire in that dtype and are summed in fp32 (the averaged gradient is rounded to it once).
 
     gradient_as_bucket_view: after each synchronised backward, .grad is a view into fastar's bucket
     (no copy back; like DDP's option of that name). A .grad kept across iterations is then
@@ -195,7 +210,7 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
                         hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,
-                        gradient_as_bucket_view=gradient_as_bucket_view)
+                        gradient_as_bucket_view=gradient_as_bucket_view, compression=compression)
 
 
 class _HookState:

@@ -43,9 +43,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("num_nodes"), py::arg("world"), py::arg("world_ranks"), py::arg("cross"), py::arg("cross_ranks"),
            py::arg("shm_name"), py::arg("shm_create"), py::arg("shm_chunk_bytes"), py::arg("timeout_s"))
       .def("allreduce", &Communicator::allreduce, py::arg("tensor"), py::arg("algorithm"), py::arg("hierarchy"),
-           py::arg("avg"), py::arg("validate"), py::call_guard<py::gil_scoped_release>())
+           py::arg("avg"), py::arg("validate"), py::arg("wire") = "", py::call_guard<py::gil_scoped_release>())
       .def("allreduce_async", &Communicator::allreduce_async, py::arg("tensor"), py::arg("algorithm"),
-           py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::call_guard<py::gil_scoped_release>())
+           py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::arg("wire") = "",
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_tensor_groups",
+           [](Communicator& c, const std::string& device_type, py::object world, py::object local, py::object cross,
+              std::vector<int> world_ranks, std::vector<int> cross_ranks) {
+             fastar::TensorGroups g{as_pg(world), as_pg(local), as_pg(cross), std::move(world_ranks),
+                                    std::move(cross_ranks)};
+             c.set_tensor_groups(device_type, std::move(g));
+           },
+           py::arg("device_type"), py::arg("world"), py::arg("local"), py::arg("cross"), py::arg("world_ranks"),
+           py::arg("cross_ranks"))
+      .def("has_tensor_groups", &Communicator::has_tensor_groups, py::arg("device_type"))
       .def("unlink_shm", &Communicator::unlink_shm)
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
       .def("set_timeout", &Communicator::set_timeout)
@@ -76,6 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("bucket_bytes", &fastar::BucketEngine::bucket_bytes)
       .def("bucket_params", &fastar::BucketEngine::bucket_params)
       .def("set_choice", &fastar::BucketEngine::set_choice)
+      .def("set_wire", &fastar::BucketEngine::set_wire, py::arg("wire"))
       .def("mark_ready", &fastar::BucketEngine::mark_ready, py::call_guard<py::gil_scoped_release>())
       .def("missing", &fastar::BucketEngine::missing)
       .def("finalize", &fastar::BucketEngine::finalize, py::arg("fill_unused"),

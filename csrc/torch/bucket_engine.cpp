@@ -3,6 +3,8 @@
 #include <chrono>
 #include <stdexcept>
 
+#include "torch/kernels.h"
+
 namespace fastar {
 namespace {
 double now_s() {
@@ -129,7 +131,7 @@ void BucketEngine::launch_ready_locked() {
       b.work = comm_->submit([ar, h, a, off, n, dt, seq] { ar->allreduce(h, a, off, n, dt, seq); },
                             b.hierarchy + ":" + b.algorithm);
     } else {
-      b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false);
+      b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false, wire_);
     }
   }
 }
@@ -147,16 +149,31 @@ void BucketEngine::mark_ready(int64_t param, const at::Tensor& grad) {
   ready_order_.push_back(param);
   auto [bi, off] = where_[param];
   Bucket& b = buckets_[bi];
-  at::Tensor dst = b.flat.narrow(0, off, grad.numel());
-  at::Tensor src = grad.reshape({-1});
-  if (scale_ == 1.0)
-    dst.copy_(src);
-  else
-    at::mul_out(dst, src, scale_);  // the average's division fused into the copy
+  if (b.flat.is_cuda() && grad.is_contiguous() && grad.scalar_type() == b.flat.scalar_type() &&
+      grad.device() == b.flat.device()) {
+    b.staged.push_back(grad);  // packed with the rest of the bucket by one kernel
+    b.staged_offsets.push_back(off);
+  } else {
+    at::Tensor dst = b.flat.narrow(0, off, grad.numel());
+    at::Tensor src = grad.reshape({-1});
+    if (scale_ == 1.0)
+      dst.copy_(src);
+    else
+      at::mul_out(dst, src, scale_);  // the average's division fused into the copy
+  }
   if (--b.pending == 0) {
-    b.ready_s = now_s();
+    complete_locked(b);
     launch_ready_locked();
   }
+}
+
+void BucketEngine::complete_locked(Bucket& b) {
+  if (!b.staged.empty()) {
+    pack(b.staged, b.flat, b.staged_offsets, scale_);  // scaled copies of the whole bucket, one launch
+    b.staged.clear();
+    b.staged_offsets.clear();
+  }
+  b.ready_s = now_s();
 }
 
 std::vector<int64_t> BucketEngine::missing() const {
@@ -177,7 +194,7 @@ void BucketEngine::finalize(bool fill_unused) {
         auto [bi, off] = where_[i];
         Bucket& b = buckets_[bi];
         b.flat.narrow(0, off, params_[i].numel()).zero_();
-        if (--b.pending == 0) b.ready_s = now_s();
+        if (--b.pending == 0) complete_locked(b);
       }
       launch_ready_locked();
     }
@@ -193,7 +210,11 @@ void BucketEngine::finalize(bool fill_unused) {
   }
   {
     std::lock_guard<std::mutex> g(mu_);
-    for (auto& b : buckets_) b.pending = (int64_t)b.params.size();
+    for (auto& b : buckets_) {
+      b.pending = (int64_t)b.params.size();
+      b.staged.clear();
+      b.staged_offsets.clear();
+    }
     std::fill(marked_.begin(), marked_.end(), 0);
     next_launch_ = 0;
     started_ = false;

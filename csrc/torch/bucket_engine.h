@@ -24,6 +24,9 @@ struct Bucket {
   std::shared_ptr<AsyncWork> work;
   double ready_s = 0;  // when its last gradient arrived
   int64_t region_offset = 0;  // byte offset in the shared region, when buckets live there
+  // CUDA buckets: gradients wait here until the bucket is complete, then one kernel packs them all.
+  std::vector<at::Tensor> staged;
+  std::vector<int64_t> staged_offsets;
 };
 
 class BucketEngine {
@@ -44,6 +47,8 @@ class BucketEngine {
   int64_t bucket_bytes(int64_t b) const;
   std::vector<int64_t> bucket_params(int64_t b) const { return buckets_.at(b).params; }
   void set_choice(int64_t b, const std::string& algorithm, const std::string& hierarchy);
+  // "" (none), "fp16" or "bf16": the dtype of gradients on the wire (accumulation stays fp32).
+  void set_wire(const std::string& wire) { wire_ = wire; }
 
   void mark_ready(int64_t param, const at::Tensor& grad);
   // Parameters that got no gradient this iteration (finalize then launches nothing for them).
@@ -59,6 +64,7 @@ class BucketEngine {
   void layout(const std::vector<int64_t>& order);
   void relayout(const std::vector<int64_t>& order);  // layout() after detaching .grad views
   void launch_ready_locked();
+  void complete_locked(Bucket& b);  // the bucket's last gradient arrived
 
   std::shared_ptr<Communicator> comm_;
   std::unique_ptr<ShmArena> arena_;
@@ -74,6 +80,7 @@ class BucketEngine {
   double timeout_s_;
   bool as_view_;
   double scale_;
+  std::string wire_;
   size_t next_launch_ = 0;
   bool started_ = false;
   mutable std::mutex mu_;

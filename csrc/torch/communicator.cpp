@@ -25,6 +25,14 @@ DType to_dtype(at::ScalarType s) {
   }
 }
 
+at::ScalarType parse_wire(const std::string& w, at::ScalarType own) {
+  // Only fp32/fp64 tensors are compressed; 16-bit ones already are.
+  if (w.empty() || w == "none" || (own != at::kFloat && own != at::kDouble)) return own;
+  if (w == "fp16" || w == "float16" || w == "half") return at::kHalf;
+  if (w == "bf16" || w == "bfloat16") return at::kBFloat16;
+  throw std::invalid_argument("fastar: unknown wire compression '" + w + "' (expected none, fp16 or bf16)");
+}
+
 Hierarchy parse_hierarchy(const std::string& h) {
   if (h == "flat") return Hierarchy::Flat;
   if (h == "leader") return Hierarchy::Leader;
@@ -40,6 +48,7 @@ void AsyncWork::wait(double timeout_s) {
     throw std::runtime_error("fastar: allreduce did not complete within " + std::to_string((int)timeout_s) +
                              " s (a peer rank is stuck or dead)");
   if (error_) std::rethrow_exception(error_);
+  if (stream_wait) stream_wait();
 }
 
 bool AsyncWork::is_completed() {
@@ -68,6 +77,7 @@ Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup>
     arena_->set_first_global_rank(topo.node * topo.local_size);
     hier_ = std::make_unique<Hierarchical>(arena_.get(), cross_.get(), topo.num_nodes);
   }
+  tensor_ = std::make_unique<TensorAllreduce>(topo, timeout_s);
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -96,6 +106,17 @@ void Communicator::set_timeout(double s) {
   world_->set_timeout(s);
   if (cross_) cross_->set_timeout(s);
   if (arena_) arena_->set_timeout(s);
+  tensor_->set_timeout(s);
+}
+
+void Communicator::set_tensor_groups(const std::string& device_type, TensorGroups g) {
+  std::lock_guard<std::mutex> lock(exec_mu_);
+  tensor_->set_groups(c10::Device(device_type).type(), std::move(g));
+}
+
+bool Communicator::has_tensor_groups(const std::string& device_type) {
+  std::lock_guard<std::mutex> lock(exec_mu_);
+  return tensor_->has_groups(c10::Device(device_type).type());
 }
 
 void Communicator::set_small_bytes(int64_t b) {
@@ -129,12 +150,22 @@ void Communicator::worker_loop() {
 }
 
 std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, const std::string& algorithm,
-                                                         const std::string& hierarchy, bool avg, bool validate) {
-  return submit([this, t, algorithm, hierarchy, avg, validate] { run(t, algorithm, hierarchy, avg, validate); },
-                hierarchy + ":" + algorithm);
+                                                         const std::string& hierarchy, bool avg, bool validate,
+                                                         const std::string& wire) {
+  // A GPU tensor's producer is whatever the caller's stream has queued so far: mark that point now.
+  StreamWait ready = TensorAllreduce::producer_event(t);
+  return submit_work(
+      [this, t, algorithm, hierarchy, avg, validate, wire, ready](AsyncWork& w) {
+        w.stream_wait = run(t, algorithm, hierarchy, avg, validate, wire, ready);
+      },
+      hierarchy + ":" + algorithm + (wire.empty() ? "" : ":" + wire));
 }
 
 std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const std::string& label) {
+  return submit_work([fn](AsyncWork&) { fn(); }, label);
+}
+
+std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWork&)> fn, const std::string& label) {
   // Queued tasks run one at a time on the worker; busy_ keeps inline allreduce() calls out meanwhile.
   auto work = std::make_shared<AsyncWork>();
   work->algorithm = label;
@@ -145,7 +176,7 @@ std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const 
       work->start_s = now_s();
       std::exception_ptr e;
       try {
-        fn();
+        fn(*work);
       } catch (...) {
         e = std::current_exception();
       }
@@ -158,21 +189,22 @@ std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const 
 }
 
 void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
-                             bool validate) {
+                             bool validate, const std::string& wire) {
   {
     // Run inline unless queued work must go first: same order on every rank, no thread hop.
     std::unique_lock<std::mutex> l(q_mu_);
     TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
     if (!queue_.empty() || busy_) {
       l.unlock();
-      allreduce_async(t, algorithm, hierarchy, avg, validate)->wait(timeout_s_ * 2 + 60);
+      allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s_ * 2 + 60);
       return;
     }
     busy_ = true;
   }
   std::exception_ptr e;
+  StreamWait after;
   try {
-    run(t, algorithm, hierarchy, avg, validate);
+    after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t));
   } catch (...) {
     e = std::current_exception();
   }
@@ -182,6 +214,7 @@ void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const s
   }
   q_cv_.notify_all();
   if (e) std::rethrow_exception(e);
+  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
 }
 
 void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id) {
@@ -212,18 +245,28 @@ void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Ten
                                  ". Every rank must call the same collectives with tensors of the same shape and dtype.");
 }
 
-void Communicator::run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
-                       bool validate) {
+StreamWait Communicator::run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
+                             bool validate, const std::string& wire_name, const StreamWait& ready) {
   std::lock_guard<std::mutex> g(exec_mu_);
   TORCH_CHECK(t.is_contiguous() && t.layout() == at::kStrided, "fastar: allreduce needs a dense contiguous tensor");
-  TORCH_CHECK(t.device().is_cpu(), "fastar: this build moves CPU tensors; got a tensor on ", t.device());
   const DType dt = to_dtype(t.scalar_type());
   const Algorithm algo = parse_algorithm(algorithm);
   Hierarchy h = parse_hierarchy(hierarchy);
-  if (h != Hierarchy::Flat && !hier_) h = Hierarchy::Flat;  // one rank per node: nothing to do locally
+  const at::ScalarType wire = parse_wire(wire_name, t.scalar_type());
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
   const int64_t count = t.numel();
+  if (t.is_cuda() || wire != t.scalar_type()) {
+    TORCH_CHECK(t.is_cuda() || t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported");
+    if (h != Hierarchy::Flat && topo_.local_size == 1) h = Hierarchy::Flat;
+    const int wire_id = wire == t.scalar_type() ? 0 : wire == at::kHalf ? 1 : 2;
+    if (validate && topo_.size > 1) validate_peers(*world_, algo, t, seq, 64 + wire_id * 256 + (int)h * 16 + (int)algo);
+    StreamWait after = tensor_->run(t, algo, h, avg, wire, ready, seq);
+    last_ = {hierarchy_name(h), algorithm_name(algo), count * (int64_t)dtype_size(dt), now_s() - t0};
+    return after;
+  }
+  TORCH_CHECK(t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported (CPU or CUDA only)");
+  if (h != Hierarchy::Flat && !hier_) h = Hierarchy::Flat;  // one rank per node: nothing to do locally
   void* data = t.data_ptr();
   if (h == Hierarchy::Flat) {
     auto steps = make_schedule(algo, world_->rank(), world_->size(), count);
@@ -245,6 +288,7 @@ void Communicator::run(at::Tensor t, const std::string& algorithm, const std::st
   }
   if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
   last_ = {hierarchy_name(h), algorithm_name(algo), count * (int64_t)dtype_size(dt), now_s() - t0};
+  return {};
 }
 
 }  // namespace fastar

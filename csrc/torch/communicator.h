@@ -14,14 +14,9 @@
 #include "core/hierarchical.h"
 #include "core/shm.h"
 #include "torch/pg_transport.h"
+#include "torch/tensor_allreduce.h"
 
 namespace fastar {
-
-struct Topology {
-  int rank = 0, size = 1;
-  int local_rank = 0, local_size = 1;
-  int node = 0, num_nodes = 1;
-};
 
 // A handle for an allreduce in flight (async_op=True, or a bucket of fastar.wrap).
 class AsyncWork {
@@ -29,6 +24,8 @@ class AsyncWork {
   void wait(double timeout_s);  // rethrows the collective's error
   bool is_completed();
   void finish(std::exception_ptr e);
+  // GPU work: after the CPU side finished, makes the waiting thread's current stream wait for it.
+  StreamWait stream_wait;
   double start_s = 0, end_s = 0;  // steady clock, seconds
   std::string algorithm;
 
@@ -54,11 +51,17 @@ class Communicator {
   void close();
   void unlink_shm();
   // In-place sum (avg: then divided by the world size). algorithm/hierarchy are resolved names.
-  void allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate);
+  // wire: "" (the tensor's dtype), "fp16" or "bf16": the dtype on the wire, accumulation in the
+  // tensor's. CUDA tensors and compressed wires take the TensorAllreduce path (process groups
+  // registered with set_tensor_groups); the rest the byte-level core (Gloo, shared memory).
+  void allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate,
+                 const std::string& wire = "");
   std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
-                                             bool avg, bool validate);
+                                             bool avg, bool validate, const std::string& wire = "");
   // Queues fn behind every collective submitted before it (fastar.wrap's shared-memory buckets).
   std::shared_ptr<AsyncWork> submit(std::function<void()> fn, const std::string& label);
+  void set_tensor_groups(const std::string& device_type, TensorGroups g);
+  bool has_tensor_groups(const std::string& device_type);
   Transport* cross_transport() const { return cross_.get(); }
   double timeout_s() const { return timeout_s_; }
   void set_timeout(double s);
@@ -69,7 +72,9 @@ class Communicator {
   OpRecord last_op();
 
  private:
-  void run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate);
+  std::shared_ptr<AsyncWork> submit_work(std::function<void(AsyncWork&)> fn, const std::string& label);
+  StreamWait run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate,
+                 const std::string& wire, const StreamWait& ready);
   void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id);
   void worker_loop();
 
@@ -79,6 +84,7 @@ class Communicator {
   std::unique_ptr<PGTransport> cross_;
   std::unique_ptr<ShmArena> arena_;
   std::unique_ptr<Hierarchical> hier_;
+  std::unique_ptr<TensorAllreduce> tensor_;
   Executor exec_;
   uint64_t seq_ = 0;
   OpRecord last_;

@@ -1,0 +1,213 @@
+#include "torch/tensor_allreduce.h"
+
+#include <chrono>
+#include <mutex>
+#include <stdexcept>
+
+#ifdef FASTAR_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace fastar {
+namespace {
+
+#ifdef FASTAR_WITH_CUDA
+// One high-priority stream per device for all of fastar's GPU communication: buckets leave it in
+// submission order, and NCCL's own streams are ordered against it by the process group.
+at::cuda::CUDAStream comm_stream(c10::DeviceIndex dev) {
+  static std::mutex mu;
+  static std::map<c10::DeviceIndex, at::cuda::CUDAStream> streams;
+  std::lock_guard<std::mutex> g(mu);
+  auto it = streams.find(dev);
+  if (it == streams.end()) it = streams.emplace(dev, at::cuda::getStreamFromPool(/*isHighPriority=*/true, dev)).first;
+  return it->second;
+}
+#endif
+
+std::string first_line(const std::exception& e) {
+  std::string msg = e.what();
+  const auto nl = msg.find("\nException raised from");
+  return nl == std::string::npos ? msg : msg.substr(0, nl);
+}
+
+}  // namespace
+
+void TensorAllreduce::set_groups(c10::DeviceType type, TensorGroups g) {
+  TORCH_CHECK(g.world, "fastar: a device group set needs its world group");
+  groups_[type] = std::move(g);
+}
+
+const TensorGroups& TensorAllreduce::groups(const at::Tensor& t) const {
+  auto it = groups_.find(t.device().type());
+  TORCH_CHECK(it != groups_.end(), "fastar: no process groups were set up for tensors on ", t.device(),
+              " (fastar.init creates them on the first such tensor; was it called on every rank?)");
+  return it->second;
+}
+
+StreamWait TensorAllreduce::producer_event(const at::Tensor& t) {
+  if (!t.is_cuda()) return {};
+#ifdef FASTAR_WITH_CUDA
+  const c10::DeviceIndex dev = t.device().index();
+  auto ev = std::make_shared<at::cuda::CUDAEvent>();
+  ev->record(at::cuda::getCurrentCUDAStream(dev));
+  return [ev, dev] { ev->block(at::cuda::getCurrentCUDAStream(dev)); };
+#else
+  TORCH_CHECK(false, "fastar was built without CUDA and cannot reduce the tensor on ", t.device(),
+              "; rebuild with a CUDA toolkit (FASTAR_CUDA=1 pip install --no-build-isolation -e .)");
+#endif
+}
+
+StreamWait TensorAllreduce::run(const at::Tensor& t, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire,
+                                const StreamWait& ready, uint64_t seq) {
+  TORCH_CHECK(t.is_contiguous(), "fastar: allreduce needs a contiguous tensor");
+  const at::Tensor flat = t.view({-1});
+  if (!t.is_cuda()) {
+    TORCH_CHECK(t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported (CPU or CUDA only)");
+    body(flat, a, h, avg, wire, seq);
+    return {};
+  }
+#ifdef FASTAR_WITH_CUDA
+  const c10::DeviceIndex dev = t.device().index();
+  c10::cuda::CUDAGuard device_guard(dev);
+  const at::cuda::CUDAStream stream = comm_stream(dev);
+  c10::cuda::CUDAStreamGuard stream_guard(stream);
+  if (ready) ready();  // fastar's stream waits for the producer's work on the tensor
+  body(flat, a, h, avg, wire, seq);
+  // The caller's allocator must not hand t's memory out again before fastar's stream is done with it.
+  c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+  auto done = std::make_shared<at::cuda::CUDAEvent>();
+  done->record(stream);
+  return [done, dev] { done->block(at::cuda::getCurrentCUDAStream(dev)); };
+#else
+  TORCH_CHECK(false, "fastar was built without CUDA and cannot reduce the tensor on ", t.device(),
+              "; rebuild with a CUDA toolkit (FASTAR_CUDA=1 pip install --no-build-isolation -e .)");
+#endif
+}
+
+void TensorAllreduce::finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda, const std::string& what) {
+  if (!w) return;
+  try {
+    if (cuda)
+      w->wait();  // NCCL: the current stream waits, the CPU does not; the group's watchdog enforces its timeout
+    else
+      w->wait(std::chrono::milliseconds((int64_t)(timeout_s_ * 1000)));
+  } catch (const std::exception& e) {
+    throw std::runtime_error("fastar: rank " + std::to_string(topo_.rank) + ": " + what + " failed: " + first_line(e) +
+                             "\nA peer rank has probably exited or timed out, or the ranks called fastar with "
+                             "different tensor sizes or in a different order.");
+  }
+}
+
+void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks,
+                          const at::Tensor& flat, Algorithm a, at::ScalarType wire, uint64_t seq, const char* what) {
+  const int rank = pg->getRank(), size = pg->getSize();
+  if (size == 1 || flat.numel() == 0) return;
+  const bool cuda = flat.is_cuda();
+  auto backend = pg->getBackend(flat.device().type());
+  const bool compress = wire != flat.scalar_type();
+  const auto steps = make_schedule(a, rank, size, flat.numel());
+  int64_t most = 0;
+  for (const auto& s : steps) most = std::max(most, s.recv.size());
+  at::Tensor scratch = at::empty({most}, flat.options().dtype(wire));
+  // Gloo matches messages by tag: a sender's n-th message to a peer is that peer's n-th receive
+  // from it (ranks of different blocks run different numbers of steps). NCCL ignores tags.
+  const int tag_base = (int)((seq & 0x3FF) << 16);
+  std::vector<int> sent_to(size, 0), recvd_from(size, 0);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const Step& s = steps[i];
+    std::vector<at::Tensor> sv, rv;
+    if (s.send_peer >= 0 && !s.send.empty()) {
+      at::Tensor src = flat.slice(0, s.send.begin, s.send.end);
+      sv.push_back(compress ? src.to(wire) : src);
+    }
+    const bool recv = s.recv_peer >= 0 && !s.recv.empty();
+    at::Tensor dst = recv ? flat.slice(0, s.recv.begin, s.recv.end) : at::Tensor();
+    if (recv) rv.push_back(!s.reduce && !compress ? dst : scratch.narrow(0, 0, s.recv.size()));
+    const std::string step_what = std::string("step ") + std::to_string(i) + " of " + algorithm_name(a) + " over " +
+                                  what + " (send to rank " +
+                                  (sv.empty() ? std::string("-") : std::to_string(granks.at(s.send_peer))) +
+                                  ", receive from rank " +
+                                  (rv.empty() ? std::string("-") : std::to_string(granks.at(s.recv_peer))) + ")";
+    if (cuda) {
+      // NCCL: a step's send and receive are one group, or two ranks sending to each other first
+      // would each wait for the other's receive.
+      backend->startCoalescing();
+      if (!sv.empty()) backend->send(sv, s.send_peer, tag_base + sent_to[s.send_peer]++);
+      if (!rv.empty()) backend->recv(rv, s.recv_peer, tag_base + recvd_from[s.recv_peer]++);
+      finish(backend->endCoalescing(), true, step_what);
+    } else {
+      c10::intrusive_ptr<c10d::Work> ws, wr;
+      if (!sv.empty()) ws = backend->send(sv, s.send_peer, tag_base + sent_to[s.send_peer]++);
+      if (!rv.empty()) wr = backend->recv(rv, s.recv_peer, tag_base + recvd_from[s.recv_peer]++);
+      finish(ws, false, step_what);
+      finish(wr, false, step_what);
+    }
+    if (!recv) continue;
+    if (s.reduce)
+      dst.add_(rv[0]);  // accumulates in flat's dtype (fp32 for a compressed fp32 bucket)
+    else if (rv[0].data_ptr() != dst.data_ptr())
+      dst.copy_(rv[0]);
+  }
+  // Every rank holds the same sum in full precision, but the copies it received were rounded to
+  // the wire's dtype: round everything once, so that every rank ends with the same bits.
+  if (compress) flat.copy_(flat.to(wire));
+}
+
+void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire,
+                           uint64_t seq) {
+  const TensorGroups& g = groups(flat);
+  const bool cuda = flat.is_cuda();
+  const c10::DeviceType type = flat.device().type();
+  if (h == Hierarchy::Flat || topo_.local_size == 1 || !g.local) {
+    p2p(g.world, g.world_ranks, flat, a, wire, seq, "fastar's world group");
+  } else if (h == Hierarchy::Leader) {
+    auto local = g.local->getBackend(type);
+    std::vector<at::Tensor> v{flat};
+    if (topo_.num_nodes == 1) {
+      // One node: the node's own allreduce (NCCL's ring/tree over NVLink) is the whole job.
+      finish(local->allreduce(v), cuda, "the intra-node allreduce");
+    } else {
+      c10d::ReduceOptions ro;
+      ro.rootRank = 0;
+      finish(local->reduce(v, ro), cuda, "the intra-node reduce to local rank 0");
+      if (topo_.local_rank == 0) p2p(g.cross, g.cross_ranks, flat, a, wire, seq, "the leaders' group");
+      c10d::BroadcastOptions bo;
+      bo.rootRank = 0;
+      finish(local->broadcast(v, bo), cuda, "the intra-node broadcast from local rank 0");
+    }
+  } else {
+    // Rail: each local rank owns 1/L of the buffer (padded to a multiple of L) between nodes.
+    auto local = g.local->getBackend(type);
+    const int64_t L = topo_.local_size, n = flat.numel();
+    const int64_t padded = (n + L - 1) / L * L, shard_n = padded / L;
+    at::Tensor buf = flat;
+    if (padded != n) {
+      buf = at::zeros({padded}, flat.options());
+      buf.narrow(0, 0, n).copy_(flat);
+    }
+    at::Tensor shard = at::empty({shard_n}, flat.options());
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < L; ++i) parts.push_back(buf.narrow(0, i * shard_n, shard_n));
+    std::vector<at::Tensor> sv{shard};
+    if (local->getBackendName() == "nccl") {
+      finish(local->_reduce_scatter_base(shard, buf), cuda, "the intra-node reduce-scatter");
+    } else {
+      std::vector<std::vector<at::Tensor>> in{parts};
+      finish(local->reduce_scatter(sv, in), cuda, "the intra-node reduce-scatter");
+    }
+    if (g.cross) p2p(g.cross, g.cross_ranks, shard, a, wire, seq, "this rank's rail");
+    if (local->getBackendName() == "nccl") {
+      finish(local->_allgather_base(buf, shard), cuda, "the intra-node allgather");
+    } else {
+      std::vector<std::vector<at::Tensor>> out{parts};
+      finish(local->allgather(out, sv), cuda, "the intra-node allgather");
+    }
+    if (padded != n) flat.copy_(buf.narrow(0, 0, n));
+  }
+  if (avg && topo_.size > 1) flat.div_(topo_.size);
+}
+
+}  // namespace fastar

@@ -1,0 +1,71 @@
+// The allreduce of a tensor through torch ops and c10d collectives, for what the byte-level core
+// (csrc/core, over Gloo and shared memory) does not move:
+//  - CUDA tensors: NCCL process groups, every step enqueued on fastar's own CUDA stream, which waits
+//    for the producer's stream through an event; the consumer's stream waits for fastar's through
+//    another event. The CPU never waits for the GPU.
+//  - a compressed wire (fp16/bf16 on the wire, accumulation in the tensor's own dtype), on either
+//    device: the schedules' sends are cast down, the received halves summed into the full-precision
+//    buffer.
+// Hierarchies: flat (halving/doubling or ring over send/recv of the whole group), leader (reduce
+// to local rank 0, the schedule between leaders, broadcast), rail (reduce-scatter inside the node,
+// the schedule over each rail, allgather). The intra-node phase is the group's own collective:
+// NCCL inside a GPU node, Gloo for the CPU's compressed path.
+#pragma once
+#include <torch/extension.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/hierarchical.h"
+#include "core/schedule.h"
+
+namespace fastar {
+
+struct Topology {
+  int rank = 0, size = 1;
+  int local_rank = 0, local_size = 1;
+  int node = 0, num_nodes = 1;
+};
+
+// fastar's groups for one device type. cross: this rank's rail (for local rank 0: the leaders).
+struct TensorGroups {
+  c10::intrusive_ptr<c10d::ProcessGroup> world, local, cross;
+  std::vector<int> world_ranks, cross_ranks;
+};
+
+// Makes the current stream of the calling thread wait for GPU work; empty for CPU tensors.
+using StreamWait = std::function<void()>;
+
+class TensorAllreduce {
+ public:
+  TensorAllreduce(Topology topo, double timeout_s) : topo_(topo), timeout_s_(timeout_s) {}
+  void set_groups(c10::DeviceType type, TensorGroups g);
+  bool has_groups(c10::DeviceType type) const { return groups_.count(type) > 0; }
+  void set_timeout(double s) { timeout_s_ = s; }
+
+  // An event on the current stream of t's device (the producer's): the returned function makes
+  // the calling thread's current stream wait for it. Empty for CPU tensors.
+  static StreamWait producer_event(const at::Tensor& t);
+
+  // In-place sum of t over the group set of its device (divided by the world size when avg).
+  // wire: the dtype on the wire (t's own dtype: no compression). ready: producer_event(t) or empty.
+  // Returns what the consumer must call to order its stream after the result (empty on the CPU).
+  StreamWait run(const at::Tensor& t, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire,
+                 const StreamWait& ready, uint64_t seq);
+
+ private:
+  void body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire, uint64_t seq);
+  void p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks, const at::Tensor& flat,
+           Algorithm a, at::ScalarType wire, uint64_t seq, const char* what);
+  void finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda, const std::string& what);
+  const TensorGroups& groups(const at::Tensor& t) const;
+
+  Topology topo_;
+  double timeout_s_;
+  std::map<c10::DeviceType, TensorGroups> groups_;
+};
+
+}  // namespace fastar

@@ -1,0 +1,141 @@
+"""The TensorAllreduce path on the CPU (issue 6): fp16/bf16 on the wire with fp32 accumulation, in
+every hierarchy and algorithm, through fastar.all_reduce and fastar.wrap. The same code moves CUDA
+tensors over NCCL (test_gpu.py); here it runs over Gloo groups, so that its schedules, hierarchies
+and error paths are tested with several processes on any machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mp_utils import run_workers
+
+CASES = [(2, 1), (3, 1), (4, 2), (6, 2), (6, 3)]  # (world size, ranks per node)
+
+
+def _allreduce_worker(rank, size, local_size, wire, hierarchy, algorithm, counts):
+    import fastar
+    fastar.init(local_size=local_size)
+    wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[wire]
+    out = {}
+    for n in counts:
+        g = torch.Generator().manual_seed(1000 * n + rank)
+        # Small integers: every partial sum is exact in the wire dtype, so the result must be exact.
+        ints = torch.randint(-8, 9, (n,), generator=g).float()
+        t = ints.clone()
+        fastar.all_reduce(t, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
+        # Random values: close to the fp64 sum; rounded to the wire dtype; same bits on every rank.
+        r = torch.randn(n, generator=g, dtype=torch.float32)
+        x = r.clone()
+        fastar.all_reduce(x, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
+        out[n] = (ints, t, r, x, bool(torch.equal(x, x.to(wdt).float())))
+    choice = fastar.collectives.get_state().last_choice
+    return out, choice["why"], fastar.explain()
+
+
+@pytest.mark.parametrize("wire", ["fp16", "bf16"])
+@pytest.mark.parametrize("hierarchy", ["flat", "leader", "rail"])
+@pytest.mark.parametrize("size,local_size", CASES)
+def test_compressed_allreduce(size, local_size, hierarchy, wire):
+    if hierarchy != "flat" and local_size == 1:
+        pytest.skip("one rank per node: leader and rail are flat (covered by the flat case)")
+    algorithm = "ring" if size == 6 and hierarchy == "flat" else "halving_doubling"
+    counts = (1, 5, 1000, 65537)
+    res = run_workers(_allreduce_worker, size, local_size, wire, hierarchy, algorithm, counts, timeout=240)
+    tol = {"fp16": 2e-3, "bf16": 1.6e-2}[wire]
+    for n in counts:
+        exact = sum(res[r][0][n][0].double() for r in range(size))
+        ref = sum(res[r][0][n][2].double() for r in range(size))
+        x0 = res[0][0][n][3]
+        for r in range(size):
+            ints, t, _, x, representable = res[r][0][n]
+            assert torch.equal(t.double(), exact), f"rank {r}, n={n}: integer sums must be exact"
+            assert torch.equal(x, x0), f"rank {r}, n={n}: ranks disagree bitwise"
+            assert representable, f"rank {r}, n={n}: the result is not rounded to {wire}"
+        err = (x0.double() - ref).abs().max().item()
+        scale = ref.abs().max().item() + 1
+        # each value crosses the wire rounded, at most once per step of the schedule
+        assert err <= tol * scale * 2 * size, (n, err, scale)
+    assert f"{wire} on the wire" in res[0][1]
+    assert "cpu tensor path: gloo groups" in res[0][2]
+
+
+def _wrap_worker(rank, size, wire):
+    import fastar
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    ref = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    ref.load_state_dict(model.state_dict())
+    wrapped = fastar.wrap(model, compression=wire, bucket_cap_mb=0.005, first_bucket_mb=0.001)
+    grads = []
+    for it in range(3):
+        g = torch.Generator().manual_seed(100 * it + rank)
+        x, y = torch.randn(16, 20, generator=g), torch.randint(0, 3, (16,), generator=g)
+        wrapped.zero_grad()
+        torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        # the reference: this rank's own gradient (the average is assembled by the parent)
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        grads.append([p.grad.clone() for p in ref.parameters()])
+    stats = wrapped.comm_stats()
+    return grads, [b["algorithm"] for b in stats["buckets"]], wrapped._engine.has_arena()
+
+
+@pytest.mark.parametrize("wire", ["fp16", "bf16"])
+def test_wrap_with_compression_matches_the_average(wire):
+    size = 2
+    res = run_workers(_wrap_worker, size, wire, timeout=180)
+    tol = {"fp16": 1e-3, "bf16": 8e-3}[wire]
+    wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[wire]
+    for it in range(3):
+        got = res[0][0][2 * it]
+        mean = [sum(res[r][0][2 * it + 1][k] for r in range(size)) / size for k in range(len(got))]
+        for r in range(size):
+            for a, b in zip(res[r][0][2 * it], got):
+                assert torch.equal(a, b), "ranks disagree bitwise"
+        for a, m in zip(got, mean):
+            assert torch.allclose(a, m, rtol=tol, atol=tol * (m.abs().max().item() + 1e-3)), (it, (a - m).abs().max())
+            # buckets are scaled by 1/k before the sum, and the sum is rounded to the wire dtype
+            assert torch.equal(a, a.to(wdt).float())
+    assert all(a.endswith(":" + wire) for a in res[0][1]), res[0][1]
+    assert res[0][2] is False  # compressed buckets are not shared-memory buckets
+
+
+def _disagree_worker(rank, size):
+    import fastar
+    t = torch.ones(1000)
+    fastar.all_reduce(t, compression="fp16" if rank == 0 else "bf16")
+
+
+def test_ranks_disagreeing_on_compression_fail_on_every_rank():
+    _, failures = run_workers(_disagree_worker, 2, timeout=120, allow_failures=True)
+    assert set(failures) == {0, 1}
+    for tb in failures.values():
+        assert "ranks disagree on the hierarchy/algorithm" in tb, tb
+
+
+def _bad_args_worker(rank, size):
+    import fastar
+    errors = []
+    for call in (lambda: fastar.all_reduce(torch.ones(3), compression="int8"),
+                 lambda: fastar.wrap(torch.nn.Linear(2, 2), compression="fp8"),
+                 lambda: fastar.all_reduce(torch.ones(3, device="meta"))):
+        try:
+            call()
+            errors.append(None)
+        except (ValueError, RuntimeError) as e:
+            errors.append(str(e))
+    # a 16-bit tensor is already compressed: the option changes nothing, and nothing fails
+    h = torch.full((10,), 1.5, dtype=torch.float16)
+    fastar.all_reduce(h, compression="fp16")
+    return errors, h
+
+
+def test_bad_compression_arguments_are_named():
+    res = run_workers(_bad_args_worker, 2, timeout=120)
+    errors, h = res[0]
+    assert "compression='int8'" in errors[0] and "fp16" in errors[0]
+    assert "fastar.wrap: compression='fp8'" in errors[1]
+    assert "meta" in errors[2]
+    assert torch.equal(h, torch.full((10,), 3.0, dtype=torch.float16))
