@@ -17,6 +17,8 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
   nvidia-smi -L
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
   g++ --version | head -1
+  ${CXX:-g++} --version | head -1
+  $PY -c "import sysconfig; print('python CXX', sysconfig.get_config_var('CXX'))"
 } 2>&1 | tee "$OUT/env.txt"
 if has build; then
   t0=$(date +%s)

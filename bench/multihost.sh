@@ -56,71 +56,128 @@ to_us() { awk -v s="$1" 'BEGIN{ v=s+0; u=tolower(s); sub(/^[0-9.]+/, "", u);
 RATE_BIT=$(to_bits "$RATE") || { echo "multihost.sh: --rate $RATE: use e.g. 1gbit, 100mbit" >&2; exit 2; }
 DELAY_US=$(to_us "$DELAY") || { echo "multihost.sh: --delay $DELAY: use e.g. 1ms, 200us" >&2; exit 2; }
 
+# Cleanup state. The traps go in before anything is created, and a signal that arrives while a
+# namespace is being created and recorded is held until the name is in NSES (bash runs a trap between
+# two commands, so without this a TERM right after `ip netns add` would exit before the name is
+# recorded and leave the namespace behind).
+ID="" PREFIX="" BR_NS=""
+NSES=() PIDS=()
+CRITICAL=0 PENDING=""
+on_signal() {  # on_signal EXIT_CODE
+  if (( CRITICAL )); then PENDING=$1; return 0; fi
+  exit "$1"
+}
+leave_critical() {
+  CRITICAL=0
+  if [[ -n $PENDING ]]; then exit "$PENDING"; fi
+  return 0
+}
+
+# Our processes: the torchrun process groups (each led by its setsid'd timeout), then whatever still
+# runs inside our namespaces (torchrun starts its workers in sessions of their own).
+ns_pids() {
+  local ns
+  for ns in "${NSES[@]}"; do ip netns pids "$ns" 2>/dev/null || true; done
+}
+live_in_groups() {  # processes of our torchrun process groups that have not exited (zombies excluded)
+  (( ${#PIDS[@]} )) || { echo 0; return 0; }
+  ps -e -o pgid=,stat= | awk -v g=" ${PIDS[*]} " 'index(g, " " $1 " ") && $2 !~ /^Z/ {n++} END {print n+0}'
+}
+kill_children() {
+  local p i
+  for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
+  for p in $(ns_pids); do kill -TERM "$p" 2>/dev/null || true; done
+  for i in $(seq 1 30); do  # up to 3 s for a clean exit (torchrun stops its workers on TERM)
+    [[ $(live_in_groups) == 0 && -z $(ns_pids) ]] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done
+  for p in $(ns_pids); do kill -KILL "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  for i in $(seq 1 30); do  # a killed process holds its namespace (and veth) until it is gone
+    [[ -z $(ns_pids) ]] && break
+    sleep 0.1
+  done
+  return 0
+}
+
+cleanup() {
+  local rc=$? left ns
+  trap '' INT TERM HUP  # a second signal must not cut the cleanup short
+  trap - EXIT
+  set +e
+  kill_children
+  # Deleting a namespace removes the veth ends (and the bridge) inside it. Everything named with our
+  # run's prefix is ours (the bridge namespace is the lock on the id).
+  if [[ -n $PREFIX ]]; then
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${PREFIX}" || true); do NSES+=("$ns"); done
+  fi
+  for ns in "${NSES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  if [[ -n $PREFIX ]]; then
+    left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -c "^${PREFIX}" || true)
+    [[ $left == 0 ]] || echo "multihost: WARNING: $left namespace(s) ${PREFIX}* left behind" >&2
+  fi
+  (( rc == 130 || rc == 143 || rc == 129 )) && echo "multihost: interrupted (exit $rc); namespaces, links and processes removed" >&2
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+trap 'on_signal 129' HUP
+
 # A run id in 1..254 that no namespace uses yet (the bridge namespace is created first and is the lock).
 pick_id() {
   local id
   for _ in $(seq 1 50); do
     id=${RUN_ID:-$(( (RANDOM % 254) + 1 ))}
-    if ip netns add "fastar-mh${id}-br" 2>/dev/null; then echo "$id"; return 0; fi
+    CRITICAL=1
+    if ip netns add "fastar-mh${id}-br" 2>/dev/null; then
+      ID=$id PREFIX="fastar-mh${id}-" BR_NS="fastar-mh${id}-br"
+      NSES+=("$BR_NS")
+      leave_critical
+      return 0
+    fi
+    leave_critical
     [[ -n $RUN_ID ]] && break
   done
   return 1
 }
-ID=$(pick_id) || { echo "multihost.sh: cannot create a network namespace (fastar-mh${RUN_ID:-?}-br): not root," \
+pick_id || { echo "multihost: cannot create a network namespace (fastar-mh${RUN_ID:-?}-br): not root," \
   "no CAP_NET_ADMIN, or the id is taken" >&2; exit 4; }
-PREFIX="fastar-mh${ID}-"
-BR_NS="${PREFIX}br"
-NSES=("$BR_NS")
-PIDS=()
 echo "multihost: run id $ID, namespaces ${PREFIX}*" >&2
 OUT=${OUT:-$(mktemp -d "/tmp/fastar-multihost-${ID}-XXXX")}
 mkdir -p "$OUT"
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  # our torchruns first (each leads its own process group), then whatever still runs inside our namespaces
-  for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
-  sleep 0.5
-  for ns in "${NSES[@]}"; do
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-  done
-  for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done
-  # deleting a namespace removes the veth ends (and the bridge) inside it
-  for ns in "${NSES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-  local left
-  left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -c "^${PREFIX}" || true)
-  [[ $left == 0 ]] || echo "multihost: WARNING: $left namespace(s) ${PREFIX}* left behind" >&2
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 ip -n "$BR_NS" link add br0 type bridge
 ip -n "$BR_NS" link set br0 up
 ip -n "$BR_NS" link set lo up
 
-# netem (delay, optionally with its own rate) is not in every kernel; tbf alone then shapes the rate
-# and the delay is reported as not applied (the worker's prediction then uses alpha = 0 and the
-# measured round trip).
+# netem (the delay) is not in every kernel: this project's CI kernel is built without it
+# (CONFIG_NET_SCH_NETEM is not set, no modules to load; tbf, htb and pfifo exist, fq for EDT-based
+# delay does not). Probe once; without it the links are rate-limited by tbf alone and the delay is
+# reported as not applied (the worker's "pred" then uses alpha = 0, "pred_ml" the measured latency).
 BURST=$(( RATE_BIT / 8 / 2000 )); (( BURST < 16384 )) && BURST=16384   # 0.5 ms at line rate, >= 16 KiB
+HAVE_NETEM=0 NETEM_ERR=""
+if (( DELAY_US > 0 )); then
+  if NETEM_ERR=$(tc -n "$BR_NS" qdisc add dev lo root netem delay "${DELAY_US}us" 2>&1); then
+    HAVE_NETEM=1
+    tc -n "$BR_NS" qdisc del dev lo root 2>/dev/null || true
+  fi
+fi
 shape() {  # shape NS DEV: egress of DEV in NS
   local ns=$1 dev=$2
-  if (( DELAY_US > 0 )) && tc -n "$ns" qdisc add dev "$dev" root handle 1: netem delay "${DELAY_US}us" limit 100000 2>/dev/null; then
+  if (( HAVE_NETEM )); then
+    tc -n "$ns" qdisc add dev "$dev" root handle 1: netem delay "${DELAY_US}us" limit 100000
     tc -n "$ns" qdisc add dev "$dev" parent 1:1 handle 10: tbf rate "$RATE_BIT" burst "$BURST" latency 200ms
-    echo netem
   else
     tc -n "$ns" qdisc add dev "$dev" root handle 10: tbf rate "$RATE_BIT" burst "$BURST" latency 200ms
-    echo tbf
   fi
 }
 
-DELAY_APPLIED=1
 for i in $(seq 0 $((HOSTS - 1))); do
   ns="${PREFIX}h$i" hv="mh${ID}h$i" bv="mh${ID}p$i"
+  NSES+=("$ns")  # recorded first: the name carries our id, so cleanup may delete it even if never made
   ip netns add "$ns"
-  NSES+=("$ns")
   ip link add "$hv" netns "$ns" type veth peer name "$bv" netns "$BR_NS"
   ip -n "$BR_NS" link set "$bv" master br0 up
   ip -n "$ns" link set lo up
@@ -128,21 +185,26 @@ for i in $(seq 0 $((HOSTS - 1))); do
   ip -n "$ns" link set "$hv" up
   # host -> bridge carries the delay (one way = --delay) and the rate; bridge -> host the rate only,
   # so that a host also receives at most at line rate (a full-duplex NIC).
-  kind=$(shape "$ns" "$hv")
-  [[ $kind == netem ]] || DELAY_APPLIED=0
+  shape "$ns" "$hv"
   tc -n "$BR_NS" qdisc add dev "$bv" root tbf rate "$RATE_BIT" burst "$BURST" latency 200ms
 done
-(( DELAY_US == 0 )) && DELAY_APPLIED=1
+DELAY_APPLIED=$(( DELAY_US == 0 || HAVE_NETEM ))
 SHAPER="$(tc -n "${PREFIX}h0" qdisc show dev "mh${ID}h0" | tr '\n' ';')"
-if (( DELAY_APPLIED == 0 )); then
-  echo "multihost: WARNING: this kernel has no netem qdisc; links are rate-limited by tbf, the ${DELAY} delay is NOT applied" >&2
+if (( ! DELAY_APPLIED )); then
+  echo "multihost: WARNING: --delay $DELAY requested, but this kernel has no netem qdisc" \
+    "(tc: ${NETEM_ERR:-netem failed}): NO DELAY IS APPLIED. The links are rate-limited by tbf at $RATE only;" \
+    "the 'pred' column uses alpha = 0 and 'pred_ml' the latency measured in this run. Use --delay 0 to" \
+    "silence this, or a kernel with CONFIG_NET_SCH_NETEM for delay emulation." >&2
 fi
-echo "multihost: $HOSTS hosts x $PPH ranks, rate $RATE ($RATE_BIT bit/s), shaper: $SHAPER" >&2
+echo "multihost: $HOSTS hosts x $PPH ranks, rate $RATE ($RATE_BIT bit/s), delay $DELAY" \
+  "($( (( DELAY_APPLIED )) && echo applied || echo 'NOT applied: no netem')), shaper: $SHAPER" >&2
 
 MASTER="10.77.$ID.1"
 for i in $(seq 0 $((HOSTS - 1))); do
   ns="${PREFIX}h$i" hv="mh${ID}h$i"
-  # setsid: each torchrun leads its own process group, which cleanup kills as a whole
+  # setsid: each torchrun leads its own process group, which cleanup kills as a whole; a signal
+  # is held until its pid is recorded
+  CRITICAL=1
   setsid timeout -k 10 "$TIMEOUT" ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$hv" TP_SOCKET_IFNAME="$hv" \
     OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 \
     "$TORCHRUN" --nnodes "$HOSTS" --node-rank "$i" --nproc-per-node "$PPH" \
@@ -152,6 +214,7 @@ for i in $(seq 0 $((HOSTS - 1))); do
       --rounds "$ROUNDS" --timeout-s "$TIMEOUT" --json "$OUT/multihost.json" \
     >"$OUT/host$i.log" 2>&1 &
   PIDS+=($!)
+  leave_critical
 done
 
 rc=0

@@ -81,6 +81,7 @@ class Topo:
     a_net: float
     b_net: float
     g_net: float
+    duplex: bool = True  # False: a rank's sends and receives take turns (loopback TCP: both are CPU copies)
 
 
 def topo_of(p: Preset, nodes: int, gpus: int | None = None) -> Topo:
@@ -160,13 +161,18 @@ def rounds_time(rounds, t: Topo) -> float:
             sent = np.bincount(src, size * mask, n)
             got = np.bincount(dst, size * mask, n)
             busy = (np.bincount(src, mask.astype(float), n) + np.bincount(dst, mask.astype(float), n)) > 0
-            link[name] = (np.maximum(sent, got), got, busy)  # full duplex: the larger direction counts
-        b_in, got_in, busy_in = link["in"]
-        b_net, got_net, busy_net = link["net"]
-        # The node's NICs are shared by its ranks: a rank gets at best its share of the node's bytes.
+            link[name] = (sent, got, busy)
+        sent_in, got_in, busy_in = link["in"]
+        sent_net, got_net, busy_net = link["net"]
+        both = np.add if not t.duplex else np.maximum
+        b_in = both(sent_in, got_in)  # full duplex: the larger direction counts
+        # The node's NICs are shared by its ranks, each direction on its own (full duplex: one rank
+        # sending while another receives do not compete): a rank gets at best its share of the node's
+        # bytes in the busier direction.
         node = np.arange(n) // t.gpus
-        node_bytes = np.bincount(node, b_net, node.max() + 1)
-        b_net = np.maximum(b_net, node_bytes[node] / t.nics)
+        node_out = np.bincount(node, sent_net, node.max() + 1)
+        node_in = np.bincount(node, got_net, node.max() + 1)
+        b_net = np.maximum(both(sent_net, got_net), both(node_out, node_in)[node] / t.nics)
         t_in = np.where(busy_in, t.a_in + b_in * t.b_in, 0.0)
         t_net = np.where(busy_net, t.a_net + b_net * t.b_net, 0.0)
         t_sum = (got_in * t.g_in + got_net * t.g_net) if reduce else 0.0
@@ -429,6 +435,240 @@ def synthetic_bench(alpha_beta: dict, sizes, world_size, local_size, noise=0.0, 
     return {"world_size": world_size, "local_size": local_size, "memcpy_GBps": 0.0, "rows": rows}
 
 
+# ---------------------------------------------------------------- this host as a cluster
+# bench/allreduce_bw.py runs every rank as a process of one machine and groups them into "nodes" of
+# local_size ranks. Its rows are fitted with the model below, whose parts follow what the code does
+# on such a host (an alpha-beta fit per impl, calibrate() above, cannot tell the links apart):
+#   tcp: every message of "flat", the inter-node phase of "leader"/"rail", and torch's own Gloo
+#        allreduce go through Gloo send/recv over loopback TCP, also between ranks of one "node";
+#   shm: the local phases of "leader"/"rail" go through the node's shared-memory arena, in chunks of
+#        the arena's size (copy in, sum a 1/L slice of all slots, copy out), the inter-node phase of a
+#        chunk running on a worker thread while the caller copies and sums the next one;
+#   cores: all ranks of all "nodes" share the machine's cores (and memory bus), which do every copy
+#        and sum, loopback TCP's included. So an allreduce lasts at least its critical path (each rank
+#        on a core of its own) and at least the work of all ranks spread over the cores:
+#        T = max(T_path, work / cores).
+
+@dataclass(frozen=True)
+class HostModel:
+    tcp_alpha: float   # s per schedule step over Gloo send/recv
+    tcp_beta: float    # s per byte on a rank's critical path, max(sent, received) (full duplex)
+    tcp_cpu: float     # core-s per byte sent + received (kernel copies on both ends, sums included)
+    shm_alpha: float   # s per arena phase (a barrier among the local ranks)
+    shm_beta: float    # core-s per buffer byte per rank for copy-in, slice sum and copy-out
+    gloo_alpha: float  # s per step of torch.distributed's Gloo allreduce (modelled as a ring)
+    cache_ratio: float = 1.0     # per-byte costs when the ranks' buffers fit in the cache, relative to DRAM
+    cache_bytes: float = 32 << 20  # how much of the ranks' buffers the cache holds (W * nbytes)
+    crowd_exp: float = 0.0  # step latency grows as (ranks exchanging at once / cores) ** crowd_exp
+    cores: int = 2
+    chunk_bytes: int = 4 << 20   # fastar.collectives.SHM_CHUNK_BYTES: the arena's pipeline chunk
+    small_bytes: int = 64 << 10  # hierarchical.h: one-phase path for a single small chunk
+
+
+HOST_PARAMS = ("tcp_alpha", "tcp_beta", "tcp_cpu", "shm_alpha", "shm_beta", "gloo_alpha", "cache_ratio",
+               "cache_bytes", "crowd_exp")
+# fastar.collectives' "auto" thresholds (simulate never imports the extension; a test compares them)
+RAIL_ABOVE_BYTES = 8 << 20
+RING_ABOVE_BYTES_NON_POW2 = 16 << 20
+
+
+def auto_choice(nbytes, world_size, local_size):
+    """(hierarchy, algorithm) that fastar.collectives.choose() picks for algorithm=hierarchy="auto"."""
+    nodes = world_size // local_size
+    if local_size == 1:
+        h = "flat"
+    elif nodes == 1:
+        h = "leader"
+    else:
+        h = "rail" if nbytes > RAIL_ABOVE_BYTES else "leader"
+    p = world_size if h == "flat" else nodes
+    pow2 = p & (p - 1) == 0
+    return h, ("halving_doubling" if pow2 or nbytes <= RING_ABOVE_BYTES_NON_POW2 else "ring")
+
+
+def cache_factor(m: HostModel, world_size, nbytes) -> float:
+    """Per-byte costs relative to streaming from DRAM: the share of the W buffers of nbytes that
+    the cache holds moves at cache_ratio times the DRAM cost."""
+    hit = min(1.0, m.cache_bytes / max(1.0, world_size * float(nbytes)))
+    return 1.0 - (1.0 - min(1.0, m.cache_ratio)) * hit
+
+
+@functools.lru_cache(maxsize=None)
+def _round_summary(algorithm: str, p: int):
+    """Per round of the schedule on p ranks, for a 1-byte buffer: (repeat, ranks taking part, the most
+    bytes one rank sends plus receives, bytes sent by all ranks)."""
+    out = []
+    for src, dst, size, _, repeat in schedule_rounds(algorithm, p, 1.0):
+        moved = np.bincount(src, size, p) + np.bincount(dst, size, p)
+        out.append((repeat, len(np.union1d(src, dst)), float(moved.max()), float(size.sum())))
+    return tuple(out)
+
+
+def _tcp(algorithm, p, nbytes, m: HostModel, alpha=None, copies=1, crowd=True):
+    """(seconds, core-s of work) of a schedule on p ranks over loopback TCP, `copies` such schedules
+    running at once on disjoint ranks (rail). Each round lasts at least its critical path (every rank
+    on a core of its own; sends and receives take turns, both being CPU copies on loopback) and at
+    least the work of all its ranks spread over the cores. A step's latency is mostly waking a peer's
+    thread: with more ranks exchanging at once than cores it grows by (ranks / cores) ** crowd_exp."""
+    alpha = m.tcp_alpha if alpha is None else alpha
+    total = work = 0.0
+    for repeat, busy, moved, sent in _round_summary(algorithm, p):
+        a = alpha * (max(1.0, busy * copies / m.cores) ** m.crowd_exp if crowd else 1.0)
+        w = m.tcp_cpu * 2 * sent * nbytes * copies  # sent + received, all ranks of all copies
+        total += repeat * max(a + m.tcp_beta * moved * nbytes, w / m.cores)
+        work += repeat * w
+    return total, work
+
+
+def host_time(impl, nbytes, world_size, local_size, m: HostModel) -> float:
+    """Seconds for one allreduce row of bench/allreduce_bw.py on this host."""
+    W, L = world_size, max(1, local_size)
+    N = W // L
+    b = float(nbytes)
+    extra = 0.0
+    f = cache_factor(m, W, b)
+    m = replace(m, tcp_beta=m.tcp_beta * f, tcp_cpu=m.tcp_cpu * f, shm_beta=m.shm_beta * f)
+    if impl.startswith("torch:"):  # Gloo's allreduce: a ring over loopback, with its own step latency
+        return _tcp("ring", W, b, m, alpha=m.gloo_alpha, crowd=False)[0]
+    parts = impl.split(":")
+    h, a = parts[1], parts[2]
+    if h == "auto" or a == "auto":
+        h, a = auto_choice(nbytes, W, L)
+        if N > 1 or h == "flat":
+            extra = m.tcp_alpha  # validate=True: one 32-byte header exchange with the peers first
+    if h == "flat" or L == 1 or W == 1:
+        return _tcp(a, W, b, m)[0] + extra
+    # leader / rail: the arena's chunks. Per chunk every local rank copies in and sums its slice
+    # (stage 1) and copies out (stage 3) on its calling thread, while a worker thread runs the
+    # inter-node schedule of the previous chunk (stage 2). All W ranks do their local stages at once.
+    k = max(1, math.ceil(b / m.chunk_bytes))
+    c = b / k
+    if N == 1 and k == 1 and b <= m.small_bytes:  # one phase: every rank sums all slots itself
+        return max(m.shm_alpha + m.shm_beta * b, W * m.shm_beta * b / m.cores)
+    local_work = W * m.shm_beta * c
+    local = max(2 * m.shm_alpha + m.shm_beta * c, local_work / m.cores)
+    if N == 1:  # one node: no network phase, the chunks go one after the other
+        return k * local
+    if h == "leader":  # the leaders allreduce the whole chunk, one per node
+        net, net_work = _tcp(a, N, c, m)
+    else:  # rail: every local rank allreduces its 1/L slice with its peers on the other nodes
+        net, net_work = _tcp(a, N, c / L, m, copies=L)
+    t = local + net + (k - 1) * max(local, net)
+    return max(t, k * (local_work + net_work) / m.cores) + extra
+
+
+def bench_label(bench: dict) -> str:
+    """'<nodes>x<local_size>' of an allreduce_bw.py JSON (or of calibrate()'s result)."""
+    W, L = int(bench["world_size"]), int(bench.get("local_size") or 1)
+    return f"{W // L}x{L}"
+
+
+def _host_rows(benches):
+    rows = []
+    for f, bench in enumerate(benches):
+        W, L = int(bench["world_size"]), int(bench.get("local_size") or 1)
+        for r in bench["rows"]:
+            if r.get("time_us", 0) > 0:
+                rows.append({"file": f, "label": bench_label(bench), "impl": r["impl"], "bytes": int(r["bytes"]),
+                             "world_size": W, "local_size": L, "time_us": float(r["time_us"])})
+    return rows
+
+
+def _log_err(m: HostModel, rows) -> np.ndarray:
+    return np.array([math.log(host_time(r["impl"], r["bytes"], r["world_size"], r["local_size"], m)
+                              / (r["time_us"] * 1e-6)) for r in rows])
+
+
+def _nelder_mead(f, x0, step=0.5, iters=600, tol=1e-10):
+    """Minimises f over R^n (here log-parameters): the textbook simplex method, deterministic."""
+    n = len(x0)
+    pts = [np.array(x0, float)] + [np.array(x0, float) + step * np.eye(n)[i] for i in range(n)]
+    vals = [f(x) for x in pts]
+    for _ in range(iters):
+        order = np.argsort(vals)
+        pts, vals = [pts[i] for i in order], [vals[i] for i in order]
+        if abs(vals[-1] - vals[0]) < tol:
+            break
+        cen = np.mean(pts[:-1], axis=0)
+        xr = cen + (cen - pts[-1])
+        fr = f(xr)
+        if fr < vals[0]:
+            xe = cen + 2 * (cen - pts[-1])
+            fe = f(xe)
+            pts[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < vals[-2]:
+            pts[-1], vals[-1] = xr, fr
+        else:
+            xc = cen + 0.5 * (pts[-1] - cen)
+            fc = f(xc)
+            if fc < vals[-1]:
+                pts[-1], vals[-1] = xc, fc
+            else:  # shrink towards the best
+                pts = [pts[0]] + [pts[0] + 0.5 * (x - pts[0]) for x in pts[1:]]
+                vals = [vals[0]] + [f(x) for x in pts[1:]]
+    i = int(np.argmin(vals))
+    return pts[i], vals[i]
+
+
+# Which rows fix which parameters by default: the configurations without contention or without
+# local phases. Everything else (several nodes of several ranks, non-powers of two) is predicted.
+DEFAULT_FIT_LABELS = ("1x2", "2x1", "4x1")
+
+
+def fit_host(rows, cores=2, x0=None) -> HostModel:
+    """Least squares of log(predicted / measured) over the rows, every size weighted alike, all six
+    parameters at once (Nelder-Mead in log space from a rough start, restarted until it settles)."""
+    base = HostModel(*(x0 or (200e-6, 1 / 1.5e9, 1 / 6e9, 10e-6, 1 / 5e9, 600e-6, 0.5, 32 << 20, 0.5)), cores=cores)
+    used = [k for k in HOST_PARAMS if k != "gloo_alpha" or any(r["impl"].startswith("torch:") for r in rows)]
+    if not any(r["local_size"] > 1 and ":flat:" not in r["impl"] and not r["impl"].startswith("torch:")
+               for r in rows):
+        used = [k for k in used if not k.startswith("shm_")]
+
+    def model_of(x):
+        return replace(base, **{k: float(math.exp(min(v, 0.0) if k == "cache_ratio" else v))
+                                for k, v in zip(used, x)})
+
+    def loss(x):
+        return float(np.sum(_log_err(model_of(x), rows) ** 2))
+
+    x = np.log([getattr(base, k) for k in used])
+    best = math.inf
+    for _ in range(6):  # restarts: the max() makes the surface piecewise smooth
+        x, val = _nelder_mead(loss, x)
+        if best - val < 1e-9:
+            break
+        best = val
+    return model_of(x)
+
+
+def calibrate_host(benches, fit_labels=DEFAULT_FIT_LABELS, min_bytes=256 * KiB, cores=None, fit_min_bytes=None):
+    """Fits a HostModel on the rows of the files whose '<nodes>x<local>' label is in fit_labels and
+    predicts every row of every file. Returns the parameters, every row with its prediction and
+    whether it was fitted ("fit") or predicted ("held_out"), and the largest |relative error| at
+    sizes >= min_bytes per group (fit / held_out / all, per label, per impl)."""
+    rows = _host_rows(benches)
+    fit_min_bytes = min_bytes if fit_min_bytes is None else fit_min_bytes
+    if cores is None:
+        cores = int(min(b.get("cpus") or 2 for b in benches))
+    train = [r for r in rows if r["label"] in fit_labels and r["bytes"] >= fit_min_bytes]
+    if not train:
+        raise ValueError(f"no rows to fit: no file is one of {fit_labels} (labels: "
+                         f"{sorted({r['label'] for r in rows})})")
+    m = fit_host(train, cores=cores)
+    out, max_err = [], {}
+    for r in rows:
+        pred = host_time(r["impl"], r["bytes"], r["world_size"], r["local_size"], m)
+        err = pred / (r["time_us"] * 1e-6) - 1
+        role = "fit" if r["label"] in fit_labels else "held_out"
+        out.append({**r, "pred_us": pred * 1e6, "rel_err": err, "role": role})
+        if r["bytes"] >= min_bytes:
+            for key in ("all", role, f"{r['label']}", f"{r['label']} {r['impl']}"):
+                max_err[key] = max(max_err.get(key, 0.0), abs(err))
+    return {"model": "host", "params": asdict(m), "fit_labels": list(fit_labels), "fit_min_bytes": fit_min_bytes,
+            "n_fit_rows": len(train), "labels": sorted({r["label"] for r in rows}), "rows": out,
+            "max_rel_err_ge_256KiB": max_err, "min_bytes": min_bytes}
+
+
 # ---------------------------------------------------------------- report, plot, CLI
 
 def report(p: Preset, nodes, model, batch, hierarchy, algorithm, ready_by="flops"):
@@ -479,6 +719,27 @@ def plot(p: Preset, path, model="resnet50", batch=32, node_counts=None):
     plt.close(fig)
 
 
+def print_host_calibration(res, paths=None):
+    P = res["params"]
+    print(f"host model fitted on {', '.join(res['fit_labels'])} ({res['n_fit_rows']} rows >= "
+          f"{res['fit_min_bytes'] // KiB} KiB), {P['cores']} cores:")
+    print(f"  tcp: alpha {P['tcp_alpha'] * 1e6:.0f} us/step (x (ranks/cores)^{P['crowd_exp']:.2f}), path "
+          f"{1 / P['tcp_beta'] / 1e9:.2f} GB/s of sent+received per rank, work {1 / P['tcp_cpu'] / 1e9:.2f} GB/s per core")
+    print(f"  shm: alpha {P['shm_alpha'] * 1e6:.1f} us/phase, {1 / P['shm_beta'] / 1e9:.2f} GB/s per rank "
+          f"(copy-in, slice sum, copy-out); Gloo allreduce: alpha {P['gloo_alpha'] * 1e6:.0f} us/step")
+    print(f"  cache: buffers within {P['cache_bytes'] / MB:.1f} MB (all ranks) move at {P['cache_ratio']:.2f}x "
+          f"the DRAM per-byte cost")
+    print(f"{'role':8s} {'NxL':4s} {'impl':32s} {'bytes':>9s} {'time_us':>9s} {'pred_us':>9s} {'err':>7s}")
+    for r in res["rows"]:
+        flag = "  > 30%" if r["bytes"] >= res["min_bytes"] and abs(r["rel_err"]) > 0.30 else ""
+        print(f"{r['role']:8s} {r['label']:4s} {r['impl']:32s} {r['bytes']:9d} {r['time_us']:9.0f} "
+              f"{r['pred_us']:9.0f} {r['rel_err']:+7.1%}{flag}")
+    e = res["max_rel_err_ge_256KiB"]
+    print(f"max |relative error|, sizes >= {res['min_bytes'] // KiB} KiB: fitted rows {e.get('fit', 0):.1%}, "
+          f"held-out rows {e.get('held_out', 0):.1%}, all {e.get('all', 0):.1%}")
+    print("  per configuration: " + ", ".join(f"{k} {e[k]:.1%}" for k in res["labels"] if k in e))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastar.simulate", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -495,20 +756,37 @@ def main(argv=None):
                     help="gradient ready times proportional to backward FLOPs or parameter count")
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--plot", help="PNG of scaling efficiency vs GPU count")
-    ap.add_argument("--calibrate", metavar="BENCH_JSON", help="fit alpha/beta to allreduce_bw.py output")
-    ap.add_argument("--shared", action="store_true", help="with --calibrate: one alpha/beta for all impls")
+    ap.add_argument("--calibrate", metavar="BENCH_JSON", nargs="+",
+                    help="fit the host model to bench/allreduce_bw.py outputs of this machine and predict every row")
+    ap.add_argument("--fit-on", default=",".join(DEFAULT_FIT_LABELS),
+                    help="with --calibrate: '<nodes>x<local>' configurations whose rows are fitted; the "
+                         "other files' rows are only predicted (held out)")
+    ap.add_argument("--per-impl", action="store_true",
+                    help="with --calibrate: instead, the older fit of one alpha/beta per impl and file (in-sample)")
+    ap.add_argument("--shared", action="store_true", help="with --per-impl: one alpha/beta for all impls")
     a = ap.parse_args(argv)
 
     if a.calibrate:
-        with open(a.calibrate) as f:
-            res = calibrate(json.load(f), shared=a.shared)
-        for k, v in res["fits"].items():
-            print(f"{k:32s} alpha {v['alpha_us']:9.2f} us  beta^-1 {v['GBps']:8.3f} GB/s")
-        print(f"{'impl':32s} {'bytes':>10s} {'time_us':>10s} {'pred_us':>10s} {'err':>7s}")
-        for r in res["rows"]:
-            print(f"{r['impl']:32s} {r['bytes']:10d} {r['time_us']:10.1f} {r['pred_us']:10.1f} {r['rel_err']:+7.1%}")
-        print("max |relative error|, sizes >= 256 KiB:",
-              ", ".join(f"{k} {v:.1%}" for k, v in sorted(res["max_rel_err_ge_256KiB"].items())))
+        benches = []
+        for path in a.calibrate:
+            with open(path) as f:
+                benches.append(json.load(f))
+        if a.per_impl:
+            res = [calibrate(b, shared=a.shared) for b in benches]
+            for path, r in zip(a.calibrate, res):
+                print(f"# {path} ({bench_label(r)})")
+                for k, v in r["fits"].items():
+                    print(f"{k:32s} alpha {v['alpha_us']:9.2f} us  beta^-1 {v['GBps']:8.3f} GB/s")
+                print(f"{'impl':32s} {'bytes':>10s} {'time_us':>10s} {'pred_us':>10s} {'err':>7s}")
+                for row in r["rows"]:
+                    print(f"{row['impl']:32s} {row['bytes']:10d} {row['time_us']:10.1f} {row['pred_us']:10.1f} "
+                          f"{row['rel_err']:+7.1%}")
+                print("max |relative error|, sizes >= 256 KiB:",
+                      ", ".join(f"{k} {v:.1%}" for k, v in sorted(r["max_rel_err_ge_256KiB"].items())))
+            res = res[0] if len(res) == 1 else {"files": a.calibrate, "results": res}
+        else:
+            res = calibrate_host(benches, fit_labels=tuple(x.strip() for x in a.fit_on.split(",") if x.strip()))
+            print_host_calibration(res, a.calibrate)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1)

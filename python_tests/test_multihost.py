@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -47,6 +49,17 @@ def netns_ok():
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
+def _have_netem() -> bool:
+    name = f"fastar-probe-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
+    try:
+        r = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+                           capture_output=True, text=True, timeout=10)
+        return r.returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+
 def _run(tmp_path, hosts: int, pph: int, sizes: str, timeout_s: int) -> tuple[dict, str]:
     out = tmp_path / f"mh_{hosts}x{pph}"
     env = {**os.environ, "TORCHRUN": TORCHRUN, "PYTHON": sys.executable}
@@ -59,6 +72,8 @@ def _run(tmp_path, hosts: int, pph: int, sizes: str, timeout_s: int) -> tuple[di
     left = [n for n in _namespaces() if n.startswith(prefix)]
     assert not left, f"namespaces left behind: {left}"
     assert r.returncode == 0, f"multihost.sh exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    if "--delay" in cmd and not _have_netem():
+        assert "NO DELAY IS APPLIED" in r.stderr, r.stderr[-3000:]
     with open(out / "multihost.json") as f:
         return json.load(f), r.stdout
 
@@ -100,3 +115,62 @@ def test_bad_arguments_touch_nothing(netns_ok):
     r = subprocess.run([SCRIPT, "--hosts", "9"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "--hosts must be 2..4" in r.stderr
     assert set(_namespaces()) == before
+
+
+def _wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.02):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        v = cond()
+        if v:
+            return v
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "setup"), (signal.SIGTERM, "running"),
+                                      (signal.SIGINT, "running")])
+def test_signal_removes_namespaces_links_and_processes(netns_ok, tmp_path, sig, when):
+    """A signal to multihost.sh while it sets up (namespaces exist, links being made) or while the
+    torchruns run leaves no namespace, link or process of the run behind."""
+    out = tmp_path / "mh_sig"
+    env = {**os.environ, "TORCHRUN": TORCHRUN, "PYTHON": sys.executable}
+    before = set(_namespaces())
+    err_path = tmp_path / "stderr.txt"
+    cmd = [SCRIPT, "--hosts", "2", "--procs-per-host", "1", "--rate", "1gbit", "--delay", "1ms",
+           "--sizes", "64K", "--train-steps", "0", "--rounds", "1", "--timeout", "60", "--out", str(out)]
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+    prefix = None
+    try:
+        def new_run():
+            # /run/netns is where `ip netns add` makes its names: polling it is fast enough to signal
+            # while the script is between creating its first namespace and its next command
+            names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else _namespaces()
+            new = [n for n in names if n not in before and re.match(r"fastar-mh\d+-", n)]
+            return re.match(r"(fastar-mh\d+-)", new[0]).group(1) if new else None
+        prefix = _wait_for(new_run, 20, "the run's first namespace", poll_s=0 if when == "setup" else 0.02)
+        if when == "running":  # every host's namespace made, torchrun and its worker inside the last one
+            last = f"{prefix}h1"
+            _wait_for(lambda: last in _namespaces() and len(subprocess.run(
+                ["ip", "netns", "pids", last], capture_output=True, text=True).stdout.split()) >= 2, 30,
+                f"torchrun and its worker in {last}")
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=30)
+        stderr = err_path.read_text()
+        left = [n for n in _namespaces() if n.startswith(prefix)]
+        assert not left, f"namespaces left behind after {sig.name}: {left}\n{stderr[-3000:]}"
+        assert rc == 128 + sig, f"exit {rc}, want {128 + sig}:\n{stderr[-3000:]}"
+        run_id = prefix[len("fastar-mh"):-1]
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, timeout=10).stdout
+        assert f"mh{run_id}h" not in links and f"mh{run_id}p" not in links, links
+        procs = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True, timeout=10).stdout.split()
+        assert not procs, f"processes of the run still alive: {procs}"
+        if when == "running" and not _have_netem():
+            assert "NO DELAY IS APPLIED" in stderr, stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for n in _namespaces():  # never leave our junk for the next test, even when failing
+            if prefix and n.startswith(prefix):
+                subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=10)

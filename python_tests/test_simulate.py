@@ -88,6 +88,21 @@ def test_schedules_send_the_textbook_bytes_and_steps(p):
     assert sum(r[2][0] * r[4] for r in ring) == pytest.approx(2 * (p - 1) / p * b)
 
 
+def test_a_shared_nic_carries_each_direction_once():
+    """A full-duplex NIC sends and receives at once: in a ring over 2 nodes of 2 ranks, one rank of a
+    node sends across the network while the other receives, and that is one message each way, not
+    two in one direction. Ranks of a node that send out at the same time do share it."""
+    t = sim.Topo(nodes=2, gpus=2, nics=1, a_in=0.0, b_in=0.0, g_in=0.0, a_net=0.0, b_net=1.0, g_net=0.0)
+    b = 4.0  # 1 byte per ring message
+    assert sim.rounds_time(sim.ring_rounds(4, b), t) == pytest.approx(2 * 3 * 1.0)  # 6 rounds of 1 byte
+    # rail-like: both ranks of node 0 send 1 byte to node 1 and receive 1 byte from it in the same
+    # round -> the node's NIC carries 2 bytes each way, at 1 s per byte per direction
+    src, dst = np.array([0, 1, 2, 3]), np.array([2, 3, 0, 1])
+    assert sim.rounds_time([(src, dst, np.ones(4), False, 1)], t) == pytest.approx(2.0)
+    # two NICs: each rank has its own again
+    assert sim.rounds_time([(src, dst, np.ones(4), False, 1)], replace(t, nics=2)) == pytest.approx(1.0)
+
+
 def test_flat_halving_doubling_keeps_its_first_log2_g_steps_in_the_node():
     rounds = sim.halving_doubling_rounds(32 * 8, 1e6)
     crosses = [bool(np.any(src // 8 != dst // 8)) for src, dst, *_ in rounds]
@@ -173,5 +188,93 @@ def test_calibrate_with_noise_and_shared_fit(tmp_path):
     assert shared["max_rel_err_ge_256KiB"]["all"] > res["max_rel_err_ge_256KiB"]["all"]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))
-    cli = sim.main(["--calibrate", str(path), "--json", str(tmp_path / "cal.json")])
+    cli = sim.main(["--calibrate", str(path), "--per-impl", "--json", str(tmp_path / "cal.json")])
     assert cli["fits"].keys() == res["fits"].keys()
+
+
+# ---------------------------------------------------------------- this host as a cluster (calibrate_host)
+
+CALIB_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "calib"
+HOST_TRUE = sim.HostModel(tcp_alpha=200e-6, tcp_beta=1 / 3e9, tcp_cpu=1 / 4.5e9, shm_alpha=8e-6, shm_beta=1 / 5e9,
+                          gloo_alpha=700e-6, cache_ratio=0.4, cache_bytes=6e6, crowd_exp=0.5, cores=2)
+HOST_CONFIGS = [(2, 2), (2, 1), (4, 1), (4, 2), (3, 1)]  # (world, local): 1x2, 2x1, 4x1, 2x2, 3x1
+
+
+def _synthetic_host_bench(m, world, local):
+    impls = ["torch:gloo", "fastar:flat:halving_doubling", "fastar:flat:ring", "fastar:auto:auto"]
+    if local > 1:
+        impls += [f"fastar:{h}:{a}" for h in ("leader", "rail") for a in ("halving_doubling", "ring")]
+    rows = [{"impl": i, "bytes": b, "time_us": sim.host_time(i, b, world, local, m) * 1e6}
+            for i in impls for b in SIZES if i != "fastar:auto:auto" or b <= 256 << 10]
+    return {"world_size": world, "local_size": local, "cpus": 2, "rows": rows}
+
+
+def test_host_tcp_rounds_are_the_simulators_rounds_half_duplex():
+    """The host model's per-round summary is rounds_time with one rank per node, sends and receives
+    taking turns (no CPU term, no crowding)."""
+    m = replace(HOST_TRUE, tcp_cpu=0.0, crowd_exp=0.0)
+    for algo in sim.ALGORITHMS:
+        for p in (2, 3, 4, 5, 6, 8):
+            t = sim.Topo(p, 1, 1, 0.0, 0.0, 0.0, m.tcp_alpha, m.tcp_beta, 0.0, duplex=False)
+            want = sim.rounds_time(sim.schedule_rounds(algo, p, 3e6), t)
+            assert sim._tcp(algo, p, 3e6, m)[0] == pytest.approx(want, rel=1e-12), (algo, p)
+
+
+def test_host_model_fit_recovers_a_known_host():
+    """Rows made by a known HostModel on 1x2, 2x1 and 4x1: the fit predicts the held-out 2x2 and 3x1
+    rows (every hierarchy and algorithm) to within 3%."""
+    benches = [_synthetic_host_bench(HOST_TRUE, w, l) for w, l in HOST_CONFIGS]
+    res = sim.calibrate_host(benches)
+    assert res["fit_labels"] == ["1x2", "2x1", "4x1"] and set(res["labels"]) == {"1x2", "2x1", "4x1", "2x2", "3x1"}
+    assert {r["role"] for r in res["rows"] if r["label"] in ("2x2", "3x1")} == {"held_out"}
+    assert res["max_rel_err_ge_256KiB"]["held_out"] < 0.03, res["max_rel_err_ge_256KiB"]
+    assert res["max_rel_err_ge_256KiB"]["fit"] < 0.03
+
+
+def test_host_model_parts():
+    m = HOST_TRUE
+    # 4 ranks on 2 cores: large flat allreduces are bound by the work of all ranks, not one rank's path
+    big = 64 * MiB
+    assert sim.host_time("fastar:flat:ring", big, 4, 1, m) > 1.3 * sim.host_time("fastar:flat:ring", big, 4, 1,
+                                                                                  replace(m, cores=4))
+    # one node: the arena only, far faster than loopback TCP between the same two ranks
+    assert sim.host_time("fastar:leader:halving_doubling", big, 2, 2, m) < \
+        0.5 * sim.host_time("fastar:flat:halving_doubling", big, 2, 2, m)
+    # torch's Gloo allreduce is a ring with its own latency
+    assert sim.host_time("torch:gloo", 4096, 4, 1, m) > sim.host_time("fastar:flat:ring", 4096, 4, 1, m)
+    # "auto" resolves as fastar.collectives.choose() does, plus one header exchange
+    assert sim.auto_choice(1 * MiB, 4, 2) == ("leader", "halving_doubling")
+    assert sim.auto_choice(16 * MiB, 4, 2) == ("rail", "halving_doubling")
+    assert sim.auto_choice(32 * MiB, 6, 1) == ("flat", "ring")
+    assert sim.host_time("fastar:auto:auto", 256 << 10, 4, 1, m) == pytest.approx(
+        sim.host_time("fastar:flat:halving_doubling", 256 << 10, 4, 1, m) + m.tcp_alpha)
+
+
+def test_auto_thresholds_are_the_libraries():
+    """simulate never imports the extension, so it keeps its own copy of choose()'s thresholds."""
+    import re
+    src = (_PATH.parent / "collectives.py").read_text()
+    for name in ("RAIL_ABOVE_BYTES", "RING_ABOVE_BYTES_NON_POW2"):
+        m = re.search(rf"^{name}\s*=\s*(.+)$", src, re.M)
+        assert m, f"{name} not found in fastar/collectives.py"
+        assert eval(m.group(1), {}) == getattr(sim, name), name
+
+
+def test_calibrated_predictions_of_this_hosts_benchmarks_within_30_percent(tmp_path):
+    """The issue's target: fitted on this host's 1x2, 2x1 and 4x1 runs of bench/allreduce_bw.py, the
+    host model predicts every row of 256 KiB and up within 30%, the held-out 2x2 and 3x1 runs (every
+    hierarchy and algorithm, Gloo's allreduce, auto) included."""
+    files = sorted(CALIB_DIR.glob("*/allreduce_*.json"))
+    assert files, f"no calibration runs under {CALIB_DIR}"
+    for run in sorted({f.parent for f in files}):
+        benches = [json.loads(f.read_text()) for f in sorted(run.glob("allreduce_*.json"))]
+        res = sim.calibrate_host(benches)
+        assert {"2x2", "3x1"} <= set(res["labels"]) and {"1x2", "2x1", "4x1"} <= set(res["labels"])
+        big = [r for r in res["rows"] if r["bytes"] >= 256 << 10]
+        impls = {r["impl"] for r in big if r["label"] == "2x2"}
+        assert {f"fastar:{h}:{a}" for h in sim.HIERARCHIES for a in sim.ALGORITHMS} <= impls
+        worst = max(big, key=lambda r: abs(r["rel_err"]))
+        assert abs(worst["rel_err"]) <= 0.30, (run.name, worst)
+    out = tmp_path / "cal.json"
+    cli = sim.main(["--calibrate", *map(str, sorted(run.glob("allreduce_*.json"))), "--json", str(out)])
+    assert json.loads(out.read_text())["max_rel_err_ge_256KiB"] == pytest.approx(cli["max_rel_err_ge_256KiB"])
