@@ -12,6 +12,9 @@ STAGES=${STAGES:-"build probe tests kernels bench"}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# The system compiler, whose libstdc++ the process loads: built by another g++ on the first GPU host
+# we used (/opt/gcc/bin/g++, first on PATH), every C++ exception crashed the process (the probe below).
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 {
   nvidia-smi -L
