@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-mb", type=float, default=None, help="fastar.wrap bucket_cap_mb")
     g.add_argument("--algorithm", default=None, help="fastar.wrap algorithm (auto|halving_doubling|ring)")
     g.add_argument("--hierarchy", default=None, help="fastar.wrap hierarchy (auto|flat|leader|rail)")
+    g.add_argument("--compression", default=None, choices=["fp16", "bf16"],
+                   help="fastar.wrap: gradients on the wire in this dtype, summed in fp32")
     g.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores/local workers)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader processes per worker (image folders only)")
 

@@ -68,13 +68,8 @@ def wrap_model(model: nn.Module, args, world: int, device: torch.device) -> tupl
             kw["algorithm"] = args.algorithm
         if args.hierarchy is not None:
             kw["hierarchy"] = args.hierarchy
-        if device.type == "cuda" and not getattr(fastar, "wrap_supports_cuda", False):
-            # fastar.wrap reduces CPU gradients over Gloo; on GPUs keep DDP and let fastar's comm
-            # hook do its allreduces (the way the project documents for GPU models)
-            ddp = _ddp(model, device)
-            ddp.register_comm_hook(fastar.hook_state(**{k: v for k, v in kw.items() if k != "bucket_cap_mb"}),
-                                   fastar.comm_hook)
-            return ddp, "torch:ddp+fastar.comm_hook"
+        if getattr(args, "compression", None):
+            kw["compression"] = args.compression
         return fastar.wrap(model, **kw), "fastar"
     raise ValueError(f"--wrap / {WRAP_ENV} must be 'fastar' or 'ddp', not {how!r}")
 
