@@ -31,29 +31,32 @@ def _timed(fn):
         return str(e), time.monotonic() - t0
 
 
-def _kill_worker(rank, n, hierarchy, victim):
+def _kill_worker(rank, n, hierarchy, victim, compression=None):
     import fastar
     fastar.init(local_size=LOCAL, timeout=timedelta(seconds=TIMEOUT_S))
     big = 2**22 + 1  # several shared-memory chunks: the victim dies mid-pipeline
     t = torch.ones(big)
-    fastar.all_reduce(t, hierarchy=hierarchy)
+    fastar.all_reduce(t, hierarchy=hierarchy, compression=compression)
     assert t[0].item() == n
     if rank == victim:
-        fastar.all_reduce(torch.ones(big), hierarchy=hierarchy, async_op=True)
+        fastar.all_reduce(torch.ones(big), hierarchy=hierarchy, async_op=True, compression=compression)
         time.sleep(0.03)
         os.kill(os.getpid(), signal.SIGKILL)
-    err, elapsed = _timed(lambda: fastar.all_reduce(torch.ones(big), hierarchy=hierarchy))
+    err, elapsed = _timed(lambda: fastar.all_reduce(torch.ones(big), hierarchy=hierarchy, compression=compression))
     if err is None:  # a survivor finished before the victim died (it cannot have: it needs its data)
-        err2, elapsed2 = _timed(lambda: fastar.all_reduce(torch.ones(big), hierarchy=hierarchy))
+        err2, elapsed2 = _timed(lambda: fastar.all_reduce(torch.ones(big), hierarchy=hierarchy, compression=compression))
         err, elapsed = err2, elapsed + elapsed2
     return os.getpid(), err, elapsed
 
 
-@pytest.mark.parametrize("hierarchy,victim", [("flat", 3), ("leader", 3), ("leader", 2), ("rail", 1)])
-def test_killed_rank(hierarchy, victim):
+# compressed wires take the TensorAllreduce path (torch ops over Gloo groups): the same promises
+@pytest.mark.parametrize("hierarchy,victim,compression", [
+    ("flat", 3, None), ("leader", 3, None), ("leader", 2, None), ("rail", 1, None),
+    ("flat", 2, "fp16"), ("rail", 1, "bf16")])
+def test_killed_rank(hierarchy, victim, compression):
     before = fastar_segments()
     t0 = time.monotonic()
-    got, failures = run_workers(_kill_worker, N, hierarchy, victim, timeout=120, allow_failures=True)
+    got, failures = run_workers(_kill_worker, N, hierarchy, victim, compression, timeout=120, allow_failures=True)
     assert set(failures) == {victim}, failures
     assert "-9" in failures[victim] or "exit" in failures[victim]
     for r, (_, err, elapsed) in got.items():

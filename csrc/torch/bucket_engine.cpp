@@ -242,9 +242,11 @@ void BucketEngine::finalize(bool fill_unused) {
 std::vector<std::tuple<int64_t, double, double, double, std::string>> BucketEngine::stats() const {
   std::lock_guard<std::mutex> g(mu_);
   std::vector<std::tuple<int64_t, double, double, double, std::string>> out;
-  for (const auto& b : buckets_)
+  for (const auto& b : buckets_) {
+    const bool compressed = !wire_.empty() && (b.flat.scalar_type() == at::kFloat || b.flat.scalar_type() == at::kDouble);
     out.emplace_back(b.flat.numel() * (int64_t)b.flat.element_size(), b.ready_s, b.work ? b.work->start_s : 0.0,
-                     b.work ? b.work->end_s : 0.0, b.hierarchy + ":" + b.algorithm);
+                     b.work ? b.work->end_s : 0.0, b.hierarchy + ":" + b.algorithm + (compressed ? ":" + wire_ : ""));
+  }
   return out;
 }
 
