@@ -64,9 +64,7 @@ if mode == "1" and not with_cuda:
 root = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob("csrc/core/*.cpp")) + sorted(glob.glob("csrc/torch/*.cpp"))
 include_dirs = [os.path.join(root, "csrc")]
-cxx_flags = ["-O3", "-Wno-unused-parameter"]
-if os.environ.get("FASTAR_HIDDEN", "1") != "0":
-    cxx_flags.append("-fvisibility=hidden")
+cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unused-parameter"]
 define_macros = []
 extension = cpp_extension.CppExtension
 nvcc_flags = ["-O3", "-lineinfo"]  # no fast-math: sums must round like the CPU
