@@ -175,7 +175,9 @@ class FastarModule(nn.Module):
     def comm_stats(self) -> dict:
         """Per bucket of the last synchronised iteration: bytes, when it became ready, when its
         allreduce started and ended (seconds after the first gradient), and the overlap: the share
-        of communication time that ran before backward ended."""
+        of communication time that ran before backward ended. For CUDA buckets, start and end are
+        when fastar's thread enqueued the bucket's work on its CUDA stream (the GPU runs it later,
+        ordered by events), so the figures describe the CPU side only."""
         t0, end = self._bwd_first, self._bwd_end
         buckets, total, hidden = [], 0.0, 0.0
         for nbytes, ready, start, stop, algo in self._last_stats:
