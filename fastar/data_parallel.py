@@ -216,22 +216,26 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
 
 
 class _HookState:
-    def __init__(self, algorithm: str, hierarchy: str):
-        self.algorithm, self.hierarchy = algorithm, hierarchy
+    def __init__(self, algorithm: str, hierarchy: str, compression):
+        self.algorithm, self.hierarchy, self.compression = algorithm, hierarchy, compression
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastar-hook")
 
 
-def hook_state(algorithm: str = "auto", hierarchy: str = "auto") -> _HookState:
-    """State for fastar.comm_hook: ddp.register_comm_hook(fastar.hook_state(), fastar.comm_hook)."""
-    collectives.get_state()
-    return _HookState(algorithm, hierarchy)
+def hook_state(algorithm: str = "auto", hierarchy: str = "auto", compression=None) -> _HookState:
+    """State for fastar.comm_hook: ddp.register_comm_hook(fastar.hook_state(), fastar.comm_hook).
+    compression: None | "fp16" | "bf16", as for fastar.wrap."""
+    collectives.parse_compression(compression, "fastar.hook_state")
+    st = collectives.get_state()
+    if compression:
+        collectives.ensure_device_groups(st, torch.device("cpu"))  # collective, like DDP's construction
+    return _HookState(algorithm, hierarchy, compression)
 
 
 def comm_hook(state, bucket):  # no annotations: DDP compares them as objects, and this file postpones them
     """A DDP communication hook that averages DDP's bucket with fastar's allreduce."""
     buf = bucket.buffer()
     work = collectives.all_reduce(buf, op="avg", algorithm=state.algorithm, hierarchy=state.hierarchy,
-                                  async_op=True, validate=False)
+                                  async_op=True, validate=False, compression=state.compression)
     fut: torch.futures.Future = torch.futures.Future()
 
     def complete():
