@@ -2,7 +2,7 @@
 
     python -m fastar.simulate --nodes 32 --gpus-per-node 8 --model resnet50 --link-gbps 50 --json out.json
     python -m fastar.simulate --preset h100 --plot eff.png
-    python -m fastar.simulate --calibrate bench/results/allreduce.json
+    python -m fastar.simulate --calibrate bench/results/calib/*/allreduce_*.json
 
 The model (docs/scaling.md says more):
   * A schedule is a list of synchronous rounds of point-to-point messages, built exactly as
@@ -20,6 +20,9 @@ The model (docs/scaling.md says more):
     their forward FLOPs; DDP buckets (1 MB first, then 25 MB, reverse parameter order) become ready
     when their last gradient is; one communication channel reduces buckets in order. Iteration =
     forward + backward + the communication still running when backward ends.
+  * This host as a cluster (HostModel, calibrate_host): bench/allreduce_bw.py's processes of one
+    2-core machine, loopback TCP, the shared-memory arena and the cores they all share, fitted on
+    some configurations' rows and predicting the others (docs/scaling.md, "Calibration").
 Only numpy (and torchvision for parameter shapes, matplotlib for --plot); never the extension.
 """
 from __future__ import annotations
@@ -442,8 +445,8 @@ def synthetic_bench(alpha_beta: dict, sizes, world_size, local_size, noise=0.0, 
 #   tcp: every message of "flat", the inter-node phase of "leader"/"rail", and torch's own Gloo
 #        allreduce go through Gloo send/recv over loopback TCP, also between ranks of one "node";
 #   shm: the local phases of "leader"/"rail" go through the node's shared-memory arena, in chunks of
-#        the arena's size (copy in, sum a 1/L slice of all slots, copy out), the inter-node phase of a
-#        chunk running on a worker thread while the caller copies and sums the next one;
+#        the arena's size (copy in, sum a 1/L slice of all slots, copy out), each chunk's inter-node
+#        phase on a worker thread;
 #   cores: all ranks of all "nodes" share the machine's cores (and memory bus), which do every copy
 #        and sum, loopback TCP's included. So an allreduce lasts at least its critical path (each rank
 #        on a core of its own) and at least the work of all ranks spread over the cores:
@@ -452,21 +455,22 @@ def synthetic_bench(alpha_beta: dict, sizes, world_size, local_size, noise=0.0, 
 @dataclass(frozen=True)
 class HostModel:
     tcp_alpha: float   # s per schedule step over Gloo send/recv
-    tcp_beta: float    # s per byte on a rank's critical path, max(sent, received) (full duplex)
+    tcp_beta: float    # s per byte a rank sends plus receives, on its critical path (they take turns)
     tcp_cpu: float     # core-s per byte sent + received (kernel copies on both ends, sums included)
     shm_alpha: float   # s per arena phase (a barrier among the local ranks)
     shm_beta: float    # core-s per buffer byte per rank for copy-in, slice sum and copy-out
     gloo_alpha: float  # s per step of torch.distributed's Gloo allreduce (modelled as a ring)
-    cache_ratio: float = 1.0     # per-byte costs when the ranks' buffers fit in the cache, relative to DRAM
+    cache_ratio: float = 1.0     # TCP's per-byte costs when the ranks' buffers fit in the cache, vs DRAM
+    shm_cache_ratio: float = 1.0  # the same for the arena's copies and sums
     cache_bytes: float = 32 << 20  # how much of the ranks' buffers the cache holds (W * nbytes)
-    crowd_exp: float = 0.0  # step latency grows as (ranks exchanging at once / cores) ** crowd_exp
+    step_cpu: float = 0.0   # core-s a rank spends per TCP step (syscalls, thread wake-ups)
     cores: int = 2
     chunk_bytes: int = 4 << 20   # fastar.collectives.SHM_CHUNK_BYTES: the arena's pipeline chunk
     small_bytes: int = 64 << 10  # hierarchical.h: one-phase path for a single small chunk
 
 
 HOST_PARAMS = ("tcp_alpha", "tcp_beta", "tcp_cpu", "shm_alpha", "shm_beta", "gloo_alpha", "cache_ratio",
-               "cache_bytes", "crowd_exp")
+               "shm_cache_ratio", "cache_bytes", "step_cpu")
 # fastar.collectives' "auto" thresholds (simulate never imports the extension; a test compares them)
 RAIL_ABOVE_BYTES = 8 << 20
 RING_ABOVE_BYTES_NON_POW2 = 16 << 20
@@ -486,11 +490,11 @@ def auto_choice(nbytes, world_size, local_size):
     return h, ("halving_doubling" if pow2 or nbytes <= RING_ABOVE_BYTES_NON_POW2 else "ring")
 
 
-def cache_factor(m: HostModel, world_size, nbytes) -> float:
+def cache_factor(m: HostModel, world_size, nbytes, ratio=None) -> float:
     """Per-byte costs relative to streaming from DRAM: the share of the W buffers of nbytes that
-    the cache holds moves at cache_ratio times the DRAM cost."""
+    the cache holds moves at `ratio` (default cache_ratio) times the DRAM cost."""
     hit = min(1.0, m.cache_bytes / max(1.0, world_size * float(nbytes)))
-    return 1.0 - (1.0 - min(1.0, m.cache_ratio)) * hit
+    return 1.0 - (1.0 - min(1.0, m.cache_ratio if ratio is None else ratio)) * hit
 
 
 @functools.lru_cache(maxsize=None)
@@ -504,18 +508,19 @@ def _round_summary(algorithm: str, p: int):
     return tuple(out)
 
 
-def _tcp(algorithm, p, nbytes, m: HostModel, alpha=None, copies=1, crowd=True):
+def _tcp(algorithm, p, nbytes, m: HostModel, alpha=None, copies=1, step_cpu=None):
     """(seconds, core-s of work) of a schedule on p ranks over loopback TCP, `copies` such schedules
     running at once on disjoint ranks (rail). Each round lasts at least its critical path (every rank
     on a core of its own; sends and receives take turns, both being CPU copies on loopback) and at
-    least the work of all its ranks spread over the cores. A step's latency is mostly waking a peer's
-    thread: with more ranks exchanging at once than cores it grows by (ranks / cores) ** crowd_exp."""
+    least the work of all its ranks spread over the cores: step_cpu per rank and step, tcp_cpu per
+    byte sent and received. With more ranks than cores the second bound is what makes small
+    messages slower (4 ranks: about twice the latency of 2 on this host)."""
     alpha = m.tcp_alpha if alpha is None else alpha
+    step_cpu = m.step_cpu if step_cpu is None else step_cpu
     total = work = 0.0
     for repeat, busy, moved, sent in _round_summary(algorithm, p):
-        a = alpha * (max(1.0, busy * copies / m.cores) ** m.crowd_exp if crowd else 1.0)
-        w = m.tcp_cpu * 2 * sent * nbytes * copies  # sent + received, all ranks of all copies
-        total += repeat * max(a + m.tcp_beta * moved * nbytes, w / m.cores)
+        w = (m.tcp_cpu * 2 * sent * nbytes + step_cpu * busy) * copies  # all ranks of all copies
+        total += repeat * max(alpha + m.tcp_beta * moved * nbytes, w / m.cores)
         work += repeat * w
     return total, work
 
@@ -526,10 +531,10 @@ def host_time(impl, nbytes, world_size, local_size, m: HostModel) -> float:
     N = W // L
     b = float(nbytes)
     extra = 0.0
-    f = cache_factor(m, W, b)
-    m = replace(m, tcp_beta=m.tcp_beta * f, tcp_cpu=m.tcp_cpu * f, shm_beta=m.shm_beta * f)
+    f, fs = cache_factor(m, W, b), cache_factor(m, W, b, m.shm_cache_ratio)
+    m = replace(m, tcp_beta=m.tcp_beta * f, tcp_cpu=m.tcp_cpu * f, shm_beta=m.shm_beta * fs)
     if impl.startswith("torch:"):  # Gloo's allreduce: a ring over loopback, with its own step latency
-        return _tcp("ring", W, b, m, alpha=m.gloo_alpha, crowd=False)[0]
+        return _tcp("ring", W, b, m, alpha=m.gloo_alpha, step_cpu=0.0)[0]
     parts = impl.split(":")
     h, a = parts[1], parts[2]
     if h == "auto" or a == "auto":
@@ -538,9 +543,12 @@ def host_time(impl, nbytes, world_size, local_size, m: HostModel) -> float:
             extra = m.tcp_alpha  # validate=True: one 32-byte header exchange with the peers first
     if h == "flat" or L == 1 or W == 1:
         return _tcp(a, W, b, m)[0] + extra
-    # leader / rail: the arena's chunks. Per chunk every local rank copies in and sums its slice
-    # (stage 1) and copies out (stage 3) on its calling thread, while a worker thread runs the
-    # inter-node schedule of the previous chunk (stage 2). All W ranks do their local stages at once.
+    # leader / rail: the arena's chunks. Per chunk every local rank copies in and sums its slice and
+    # copies out on its calling thread; a worker thread runs the inter-node schedule. All W ranks do
+    # their local phases at once, on the same cores. hierarchical.h overlaps a chunk's network phase
+    # with the next chunk's local phase, but on this host the two compete for the same two cores: at
+    # 2x2 a 4 MiB chunk took 3.2-5.1 ms in a run of 16 (64 MiB) and 4.2-6.4 ms alone, so the phases
+    # are added, chunk after chunk (the shared-core bound still applies).
     k = max(1, math.ceil(b / m.chunk_bytes))
     c = b / k
     if N == 1 and k == 1 and b <= m.small_bytes:  # one phase: every rank sums all slots itself
@@ -553,14 +561,40 @@ def host_time(impl, nbytes, world_size, local_size, m: HostModel) -> float:
         net, net_work = _tcp(a, N, c, m)
     else:  # rail: every local rank allreduces its 1/L slice with its peers on the other nodes
         net, net_work = _tcp(a, N, c / L, m, copies=L)
-    t = local + net + (k - 1) * max(local, net)
-    return max(t, k * (local_work + net_work) / m.cores) + extra
+    # Each chunk also goes from the calling thread to the worker thread and back, and the ranks that
+    # wait for it sleep on a flag: one more thread wake-up per chunk, taken to cost what waking a
+    # peer for a TCP step costs (an assumption: no separate parameter).
+    net += m.tcp_alpha
+    return max(k * (local + net), k * (local_work + net_work) / m.cores) + extra
 
 
 def bench_label(bench: dict) -> str:
     """'<nodes>x<local_size>' of an allreduce_bw.py JSON (or of calibrate()'s result)."""
     W, L = int(bench["world_size"]), int(bench.get("local_size") or 1)
     return f"{W // L}x{L}"
+
+
+def merge_runs(benches):
+    """Several runs of one configuration ('<nodes>x<local>') become one: each (impl, bytes) row's time is
+    the median over the runs that have it (a single run on this shared host strays by up to ~40% at
+    some sizes; the median of three is what the model is fitted to and judged on)."""
+    groups = {}
+    for b in benches:
+        groups.setdefault(bench_label(b), []).append(b)
+    out = []
+    for label, runs in groups.items():
+        if len(runs) == 1:
+            out.append(runs[0])
+            continue
+        times = {}
+        for b in runs:
+            for r in b["rows"]:
+                if r.get("time_us", 0) > 0:
+                    times.setdefault((r["impl"], int(r["bytes"])), []).append(float(r["time_us"]))
+        rows = [{"impl": i, "bytes": n, "time_us": float(np.median(ts)), "time_us_runs": ts}
+                for (i, n), ts in times.items()]
+        out.append({**{k: v for k, v in runs[0].items() if k != "rows"}, "runs": len(runs), "rows": rows})
+    return out
 
 
 def _host_rows(benches):
@@ -570,7 +604,8 @@ def _host_rows(benches):
         for r in bench["rows"]:
             if r.get("time_us", 0) > 0:
                 rows.append({"file": f, "label": bench_label(bench), "impl": r["impl"], "bytes": int(r["bytes"]),
-                             "world_size": W, "local_size": L, "time_us": float(r["time_us"])})
+                             "world_size": W, "local_size": L, "time_us": float(r["time_us"]),
+                             **({"time_us_runs": r["time_us_runs"]} if "time_us_runs" in r else {})})
     return rows
 
 
@@ -610,22 +645,26 @@ def _nelder_mead(f, x0, step=0.5, iters=600, tol=1e-10):
     return pts[i], vals[i]
 
 
-# Which rows fix which parameters by default: the configurations without contention or without
-# local phases. Everything else (several nodes of several ranks, non-powers of two) is predicted.
-DEFAULT_FIT_LABELS = ("1x2", "2x1", "4x1")
+# The configurations fitted by default: one node (the arena alone; flat over loopback TCP) and one
+# rank per node (TCP alone, 2, 3 and 4 ranks on the 2 cores). Several nodes of several ranks, where
+# arena and network phases combine (every leader/rail impl with a network phase), are predicted.
+DEFAULT_FIT_LABELS = ("1x2", "2x1", "3x1", "4x1")
 
 
 def fit_host(rows, cores=2, x0=None) -> HostModel:
-    """Least squares of log(predicted / measured) over the rows, every size weighted alike, all six
-    parameters at once (Nelder-Mead in log space from a rough start, restarted until it settles)."""
-    base = HostModel(*(x0 or (200e-6, 1 / 1.5e9, 1 / 6e9, 10e-6, 1 / 5e9, 600e-6, 0.5, 32 << 20, 0.5)), cores=cores)
+    """Least squares of log(predicted / measured) over the rows, every size weighted alike, all the
+    HOST_PARAMS at once (Nelder-Mead in log space from a rough start, restarted until it settles)."""
+    start = x0 or {"tcp_alpha": 200e-6, "tcp_beta": 1 / 1.5e9, "tcp_cpu": 1 / 6e9, "shm_alpha": 10e-6,
+                   "shm_beta": 1 / 5e9, "gloo_alpha": 600e-6, "cache_ratio": 0.6, "shm_cache_ratio": 0.6,
+                   "cache_bytes": 8 << 20, "step_cpu": 100e-6}
+    base = HostModel(**start, cores=cores)
     used = [k for k in HOST_PARAMS if k != "gloo_alpha" or any(r["impl"].startswith("torch:") for r in rows)]
     if not any(r["local_size"] > 1 and ":flat:" not in r["impl"] and not r["impl"].startswith("torch:")
                for r in rows):
         used = [k for k in used if not k.startswith("shm_")]
 
     def model_of(x):
-        return replace(base, **{k: float(math.exp(min(v, 0.0) if k == "cache_ratio" else v))
+        return replace(base, **{k: float(math.exp(min(v, 0.0) if k.endswith("cache_ratio") else v))
                                 for k, v in zip(used, x)})
 
     def loss(x):
@@ -646,6 +685,8 @@ def calibrate_host(benches, fit_labels=DEFAULT_FIT_LABELS, min_bytes=256 * KiB, 
     predicts every row of every file. Returns the parameters, every row with its prediction and
     whether it was fitted ("fit") or predicted ("held_out"), and the largest |relative error| at
     sizes >= min_bytes per group (fit / held_out / all, per label, per impl)."""
+    singles = list(benches)
+    benches = merge_runs(singles)
     rows = _host_rows(benches)
     fit_min_bytes = min_bytes if fit_min_bytes is None else fit_min_bytes
     if cores is None:
@@ -664,7 +705,15 @@ def calibrate_host(benches, fit_labels=DEFAULT_FIT_LABELS, min_bytes=256 * KiB, 
         if r["bytes"] >= min_bytes:
             for key in ("all", role, f"{r['label']}", f"{r['label']} {r['impl']}"):
                 max_err[key] = max(max_err.get(key, 0.0), abs(err))
+    # each single run against the model fitted to the medians: how far one run alone strays
+    per_run = []
+    for b in singles:
+        errs = [abs(host_time(r["impl"], r["bytes"], int(b["world_size"]), int(b.get("local_size") or 1), m)
+                    / (r["time_us"] * 1e-6) - 1) for r in b["rows"] if r.get("time_us", 0) > 0 and r["bytes"] >= min_bytes]
+        per_run.append({"label": bench_label(b), "command": b.get("command", ""), "max_rel_err": max(errs, default=0.0)})
     return {"model": "host", "params": asdict(m), "fit_labels": list(fit_labels), "fit_min_bytes": fit_min_bytes,
+            "runs": {lab: sum(bench_label(b) == lab for b in singles) for lab in sorted({bench_label(b) for b in singles})},
+            "single_run_max_rel_err": per_run,
             "n_fit_rows": len(train), "labels": sorted({r["label"] for r in rows}), "rows": out,
             "max_rel_err_ge_256KiB": max_err, "min_bytes": min_bytes}
 
@@ -719,16 +768,16 @@ def plot(p: Preset, path, model="resnet50", batch=32, node_counts=None):
     plt.close(fig)
 
 
-def print_host_calibration(res, paths=None):
+def print_host_calibration(res):
     P = res["params"]
     print(f"host model fitted on {', '.join(res['fit_labels'])} ({res['n_fit_rows']} rows >= "
           f"{res['fit_min_bytes'] // KiB} KiB), {P['cores']} cores:")
-    print(f"  tcp: alpha {P['tcp_alpha'] * 1e6:.0f} us/step (x (ranks/cores)^{P['crowd_exp']:.2f}), path "
-          f"{1 / P['tcp_beta'] / 1e9:.2f} GB/s of sent+received per rank, work {1 / P['tcp_cpu'] / 1e9:.2f} GB/s per core")
+    print(f"  tcp: alpha {P['tcp_alpha'] * 1e6:.0f} us/step, path {1 / P['tcp_beta'] / 1e9:.2f} GB/s of sent+received "
+          f"per rank; work {P['step_cpu'] * 1e6:.0f} core-us per rank and step + {1 / P['tcp_cpu'] / 1e9:.2f} GB/s per core")
     print(f"  shm: alpha {P['shm_alpha'] * 1e6:.1f} us/phase, {1 / P['shm_beta'] / 1e9:.2f} GB/s per rank "
           f"(copy-in, slice sum, copy-out); Gloo allreduce: alpha {P['gloo_alpha'] * 1e6:.0f} us/step")
     print(f"  cache: buffers within {P['cache_bytes'] / MB:.1f} MB (all ranks) move at {P['cache_ratio']:.2f}x "
-          f"the DRAM per-byte cost")
+          f"(TCP) and {P['shm_cache_ratio']:.2f}x (arena) the per-byte cost from DRAM")
     print(f"{'role':8s} {'NxL':4s} {'impl':32s} {'bytes':>9s} {'time_us':>9s} {'pred_us':>9s} {'err':>7s}")
     for r in res["rows"]:
         flag = "  > 30%" if r["bytes"] >= res["min_bytes"] and abs(r["rel_err"]) > 0.30 else ""
@@ -738,6 +787,13 @@ def print_host_calibration(res, paths=None):
     print(f"max |relative error|, sizes >= {res['min_bytes'] // KiB} KiB: fitted rows {e.get('fit', 0):.1%}, "
           f"held-out rows {e.get('held_out', 0):.1%}, all {e.get('all', 0):.1%}")
     print("  per configuration: " + ", ".join(f"{k} {e[k]:.1%}" for k in res["labels"] if k in e))
+    if any(n > 1 for n in res["runs"].values()):
+        single = {}
+        for r in res["single_run_max_rel_err"]:
+            single[r["label"]] = max(single.get(r["label"], 0.0), r["max_rel_err"])
+        print("  (times are medians over " + ", ".join(f"{n} runs of {k}" for k, n in res["runs"].items()) +
+              "; a single run's rows against the same model: up to " +
+              ", ".join(f"{k} {v:.0%}" for k, v in sorted(single.items())) + ")")
 
 
 def main(argv=None):
@@ -786,7 +842,7 @@ def main(argv=None):
             res = res[0] if len(res) == 1 else {"files": a.calibrate, "results": res}
         else:
             res = calibrate_host(benches, fit_labels=tuple(x.strip() for x in a.fit_on.split(",") if x.strip()))
-            print_host_calibration(res, a.calibrate)
+            print_host_calibration(res)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1)
