@@ -53,7 +53,7 @@ class _State:
     timeout: timedelta
     last_choice: dict = field(default_factory=dict)
     group_comms: dict = field(default_factory=dict)
-    device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> description, once set up
+    device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> {"world": group, "desc": str}
 
 
 _state: _State | None = None
