@@ -322,6 +322,17 @@ def _backend_of(group) -> str:
         return ""
 
 
+def _check_cuda_path(device: torch.device) -> None:
+    """CUDA tensors need fastar's CUDA build and torch's NCCL: a clear error otherwise."""
+    if not _C().cuda_built():
+        raise RuntimeError(f"fastar: the tensor is on {device}, but this fastar build has no CUDA support; "
+                           "rebuild it where a CUDA toolkit is found (FASTAR_CUDA=1 pip install "
+                           "--no-build-isolation -e .) or move the tensor to the CPU")
+    if not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise RuntimeError(f"fastar: the tensor is on {device}, but NCCL is not available in this torch "
+                           "build, and fastar's GPU path moves CUDA tensors over NCCL")
+
+
 def ensure_device_groups(st: _State, device: torch.device) -> None:
     """Collective on first use: fastar's process groups for the TensorAllreduce path on `device`'s
     type: NCCL groups (world, each node's local ranks, each rail) for CUDA tensors; Gloo groups for
@@ -331,13 +342,7 @@ def ensure_device_groups(st: _State, device: torch.device) -> None:
         return
     topo, timeout = st.topo, st.timeout
     if kind == "cuda":
-        if not _C().cuda_built():
-            raise RuntimeError(f"fastar: the tensor is on {device}, but this fastar build has no CUDA support; "
-                               "rebuild it where a CUDA toolkit is found (FASTAR_CUDA=1 pip install "
-                               "--no-build-isolation -e .) or move the tensor to the CPU")
-        if not (torch.cuda.is_available() and dist.is_nccl_available()):
-            raise RuntimeError(f"fastar: the tensor is on {device}, but NCCL is not available in this torch "
-                               "build, and fastar's GPU path moves CUDA tensors over NCCL")
+        _check_cuda_path(device)
         backend = "nccl"
     elif kind == "cpu":
         backend = "gloo"
@@ -458,8 +463,8 @@ def _group_comm(st: _State, group, device: torch.device, wire: str):
             timeout_s=st.timeout.total_seconds())
     comm = st.group_comms[key]
     if (device.type == "cuda" or wire) and not comm.has_tensor_groups(device.type):
-        if device.type == "cuda" and not _C().cuda_built():
-            ensure_device_groups(st, device)  # raises the no-CUDA-build error
+        if device.type == "cuda":
+            _check_cuda_path(device)
         comm.set_tensor_groups(device.type, group, None, None, ranks, [])
     return comm
 

@@ -1,16 +1,11 @@
 #include "torch/bucket_engine.h"
 
-#include <chrono>
 #include <stdexcept>
 
+#include "torch/dtype_map.h"
 #include "torch/kernels.h"
 
 namespace fastar {
-namespace {
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
 
 BucketEngine::BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params,
                            std::vector<int64_t> order, int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s, bool as_view)
@@ -119,13 +114,10 @@ void BucketEngine::launch_ready_locked() {
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& b = buckets_[next_launch_++];
     if (arena_ && b.hierarchy != "flat") {
-      const Hierarchy h = b.hierarchy == "rail" ? Hierarchy::Rail : Hierarchy::Leader;
+      const Hierarchy h = parse_hierarchy(b.hierarchy);
       const Algorithm a = parse_algorithm(b.algorithm);
       const int64_t off = b.region_offset, n = b.flat.numel();
-      const DType dt = b.flat.scalar_type() == at::kFloat    ? DType::Float32
-                       : b.flat.scalar_type() == at::kDouble ? DType::Float64
-                       : b.flat.scalar_type() == at::kHalf   ? DType::Float16
-                                                             : DType::BFloat16;
+      const DType dt = to_dtype(b.flat.scalar_type());
       const uint64_t seq = ++seq_;
       ArenaAllreduce* ar = arena_ar_.get();
       b.work = comm_->submit([ar, h, a, off, n, dt, seq] { ar->allreduce(h, a, off, n, dt, seq); },

@@ -5,25 +5,10 @@
 #include <stdexcept>
 
 #include "core/reduce.h"
+#include "torch/dtype_map.h"
 
 namespace fastar {
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-DType to_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "fastar reduces float32, float64, float16 and bfloat16 tensors, not ", s,
-                  "; use torch.distributed.all_reduce for other dtypes");
-  }
-}
 
 at::ScalarType parse_wire(const std::string& w, at::ScalarType own) {
   // Only fp32/fp64 tensors are compressed; 16-bit ones already are.
@@ -33,14 +18,14 @@ at::ScalarType parse_wire(const std::string& w, at::ScalarType own) {
   throw std::invalid_argument("fastar: unknown wire compression '" + w + "' (expected none, fp16 or bf16)");
 }
 
+}  // namespace
+
 Hierarchy parse_hierarchy(const std::string& h) {
   if (h == "flat") return Hierarchy::Flat;
   if (h == "leader") return Hierarchy::Leader;
   if (h == "rail") return Hierarchy::Rail;
   throw std::invalid_argument("fastar: unknown hierarchy '" + h + "' (expected flat, leader or rail)");
 }
-
-}  // namespace
 
 void AsyncWork::wait(double timeout_s) {
   std::unique_lock<std::mutex> l(mu_);

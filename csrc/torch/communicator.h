@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -17,6 +18,14 @@
 #include "torch/tensor_allreduce.h"
 
 namespace fastar {
+
+// Steady-clock seconds: the time base of AsyncWork's and the bucket engine's timestamps.
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// "flat" | "leader" | "rail"; throws std::invalid_argument naming the choices.
+Hierarchy parse_hierarchy(const std::string& h);
 
 // A handle for an allreduce in flight (async_op=True, or a bucket of fastar.wrap).
 class AsyncWork {

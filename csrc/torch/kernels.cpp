@@ -9,6 +9,7 @@
 
 #include "core/dtype.h"
 #include "core/reduce.h"
+#include "torch/dtype_map.h"
 
 #ifdef FASTAR_WITH_CUDA
 #include "cuda/kernels.cuh"
@@ -25,15 +26,6 @@ constexpr bool kCudaBuilt = false;
 
 bool is_reduced_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    default: return DType::BFloat16;  // callers checked is_reduced_float
-  }
 }
 
 // Every tensor a kernel touches is either on the CPU or on CUDA, and CUDA only if we were built for it.

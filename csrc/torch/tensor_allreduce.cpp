@@ -3,6 +3,7 @@
 #include <chrono>
 #include <mutex>
 #include <stdexcept>
+#include <type_traits>
 
 #ifdef FASTAR_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -24,6 +25,13 @@ at::cuda::CUDAStream comm_stream(c10::DeviceIndex dev) {
   auto it = streams.find(dev);
   if (it == streams.end()) it = streams.emplace(dev, at::cuda::getStreamFromPool(/*isHighPriority=*/true, dev)).first;
   return it->second;
+}
+#endif
+
+#ifndef FASTAR_WITH_CUDA
+[[noreturn]] void no_cuda_build(const at::Tensor& t) {
+  TORCH_CHECK(false, "fastar was built without CUDA and cannot reduce the tensor on ", t.device(),
+              "; rebuild with a CUDA toolkit (FASTAR_CUDA=1 pip install --no-build-isolation -e .)");
 }
 #endif
 
@@ -55,8 +63,7 @@ StreamWait TensorAllreduce::producer_event(const at::Tensor& t) {
   ev->record(at::cuda::getCurrentCUDAStream(dev));
   return [ev, dev] { ev->block(at::cuda::getCurrentCUDAStream(dev)); };
 #else
-  TORCH_CHECK(false, "fastar was built without CUDA and cannot reduce the tensor on ", t.device(),
-              "; rebuild with a CUDA toolkit (FASTAR_CUDA=1 pip install --no-build-isolation -e .)");
+  no_cuda_build(t);
 #endif
 }
 
@@ -82,12 +89,13 @@ StreamWait TensorAllreduce::run(const at::Tensor& t, Algorithm a, Hierarchy h, b
   done->record(stream);
   return [done, dev] { done->block(at::cuda::getCurrentCUDAStream(dev)); };
 #else
-  TORCH_CHECK(false, "fastar was built without CUDA and cannot reduce the tensor on ", t.device(),
-              "; rebuild with a CUDA toolkit (FASTAR_CUDA=1 pip install --no-build-isolation -e .)");
+  no_cuda_build(t);
 #endif
 }
 
-void TensorAllreduce::finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda, const std::string& what) {
+// what: a string, or a callable that makes one, only called when the wait failed.
+template <class What>
+void TensorAllreduce::finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda, const What& what) {
   if (!w) return;
   try {
     if (cuda)
@@ -95,7 +103,12 @@ void TensorAllreduce::finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda,
     else
       w->wait(std::chrono::milliseconds((int64_t)(timeout_s_ * 1000)));
   } catch (const std::exception& e) {
-    throw std::runtime_error("fastar: rank " + std::to_string(topo_.rank) + ": " + what + " failed: " + first_line(e) +
+    std::string op;
+    if constexpr (std::is_invocable_v<const What&>)
+      op = what();
+    else
+      op = what;
+    throw std::runtime_error("fastar: rank " + std::to_string(topo_.rank) + ": " + op + " failed: " + first_line(e) +
                              "\nA peer rank has probably exited or timed out, or the ranks called fastar with "
                              "different tensor sizes or in a different order.");
   }
@@ -126,11 +139,12 @@ void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, cons
     const bool recv = s.recv_peer >= 0 && !s.recv.empty();
     at::Tensor dst = recv ? flat.slice(0, s.recv.begin, s.recv.end) : at::Tensor();
     if (recv) rv.push_back(!s.reduce && !compress ? dst : scratch.narrow(0, 0, s.recv.size()));
-    const std::string step_what = std::string("step ") + std::to_string(i) + " of " + algorithm_name(a) + " over " +
-                                  what + " (send to rank " +
-                                  (sv.empty() ? std::string("-") : std::to_string(granks.at(s.send_peer))) +
-                                  ", receive from rank " +
-                                  (rv.empty() ? std::string("-") : std::to_string(granks.at(s.recv_peer))) + ")";
+    // Described only when a wait fails: this runs for every step of every bucket.
+    auto step_what = [&] {
+      return std::string("step ") + std::to_string(i) + " of " + algorithm_name(a) + " over " + what +
+             " (send to rank " + (sv.empty() ? std::string("-") : std::to_string(granks.at(s.send_peer))) +
+             ", receive from rank " + (rv.empty() ? std::string("-") : std::to_string(granks.at(s.recv_peer))) + ")";
+    };
     if (cuda) {
       // NCCL: a step's send and receive are one group, or two ranks sending to each other first
       // would each wait for the other's receive.
