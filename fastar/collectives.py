@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import secrets
+import socket
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class _State:
     last_choice: dict = field(default_factory=dict)
     group_comms: dict = field(default_factory=dict)
     device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> {"world": group, "desc": str}
+    processes: list = field(default_factory=list)  # per rank: (host name, pid, start time) at init
 
 
 _state: _State | None = None
@@ -109,7 +111,10 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
                 shm_name=shm_name, shm_create=create, shm_chunk_bytes=SHM_CHUNK_BYTES,
                 timeout_s=timeout.total_seconds())
         comm = node_segment(topo, world, make, "arena", lambda c: c.unlink_shm())
-        _state = _State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout)
+        processes: list = [None] * topo.size
+        dist.all_gather_object(processes, _this_process(), group=world)
+        _state = _State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout,
+                        processes=processes)
         log.debug("fastar.init: %s", topo)
         return topo
 
@@ -231,36 +236,87 @@ _ERR_KEY = "fastar/error/{}"
 def _store_call(fn, seconds: float = 2.0):
     """Runs a store operation on a daemon thread, bounded: the store may live in a dead process."""
     out: list = []
-    th = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+
+    def call():
+        try:
+            out.append(fn())
+        except Exception:  # noqa: BLE001 - a dead store is an answer too: nothing
+            pass
+    th = threading.Thread(target=call, daemon=True)
     th.start()
     th.join(seconds)
     return out[0] if out else None
 
 
+def _start_time(pid: int):
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _this_process():
+    return socket.gethostname(), os.getpid(), _start_time(os.getpid())
+
+
+def _exited_peers() -> list[tuple[int, int]]:
+    """(rank, pid) of the ranks on this host whose process has exited since fastar.init: a collective
+    that breaks cannot say which member broke it; a dead process on this host is the likely cause."""
+    st = _state
+    if st is None or not st.processes:
+        return []
+    host = socket.gethostname()
+    gone = []
+    for r, proc in enumerate(st.processes):
+        if r == st.topo.rank or not proc or proc[0] != host:
+            continue
+        _, pid, started = proc
+        if started is not None and _start_time(pid) != started:
+            gone.append((r, pid))
+    return gone
+
+
+def _exchange_reports(msg: str) -> list[tuple[int, str]]:
+    """Publishes this rank's error in the job's store; returns the errors other ranks published."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    _store_call(lambda: store.set(_ERR_KEY.format(rank), msg[:4000]))
+
+    def others():
+        found = []
+        for r in range(size):
+            k = _ERR_KEY.format(r)
+            if r != rank and store.check([k]):
+                found.append((r, store.get(k).decode(errors="replace")))
+        return found
+    return _store_call(others) or []
+
+
 def _with_cause(err: BaseException) -> BaseException:
     """A rank whose peer failed only sees that peer go away; the rank that saw the real cause (the
-    dead or disagreeing rank) published it in the job's store. Adds the others' reports to this
-    rank's error and publishes this one, so that every rank's error names the rank that failed."""
+    dead or disagreeing rank) published it in the job's store, and a dead process on this host is
+    visible directly. Adds both to this rank's error and publishes this one, so that every rank's
+    error names the rank that failed."""
     msg = str(err)
     try:
-        rank, size = dist.get_rank(), dist.get_world_size()
-        store = dist.distributed_c10d._get_default_store()
-        _store_call(lambda: store.set(_ERR_KEY.format(rank), msg[:4000]))
-
-        def others():
-            found = []
-            for r in range(size):
-                k = _ERR_KEY.format(r)
-                if r != rank and store.check([k]):
-                    found.append((r, store.get(k).decode(errors="replace")))
-            return found
-        reports = _store_call(others) or []
+        gone = _exited_peers()
+        # Without torchrun's agent (which hosts the store itself), the store lived in rank 0's
+        # process: asking a dead one would only print torch's connection errors.
+        store_gone = any(r == 0 for r, _ in gone) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        reports = [] if store_gone else _exchange_reports(msg)
     except Exception:  # noqa: BLE001 - the original error matters more than its annotation
         return err
-    if not reports:
+    if not reports and not gone:
         return err
-    lines = [msg, "Errors reported by other ranks (the first cause is usually among them):"]
-    lines += [f"  rank {r}: {m.splitlines()[0] if m else ''}" for r, m in reports]
+    lines = [msg]
+    lines += [f"rank {r} (pid {pid} on this host) has exited since fastar.init: the likely cause."
+              for r, pid in gone]
+    if reports:
+        lines.append("Errors reported by other ranks (the first cause is usually among them):")
+        lines += [f"  rank {r}: {m.splitlines()[0] if m else ''}" for r, m in reports]
     return RuntimeError("\n".join(lines))
 
 

@@ -144,7 +144,10 @@ class FastarModule(nn.Module):
                 f"{names}{more}. If some parameters are legitimately unused, wrap with find_unused_parameters=True "
                 "(their gradients are then treated as zeros); if they should never train, set requires_grad=False.")
         self._bwd_end = time.monotonic()
-        self._engine.finalize(self.find_unused_parameters)
+        try:
+            self._engine.finalize(self.find_unused_parameters)
+        except RuntimeError as e:  # a dead or disagreeing peer: name it, with the others' reports
+            collectives._reraise(e)
         self._last_stats = self._engine.stats()
         self._iteration += 1
         if self.check_finite:

@@ -63,8 +63,44 @@ def test_killed_rank(hierarchy, victim, compression):
         assert err is not None, f"rank {r} did not notice that rank {victim} died"
         assert elapsed < TIMEOUT_S + SLACK_S, f"rank {r} took {elapsed:.1f} s to fail: {err}"
         assert f"rank {victim}" in err, f"rank {r}'s error does not name rank {victim}: {err}"
+        # all ranks share this host: the survivors see that the victim's process is gone
+        assert f"rank {victim} (pid " in err and "has exited since fastar.init" in err, err
     # no process left behind: run_workers joined them all
     assert time.monotonic() - t0 < 60
+    assert not leaked(before, {pid for pid, _, _ in got.values()})
+
+
+def _wrap_kill_worker(rank, n, victim, compression):
+    import fastar
+    fastar.init(local_size=LOCAL, timeout=timedelta(seconds=TIMEOUT_S))
+    torch.manual_seed(0)
+    model = fastar.wrap(torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)),
+                        bucket_cap_mb=1, compression=compression)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(32, 512)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    step()
+    if rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    err, elapsed = _timed(step)
+    return os.getpid(), err, elapsed
+
+
+@pytest.mark.parametrize("victim,compression", [(3, None), (0, "fp16")])
+def test_killed_rank_during_wrap_training(victim, compression):
+    """A rank dies between two training steps: every survivor's backward fails within the timeout and
+    names it (the bucket engine's errors get the same annotation as fastar.all_reduce's)."""
+    before = fastar_segments()
+    got, failures = run_workers(_wrap_kill_worker, N, victim, compression, timeout=120, allow_failures=True)
+    assert set(failures) == {victim}, failures
+    for r, (_, err, elapsed) in got.items():
+        assert err is not None, f"rank {r} trained on after rank {victim} died"
+        assert elapsed < TIMEOUT_S + SLACK_S, f"rank {r} took {elapsed:.1f} s to fail: {err}"
+        assert f"rank {victim} (pid " in err and "has exited since fastar.init" in err, err
     assert not leaked(before, {pid for pid, _, _ in got.values()})
 
 

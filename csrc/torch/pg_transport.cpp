@@ -15,27 +15,40 @@ PGTransport::PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<
 }
 
 Transport::Handle PGTransport::isend(int peer, const void* data, size_t bytes, uint32_t tag) {
-  if (ops_.size() == done_) {  // every earlier op waited: recycle the list
-    ops_.clear();
-    done_ = 0;
-  }
-  at::Tensor t = at::from_blob(const_cast<void*>(data), {(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device_));
-  std::vector<at::Tensor> v{t};
-  auto w = backend_->send(v, peer, (int)tag);
-  ops_.push_back({std::move(w), t, peer, bytes, true});
-  return (Handle)ops_.size() - 1;
+  return post(true, peer, const_cast<void*>(data), bytes, tag);
 }
 
 Transport::Handle PGTransport::irecv(int peer, void* data, size_t bytes, uint32_t tag) {
-  if (ops_.size() == done_) {
+  return post(false, peer, data, bytes, tag);
+}
+
+Transport::Handle PGTransport::post(bool send, int peer, void* data, size_t bytes, uint32_t tag) {
+  if (ops_.size() == done_) {  // every earlier op waited: recycle the list
     ops_.clear();
     done_ = 0;
   }
   at::Tensor t = at::from_blob(data, {(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device_));
   std::vector<at::Tensor> v{t};
-  auto w = backend_->recv(v, peer, (int)tag);
-  ops_.push_back({std::move(w), t, peer, bytes, false});
+  c10::intrusive_ptr<c10d::Work> w;
+  try {  // Gloo throws here, not in wait(), when the peer has already closed its connection
+    w = send ? backend_->send(v, peer, (int)tag) : backend_->recv(v, peer, (int)tag);
+  } catch (const std::exception& e) {
+    fail(send, peer, bytes, e);
+  }
+  ops_.push_back({std::move(w), t, peer, bytes, send});
   return (Handle)ops_.size() - 1;
+}
+
+void PGTransport::fail(bool send, int peer, size_t bytes, const std::exception& e) const {
+  std::string msg = e.what();
+  const auto nl = msg.find("\nException raised from");
+  if (nl != std::string::npos) msg = msg.substr(0, nl);
+  throw std::runtime_error("fastar: rank " + std::to_string(global_ranks_[rank_]) + ": " +
+                           (send ? "sending " : "receiving ") + std::to_string(bytes) + " bytes " +
+                           (send ? "to" : "from") + " rank " + std::to_string(global_ranks_[peer]) + " over " +
+                           name_ + " failed: " + msg +
+                           "\nThat rank has probably exited or timed out, or the ranks called fastar with "
+                           "different tensor sizes or in a different order.");
 }
 
 void PGTransport::wait(Handle h) {
@@ -43,15 +56,7 @@ void PGTransport::wait(Handle h) {
   try {
     op.work->wait(timeout_);
   } catch (const std::exception& e) {
-    std::string msg = e.what();
-    const auto nl = msg.find("\nException raised from");
-    if (nl != std::string::npos) msg = msg.substr(0, nl);
-    throw std::runtime_error("fastar: rank " + std::to_string(global_ranks_[rank_]) + ": " +
-                             (op.send ? "sending " : "receiving ") + std::to_string(op.bytes) + " bytes " +
-                             (op.send ? "to" : "from") + " rank " + std::to_string(global_ranks_[op.peer]) + " over " +
-                             name_ + " failed: " + msg +
-                             "\nThat rank has probably exited or timed out, or the ranks called fastar with "
-                             "different tensor sizes or in a different order.");
+    fail(op.send, op.peer, op.bytes, e);
   }
   retired_.push_back(std::move(op.work));
   if (retired_.size() > 512) retired_.pop_front();

@@ -28,6 +28,9 @@ class PGTransport : public Transport {
   const std::string& name() const { return name_; }
 
  private:
+  Handle post(bool send, int peer, void* data, size_t bytes, uint32_t tag);
+  // Throws the error that names this rank, the peer and the group.
+  [[noreturn]] void fail(bool send, int peer, size_t bytes, const std::exception& e) const;
   struct Op {
     c10::intrusive_ptr<c10d::Work> work;
     at::Tensor tensor;

@@ -93,11 +93,12 @@ StreamWait TensorAllreduce::run(const at::Tensor& t, Algorithm a, Hierarchy h, b
 #endif
 }
 
-// what: a string, or a callable that makes one, only called when the wait failed.
-template <class What>
-void TensorAllreduce::finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda, const What& what) {
-  if (!w) return;
+// what: a string, or a callable that makes one, only called when posting or waiting failed.
+template <class Start, class What>
+void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
   try {
+    const c10::intrusive_ptr<c10d::Work> w = start();  // Gloo throws here when a peer has closed its pair
+    if (!w) return;
     if (cuda)
       w->wait();  // NCCL: the current stream waits, the CPU does not; the group's watchdog enforces its timeout
     else
@@ -145,19 +146,18 @@ void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, cons
              " (send to rank " + (sv.empty() ? std::string("-") : std::to_string(granks.at(s.send_peer))) +
              ", receive from rank " + (rv.empty() ? std::string("-") : std::to_string(granks.at(s.recv_peer))) + ")";
     };
+    c10::intrusive_ptr<c10d::Work> ws, wr;
+    auto post = [&] {
+      if (!sv.empty()) ws = backend->send(sv, s.send_peer, tag_base + sent_to[s.send_peer]++);
+      if (!rv.empty()) wr = backend->recv(rv, s.recv_peer, tag_base + recvd_from[s.recv_peer]++);
+    };
     if (cuda) {
       // NCCL: a step's send and receive are one group, or two ranks sending to each other first
       // would each wait for the other's receive.
-      backend->startCoalescing();
-      if (!sv.empty()) backend->send(sv, s.send_peer, tag_base + sent_to[s.send_peer]++);
-      if (!rv.empty()) backend->recv(rv, s.recv_peer, tag_base + recvd_from[s.recv_peer]++);
-      finish(backend->endCoalescing(), true, step_what);
+      guarded(true, [&] { backend->startCoalescing(); post(); return backend->endCoalescing(); }, step_what);
     } else {
-      c10::intrusive_ptr<c10d::Work> ws, wr;
-      if (!sv.empty()) ws = backend->send(sv, s.send_peer, tag_base + sent_to[s.send_peer]++);
-      if (!rv.empty()) wr = backend->recv(rv, s.recv_peer, tag_base + recvd_from[s.recv_peer]++);
-      finish(ws, false, step_what);
-      finish(wr, false, step_what);
+      guarded(false, [&] { post(); return ws; }, step_what);
+      guarded(false, [&] { return wr; }, step_what);
     }
     if (!recv) continue;
     if (s.reduce)
@@ -175,6 +175,16 @@ void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, boo
   const TensorGroups& g = groups(flat);
   const bool cuda = flat.is_cuda();
   const c10::DeviceType type = flat.device().type();
+  // For the error of a failed intra-node collective (built only then): a collective cannot say
+  // which member broke it, so name them all; on a two-rank node there is only one.
+  auto on_node = [this](const char* op) {
+    return [this, op] {
+      std::string s;
+      for (int i = 0; i < topo_.local_size; ++i)
+        if (i != topo_.local_rank) s += (s.empty() ? "" : ", ") + std::to_string(topo_.node * topo_.local_size + i);
+      return op + std::string(topo_.local_size == 2 ? " with rank " : " with ranks ") + s;
+    };
+  };
   if (h == Hierarchy::Flat || topo_.local_size == 1 || !g.local) {
     p2p(g.world, g.world_ranks, flat, a, wire, seq, "fastar's world group");
   } else if (h == Hierarchy::Leader) {
@@ -182,15 +192,15 @@ void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, boo
     std::vector<at::Tensor> v{flat};
     if (topo_.num_nodes == 1) {
       // One node: the node's own allreduce (NCCL's ring/tree over NVLink) is the whole job.
-      finish(local->allreduce(v), cuda, "the intra-node allreduce");
+      guarded(cuda, [&] { return local->allreduce(v); }, on_node("the intra-node allreduce"));
     } else {
       c10d::ReduceOptions ro;
       ro.rootRank = 0;
-      finish(local->reduce(v, ro), cuda, "the intra-node reduce to local rank 0");
+      guarded(cuda, [&] { return local->reduce(v, ro); }, on_node("the intra-node reduce to local rank 0"));
       if (topo_.local_rank == 0) p2p(g.cross, g.cross_ranks, flat, a, wire, seq, "the leaders' group");
       c10d::BroadcastOptions bo;
       bo.rootRank = 0;
-      finish(local->broadcast(v, bo), cuda, "the intra-node broadcast from local rank 0");
+      guarded(cuda, [&] { return local->broadcast(v, bo); }, on_node("the intra-node broadcast from local rank 0"));
     }
   } else {
     // Rail: each local rank owns 1/L of the buffer (padded to a multiple of L) between nodes.
@@ -207,17 +217,17 @@ void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, boo
     for (int64_t i = 0; i < L; ++i) parts.push_back(buf.narrow(0, i * shard_n, shard_n));
     std::vector<at::Tensor> sv{shard};
     if (local->getBackendName() == "nccl") {
-      finish(local->_reduce_scatter_base(shard, buf), cuda, "the intra-node reduce-scatter");
+      guarded(cuda, [&] { return local->_reduce_scatter_base(shard, buf); }, on_node("the intra-node reduce-scatter"));
     } else {
       std::vector<std::vector<at::Tensor>> in{parts};
-      finish(local->reduce_scatter(sv, in), cuda, "the intra-node reduce-scatter");
+      guarded(cuda, [&] { return local->reduce_scatter(sv, in); }, on_node("the intra-node reduce-scatter"));
     }
     if (g.cross) p2p(g.cross, g.cross_ranks, shard, a, wire, seq, "this rank's rail");
     if (local->getBackendName() == "nccl") {
-      finish(local->_allgather_base(buf, shard), cuda, "the intra-node allgather");
+      guarded(cuda, [&] { return local->_allgather_base(buf, shard); }, on_node("the intra-node allgather"));
     } else {
       std::vector<std::vector<at::Tensor>> out{parts};
-      finish(local->allgather(out, sv), cuda, "the intra-node allgather");
+      guarded(cuda, [&] { return local->allgather(out, sv); }, on_node("the intra-node allgather"));
     }
     if (padded != n) flat.copy_(buf.narrow(0, 0, n));
   }

@@ -60,10 +60,11 @@ class TensorAllreduce {
   void body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire, uint64_t seq);
   void p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks, const at::Tensor& flat,
            Algorithm a, at::ScalarType wire, uint64_t seq, const char* what);
-  // Waits for w (stream order for NCCL, the timeout for Gloo); `what` (a string, or a callable that
-  // makes one) names the operation in the error. Defined and used in tensor_allreduce.cpp only.
-  template <class What>
-  void finish(const c10::intrusive_ptr<c10d::Work>& w, bool cuda, const What& what);
+  // Posts an operation (start() returns its Work, or null) and waits for it (stream order for NCCL,
+  // the timeout for Gloo); `what` (a string, or a callable that makes one) names the operation in
+  // the error, whether posting or waiting failed. Defined and used in tensor_allreduce.cpp only.
+  template <class Start, class What>
+  void guarded(bool cuda, const Start& start, const What& what);
   const TensorGroups& groups(const at::Tensor& t) const;
 
   Topology topo_;
