@@ -90,7 +90,7 @@ ext = extension(
     include_dirs=include_dirs,
     define_macros=define_macros,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
-    libraries=["rt"],
+    libraries=["rt", "dl"],  # shm_open; dlsym (glibc < 2.34 keeps them apart)
 )
 setup(
     ext_modules=[ext],

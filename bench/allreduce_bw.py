@@ -2,7 +2,7 @@
 torch.distributed.all_reduce on Gloo, all in the same run.
 
     python bench/allreduce_bw.py --nproc 4 [--local-size 2] --sizes 4K,256K,4M,64M --json out.json \
-        [--plot out.png] [--iters N --warmup N] [--impls torch:gloo,fastar:flat:*] [--dtype float32]
+        [--plot out.png] [--iters N --warmup N] [--impls torch:gloo,fastar:flat:*] [--dtype float32] [--compression fp16]
     torchrun --nproc-per-node 4 bench/allreduce_bw.py --sizes ...      (WORLD_SIZE set: no spawning)
 
 Impls: "torch:gloo" (torch.distributed.all_reduce on a Gloo group) and "fastar:<hierarchy>:<algorithm>"
@@ -174,10 +174,10 @@ class Runner:
         if impl == "torch:gloo":
             dist.all_reduce(t, group=self.gloo)
         elif impl == AUTO_IMPL:
-            self.fastar.all_reduce(t)  # what a user gets: auto choice, validate=True
+            self.fastar.all_reduce(t, compression=self.args.compression)  # what a user gets: auto, validate=True
         else:
             _, h, a = impl.split(":")
-            self.fastar.all_reduce(t, hierarchy=h, algorithm=a, validate=False)
+            self.fastar.all_reduce(t, hierarchy=h, algorithm=a, validate=False, compression=self.args.compression)
 
     def max_over_ranks(self, values: list[float]) -> list[float]:
         v = torch.tensor(values, dtype=torch.float64)
@@ -302,7 +302,7 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
             "world_size": world, "local_size": topo.local_size, "memcpy_GBps": memcpy["GBps"],
             "memcpy_detail": memcpy,
             "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-            "dtype": args.dtype, "num_nodes": topo.num_nodes,
+            "dtype": args.dtype, "num_nodes": topo.num_nodes, "compression": args.compression,
             "iters": {f"{r['impl']}@{r['bytes']}": r["_iters"] for r in rows},
             "time_us_is": "per-rank mean over timed calls, max over ranks",
             "timed_with": "fastar.all_reduce(validate=False) for fastar:<h>:<a>; "
@@ -347,6 +347,8 @@ def main(argv=None) -> int:
                     help="ranks per simulated node (default: LOCAL_WORLD_SIZE under torchrun, else host names)")
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated bytes, K/M/G suffixes ({DEFAULT_SIZES})")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--compression", default=None, choices=["fp16", "bf16"],
+                    help="fastar's wire dtype (the fastar impls only; the data's sums stay exact: small integers)")
     ap.add_argument("--impls", default=None, help="comma-separated impl names or globs, e.g. 'torch:gloo,fastar:flat:*'")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per impl and size (default: adaptive)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl and size (default: adaptive)")

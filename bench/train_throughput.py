@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-IMPLS = ("none", "torch:ddp", "fastar")
+IMPLS = ("none", "torch:ddp", "fastar", "fastar:fp16", "fastar:bf16")  # fastar:<wire>: compression
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
@@ -43,8 +43,8 @@ def worker(args) -> dict | None:
         m = copy.deepcopy(base)
         if impl == "torch:ddp":
             m = nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, bucket_cap_mb=args.bucket_mb)
-        elif impl == "fastar":
-            m = fastar.wrap(m, bucket_cap_mb=args.bucket_mb)
+        elif impl.startswith("fastar"):
+            m = fastar.wrap(m, bucket_cap_mb=args.bucket_mb, compression=impl.partition(":")[2] or None)
         models[impl] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
@@ -77,11 +77,12 @@ def worker(args) -> dict | None:
                 dt = torch.tensor([time.perf_counter() - t0])
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
                 times[impl].append(dt.item())
-                if impl == "fastar":
+                if impl.startswith("fastar"):
                     st = models[impl][0].comm_stats()
                     comm[impl].append(st["comm_s"])
                     overlap[impl].append(st["overlap"])
-                    timeline = st
+                    if impl == "fastar":
+                        timeline = st
                 if bar:
                     bar.update(1)
     if bar:
@@ -133,14 +134,14 @@ def _spawned(rank, args):
 
 
 def finish(out: dict, args) -> None:
-    print(f"\n{'impl':>10} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8}")
+    print(f"\n{'impl':>11} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8}")
     for r in out["rows"]:
         cm = f"{r['comm_ms']:.1f}" if r["comm_ms"] is not None else "-"
         ov = f"{r['overlap']:.2f}" if r["overlap"] is not None else "-"
-        print(f"{r['impl']:>10} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {cm:>9} {ov:>8}")
+        print(f"{r['impl']:>11} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {cm:>9} {ov:>8}")
     by = {r["impl"]: r for r in out["rows"]}
-    if "fastar" in by and "torch:ddp" in by:
-        print(f"fastar / DDP images/s: {by['fastar']['images_per_s'] / by['torch:ddp']['images_per_s']:.3f}")
+    for impl in (i for i in by if i.startswith("fastar") and "torch:ddp" in by):
+        print(f"{impl} / DDP images/s: {by[impl]['images_per_s'] / by['torch:ddp']['images_per_s']:.3f}")
     if "fastar" in by and "none" in by:
         print(f"fastar / ceiling:      {by['fastar']['images_per_s'] / by['none']['images_per_s']:.3f}")
     if args.json:

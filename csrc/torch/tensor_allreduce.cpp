@@ -1,5 +1,8 @@
 #include "torch/tensor_allreduce.h"
 
+#include <dlfcn.h>
+
+#include <ATen/Parallel.h>
 #include <chrono>
 #include <mutex>
 #include <stdexcept>
@@ -14,6 +17,34 @@
 
 namespace fastar {
 namespace {
+
+// The element-wise ops of a CPU step (cast to the wire dtype, add, copy) run on one thread. ATen
+// would split each into an OpenMP parallel region of every core's worth of threads; on a host whose
+// cores are shared by several ranks (or with backward's own parallel regions running next to the
+// communication thread) a region waits for a descheduled thread: measured on this 2-core host with
+// 2 ranks, a 1 MiB fp16-compressed allreduce took 20-25 ms this way and 0.8 ms on one thread. One
+// thread converts a 25 MiB bucket in well under a millisecond, less than sending it. OpenMP's
+// thread count is per thread (this one only), looked up at run time so that a torch built without
+// OpenMP needs nothing.
+class OneAtenThread {
+ public:
+  OneAtenThread() {
+    static const auto set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+    set_ = set;
+    if (!set_) return;
+    prev_ = at::get_num_threads();  // also ATen's lazy per-thread initialisation, which would undo ours
+    if (prev_ > 1) set_(1);
+  }
+  ~OneAtenThread() {
+    if (set_ && prev_ > 1) set_(prev_);
+  }
+  OneAtenThread(const OneAtenThread&) = delete;
+  OneAtenThread& operator=(const OneAtenThread&) = delete;
+
+ private:
+  void (*set_)(int) = nullptr;
+  int prev_ = 1;
+};
 
 #ifdef FASTAR_WITH_CUDA
 // One high-priority stream per device for all of fastar's GPU communication: buckets leave it in
@@ -73,6 +104,8 @@ StreamWait TensorAllreduce::run(const at::Tensor& t, Algorithm a, Hierarchy h, b
   const at::Tensor flat = t.view({-1});
   if (!t.is_cuda()) {
     TORCH_CHECK(t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported (CPU or CUDA only)");
+    OneAtenThread one;
+    retired_.clear();  // the previous call's Gloo works (see guarded): their pairs are idle by now
     body(flat, a, h, avg, wire, seq);
     return {};
   }
@@ -99,10 +132,15 @@ void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
   try {
     const c10::intrusive_ptr<c10d::Work> w = start();  // Gloo throws here when a peer has closed its pair
     if (!w) return;
-    if (cuda)
+    if (cuda) {
       w->wait();  // NCCL: the current stream waits, the CPU does not; the group's watchdog enforces its timeout
-    else
+    } else {
       w->wait(std::chrono::milliseconds((int64_t)(timeout_s_ * 1000)));
+      // Destroying a Gloo work right after its wait contends with Gloo's loop thread for the pair's
+      // lock (milliseconds on a loaded host; docs/results.md, "Problems found"): keep it until the
+      // next call. That holds one call's temporaries (about the buffer's size in the wire dtype).
+      retired_.push_back(w);
+    }
   } catch (const std::exception& e) {
     std::string op;
     if constexpr (std::is_invocable_v<const What&>)
@@ -115,6 +153,13 @@ void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
   }
 }
 
+at::Tensor TensorAllreduce::buffer(int i, int64_t n, const at::TensorOptions& o) {
+  if (o.device().is_cuda()) return at::empty({n}, o);  // the caching allocator keeps it cheap, stream-safe
+  at::Tensor& b = buffers_.at(i);
+  if (!b.defined() || b.scalar_type() != o.dtype().toScalarType() || b.numel() < n) b = at::empty({n}, o);
+  return b.narrow(0, 0, n);
+}
+
 void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks,
                           const at::Tensor& flat, Algorithm a, at::ScalarType wire, uint64_t seq, const char* what) {
   const int rank = pg->getRank(), size = pg->getSize();
@@ -124,8 +169,13 @@ void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, cons
   const bool compress = wire != flat.scalar_type();
   const auto steps = make_schedule(a, rank, size, flat.numel());
   int64_t most = 0;
-  for (const auto& s : steps) most = std::max(most, s.recv.size());
-  at::Tensor scratch = at::empty({most}, flat.options().dtype(wire));
+  for (const auto& s : steps) most = std::max({most, s.recv.size(), s.send.size()});
+  // CPU: buffers kept across calls (a fresh one costs its page faults on every call) and plain
+  // same-dtype ops (ATen's mixed-dtype add_ runs at a third of the speed of a cast and an add).
+  const bool cpu_compress = compress && !cuda;
+  at::Tensor scratch = buffer(0, most, flat.options().dtype(wire));
+  at::Tensor wire_send = cpu_compress ? buffer(1, most, flat.options().dtype(wire)) : at::Tensor();
+  at::Tensor widened = cpu_compress ? buffer(2, most, flat.options()) : at::Tensor();
   // Gloo matches messages by tag: a sender's n-th message to a peer is that peer's n-th receive
   // from it (ranks of different blocks run different numbers of steps). NCCL ignores tags.
   const int tag_base = (int)((seq & 0x3FF) << 16);
@@ -135,7 +185,12 @@ void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, cons
     std::vector<at::Tensor> sv, rv;
     if (s.send_peer >= 0 && !s.send.empty()) {
       at::Tensor src = flat.slice(0, s.send.begin, s.send.end);
-      sv.push_back(compress ? src.to(wire) : src);
+      if (!compress)
+        sv.push_back(src);
+      else if (cpu_compress)  // the previous step's send has completed: its buffer is free
+        sv.push_back(wire_send.narrow(0, 0, src.numel()).copy_(src));
+      else
+        sv.push_back(src.to(wire));
     }
     const bool recv = s.recv_peer >= 0 && !s.recv.empty();
     at::Tensor dst = recv ? flat.slice(0, s.recv.begin, s.recv.end) : at::Tensor();
@@ -161,13 +216,21 @@ void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, cons
     }
     if (!recv) continue;
     if (s.reduce)
-      dst.add_(rv[0]);  // accumulates in flat's dtype (fp32 for a compressed fp32 bucket)
+      // accumulates in flat's dtype (fp32 for a compressed fp32 bucket)
+      dst.add_(cpu_compress ? widened.narrow(0, 0, dst.numel()).copy_(rv[0]) : rv[0]);
     else if (rv[0].data_ptr() != dst.data_ptr())
       dst.copy_(rv[0]);
   }
   // Every rank holds the same sum in full precision, but the copies it received were rounded to
   // the wire's dtype: round everything once, so that every rank ends with the same bits.
-  if (compress) flat.copy_(flat.to(wire));
+  if (cuda && compress) {
+    flat.copy_(flat.to(wire));
+  } else if (compress) {
+    for (int64_t b = 0; b < flat.numel(); b += most) {
+      at::Tensor part = flat.slice(0, b, std::min(flat.numel(), b + most));
+      part.copy_(wire_send.narrow(0, 0, part.numel()).copy_(part));
+    }
+  }
 }
 
 void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire,

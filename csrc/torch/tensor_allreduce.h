@@ -11,6 +11,7 @@
 // the schedule over each rail, allgather). The intra-node phase is the group's own collective:
 // NCCL inside a GPU node, Gloo for the CPU's compressed path.
 #pragma once
+#include <array>
 #include <torch/extension.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
@@ -66,10 +67,14 @@ class TensorAllreduce {
   template <class Start, class What>
   void guarded(bool cuda, const Start& start, const What& what);
   const TensorGroups& groups(const at::Tensor& t) const;
+  // Scratch i of n elements: on the CPU one of buffers_, grown as needed; on a GPU a fresh tensor.
+  at::Tensor buffer(int i, int64_t n, const at::TensorOptions& o);
 
   Topology topo_;
   double timeout_s_;
   std::map<c10::DeviceType, TensorGroups> groups_;
+  std::vector<c10::intrusive_ptr<c10d::Work>> retired_;  // CPU: the last call's finished works
+  std::array<at::Tensor, 3> buffers_;                       // CPU: p2p's receive, send and widening scratch
 };
 
 }  // namespace fastar
