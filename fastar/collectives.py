@@ -364,6 +364,14 @@ class _DoneWork:
         return [self._tensor]
 
 
+def nothing_to_compress(wire: str, device_type: str, topo: _topology.Topology, hierarchy: str) -> bool:
+    """On one CPU node with a hierarchical schedule nothing crosses a network: the node's phase sums
+    in full precision either way (docs/architecture.md), and the shared-memory path does it far
+    faster than the compressed path's Gloo groups. Compression is then dropped: full-precision
+    sums, as the compressed path would have given too."""
+    return bool(wire) and device_type == "cpu" and topo.num_nodes == 1 and topo.size > 1 and hierarchy != "flat"
+
+
 def parse_compression(compression, where: str = "fastar.all_reduce") -> str:
     key = compression.lower() if isinstance(compression, str) else compression
     if key not in COMPRESSIONS:
@@ -490,6 +498,9 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
         topo = _topology.Topology(rank=dist.get_rank(group), size=size, local_rank=0, local_size=1,
                                   node=0, num_nodes=size, source="user group")
     algo, hier, why = choose(nbytes, algorithm, hierarchy, topo)
+    if not user_group and nothing_to_compress(wire, tensor.device.type, topo, hier):
+        wire = ""
+        why += "; one node: no network to compress for, summed in shared memory in full precision"
     if tensor.device.type == "cuda" or wire:
         why += f"; {tensor.device.type} tensor" + (f", {wire} on the wire" if wire else "") + \
             " -> torch ops and c10d collectives on fastar's groups"

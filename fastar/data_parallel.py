@@ -75,6 +75,13 @@ class FastarModule(nn.Module):
         device = named[0][1].device if named else torch.device("cpu")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"fastar.wrap: the model is on {device}; fastar reduces CPU and CUDA gradients")
+        if collectives.nothing_to_compress(wire, device.type, st.topo, hierarchy):
+            collectives._warn_once("wrap:one-node-compression",
+                                   f"fastar.wrap: compression={compression!r} on a single node: no gradient "
+                                   "crosses a network, so the buckets are summed in shared memory in full "
+                                   "precision, as without compression (the compressed path would give the same "
+                                   "full-precision sums, slower); compression applies between nodes")
+            wire = ""
         if device.type == "cuda" or wire:
             collectives.ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
         if broadcast_from_rank0 and st.topo.size > 1:

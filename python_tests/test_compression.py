@@ -106,6 +106,7 @@ def test_wrap_with_compression_matches_the_average(wire):
 
 def _disagree_worker(rank, size):
     import fastar
+    fastar.init(local_size=1)  # two "nodes" (on one node compression is dropped: nothing to disagree on)
     t = torch.ones(1000)
     fastar.all_reduce(t, compression="fp16" if rank == 0 else "bf16")
 
@@ -115,6 +116,37 @@ def test_ranks_disagreeing_on_compression_fail_on_every_rank():
     assert set(failures) == {0, 1}
     for tb in failures.values():
         assert "ranks disagree on the hierarchy/algorithm" in tb, tb
+
+
+def _one_node_worker(rank, size):
+    import warnings
+
+    import fastar
+    fastar.init(local_size=size)  # one node
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(100_000, generator=g)
+    plain, compressed = x.clone(), x.clone()
+    fastar.all_reduce(plain)
+    fastar.all_reduce(compressed, compression="fp16")
+    why = fastar.collectives.get_state().last_choice["why"]
+    forced_flat = x.clone()
+    fastar.all_reduce(forced_flat, hierarchy="flat", compression="fp16")  # asked for: the wire is used
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fastar.wrap(torch.nn.Linear(8, 4), compression="bf16")
+    return (torch.equal(plain, compressed), why, torch.equal(forced_flat, forced_flat.half().float()),
+            model.compression, model._engine.has_arena(), [str(w.message) for w in caught])
+
+
+def test_one_node_drops_compression_for_shared_memory():
+    """Nothing crosses a network on one node: the hierarchical paths sum in full precision anyway, so
+    compression is dropped for the (faster) shared-memory path: the same bits as no compression."""
+    for same, why, flat_rounded, wrap_compression, arena, warned in run_workers(_one_node_worker, 2, timeout=120):
+        assert same, "one node, compression='fp16': not the uncompressed result"
+        assert "one node: no network to compress for" in why, why
+        assert flat_rounded, "hierarchy='flat' asked for the wire: its result is rounded to fp16"
+        assert wrap_compression is None and arena is True
+        assert any("compression='bf16' on a single node" in w for w in warned), warned
 
 
 def _bad_args_worker(rank, size):
