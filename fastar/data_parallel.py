@@ -117,6 +117,11 @@ class FastarModule(nn.Module):
             self._engine.set_choice(b, algo, hier)
 
     def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            # After zero_grad(set_to_none=True) autograd would allocate every gradient afresh (and
+            # finalize drop it for the bucket view): on this host that page-faulted ~55 MB a step
+            # for ResNet-50, 25-30 ms. Point the missing .grads at their zeroed bucket views instead.
+            self._engine.adopt_missing_grads()
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
