@@ -117,11 +117,6 @@ class FastarModule(nn.Module):
             self._engine.set_choice(b, algo, hier)
 
     def forward(self, *args, **kwargs):
-        if torch.is_grad_enabled():
-            # After zero_grad(set_to_none=True) autograd would allocate every gradient afresh (and
-            # finalize drop it for the bucket view): on this host that page-faulted ~55 MB a step
-            # for ResNet-50, 25-30 ms. Point the missing .grads at their zeroed bucket views instead.
-            self._engine.adopt_missing_grads()
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -224,10 +219,7 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     gradient_as_bucket_view: after each synchronised backward, .grad is a view into fastar's bucket
     (no copy back; like DDP's option of that name). A .grad kept across iterations is then
     overwritten by the next synchronised backward; set False to get separate gradient tensors.
-    On the CPU a forward with grad enabled also gives every .grad that is None (after
-    zero_grad(set_to_none=True)) its zeroed bucket view, so that backward accumulates into the
-    bucket instead of allocating each gradient afresh. compression on a single CPU node is dropped
-    (nothing crosses a network; a warning says so).
+    compression on a single CPU node is dropped (nothing crosses a network; a warning says so).
     check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
                         hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,

@@ -90,7 +90,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_wire", &fastar::BucketEngine::set_wire, py::arg("wire"))
       .def("mark_ready", &fastar::BucketEngine::mark_ready, py::call_guard<py::gil_scoped_release>())
       .def("missing", &fastar::BucketEngine::missing)
-      .def("adopt_missing_grads", &fastar::BucketEngine::adopt_missing_grads)
       .def("finalize", &fastar::BucketEngine::finalize, py::arg("fill_unused"),
            py::call_guard<py::gil_scoped_release>())
       .def("ready_order", &fastar::BucketEngine::ready_order)

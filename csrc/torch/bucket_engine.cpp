@@ -231,22 +231,6 @@ void BucketEngine::finalize(bool fill_unused) {
   }
 }
 
-void BucketEngine::adopt_missing_grads() {
-  if (!as_view_) return;
-  std::lock_guard<std::mutex> g(mu_);
-  if (started_) return;  // a backward is running: too late
-  for (auto& b : buckets_) {
-    if (b.flat.is_cuda()) continue;  // CUDA buckets are packed from the gradients by one kernel
-    for (size_t k = 0; k < b.params.size(); ++k) {
-      at::Tensor& p = params_[b.params[k]];
-      at::Tensor& grad = p.mutable_grad();
-      if (grad.defined()) continue;
-      grad = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
-      grad.zero_();
-    }
-  }
-}
-
 std::vector<std::tuple<int64_t, double, double, double, std::string>> BucketEngine::stats() const {
   std::lock_guard<std::mutex> g(mu_);
   std::vector<std::tuple<int64_t, double, double, double, std::string>> out;

@@ -55,10 +55,6 @@ class BucketEngine {
   std::vector<int64_t> missing() const;
   // fill_unused: treat missing gradients as zeros. Waits for every bucket, writes .grad.
   void finalize(bool fill_unused);
-  // Before a backward: every CPU parameter whose .grad is undefined (zero_grad(set_to_none=True))
-  // gets its zeroed bucket view, so that autograd accumulates into the bucket in place instead of
-  // allocating a fresh gradient that finalize would then drop. Only with gradient_as_bucket_view.
-  void adopt_missing_grads();
   std::vector<int64_t> ready_order() const { return ready_order_; }
   bool in_iteration() const { return started_; }
   // Per bucket: bytes, ready, start, end (steady-clock seconds), algorithm.
