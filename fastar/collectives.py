@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -279,6 +280,22 @@ def _exited_peers() -> list[tuple[int, int]]:
     return gone
 
 
+def _exited_peers_settled(settle_s: float = 1.0) -> list[tuple[int, int]]:
+    """_exited_peers, asked again for up to settle_s while it finds none. A killed process closes
+    its sockets before the kernel marks it exited: the peer that saw the connection reset (and the
+    ranks it woke) can look at /proc inside that window and still see the process running."""
+    st = _state
+    host = socket.gethostname()
+    same_host = st is not None and any(p and p[0] == host for r, p in enumerate(st.processes or [])
+                                       if r != st.topo.rank)
+    gone = _exited_peers()
+    deadline = time.monotonic() + settle_s
+    while same_host and not gone and time.monotonic() < deadline:
+        time.sleep(0.02)
+        gone = _exited_peers()
+    return gone
+
+
 def _exchange_reports(msg: str) -> list[tuple[int, str]]:
     """Publishes this rank's error in the job's store; returns the errors other ranks published."""
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -302,7 +319,7 @@ def _with_cause(err: BaseException) -> BaseException:
     error names the rank that failed."""
     msg = str(err)
     try:
-        gone = _exited_peers()
+        gone = _exited_peers_settled()
         # Without torchrun's agent (which hosts the store itself), the store lived in rank 0's
         # process: asking a dead one would only print torch's connection errors.
         store_gone = any(r == 0 for r, _ in gone) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"

@@ -160,3 +160,36 @@ def test_one_rank_calls_twice(hierarchy):
     assert elapsed < TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s: {err}"
     assert "rank" in err and ("timed out" in err.lower() or "timeout" in err.lower()), err
     assert not leaked(before, set())
+
+
+def test_exit_window_is_waited_out(monkeypatch):
+    """A SIGKILLed process closes its sockets before the kernel marks it exited: the rank that saw
+    the reset (and the ranks it woke) can look inside that window (CI once did). The error's check
+    of same-host peers asks again for a moment instead of reporting none."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from fastar import collectives as C
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.4)"])
+    try:
+        host = C.socket.gethostname()
+        started = None
+        while started is None:  # /proc/<pid>/stat exists once Popen returns
+            started = C._start_time(child.pid)
+        me = C._this_process()
+        monkeypatch.setattr(C, "_state", SimpleNamespace(topo=SimpleNamespace(rank=0),
+                                                         processes=[me, (host, child.pid, started)]))
+        assert C._exited_peers() == []  # still running: a single look finds nobody
+        t0 = time.monotonic()
+        assert C._exited_peers_settled(settle_s=5.0) == [(1, child.pid)]
+        assert time.monotonic() - t0 < 4.0
+        # nobody exits: the settle is bounded
+        monkeypatch.setattr(C, "_state", SimpleNamespace(topo=SimpleNamespace(rank=0),
+                                                         processes=[me, me]))
+        t0 = time.monotonic()
+        assert C._exited_peers_settled(settle_s=0.3) == []
+        assert 0.25 < time.monotonic() - t0 < 3.0
+    finally:
+        child.kill()
+        child.wait()
