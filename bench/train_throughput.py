@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -60,6 +61,7 @@ def worker(args) -> dict | None:
         for _ in range(args.warmup):
             step(impl)
     times = {impl: [] for impl in args.impls}
+    faults = {impl: [] for impl in args.impls}  # minor page faults a step (max over ranks)
     comm = {impl: [] for impl in args.impls}
     overlap = {impl: [] for impl in args.impls}
     timeline = None
@@ -72,11 +74,14 @@ def worker(args) -> dict | None:
         for impl in args.impls:
             for _ in range(args.per_round):
                 dist.barrier()
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 step(impl)
-                dt = torch.tensor([time.perf_counter() - t0])
+                dt = torch.tensor([time.perf_counter() - t0,
+                                   resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0], dtype=torch.float64)
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-                times[impl].append(dt.item())
+                times[impl].append(dt[0].item())
+                faults[impl].append(int(dt[1].item()))
                 if impl.startswith("fastar"):
                     st = models[impl][0].comm_stats()
                     comm[impl].append(st["comm_s"])
@@ -95,6 +100,7 @@ def worker(args) -> dict | None:
         rows.append({"impl": impl, "images_per_s": world * args.batch / step_s, "step_ms": step_s * 1e3,
                      "comm_ms": statistics.median(comm[impl]) * 1e3 if comm[impl] else None,
                      "overlap": statistics.median(overlap[impl]) if overlap[impl] else None,
+                     "minor_faults": statistics.median(faults[impl]),
                      "step_ms_all": [t * 1e3 for t in times[impl]]})
     return {"world_size": world, "local_size": fastar.collectives.get_state().topo.local_size, "model": args.model,
             "image_size": args.image_size, "batch_per_worker": args.batch, "threads_per_rank": args.threads,
@@ -134,11 +140,12 @@ def _spawned(rank, args):
 
 
 def finish(out: dict, args) -> None:
-    print(f"\n{'impl':>11} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8}")
+    print(f"\n{'impl':>11} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8} {'faults':>7}")
     for r in out["rows"]:
         cm = f"{r['comm_ms']:.1f}" if r["comm_ms"] is not None else "-"
         ov = f"{r['overlap']:.2f}" if r["overlap"] is not None else "-"
-        print(f"{r['impl']:>11} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {cm:>9} {ov:>8}")
+        print(f"{r['impl']:>11} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {cm:>9} {ov:>8} "
+              f"{r.get('minor_faults', 0):>7.0f}")
     by = {r["impl"]: r for r in out["rows"]}
     for impl in (i for i in by if i.startswith("fastar") and "torch:ddp" in by):
         print(f"{impl} / DDP images/s: {by[impl]['images_per_s'] / by['torch:ddp']['images_per_s']:.3f}")
