@@ -145,7 +145,9 @@ def node_segment(topo: _topology.Topology, group, make, kind: str, unlink):
 
 
 def shutdown() -> None:
-    """Closes fastar's communicator (not torch.distributed). fastar.init may be called again."""
+    """Closes fastar's communicator (not torch.distributed). fastar.init may be called again.
+    Call it before dist.destroy_process_group(), which shuts down the process groups that the
+    communicator's threads use."""
     global _state
     with _lock:
         if _state is not None:

@@ -106,6 +106,8 @@ def _run_worker(args):
     try:
         return train(args)
     finally:
+        import fastar  # its communicator first: its threads use the groups torch is about to shut down
+        fastar.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
 
