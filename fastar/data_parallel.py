@@ -109,6 +109,7 @@ class FastarModule(nn.Module):
         self._bwd_first = self._bwd_end = 0.0
         self._last_stats: list = []
         self._spare = None
+        self._keep_spare = device.type == "cpu"  # CUDA's caching allocator keeps freed blocks itself
         self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
 
     def _apply_choices(self):
@@ -153,11 +154,11 @@ class FastarModule(nn.Module):
                 f"{names}{more}. If some parameters are legitimately unused, wrap with find_unused_parameters=True "
                 "(their gradients are then treated as zeros); if they should never train, set requires_grad=False.")
         self._bwd_end = time.monotonic()
-        # finalize points .grad at the bucket views; the gradients autograd allocated this backward
-        # (after zero_grad(set_to_none=True)) are kept until the next forward, as DDP keeps them
-        # until zero_grad: freed here, ~100 MB at once (ResNet-50) went back to the system and were
-        # faulted in again every step (2 nodes x 1: 10-15k page faults a step, 6-7% slower).
-        spare = [p.grad for p in self._params]
+        # finalize points .grad at the bucket views; on the CPU the gradients autograd allocated this
+        # backward (after zero_grad(set_to_none=True)) are kept until the next forward, as DDP keeps
+        # them until zero_grad: freed here, ~100 MB at once (ResNet-50) went back to the system and
+        # were faulted in again every step (2 nodes x 1: 10-15k page faults a step, 6-7% slower).
+        spare = [p.grad for p in self._params] if self._keep_spare else None
         try:
             self._engine.finalize(self.find_unused_parameters)
         except RuntimeError as e:  # a dead or disagreeing peer: name it, with the others' reports
@@ -227,9 +228,9 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     gradient_as_bucket_view: after each synchronised backward, .grad is a view into fastar's bucket
     (no copy back; like DDP's option of that name). A .grad kept across iterations is then
     overwritten by the next synchronised backward; set False to get separate gradient tensors.
-    The tensors autograd allocated for .grad in that backward (after zero_grad(set_to_none=True))
-    are held until the next forward, as DDP holds its gradients until zero_grad: their memory then
-    serves that forward instead of being returned to the system and faulted in again.
+    On the CPU the tensors autograd allocated for .grad in that backward (after
+    zero_grad(set_to_none=True)) are held until the next forward, as DDP holds its gradients until
+    zero_grad: their memory then serves that forward instead of going back to the system.
     compression on a single CPU node is dropped (nothing crosses a network; a warning says so).
     check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
