@@ -268,28 +268,25 @@ def _this_process():
 def _exited_peers() -> list[tuple[int, int]]:
     """(rank, pid) of the ranks on this host whose process has exited since fastar.init: a collective
     that breaks cannot say which member broke it; a dead process on this host is the likely cause."""
+    return [(r, pid) for r, pid, started in _same_host_peers()
+            if started is not None and _start_time(pid) != started]
+
+
+def _same_host_peers() -> list[tuple[int, int, int | None]]:
+    """(rank, pid, start time at fastar.init) of the other ranks on this host."""
     st = _state
     if st is None or not st.processes:
         return []
     host = socket.gethostname()
-    gone = []
-    for r, proc in enumerate(st.processes):
-        if r == st.topo.rank or not proc or proc[0] != host:
-            continue
-        _, pid, started = proc
-        if started is not None and _start_time(pid) != started:
-            gone.append((r, pid))
-    return gone
+    return [(r, proc[1], proc[2]) for r, proc in enumerate(st.processes)
+            if r != st.topo.rank and proc and proc[0] == host]
 
 
 def _exited_peers_settled(settle_s: float = 1.0) -> list[tuple[int, int]]:
     """_exited_peers, asked again for up to settle_s while it finds none. A killed process closes
     its sockets before the kernel marks it exited: the peer that saw the connection reset (and the
     ranks it woke) can look at /proc inside that window and still see the process running."""
-    st = _state
-    host = socket.gethostname()
-    same_host = st is not None and any(p and p[0] == host for r, p in enumerate(st.processes or [])
-                                       if r != st.topo.rank)
+    same_host = bool(_same_host_peers())
     gone = _exited_peers()
     deadline = time.monotonic() + settle_s
     while same_host and not gone and time.monotonic() < deadline:
