@@ -5,6 +5,7 @@ re-checks cheaply (TORCH_CHECK) but Python users should never see its text for a
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import settings
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
@@ -38,7 +40,8 @@ RING_ABOVE_BYTES_NON_POW2 = 16 << 20
 # every local rank drives its own shard ("rail"). Measured at 2 nodes x 2 (docs/results.md): leader
 # ahead up to 4 MiB, rail ahead from 16 MiB.
 RAIL_ABOVE_BYTES = 8 << 20
-SHM_CHUNK_BYTES = int(float(os.environ.get("FASTAR_SHM_CHUNK_MB", "4")) * (1 << 20))
+# Staged-path chunk sizes tried in turn when /dev/shm cannot hold the arena at the configured one.
+SHM_FALLBACK_CHUNKS = (1 << 20, 256 << 10)
 
 
 def _C():
@@ -96,6 +99,7 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
             return _state.topo
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
+        chunk = settings.shm_chunk_bytes()  # a bad FASTAR_SHM_CHUNK_MB fails here, on every rank alike
         topo = _topology.detect(local_size)
         world_ranks = list(range(topo.size))
         world = dist.new_group(ranks=world_ranks, backend="gloo", timeout=timeout)
@@ -104,44 +108,127 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
             ranks = topo.rail_ranks(lr)
             cross_groups.append(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout) if len(ranks) > 1 else None)
         cross = cross_groups[topo.local_rank]
-        def make(shm_name, create):
-            return _C().Communicator(
-                rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
-                node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
-                cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
-                shm_name=shm_name, shm_create=create, shm_chunk_bytes=SHM_CHUNK_BYTES,
-                timeout_s=timeout.total_seconds())
-        comm = node_segment(topo, world, make, "arena", lambda c: c.unlink_shm())
+
+        def maker(chunk_bytes):
+            def make(shm_name, create):
+                return _C().Communicator(
+                    rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
+                    node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
+                    cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
+                    shm_name=shm_name, shm_create=create, shm_chunk_bytes=chunk_bytes,
+                    timeout_s=timeout.total_seconds())
+            return make
+        chunks = [chunk] + [c for c in SHM_FALLBACK_CHUNKS if c < chunk]
+        for i, c in enumerate(chunks):
+            try:
+                comm = node_segment(topo, world, maker(c), "arena", lambda x: x.unlink_shm(), lambda x: x.close())
+                break
+            except ShmSpaceError as e:
+                if i + 1 == len(chunks):
+                    raise
+                _warn_once(f"shm-chunk:{c}", f"fastar.init: {e}\nFalling back to the staged shared-memory path "
+                           f"with {chunks[i + 1] >> 10} KiB chunks (slower for large tensors).")
         processes: list = [None] * topo.size
         dist.all_gather_object(processes, _this_process(), group=world)
         _state = _State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout,
                         processes=processes)
+        _install_exit_hooks()
         log.debug("fastar.init: %s", topo)
         return topo
 
 
-def node_segment(topo: _topology.Topology, group, make, kind: str, unlink):
+class ShmSpaceError(RuntimeError):
+    """/dev/shm cannot hold a segment fastar needs (raised on every rank of the job alike)."""
+
+
+def node_segment(topo: _topology.Topology, group, make, kind: str, unlink, discard=None):
     """Collective: make(name, create) builds an object over a shared-memory segment of this node.
-    Local rank 0 creates the segment (O_EXCL, 0600, a random part in its name) before the others
-    map it; once all have, unlink(obj) removes the name, before any rank returns, so that a crash can
-    leave nothing behind. Without local peers, make("", False)."""
+    Local rank 0 creates the segment (O_EXCL, 0600, reserved in full, a random part in its name)
+    before the others map it; once all have, unlink(obj) removes the name, before any rank returns,
+    so that a crash can leave nothing behind. Without local peers, make("", False).
+    Each step's outcome is gathered from every rank, so that a failure on any node (a full
+    /dev/shm above all) raises the same error on every rank of the job instead of leaving the
+    others to a Gloo timeout; discard(obj) releases what this rank had made. A full /dev/shm
+    raises ShmSpaceError, so that callers can fall back to a smaller segment."""
     name = ""
     if topo.local_size > 1 and topo.local_rank == 0:
         _C().remove_stale_shm("fastar_")
-        name = f"/fastar_{os.getuid()}_{_job_id()}_{kind}_n{topo.node}_{secrets.token_hex(4)}_p{os.getpid()}"
+        name = (f"/fastar_{os.getuid()}_{_job_id()}_{kind}_n{topo.node}_{secrets.token_hex(4)}"
+                f"_ns{_C().pid_namespace()}_p{os.getpid()}")
     names: list = [None] * topo.size
     dist.all_gather_object(names, name, group=group)
     if topo.local_size == 1:
         return make("", False)
     name = names[topo.node * topo.local_size]
-    obj = make(name, True) if topo.local_rank == 0 else None
-    dist.barrier(group=group)
-    if topo.local_rank != 0:
-        obj = make(name, False)
-    dist.barrier(group=group)
+    obj = None
+
+    def step(create: bool):
+        nonlocal obj
+        err = None
+        if (topo.local_rank == 0) == create:
+            try:
+                obj = make(name, create)
+            except RuntimeError as e:
+                err = str(e)
+        errors: list = [None] * topo.size
+        dist.all_gather_object(errors, err, group=group)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            if obj is not None and discard is not None:
+                discard(obj)
+            r, e = failed[0]
+            cls = ShmSpaceError if "/dev/shm is too small" in e else RuntimeError
+            where = "this rank" if r == topo.rank else f"rank {r} (node {r // topo.local_size})"
+            raise cls(f"fastar: the node's shared-memory segment ({kind}) could not be set up on {where}: {e}")
+    step(True)
+    step(False)
     unlink(obj)  # a no-op except on the creator
     dist.barrier(group=group)
     return obj
+
+
+def _install_exit_hooks() -> None:
+    """fastar's threads and retained Gloo works must be released before torch destroys its process
+    groups and before the interpreter finalizes: scripts end with dist.destroy_process_group() and
+    often without fastar.shutdown(). An atexit handler and a wrapper around
+    torch.distributed.destroy_process_group call fastar.shutdown() first."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(shutdown)
+    import torch.distributed.distributed_c10d as c10d  # noqa: PLC0415
+
+    original = c10d.destroy_process_group
+    if getattr(original, "_fastar_wrapped", False):
+        return
+
+    def destroy_process_group(group=None):
+        try:
+            if group is None or group is dist.group.WORLD:
+                shutdown()  # fastar's groups go with the default one: close what uses them first
+            else:
+                _forget_group(group)
+        except Exception:  # noqa: BLE001 - torch's teardown must go on
+            log.exception("fastar: releasing its communicators before destroy_process_group failed")
+        return original(group) if group is not None else original()
+    destroy_process_group.__doc__ = original.__doc__
+    destroy_process_group._fastar_wrapped = True
+    c10d.destroy_process_group = destroy_process_group
+    dist.destroy_process_group = destroy_process_group
+
+
+_hooks_installed = False
+
+
+def _forget_group(group) -> None:
+    """Closes the communicator fastar made over a user's group that is being destroyed."""
+    st = _state
+    if st is None:
+        return
+    name = dist.distributed_c10d._get_process_group_name(group)
+    for key in [k for k in st.group_comms if k[0] == name]:
+        st.group_comms.pop(key).close()
 
 
 def shutdown() -> None:
@@ -168,9 +255,14 @@ def get_state() -> _State:
 
 
 def set_timeout(timeout: timedelta) -> None:
+    """The timeout of every fastar wait from now on, queued work and fastar.wrap's buckets included."""
+    if isinstance(timeout, (int, float)):
+        timeout = timedelta(seconds=timeout)
     st = get_state()
     st.timeout = timeout
     st.comm.set_timeout(timeout.total_seconds())
+    for c in st.group_comms.values():
+        c.set_timeout(timeout.total_seconds())
 
 
 def _is_pow2(n: int) -> bool:
@@ -536,13 +628,14 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
 
 def _group_comm(st: _State, group, device: torch.device, wire: str):
     """A flat communicator over a user's process group (its traffic shares that group)."""
-    key = id(group)
     ranks = dist.get_process_group_ranks(group)
+    # Keyed by torch's unique group name: id() of a destroyed group is reused by Python.
+    key = (dist.distributed_c10d._get_process_group_name(group), tuple(ranks))
     if key not in st.group_comms:
         r, n = dist.get_rank(group), len(ranks)
         st.group_comms[key] = _C().Communicator(
             rank=r, size=n, local_rank=0, local_size=1, node=r, num_nodes=n, world=group, world_ranks=ranks,
-            cross=None, cross_ranks=[], shm_name="", shm_create=False, shm_chunk_bytes=SHM_CHUNK_BYTES,
+            cross=None, cross_ranks=[], shm_name="", shm_create=False, shm_chunk_bytes=1 << 20,
             timeout_s=st.timeout.total_seconds())
     comm = st.group_comms[key]
     if (device.type == "cuda" or wire) and not comm.has_tensor_groups(device.type):

@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -45,9 +46,11 @@ class FastarModule(nn.Module):
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  algorithm: str = "auto", hierarchy: str = "auto", find_unused_parameters: bool = False,
                  broadcast_from_rank0: bool = True, check_finite: bool = False,
-                 gradient_as_bucket_view: bool = True, shm_buckets: bool = True, compression=None):
+                 gradient_as_bucket_view: bool = True, shm_buckets: bool = True, compression=None,
+                 broadcast_buffers: bool = True):
         super().__init__()
         collectives._require_dist()
+        _refuse_wrapped(module)
         if algorithm not in collectives.ALGORITHMS:
             raise ValueError(f"fastar.wrap: algorithm={algorithm!r}; expected one of {collectives.ALGORITHMS}")
         if hierarchy not in collectives.HIERARCHIES:
@@ -84,11 +87,13 @@ class FastarModule(nn.Module):
             wire = ""
         if device.type == "cuda" or wire:
             collectives.ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
+        self._bgroup = st.device_groups["cuda"]["world"] if device.type == "cuda" else group
         if broadcast_from_rank0 and st.topo.size > 1:
-            bgroup = st.device_groups["cuda"]["world"] if device.type == "cuda" else group
             with torch.no_grad():
                 for t in list(module.parameters()) + list(module.buffers()):
-                    dist.broadcast(t.data, src=0, group=bgroup)
+                    dist.broadcast(t.data, src=0, group=self._bgroup)
+        self.broadcast_buffers = broadcast_buffers
+        self._require_forward_sync = True  # DDP's require_forward_param_sync
         self.compression = wire or None
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -100,8 +105,14 @@ class FastarModule(nn.Module):
         self._apply_choices()
         if st.topo.local_size > 1 and shm_buckets and device.type == "cpu" and not wire:
             # Buckets live in the node's shared memory: the local phase reads them where they are.
-            collectives.node_segment(st.topo, group, self._engine.attach_arena, "buckets",
-                                     lambda _: self._engine.unlink_arena())
+            engine = self._engine
+            try:
+                collectives.node_segment(st.topo, group, engine.attach_arena, "buckets",
+                                         lambda _: engine.unlink_arena(), lambda _: engine.detach_arena())
+            except collectives.ShmSpaceError as e:  # every rank alike: the same buckets everywhere
+                collectives._warn_once("wrap:shm-buckets", f"fastar.wrap: {e}\nThe buckets stay in private "
+                                       "memory and go through the staged shared-memory path instead (slower "
+                                       "local phase; same results).")
         self._sync = True
         self._rebuilt = False
         self._callback_queued = False
@@ -110,7 +121,12 @@ class FastarModule(nn.Module):
         self._last_stats: list = []
         self._spare = None
         self._keep_spare = device.type == "cpu"  # CUDA's caching allocator keeps freed blocks itself
-        self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+        # The hooks hold this wrapper weakly and go with it: a dropped wrapper leaves a plain model.
+        me = weakref.ref(self)
+        self._handles = [p.register_post_accumulate_grad_hook(_grad_hook(me, i)) for i, p in enumerate(self._params)]
+        for p in self._params:
+            _OWNERS[id(p)] = (weakref.ref(p), me)
+        weakref.finalize(self, _release, self._handles, self._params, me)
 
     def _apply_choices(self):
         topo = self._state.topo
@@ -120,7 +136,19 @@ class FastarModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._spare = None  # last backward's own gradients: their memory now serves this forward
-        return self.module(*args, **kwargs)
+        if self.broadcast_buffers and self._require_forward_sync:
+            self._sync_buffers()
+        out = self.module(*args, **kwargs)
+        # As DDP: the next forward syncs buffers when this one may be followed by a synced backward.
+        self._require_forward_sync = torch.is_grad_enabled() and self._sync
+        return out
+
+    def _sync_buffers(self):
+        """DDP's broadcast_buffers: rank 0's buffers (BN running statistics, counters) everywhere."""
+        bufs = list(self.module.buffers())
+        if bufs and self._state.topo.size > 1:
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(bufs)):
+                dist._broadcast_coalesced(self._bgroup, bufs, 250 * (1 << 20), 0)
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -132,21 +160,20 @@ class FastarModule(nn.Module):
         finally:
             self._sync = old
 
-    def _make_hook(self, i: int):
-        def hook(param):
-            if not self._sync:
-                return
-            if not self._callback_queued:
-                self._callback_queued = True
-                self._bwd_first = time.monotonic()
-                torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-            self._engine.mark_ready(i, param.grad)
-        return hook
+    def _on_grad(self, i: int, param):
+        if not self._sync:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            self._bwd_first = time.monotonic()
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+        self._engine.mark_ready(i, param.grad)
 
     def _finalize(self):
         self._callback_queued = False
         missing = self._engine.missing()
         if missing and not self.find_unused_parameters:
+            self._engine.abandon()  # the next backward starts clean
             names = ", ".join(self._names[i] for i in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise RuntimeError(
@@ -210,14 +237,44 @@ class FastarModule(nn.Module):
                 "bucket_params": [[self._names[i] for i in self._engine.bucket_params(b)]
                                   for b in range(self._engine.num_buckets())]}
 
-    def __del__(self):
-        for h in getattr(self, "_handles", []):
-            h.remove()
+
+
+def _grad_hook(wrapper_ref, i: int):
+    def hook(param):
+        wrapper = wrapper_ref()
+        if wrapper is not None:
+            wrapper._on_grad(i, param)
+    return hook
+
+
+def _release(handles, params, wrapper_ref) -> None:
+    """Runs when a wrapper is collected: its hooks and marks leave the parameters."""
+    for h in handles:
+        h.remove()
+    for p in params:
+        if _OWNERS.get(id(p), (None, None))[1] is wrapper_ref:
+            del _OWNERS[id(p)]
+
+
+# id(parameter) -> (weak reference to it, weak reference to the wrapper whose hooks it carries).
+# Not an attribute of the parameter (a deepcopy of the model, for an EMA say, must not copy it),
+# nor a WeakKeyDictionary (its lookups compare tensors with ==).
+_OWNERS: dict = {}
+
+
+def _refuse_wrapped(module: nn.Module) -> None:
+    for n, p in module.named_parameters():
+        param_ref, ref = _OWNERS.get(id(p), (None, None))
+        if param_ref is not None and param_ref() is p and ref() is not None:
+            raise RuntimeError(
+                f"fastar.wrap: parameter {n} already belongs to a fastar.wrap wrapper (a model wrapped twice, "
+                "or a module shared with another wrapped model): its gradients would be averaged twice. Wrap "
+                "the bare model once; to re-wrap, drop the old wrapper first (del wrapped; gc.collect()).")
 
 
 def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1, algorithm: str = "auto",
          hierarchy: str = "auto", find_unused_parameters: bool = False, check_finite: bool = False,
-         gradient_as_bucket_view: bool = True, compression=None) -> FastarModule:
+         gradient_as_bucket_view: bool = True, compression=None, broadcast_buffers: bool = True) -> FastarModule:
     """model = fastar.wrap(model): data parallel training over fastar's hierarchical allreduce.
 
     The model may live on the CPU (Gloo between nodes, shared memory inside a node) or on one GPU
@@ -232,10 +289,16 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     zero_grad(set_to_none=True)) are held until the next forward, as DDP holds its gradients until
     zero_grad: their memory then serves that forward instead of going back to the system.
     compression on a single CPU node is dropped (nothing crosses a network; a warning says so).
-    check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf."""
+    check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf.
+    broadcast_buffers: as DDP's (and its default): rank 0's buffers (BN running statistics) are
+    broadcast to every rank at the start of each forward that follows a synchronised one. False
+    keeps every worker's own buffers (the paper's per-worker BN; fastar.train passes False).
+    A model whose parameters already belong to a live wrapper is refused; a wrapper that is
+    dropped takes its gradient hooks with it."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
                         hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,
-                        gradient_as_bucket_view=gradient_as_bucket_view, compression=compression)
+                        gradient_as_bucket_view=gradient_as_bucket_view, compression=compression,
+                        broadcast_buffers=broadcast_buffers)
 
 
 class _HookState:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from . import settings
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -32,8 +34,8 @@ def detect(local_size: int | None = None, group=None) -> Topology:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if local_size is not None:
         source = "fastar.init(local_size=...)"
-    elif os.environ.get("FASTAR_LOCAL_SIZE"):
-        local_size, source = int(os.environ["FASTAR_LOCAL_SIZE"]), "FASTAR_LOCAL_SIZE"
+    elif settings.local_size() is not None:
+        local_size, source = settings.local_size(), "FASTAR_LOCAL_SIZE"
     elif os.environ.get("LOCAL_WORLD_SIZE"):
         local_size, source = int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE (torchrun)"
     else:

@@ -31,9 +31,9 @@ TRAIN_STEPS, TRAIN_WARMUP = 200, 20
 SOAK_SIZES = (1, 100, 4096, 65536)
 BIG = 1 << 20
 SOAK_HIERARCHIES = ("auto", "flat", "leader", "rail")
-# /fastar_<uid>_<job hash>_[<kind>_]n<node>_<random>_p<creator pid>
+# /fastar_<uid>_<job hash>_[<kind>_]n<node>_<random>_ns<pid namespace>_p<creator pid>
 NAME_RE = re.compile(r"/fastar_(?P<uid>\d+)_(?P<job>[0-9a-f]+)_(?:(?P<kind>[a-z]+)_)?n(?P<node>\d+)_"
-                     r"(?P<rand>[0-9a-f]+)_p(?P<pid>\d+)$")
+                     r"(?P<rand>[0-9a-f]+)_ns(?P<ns>\d+)_p(?P<pid>\d+)$")
 
 
 def fastar_entries(prefix: str = "fastar_") -> list:

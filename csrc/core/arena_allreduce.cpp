@@ -54,8 +54,8 @@ void ArenaAllreduce::allreduce(Hierarchy mode, Algorithm algo, int64_t offset, i
       if (r != lr) std::memcpy(region(r) + sb, dst, sn * esize);
     arena_->signal(ShmFlag::Done, g);
     arena_->wait_all(ShmFlag::Done, g, "finished slices written back");
-  } catch (...) {
-    arena_->mark_failed();
+  } catch (const std::exception& e) {
+    arena_->mark_failed(e.what());  // local peers fail at once, with this reason
     throw;
   }
 }

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -15,6 +16,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 namespace fastar {
@@ -29,6 +32,8 @@ struct Header {
   std::atomic<uint64_t> magic;
   std::atomic<int32_t> pid;
   std::atomic<int32_t> failed;
+  std::atomic<uint64_t> start_ticks;  // the process's start time (/proc/<pid>/stat), against pid reuse
+  std::atomic<uint64_t> pid_ns;       // inode of its pid namespace: pids of another one cannot be checked
 };
 static_assert(sizeof(Header) <= kLine, "header fits a line");
 
@@ -36,7 +41,52 @@ size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 std::string errno_str() { return std::strerror(errno); }
 
-bool process_alive(int pid) { return pid <= 0 || ::kill(pid, 0) == 0 || errno == EPERM; }
+int64_t reserve_limit = -1;  // test hook (ShmArena::set_reserve_limit): fail larger reservations
+
+// The process's start time in clock ticks since boot, or 0 when it does not exist or has exited
+// (a zombie has exited: it will never set another flag).
+uint64_t start_ticks_of(int pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto close = text.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(text.substr(close + 1));
+  std::string state;
+  rest >> state;
+  if (state == "Z" || state == "X" || state == "x") return 0;
+  std::string field;
+  for (int i = 0; i < 19 && rest >> field; ++i) {}  // fields 4..22: starttime is the 22nd
+  try {
+    return std::stoull(field);
+  } catch (...) {
+    return 0;
+  }
+}
+
+uint64_t own_pid_ns() {
+  struct stat st;
+  return ::stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+// Alive unless this host's /proc says that the process the header describes is gone. A pid from
+// another pid namespace (containers sharing /dev/shm) cannot be looked up: it counts as alive and
+// the timeout and failure flags stand in.
+bool peer_alive(int pid, uint64_t start, uint64_t ns) {
+  if (pid <= 0) return true;
+  if (ns != 0 && ns != own_pid_ns()) return true;
+  const uint64_t now = start_ticks_of(pid);
+  if (now == 0) return false;
+  return start == 0 || now == start;
+}
+
+// Creator-side check of a segment name's creator (names end in _p<pid>; ns in _ns<inode>).
+bool creator_alive(int pid, uint64_t ns) { return peer_alive(pid, 0, ns); }
+
+std::string mib(uint64_t b) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", b / 1048576.0);
+  return buf;
+}
 
 void futex_wait(std::atomic<uint32_t>* addr, uint32_t val, long usec) {
   struct timespec ts{usec / 1000000, (usec % 1000000) * 1000};
@@ -52,29 +102,50 @@ inline bool reached(uint32_t v, uint32_t gen) { return (int32_t)(v - gen) >= 0; 
 }  // namespace
 
 ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int local_size, int64_t chunk_bytes,
-                   double timeout_s)
+                   double timeout_s, bool regions_only)
     : name_(name), local_rank_(local_rank), local_size_(local_size), chunk_bytes_(chunk_bytes),
       timeout_s_(timeout_s), creator_(create) {
   if (local_size <= 0 || local_rank < 0 || local_rank >= local_size)
     throw std::invalid_argument("fastar shm: bad local rank/size");
+  if (chunk_bytes <= 0 || chunk_bytes > (int64_t(1) << 40))
+    throw std::invalid_argument("fastar shm: chunk size must be positive (got " + std::to_string(chunk_bytes) +
+                                " bytes): check FASTAR_SHM_CHUNK_MB");
   chunk_bytes_ = (int64_t)align_up((size_t)chunk_bytes, 4096);
-  total_bytes_ = kCtlBytes * local_size + 2 * (size_t)(local_size + 1) * chunk_bytes_;
+  total_bytes_ = kCtlBytes * local_size +
+                 (regions_only ? (size_t)local_size : 2 * (size_t)(local_size + 1)) * chunk_bytes_;
   int fd = -1;
   if (create) {
     fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) throw std::runtime_error("fastar shm: cannot create " + name + ": " + errno_str());
-    if (::ftruncate(fd, (off_t)total_bytes_) != 0) {
-      std::string e = errno_str();
+    // ftruncate reserves nothing on tmpfs: a segment larger than what /dev/shm has free maps fine
+    // and then kills the process with SIGBUS at the first touch of a missing page. Reserve every
+    // page now, so that a small /dev/shm (a container's 64 MiB default) is an error here instead.
+    int err = 0;
+    if (::ftruncate(fd, (off_t)total_bytes_) != 0) err = errno;
+    if (!err && reserve_limit >= 0 && (int64_t)total_bytes_ > reserve_limit) err = ENOSPC;
+    if (!err) err = ::posix_fallocate(fd, 0, (off_t)total_bytes_);
+    if (err) {
       ::close(fd);
       ::shm_unlink(name.c_str());
-      throw std::runtime_error("fastar shm: cannot size " + name + " to " + std::to_string(total_bytes_) +
-                               " bytes: " + e + " (is /dev/shm large enough? lower FASTAR_SHM_CHUNK_MB)");
+      struct statvfs vfs;
+      const uint64_t free_b = ::statvfs("/dev/shm", &vfs) == 0 ? (uint64_t)vfs.f_bavail * vfs.f_frsize : 0;
+      throw std::runtime_error(
+          std::string(err == ENOSPC || err == ENOMEM ? "fastar shm: /dev/shm is too small: " : "fastar shm: ") +
+          "cannot reserve " + mib(total_bytes_) + " for " + name + " (" + std::strerror(err) + "); " +
+          mib(free_b) + " of /dev/shm is free. In a container, give it more shared memory (docker run "
+          "--shm-size=1g, or a larger /dev/shm volume in Kubernetes), or need less: a smaller bucket_cap_mb "
+          "for fastar.wrap, FASTAR_SHM_CHUNK_MB for the staged path, fewer ranks per node");
     }
   } else {
     fd = ::shm_open(name.c_str(), O_RDWR, 0600);
     if (fd < 0) throw std::runtime_error("fastar shm: cannot open " + name + ": " + errno_str());
     struct stat st;
-    if (::fstat(fd, &st) != 0 || (size_t)st.st_size != total_bytes_) {
+    if (::fstat(fd, &st) != 0 || st.st_uid != ::geteuid() || (st.st_mode & 0777) != 0600) {
+      ::close(fd);
+      throw std::runtime_error("fastar shm: segment " + name + " is not owned by this user with mode 0600: "
+                               "not fastar's segment, refusing to use it");
+    }
+    if ((size_t)st.st_size != total_bytes_) {
       ::close(fd);
       throw std::runtime_error("fastar shm: segment " + name + " has the wrong size: local ranks disagree on "
                                "local_size or FASTAR_SHM_CHUNK_MB");
@@ -87,10 +158,28 @@ ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int loc
     throw std::runtime_error("fastar shm: cannot map " + name + ": " + errno_str());
   }
   base_ = static_cast<char*>(p);
+  if (!create && reinterpret_cast<Header*>(base_)->magic.load() != kMagic) {
+    ::munmap(base_, total_bytes_);
+    base_ = nullptr;
+    throw std::runtime_error("fastar shm: segment " + name + " does not carry fastar's magic word from local "
+                             "rank 0: not fastar's segment (or local rank 0 failed to create it)");
+  }
   auto* hdr = reinterpret_cast<Header*>(base_ + kCtlBytes * local_rank_);
   hdr->pid.store((int32_t)::getpid());
+  hdr->start_ticks.store(start_ticks_of(::getpid()));
+  hdr->pid_ns.store(own_pid_ns());
   hdr->magic.store(kMagic);
 }
+
+void ShmArena::set_reserve_limit(int64_t bytes) { reserve_limit = bytes; }
+
+bool ShmArena::peer_alive_for_test(int pid, uint64_t start_ticks, uint64_t pid_ns) {
+  return peer_alive(pid, start_ticks, pid_ns);
+}
+
+uint64_t ShmArena::start_ticks(int pid) { return start_ticks_of(pid); }
+
+uint64_t ShmArena::pid_namespace() { return own_pid_ns(); }
 
 ShmArena::~ShmArena() {
   if (creator_ && !unlinked_) ::shm_unlink(name_.c_str());
@@ -152,11 +241,11 @@ void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
     if (now - last_check > std::chrono::milliseconds(100)) {
       last_check = now;
       const int pid = hdr->pid.load();
-      if (!process_alive(pid))
+      if (!peer_alive(pid, hdr->start_ticks.load(), hdr->pid_ns.load()))
         throw std::runtime_error("fastar shm: " + who(rank) + " (pid " + std::to_string(pid) + ") exited while " +
                                  who(local_rank_) + " waited for it (" + what + ")");
-      if (std::chrono::duration<double>(now - start).count() > timeout_s_)
-        throw std::runtime_error("fastar shm: timed out after " + std::to_string((int)timeout_s_) + " s: " +
+      if (std::chrono::duration<double>(now - start).count() > timeout_s())
+        throw std::runtime_error("fastar shm: timed out after " + std::to_string((int)timeout_s()) + " s: " +
                                  who(local_rank_) + " waited for " + who(rank) + " (" + what +
                                  "); that rank is stuck, dead, or called a different collective");
     }
@@ -223,10 +312,12 @@ int ShmArena::remove_stale(const std::string& prefix) {
     auto pos = n.rfind("_p");
     if (pos == std::string::npos) continue;
     const int pid = std::atoi(n.c_str() + pos + 2);
+    const auto ns_pos = n.rfind("_ns");
+    const uint64_t ns = ns_pos == std::string::npos ? 0 : std::strtoull(n.c_str() + ns_pos + 3, nullptr, 10);
     struct stat st;
     std::string path = "/dev/shm/" + n;
     if (::stat(path.c_str(), &st) != 0 || st.st_uid != uid) continue;
-    if (pid > 0 && !process_alive(pid)) {
+    if (pid > 0 && !creator_alive(pid, ns)) {
       if (::shm_unlink(("/" + n).c_str()) == 0) ++removed;
     }
   }

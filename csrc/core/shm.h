@@ -2,6 +2,10 @@
 // carries the job's identity and a random nonce), mapped by every local rank and unlinked as soon
 // as all have mapped it, so that a crash leaves nothing under /dev/shm.
 //
+// Creation reserves every page (posix_fallocate), so that a /dev/shm too small for the segment is an
+// error at creation, not a SIGBUS at first touch. Openers check owner, mode 0600, size and the
+// creator's magic word. A peer is dead when its (pid, start time) no longer names a live process.
+//
 // Layout: a control page per local rank (its pid and monotonically increasing flags, each on its
 // own cache line), then for each of two pipeline buffers: one input slot per local rank and one
 // result area, each chunk_bytes long.
@@ -18,8 +22,10 @@ enum class ShmFlag : int { In = 0, Reduced = 1, Done = 2, Count = 3 };
 class ShmArena {
  public:
   // create: local rank 0 creates the segment (O_EXCL), the others open the name it sent them.
+  // regions_only: one region of chunk_bytes per local rank (slot(r, 0)), no second buffer and no
+  // result area: the layout of fastar.wrap's buckets.
   ShmArena(const std::string& name, bool create, int local_rank, int local_size, int64_t chunk_bytes,
-           double timeout_s);
+           double timeout_s, bool regions_only = false);
   ~ShmArena();
   ShmArena(const ShmArena&) = delete;
   ShmArena& operator=(const ShmArena&) = delete;
@@ -29,7 +35,7 @@ class ShmArena {
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
   int64_t chunk_bytes() const { return chunk_bytes_; }
-  double timeout_s() const { return timeout_s_; }
+  double timeout_s() const { return timeout_s_.load(); }
   void set_timeout(double s) { timeout_s_ = s; }
 
   char* slot(int rank, int buf) const;
@@ -53,7 +59,16 @@ class ShmArena {
   void check_desc(int rank, const uint64_t desc[4], uint32_t gen, const char* what);
 
   // Removes fastar segments of this user whose creating process is gone (crash during init).
+  // Names end in _ns<pid namespace inode>_p<pid>; segments of another pid namespace are left alone.
   static int remove_stale(const std::string& prefix);
+  // Test hook: creating a segment larger than this many bytes fails as a full /dev/shm would
+  // (ENOSPC); negative: no limit (the default).
+  static void set_reserve_limit(int64_t bytes);
+  // Inode of this process's pid namespace (0 if unknown): part of segment names.
+  static uint64_t pid_namespace();
+  // Test hook: is the process a header would describe alive, as the waits judge it?
+  static bool peer_alive_for_test(int pid, uint64_t start_ticks, uint64_t pid_ns);
+  static uint64_t start_ticks(int pid);
 
  private:
   struct Control;
@@ -64,7 +79,7 @@ class ShmArena {
   std::string name_;
   int local_rank_, local_size_;
   int64_t chunk_bytes_;
-  double timeout_s_;
+  std::atomic<double> timeout_s_;
   size_t total_bytes_ = 0;
   char* base_ = nullptr;
   bool unlinked_ = false;

@@ -62,6 +62,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_timeout", &Communicator::set_timeout)
       .def("set_small_bytes", &Communicator::set_small_bytes)
       .def("has_shm", &Communicator::has_shm)
+      .def("failed", [](Communicator& c) { return (bool)c.failure(); })
       .def("shm_name", &Communicator::shm_name)
       .def("last_op", [](Communicator& c) {
         auto r = c.last_op();
@@ -82,6 +83,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("attach_arena", &fastar::BucketEngine::attach_arena, py::arg("name"), py::arg("create"),
            py::call_guard<py::gil_scoped_release>())
       .def("unlink_arena", &fastar::BucketEngine::unlink_arena)
+      .def("detach_arena", &fastar::BucketEngine::detach_arena, py::call_guard<py::gil_scoped_release>())
       .def("has_arena", &fastar::BucketEngine::has_arena)
       .def("num_buckets", &fastar::BucketEngine::num_buckets)
       .def("bucket_bytes", &fastar::BucketEngine::bucket_bytes)
@@ -92,6 +94,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("missing", &fastar::BucketEngine::missing)
       .def("finalize", &fastar::BucketEngine::finalize, py::arg("fill_unused"),
            py::call_guard<py::gil_scoped_release>())
+      .def("abandon", &fastar::BucketEngine::abandon, py::call_guard<py::gil_scoped_release>())
       .def("ready_order", &fastar::BucketEngine::ready_order)
       .def("in_iteration", &fastar::BucketEngine::in_iteration)
       .def("stats", &fastar::BucketEngine::stats);
@@ -110,6 +113,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "The steps one rank performs (for tests and docs).");
   m.def("remove_stale_shm", &fastar::ShmArena::remove_stale, py::arg("prefix"));
+  m.def("pid_namespace", &fastar::ShmArena::pid_namespace);
+  m.def("_peer_alive", &fastar::ShmArena::peer_alive_for_test, py::arg("pid"), py::arg("start_ticks"),
+        py::arg("pid_ns"), "Test hook: whether a shared-memory wait would consider this process alive.");
+  m.def("_start_ticks", &fastar::ShmArena::start_ticks, py::arg("pid"));
+  m.def("_open_segment",
+        [](const std::string& name, bool create, int local_rank, int local_size, int64_t chunk_bytes) {
+          fastar::ShmArena a(name, create, local_rank, local_size, chunk_bytes, 1.0);
+          a.unlink();
+        },
+        py::arg("name"), py::arg("create"), py::arg("local_rank"), py::arg("local_size"), py::arg("chunk_bytes"),
+        "Test hook: creates or opens (with every check) a staged-layout segment, then closes it.");
+  m.def("_set_shm_reserve_limit", &fastar::ShmArena::set_reserve_limit, py::arg("bytes"),
+        "Test hook: creating a shared-memory segment larger than this fails as a full /dev/shm would (-1: off).");
 #ifdef FASTAR_HAS_KERNELS
   fastar::register_kernels(m);
 #endif

@@ -87,12 +87,30 @@ void BucketEngine::attach_arena(const std::string& name, bool create) {
   TORCH_CHECK(!started_, "fastar: cannot move buckets during an iteration");
   const Topology& t = comm_->topology();
   const int64_t bytes = (arena_bytes_needed() + 4095) / 4096 * 4096;
-  arena_ = std::make_unique<ShmArena>(name, create, t.local_rank, t.local_size, bytes, comm_->timeout_s());
+  arena_ = std::make_shared<ShmArena>(name, create, t.local_rank, t.local_size, bytes, comm_->timeout_s(),
+                                      /*regions_only=*/true);
+  arena_->set_first_global_rank(t.node * t.local_size);
   arena_ar_ = std::make_unique<ArenaAllreduce>(arena_.get(), comm_->cross_transport(), t.num_nodes);
-  region_ = at::from_blob(arena_ar_->region(t.local_rank), {bytes}, at::TensorOptions().dtype(at::kByte));
+  // The mapping lives as long as any tensor over it: gradients that are bucket views may outlive
+  // the wrapper (and this engine).
+  std::shared_ptr<ShmArena> keep = arena_;
+  region_ = at::from_blob(arena_ar_->region(t.local_rank), {bytes}, [keep](void*) mutable { keep.reset(); },
+                          at::TensorOptions().dtype(at::kByte));
   std::vector<int64_t> order;
   for (const auto& b : buckets_) order.insert(order.end(), b.params.begin(), b.params.end());
   relayout(order);
+}
+
+void BucketEngine::detach_arena() {
+  std::lock_guard<std::mutex> g(mu_);
+  TORCH_CHECK(!started_, "fastar: cannot move buckets during an iteration");
+  if (!arena_) return;
+  std::vector<int64_t> order;
+  for (const auto& b : buckets_) order.insert(order.end(), b.params.begin(), b.params.end());
+  std::shared_ptr<ShmArena> keep = std::move(arena_);  // mapped until the buckets left it
+  relayout(order);
+  arena_ar_.reset();
+  region_ = at::Tensor();
 }
 
 void BucketEngine::unlink_arena() {
@@ -120,8 +138,14 @@ void BucketEngine::launch_ready_locked() {
       const DType dt = to_dtype(b.flat.scalar_type());
       const uint64_t seq = ++seq_;
       ArenaAllreduce* ar = arena_ar_.get();
-      b.work = comm_->submit([ar, h, a, off, n, dt, seq] { ar->allreduce(h, a, off, n, dt, seq); },
-                            b.hierarchy + ":" + b.algorithm);
+      ShmArena* arena = arena_.get();
+      Communicator* comm = comm_.get();
+      b.work = comm_->submit(
+          [ar, arena, comm, h, a, off, n, dt, seq] {
+            arena->set_timeout(comm->timeout_s());  // fastar.set_timeout reaches wrap's buckets at once
+            ar->allreduce(h, a, off, n, dt, seq);
+          },
+          b.hierarchy + ":" + b.algorithm);
     } else {
       b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false, wire_);
     }
@@ -192,25 +216,8 @@ void BucketEngine::finalize(bool fill_unused) {
     }
     TORCH_CHECK(next_launch_ == buckets_.size(), "fastar: finalize with gradients missing");
   }
-  std::exception_ptr err;
-  for (auto& b : buckets_) {
-    try {
-      b.work->wait(timeout_s_ + 30);
-    } catch (...) {
-      if (!err) err = std::current_exception();
-    }
-  }
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    for (auto& b : buckets_) {
-      b.pending = (int64_t)b.params.size();
-      b.staged.clear();
-      b.staged_offsets.clear();
-    }
-    std::fill(marked_.begin(), marked_.end(), 0);
-    next_launch_ = 0;
-    started_ = false;
-  }
+  std::exception_ptr err = wait_launched();
+  reset_iteration();
   if (err) std::rethrow_exception(err);
   // .grad becomes a view of the bucket (DDP's gradient_as_bucket_view): no copy back, and when the
   // optimizer keeps gradients (zero_grad(set_to_none=False)) autograd accumulates straight into it.
@@ -228,6 +235,52 @@ void BucketEngine::finalize(bool fill_unused) {
         grad = view;
       }
     }
+  }
+}
+
+std::exception_ptr BucketEngine::wait_launched() {
+  // The first error is the cause; once the communicator failed, the buckets queued behind it fail
+  // at once, so this takes one timeout in all, not one per bucket.
+  std::exception_ptr err;
+  size_t launched;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    launched = next_launch_;
+  }
+  for (size_t i = 0; i < launched; ++i) {
+    try {
+      buckets_[i].work->wait(comm_->timeout_s() + 30);
+    } catch (...) {
+      if (!err) err = std::current_exception();
+    }
+  }
+  return err;
+}
+
+void BucketEngine::reset_iteration() {
+  std::lock_guard<std::mutex> g(mu_);
+  for (auto& b : buckets_) {
+    b.pending = (int64_t)b.params.size();
+    b.staged.clear();
+    b.staged_offsets.clear();
+  }
+  std::fill(marked_.begin(), marked_.end(), 0);
+  next_launch_ = 0;
+  started_ = false;
+}
+
+void BucketEngine::abandon() {
+  wait_launched();  // the buckets' memory must not change under a collective still running
+  reset_iteration();
+}
+
+BucketEngine::~BucketEngine() {
+  if (comm_ && comm_->failure()) {
+    // Receives of a failed collective may still be posted into the buckets: keep their memory.
+    arena_ar_.release();
+    new std::shared_ptr<ShmArena>(std::move(arena_));
+    new std::vector<Bucket>(std::move(buckets_));
+    new at::Tensor(std::move(region_));
   }
 }
 

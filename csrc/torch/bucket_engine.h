@@ -42,6 +42,8 @@ class BucketEngine {
   // phase then reads every rank's bucket where it lies. Collective over the node.
   void attach_arena(const std::string& name, bool create);
   void unlink_arena();
+  // Moves the buckets back into private memory (when a peer could not map the segment).
+  void detach_arena();
   bool has_arena() const { return arena_ != nullptr; }
   int64_t num_buckets() const { return (int64_t)buckets_.size(); }
   int64_t bucket_bytes(int64_t b) const;
@@ -55,6 +57,10 @@ class BucketEngine {
   std::vector<int64_t> missing() const;
   // fill_unused: treat missing gradients as zeros. Waits for every bucket, writes .grad.
   void finalize(bool fill_unused);
+  // Ends an iteration that cannot be finalized (a missing gradient): waits for the buckets already
+  // launched, then forgets this iteration's gradients, so that the next backward starts clean.
+  void abandon();
+  ~BucketEngine();
   std::vector<int64_t> ready_order() const { return ready_order_; }
   bool in_iteration() const { return started_; }
   // Per bucket: bytes, ready, start, end (steady-clock seconds), algorithm.
@@ -65,9 +71,11 @@ class BucketEngine {
   void relayout(const std::vector<int64_t>& order);  // layout() after detaching .grad views
   void launch_ready_locked();
   void complete_locked(Bucket& b);  // the bucket's last gradient arrived
+  std::exception_ptr wait_launched();  // the first error of the launched buckets
+  void reset_iteration();
 
   std::shared_ptr<Communicator> comm_;
-  std::unique_ptr<ShmArena> arena_;
+  std::shared_ptr<ShmArena> arena_;  // also held by region_'s tensors: .grad views outlive the engine
   std::unique_ptr<ArenaAllreduce> arena_ar_;
   at::Tensor region_;  // this rank's region of the segment, as bytes
   uint64_t seq_ = 0;

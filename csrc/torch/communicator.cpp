@@ -75,19 +75,65 @@ void Communicator::close() {
     stop_ = true;
   }
   q_cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
+  if (worker_.joinable()) worker_.join();  // runs what was queued before the close
   std::lock_guard<std::mutex> g(exec_mu_);
-  hier_.reset();
-  arena_.reset();
+  // Release the transports now, not at interpreter exit (a wrapped model can keep this object
+  // alive until then), so that retained Gloo works die while their process groups still exist.
+  // After a failure, operations may still be posted on them, reading or writing buffers that this
+  // object owns (scratch) or holds (tensors): those stay allocated for the life of the process.
+  if (failure()) {
+    hier_.release();
+    arena_.release();
+    world_.release();
+    cross_.release();
+    tensor_.release();
+    new Executor(std::move(exec_));
+    new std::vector<at::Tensor>(std::move(graveyard_));
+  } else {
+    hier_.reset();
+    arena_.reset();
+    world_.reset();
+    cross_.reset();
+    tensor_.reset();
+  }
 }
+
+std::exception_ptr Communicator::failure() {
+  std::lock_guard<std::mutex> g(q_mu_);
+  return failed_;
+}
+
+void Communicator::fail(std::exception_ptr e) {
+  std::string why;
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    if (failed_ || !e) return;
+    failed_ = e;
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      why = x.what();
+    } catch (...) {
+      why = "unknown error";
+    }
+    failed_as_ = std::make_exception_ptr(std::runtime_error(
+        "fastar: an earlier collective failed, so this one was not run (call fastar.shutdown() and then "
+        "fastar.init() to start again). The first error:\n" + why));
+  }
+  // Local peers waiting on this rank in shared memory fail at once, with this rank's reason.
+  if (arena_) arena_->mark_failed(why);
+}
+
+std::exception_ptr Communicator::failed_error_locked() { return failed_as_; }
 
 void Communicator::unlink_shm() {
   if (arena_) arena_->unlink();
 }
 
 void Communicator::set_timeout(double s) {
+  timeout_s_ = s;  // read by wrap's bucket tasks and waits before each use
   std::lock_guard<std::mutex> g(exec_mu_);
-  timeout_s_ = s;
+  if (!world_) return;  // closed
   world_->set_timeout(s);
   if (cross_) cross_->set_timeout(s);
   if (arena_) arena_->set_timeout(s);
@@ -96,12 +142,13 @@ void Communicator::set_timeout(double s) {
 
 void Communicator::set_tensor_groups(const std::string& device_type, TensorGroups g) {
   std::lock_guard<std::mutex> lock(exec_mu_);
+  TORCH_CHECK(tensor_, "fastar: the communicator was closed (fastar.shutdown() was called)");
   tensor_->set_groups(c10::Device(device_type).type(), std::move(g));
 }
 
 bool Communicator::has_tensor_groups(const std::string& device_type) {
   std::lock_guard<std::mutex> lock(exec_mu_);
-  return tensor_->has_groups(c10::Device(device_type).type());
+  return tensor_ && tensor_->has_groups(c10::Device(device_type).type());
 }
 
 void Communicator::set_small_bytes(int64_t b) {
@@ -119,7 +166,8 @@ void Communicator::worker_loop() {
     std::function<void()> task;
     {
       std::unique_lock<std::mutex> l(q_mu_);
-      q_cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      // One operation at a time on the communicator: an inline call (busy_) finishes first.
+      q_cv_.wait(l, [&] { return (stop_ && queue_.empty() && !busy_) || (!queue_.empty() && !busy_); });
       if (queue_.empty()) return;
       task = std::move(queue_.front());
       queue_.pop_front();
@@ -157,13 +205,20 @@ std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWor
   {
     std::lock_guard<std::mutex> g(q_mu_);
     TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-    queue_.push_back([fn, work] {
+    queue_.push_back([this, fn, work] {
       work->start_s = now_s();
       std::exception_ptr e;
-      try {
-        fn(*work);
-      } catch (...) {
-        e = std::current_exception();
+      {
+        std::lock_guard<std::mutex> g(q_mu_);
+        e = failed_error_locked();
+      }
+      if (!e) {
+        try {
+          fn(*work);
+        } catch (...) {
+          e = std::current_exception();
+          fail(e);
+        }
       }
       work->end_s = now_s();
       work->finish(e);
@@ -179,9 +234,10 @@ void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const s
     // Run inline unless queued work must go first: same order on every rank, no thread hop.
     std::unique_lock<std::mutex> l(q_mu_);
     TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+    if (failed_) std::rethrow_exception(failed_error_locked());
     if (!queue_.empty() || busy_) {
       l.unlock();
-      allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s_ * 2 + 60);
+      allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s() * 2 + 60);
       return;
     }
     busy_ = true;
@@ -192,6 +248,7 @@ void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const s
     after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t));
   } catch (...) {
     e = std::current_exception();
+    fail(e);
   }
   {
     std::lock_guard<std::mutex> g(q_mu_);
@@ -233,6 +290,17 @@ void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Ten
 StreamWait Communicator::run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
                              bool validate, const std::string& wire_name, const StreamWait& ready) {
   std::lock_guard<std::mutex> g(exec_mu_);
+  TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+  try {
+    return run_locked(t, algorithm, hierarchy, avg, validate, wire_name, ready);
+  } catch (...) {
+    graveyard_.push_back(t);  // receives may still be posted into it: keep its memory
+    throw;
+  }
+}
+
+StreamWait Communicator::run_locked(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
+                                    bool avg, bool validate, const std::string& wire_name, const StreamWait& ready) {
   TORCH_CHECK(t.is_contiguous() && t.layout() == at::kStrided, "fastar: allreduce needs a dense contiguous tensor");
   const DType dt = to_dtype(t.scalar_type());
   const Algorithm algo = parse_algorithm(algorithm);
@@ -245,7 +313,9 @@ StreamWait Communicator::run(at::Tensor t, const std::string& algorithm, const s
     TORCH_CHECK(t.is_cuda() || t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported");
     if (h != Hierarchy::Flat && topo_.local_size == 1) h = Hierarchy::Flat;
     const int wire_id = wire == t.scalar_type() ? 0 : wire == at::kHalf ? 1 : 2;
-    if (validate && topo_.size > 1) validate_peers(*world_, algo, t, seq, 64 + wire_id * 256 + (int)h * 16 + (int)algo);
+    // An NCCL-only group (a user's subgroup) has no CPU side for the header: NCCL checks the sizes.
+    if (validate && topo_.size > 1 && world_->has_backend())
+      validate_peers(*world_, algo, t, seq, 64 + wire_id * 256 + (int)h * 16 + (int)algo);
     StreamWait after = tensor_->run(t, algo, h, avg, wire, ready, seq);
     last_ = {hierarchy_name(h), algorithm_name(algo), count * (int64_t)dtype_size(dt), now_s() - t0};
     return after;

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -72,7 +73,13 @@ class Communicator {
   void set_tensor_groups(const std::string& device_type, TensorGroups g);
   bool has_tensor_groups(const std::string& device_type);
   Transport* cross_transport() const { return cross_.get(); }
-  double timeout_s() const { return timeout_s_; }
+  double timeout_s() const { return timeout_s_.load(); }
+  // The first failure (timeout, dead peer, disagreement) fails the communicator: every queued and
+  // later operation then fails at once with it, instead of each waiting out its own timeout.
+  // fastar.shutdown() + fastar.init() make a new one. Null while healthy.
+  std::exception_ptr failure();
+  // Marks the communicator failed with e (the first call wins); wrap's bucket tasks call it too.
+  void fail(std::exception_ptr e);
   void set_timeout(double s);
   void set_small_bytes(int64_t b);
   const Topology& topology() const { return topo_; }
@@ -84,11 +91,18 @@ class Communicator {
   std::shared_ptr<AsyncWork> submit_work(std::function<void(AsyncWork&)> fn, const std::string& label);
   StreamWait run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate,
                  const std::string& wire, const StreamWait& ready);
+  StreamWait run_locked(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
+                        bool validate, const std::string& wire, const StreamWait& ready);
   void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id);
   void worker_loop();
 
+  // The error every operation gets once the communicator failed: the first cause, quoted.
+  std::exception_ptr failed_error_locked();
+
   Topology topo_;
-  double timeout_s_;
+  std::atomic<double> timeout_s_;
+  std::exception_ptr failed_;     // the first error (guarded by q_mu_)
+  std::exception_ptr failed_as_;  // what later operations throw: names the first error
   std::unique_ptr<PGTransport> world_;
   std::unique_ptr<PGTransport> cross_;
   std::unique_ptr<ShmArena> arena_;
@@ -97,6 +111,7 @@ class Communicator {
   Executor exec_;
   uint64_t seq_ = 0;
   OpRecord last_;
+  std::vector<at::Tensor> graveyard_;  // tensors of failed operations (see close())
 
   std::mutex exec_mu_;  // one collective at a time, in submission order
   std::mutex q_mu_;

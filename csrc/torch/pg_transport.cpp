@@ -11,7 +11,12 @@ PGTransport::PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<
   rank_ = pg_->getRank();
   size_ = pg_->getSize();
   if ((int)global_ranks_.size() != size_) throw std::invalid_argument("fastar: global rank list does not match group");
-  backend_ = pg_->getBackend(c10::DeviceType::CPU);
+  try {
+    backend_ = pg_->getBackend(c10::DeviceType::CPU);
+  } catch (const std::exception&) {
+    // An NCCL-only group: fastar moves CUDA tensors over it with torch ops (TensorAllreduce) and
+    // never posts CPU bytes to it; post() says so if it ever tried.
+  }
 }
 
 Transport::Handle PGTransport::isend(int peer, const void* data, size_t bytes, uint32_t tag) {
@@ -27,6 +32,9 @@ Transport::Handle PGTransport::post(bool send, int peer, void* data, size_t byte
     ops_.clear();
     done_ = 0;
   }
+  if (!backend_)
+    throw std::runtime_error("fastar: " + name_ + " has no CPU backend (an NCCL-only group): it cannot carry CPU "
+                             "tensors; pass a Gloo group for CPU tensors");
   at::Tensor t = at::from_blob(data, {(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device_));
   std::vector<at::Tensor> v{t};
   c10::intrusive_ptr<c10d::Work> w;

@@ -24,6 +24,7 @@ class PGTransport : public Transport {
   void wait(Handle h) override;
   void set_timeout(double s) { timeout_ = std::chrono::milliseconds((int64_t)(s * 1000)); }
   void set_device(c10::Device d) { device_ = d; }
+  bool has_backend() const { return (bool)backend_; }
   int global_rank(int r) const { return global_ranks_.at(r); }
   const std::string& name() const { return name_; }
 

@@ -51,8 +51,8 @@ def setup_distributed(device: str) -> tuple[int, int, int]:
 
 def wrap_model(model: nn.Module, args, world: int, device: torch.device) -> tuple[nn.Module, str]:
     """Gradient averaging over the workers: fastar.wrap (default) or torch DDP (--wrap ddp or
-    FASTAR_TRAIN_WRAP=ddp, for comparisons). BN stays per worker either way: DDP gets
-    broadcast_buffers=False so that it does not overwrite the workers' own running statistics."""
+    FASTAR_TRAIN_WRAP=ddp, for comparisons). BN stays per worker either way: both get
+    broadcast_buffers=False so that neither overwrites the workers' own running statistics."""
     how = args.wrap or os.environ.get(WRAP_ENV) or "fastar"
     if world == 1:
         return model, "none"
@@ -61,7 +61,7 @@ def wrap_model(model: nn.Module, args, world: int, device: torch.device) -> tupl
     if how == "fastar":
         import fastar  # lazily: the recipe modules must import without the compiled extension
 
-        kw = {}
+        kw = {"broadcast_buffers": False}  # the paper's BN: every worker keeps its own statistics
         if args.bucket_mb is not None:
             kw["bucket_cap_mb"] = args.bucket_mb
         if args.algorithm is not None:
