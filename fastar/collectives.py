@@ -326,6 +326,8 @@ def check_tensor(tensor, where: str = "fastar.all_reduce") -> None:
 
 
 _ERR_KEY = "fastar/error/{}"
+# How the communicator's errors begin once it has failed (csrc/torch/communicator.cpp)
+EARLIER_FAILURE = "fastar: an earlier collective failed"
 
 
 def _store_call(fn, seconds: float = 2.0):
@@ -409,6 +411,8 @@ def _with_cause(err: BaseException) -> BaseException:
     visible directly. Adds both to this rank's error and publishes this one, so that every rank's
     error names the rank that failed."""
     msg = str(err)
+    if msg.startswith(EARLIER_FAILURE):
+        return err  # an echo of the first error, which was annotated when it was raised
     try:
         gone = _exited_peers_settled()
         # Without torchrun's agent (which hosts the store itself), the store lived in rank 0's
