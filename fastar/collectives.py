@@ -20,26 +20,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import settings
+from . import policy, settings
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-ALGORITHMS = ("auto", "halving_doubling", "ring")
-HIERARCHIES = ("auto", "flat", "leader", "rail")
+from .policy import ALGORITHMS, HIERARCHIES  # noqa: E402,F401 - the public choices
 # Gradient compression: the dtype on the wire; sums are accumulated in the tensor's own dtype.
 COMPRESSIONS = {None: "", "none": "", "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
-
-# Crossovers for "auto", measured with bench/allreduce_bw.py (docs/results.md):
-# halving/doubling sends the same bytes as ring in 2*log2(p) steps instead of 2*(p-1), so it wins at
-# every size for powers of two. Binary blocks add an unbalanced extra step for other world sizes;
-# ring overtakes it only for large buffers.
-RING_ABOVE_BYTES_NON_POW2 = 16 << 20
-# Multi-node: below this a single leader per node moves the data (fewer, larger messages); above it
-# every local rank drives its own shard ("rail"). Measured at 2 nodes x 2 (docs/results.md): leader
-# ahead up to 4 MiB, rail ahead from 16 MiB.
-RAIL_ABOVE_BYTES = 8 << 20
 # Staged-path chunk sizes tried in turn when /dev/shm cannot hold the arena at the configured one.
 SHM_FALLBACK_CHUNKS = (1 << 20, 256 << 10)
 
@@ -265,36 +254,9 @@ def set_timeout(timeout: timedelta) -> None:
         c.set_timeout(timeout.total_seconds())
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def choose(nbytes: int, algorithm: str, hierarchy: str, topo: _topology.Topology) -> tuple[str, str, str]:
-    """Resolves "auto" and says why (the reason is what fastar.explain() prints)."""
-    why = []
-    if hierarchy == "auto":
-        if topo.local_size == 1:
-            hierarchy = "flat"
-            why.append("flat: one rank per node, no local phase")
-        elif topo.num_nodes == 1:
-            hierarchy = "leader"
-            why.append("leader: one node, the whole allreduce runs in shared memory")
-        elif nbytes > RAIL_ABOVE_BYTES:
-            hierarchy = "rail"
-            why.append(f"rail: {nbytes} B > {RAIL_ABOVE_BYTES} B, every local rank drives a shard between nodes")
-        else:
-            hierarchy = "leader"
-            why.append(f"leader: {nbytes} B <= {RAIL_ABOVE_BYTES} B, one message per node beats {topo.local_size} small ones")
-    p = topo.size if hierarchy == "flat" else topo.num_nodes
-    if algorithm == "auto":
-        if _is_pow2(p) or nbytes <= RING_ABOVE_BYTES_NON_POW2:
-            algorithm = "halving_doubling"
-            why.append(f"halving_doubling: {p} inter-node participants, {nbytes} B "
-                       f"({'power of two' if _is_pow2(p) else 'binary blocks, below the ring crossover'})")
-        else:
-            algorithm = "ring"
-            why.append(f"ring: {p} participants is not a power of two and {nbytes} B > {RING_ABOVE_BYTES_NON_POW2} B")
-    return algorithm, hierarchy, "; ".join(why)
+    """Resolves "auto" (fastar.policy.choose) for this job's topology and says why."""
+    return policy.choose(nbytes, algorithm, hierarchy, topo.size, topo.local_size)
 
 
 _REDUCE_OPS = {"sum": False, "avg": True, "mean": True}
@@ -477,11 +439,7 @@ class _DoneWork:
 
 
 def nothing_to_compress(wire: str, device_type: str, topo: _topology.Topology, hierarchy: str) -> bool:
-    """On one CPU node with a hierarchical schedule nothing crosses a network: the node's phase sums
-    in full precision either way (docs/architecture.md), and the shared-memory path does it far
-    faster than the compressed path's Gloo groups. Compression is then dropped: full-precision
-    sums, as the compressed path would have given too."""
-    return bool(wire) and device_type == "cpu" and topo.num_nodes == 1 and topo.size > 1 and hierarchy != "flat"
+    return policy.nothing_to_compress(wire, device_type, topo.size, topo.num_nodes, hierarchy)
 
 
 def parse_compression(compression, where: str = "fastar.all_reduce") -> str:

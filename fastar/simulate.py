@@ -36,6 +36,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from . import policy
+from .policy import RAIL_ABOVE_BYTES, RING_ABOVE_BYTES_NON_POW2  # noqa: F401 - documented constants
+
 HIERARCHIES = ("flat", "leader", "rail")
 ALGORITHMS = ("halving_doubling", "ring")
 IMPLS = [f"{h}:{a}" for h in HIERARCHIES for a in ALGORITHMS]
@@ -471,23 +474,11 @@ class HostModel:
 
 HOST_PARAMS = ("tcp_alpha", "tcp_beta", "tcp_cpu", "shm_alpha", "shm_beta", "gloo_alpha", "cache_ratio",
                "shm_cache_ratio", "cache_bytes", "step_cpu")
-# fastar.collectives' "auto" thresholds (simulate never imports the extension; a test compares them)
-RAIL_ABOVE_BYTES = 8 << 20
-RING_ABOVE_BYTES_NON_POW2 = 16 << 20
-
-
 def auto_choice(nbytes, world_size, local_size):
-    """(hierarchy, algorithm) that fastar.collectives.choose() picks for algorithm=hierarchy="auto"."""
-    nodes = world_size // local_size
-    if local_size == 1:
-        h = "flat"
-    elif nodes == 1:
-        h = "leader"
-    else:
-        h = "rail" if nbytes > RAIL_ABOVE_BYTES else "leader"
-    p = world_size if h == "flat" else nodes
-    pow2 = p & (p - 1) == 0
-    return h, ("halving_doubling" if pow2 or nbytes <= RING_ABOVE_BYTES_NON_POW2 else "ring")
+    """(hierarchy, algorithm) that fastar picks for algorithm=hierarchy="auto" (fastar.policy, the
+    library's own choice, imported rather than copied)."""
+    a, h, _ = policy.choose(int(nbytes), "auto", "auto", world_size, local_size)
+    return h, a
 
 
 def cache_factor(m: HostModel, world_size, nbytes, ratio=None) -> float:

@@ -1,21 +1,17 @@
 """The cost model (fastar/simulate.py) against the paper's statements and its own invariants.
 
-simulate.py is loaded from its file so that these tests never need the compiled extension."""
-import importlib.util
+simulate imports only fastar.policy of the library, so these tests never need the compiled extension."""
 import json
 import math
 import pathlib
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "fastar" / "simulate.py"
-_spec = importlib.util.spec_from_file_location("fastar_simulate_under_test", _PATH)
-sim = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = sim  # dataclasses look the module up while the file executes
-_spec.loader.exec_module(sim)
+from fastar import simulate as sim  # importing fastar loads no extension (fastar._C is imported lazily)
+
+_PATH = pathlib.Path(sim.__file__)
 
 PAPER = sim.PRESETS["paper"]
 H100 = sim.PRESETS["h100"]
@@ -254,14 +250,16 @@ def test_host_model_parts():
         sim.host_time("fastar:flat:halving_doubling", 256 << 10, 4, 1, m) + m.tcp_alpha)
 
 
-def test_auto_thresholds_are_the_libraries():
-    """simulate never imports the extension, so it keeps its own copy of choose()'s thresholds."""
-    import re
-    src = (_PATH.parent / "collectives.py").read_text()
-    for name in ("RAIL_ABOVE_BYTES", "RING_ABOVE_BYTES_NON_POW2"):
-        m = re.search(rf"^{name}\s*=\s*(.+)$", src, re.M)
-        assert m, f"{name} not found in fastar/collectives.py"
-        assert eval(m.group(1), {}) == getattr(sim, name), name
+def test_auto_choice_is_the_librarys_policy():
+    """simulate prices what the library runs: both ask fastar.policy, which holds the only thresholds."""
+    from fastar import collectives, policy
+    from fastar.topology import Topology
+    assert sim.RAIL_ABOVE_BYTES is policy.RAIL_ABOVE_BYTES
+    for W, L in ((2, 1), (4, 2), (6, 1), (6, 2), (8, 4), (12, 3)):
+        t = Topology(rank=0, size=W, local_rank=0, local_size=L, node=0, num_nodes=W // L, source="test")
+        for nbytes in (4096, 4 << 20, policy.RAIL_ABOVE_BYTES, policy.RAIL_ABOVE_BYTES + 1, 64 << 20):
+            a, h, _ = collectives.choose(nbytes, "auto", "auto", t)
+            assert sim.auto_choice(nbytes, W, L) == (h, a), (W, L, nbytes)
 
 
 def test_calibrated_predictions_of_this_hosts_benchmarks_within_30_percent(tmp_path):
