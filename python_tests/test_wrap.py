@@ -60,17 +60,20 @@ class _null:
         return False
 
 
-def _compare_worker(rank, n, local_size, hierarchies, accumulate, bucket_cap_mb):
+def _compare_worker(rank, n, local_size, hierarchies, accumulate, bucket_cap_mb, broadcast=True):
     import fastar
     fastar.init(local_size=local_size)
     torch.manual_seed(0)
     base = Net().double()
     batches = _batches(rank, 6)
-    ref = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), broadcast_buffers=False)
+    # broadcast=True: both at their defaults (DDP broadcasts rank 0's buffers before each forward)
+    ref = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), broadcast_buffers=broadcast)
     _train(ref, batches, accumulate)
     out = {}
     for hier in hierarchies:
-        model = fastar.wrap(copy.deepcopy(base), hierarchy=hier, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=0.001)
+        kw = {} if broadcast else {"broadcast_buffers": False}
+        model = fastar.wrap(copy.deepcopy(base), hierarchy=hier, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=0.001,
+                            **kw)
         _train(model, batches, accumulate)
         worst = 0.0
         for (name, a), b in zip(model.module.state_dict().items(), ref.module.state_dict().values()):
@@ -91,7 +94,7 @@ def test_wrap_matches_ddp(n, local_size):
 
 
 def test_no_sync_accumulates_then_syncs():
-    out = run_workers(_compare_worker, 2, 1, ["auto"], 3, 25, timeout=180)
+    out = run_workers(_compare_worker, 2, 1, ["auto"], 3, 25, False, timeout=180)  # per-worker buffers
     assert all(o["auto"] < 1e-9 for o in out)
 
 
