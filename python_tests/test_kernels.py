@@ -1,6 +1,10 @@
 """The kernel layer (csrc/torch/kernels.cpp, csrc/cuda/kernels.cu) through fastar._C: pack/unpack with
 scaling, fp16/bf16 compress/decompress and sum_into, against torch's own ops, bit for bit, on the CPU
-and (when there is a GPU and the build has CUDA) on CUDA; plus the error messages for bad input."""
+and (when there is a GPU and the build has CUDA) on CUDA; plus the error messages for bad input.
+
+The checks are shown to catch a broken build: fastar._C._set_fault (test-only, csrc/torch/kernels.h)
+makes pack write one element early or pack/unpack launch on the default stream, and the tests at the
+end of "fault injection" below assert that the same checks then fail."""
 import math
 
 import pytest
@@ -54,6 +58,11 @@ def test_cuda_built_is_a_bool():
 @pytest.mark.parametrize("scale", [1.0, 0.125, 1.0 / 3.0])
 @pytest.mark.parametrize("gap,start", [(0, 0), (1, 3), (5, 0)])
 def test_pack_matches_torch(device, dtype, scale, gap, start):
+    check_pack(device, dtype, scale, gap, start)
+
+
+def check_pack(device, dtype, scale, gap, start):
+    """pack of SHAPES at the layout (gap, start) equals torch's slice assignments, bit for bit."""
     gen = torch.Generator().manual_seed(1)
     srcs = [rand(s, dtype, device, gen) for s in SHAPES]
     offsets, total = layout(SHAPES, gap, start)
@@ -308,23 +317,69 @@ def test_cuda_tensors_need_a_cuda_build_or_the_same_device():
 
 # ---------------------------------------------------------------- CUDA only
 
+# ~0.1 s of GPU time on an H100/H200 (torch.cuda._sleep spins for this many clock cycles)
+SLEEP_CYCLES = 200_000_000
+
+
+def check_kernels_follow_the_current_stream():
+    """Every kernel is called on a side stream right after that stream wrote the kernel's inputs,
+    behind a sleep of ~0.1 s, so that the inputs exist only in the side stream's order: a kernel
+    launched on any other stream (the default stream, say) runs at once and reads the old inputs
+    (zeros). The results are read back on the side stream too. Raises AssertionError naming the
+    kernels whose output is wrong."""
+    gen = torch.Generator().manual_seed(10)
+    side = torch.cuda.Stream()
+    shapes = [(1000, 7), (3,), (16385,), (5, 5)]
+    offsets, total = layout(shapes, 1, 2)
+    n = 40001
+    new = {"srcs": [rand(sh, torch.float32, "cuda", gen) for sh in shapes],
+           "flat": rand((total,), torch.float32, "cuda", gen), "a": rand((n,), torch.float32, "cuda", gen),
+           "b": rand((n,), torch.float32, "cuda", gen), "wire": rand((n,), torch.bfloat16, "cuda", gen)}
+    srcs = [torch.zeros(sh, device="cuda") for sh in shapes]
+    flat_in, a, b = torch.zeros(total, device="cuda"), torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
+    c, wire_in = torch.zeros(n, device="cuda"), torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    flat_out = torch.zeros(total + 3, device="cuda")
+    dsts = [torch.zeros(sh, device="cuda") for sh in shapes]
+    decompressed = torch.zeros(n, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        for t, v in zip(srcs, new["srcs"]):
+            t.copy_(v)
+        flat_in.copy_(new["flat"])
+        a.copy_(new["a"])
+        b.copy_(new["b"])
+        c.copy_(new["a"])
+        wire_in.copy_(new["wire"])
+        C.kernels_pack(srcs, flat_out, offsets, 0.5)
+        C.kernels_unpack(flat_in, dsts, offsets, 2.0)
+        C.kernels_sum_into(a, b)
+        wire = C.kernels_compress(c, torch.float16)
+        C.kernels_decompress(wire_in, decompressed)
+        got = {"pack": flat_out.clone(), "unpack": [d.clone() for d in dsts], "sum_into": a.clone(),
+               "compress": wire.clone(), "decompress": decompressed.clone()}
+    side.synchronize()
+    torch.cuda.synchronize()
+    expected_flat = torch.zeros(total + 3, device="cuda")
+    for v, off in zip(new["srcs"], offsets):
+        expected_flat[off:off + v.numel()] = v.reshape(-1) * 0.5
+    expected = {"pack": expected_flat,
+                "unpack": [(new["flat"][off:off + math.prod(sh)] * 2.0).reshape(sh) for sh, off in zip(shapes, offsets)],
+                "sum_into": new["a"] + new["b"], "compress": new["a"].to(torch.float16),
+                "decompress": new["wire"].float()}
+    wrong = []
+    for name, want in expected.items():
+        have = got[name]
+        pairs = zip(have, want) if isinstance(want, list) else [(have, want)]
+        if not all(torch.equal(h, w) for h, w in pairs):
+            wrong.append(name)
+    assert not wrong, f"kernels that did not follow the current (side) stream: {wrong}"
+
+
 @needs_gpu
 @needs_cuda_build
 def test_cuda_kernels_run_on_the_current_stream():
-    side = torch.cuda.Stream()
-    srcs = [torch.randn(1000, 7, device="cuda") for _ in range(5)]
-    offsets, total = layout([t.shape for t in srcs], 0)
-    flat = torch.empty(total, device="cuda")
-    torch.cuda.synchronize()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(1_000_000)  # keep the side stream busy so that a wrong stream would race
-        C.kernels_pack(srcs, flat, offsets, 0.5)
-        C.kernels_sum_into(flat, flat)
-        wire = C.kernels_compress(flat, torch.bfloat16)
-        C.kernels_decompress(wire, flat)
-    side.synchronize()
-    expected = (torch.cat([t.reshape(-1) for t in srcs]) * 0.5 * 2).to(torch.bfloat16).float()
-    assert_bits(flat, expected)
+    check_kernels_follow_the_current_stream()
 
 
 @needs_gpu
@@ -387,7 +442,52 @@ def test_cuda_pack_bandwidth_report(record_property):
     for name, sec in rows.items():
         print(f"  {name:22s} {sec * 1e6:9.1f} us  {moved / sec / 1e9:7.1f} GB/s")
         record_property(f"{name} GB/s", round(moved / sec / 1e9, 1))
-    assert_bits(flat, torch.cat([t.reshape(-1) for t in srcs]))
+    # what was timed must be right: fastar's pack (not the torch baselines timed after it), written
+    # over a flat of NaNs so that nothing left by an earlier call can pass for its output
+    for scale in (1.0, 0.5):
+        flat.fill_(float("nan"))
+        C.kernels_pack(srcs, flat, offsets, scale)
+        assert_bits(flat, torch.cat([t.reshape(-1) for t in srcs]) * scale)
+
+
+# ---------------------------------------------------------------- fault injection
+# A deliberately broken build must fail the checks above: fastar._C._set_fault (test-only) turns
+# one bug on for this process; the fixture turns it off again whatever happens.
+
+@pytest.fixture
+def fault():
+    yield C._set_fault
+    C._set_fault("")
+
+
+def test_faults_are_off_by_default_and_named():
+    assert C._fault() == ""
+    with pytest.raises(ValueError, match="unknown fault 'pack_offst'"):
+        C._set_fault("pack_offst")
+    assert C._fault() == ""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gap,start", [(0, 0), (1, 3)])
+def test_pack_writing_to_the_wrong_offset_fails_the_pack_check(device, gap, start, fault):
+    check_pack(device, torch.float32, 0.5, gap, start)  # the check passes on the real build
+    fault("pack_offset")
+    assert C._fault() == "pack_offset"
+    with pytest.raises(AssertionError):
+        check_pack(device, torch.float32, 0.5, gap, start)
+    fault("")
+    check_pack(device, torch.float32, 0.5, gap, start)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_on_the_default_stream_fails_the_stream_check(device, fault):
+    if device == "cpu":
+        pytest.skip("the CPU kernels run on the calling thread, in program order: there is no stream to get "
+                    "wrong, so this fault has no CPU mirror (the GPU variant runs where a GPU is lent)")
+    check_kernels_follow_the_current_stream()
+    fault("default_stream")
+    with pytest.raises(AssertionError, match=r"\['pack', 'unpack'\]"):
+        check_kernels_follow_the_current_stream()
 
 
 # ---------------------------------------------------------------- helpers

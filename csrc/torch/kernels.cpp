@@ -4,7 +4,11 @@
 
 #include <ATen/OpMathType.h>
 
+#include <atomic>
 #include <cstring>
+#include <iterator>
+#include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "core/dtype.h"
@@ -12,6 +16,9 @@
 #include "torch/dtype_map.h"
 
 #ifdef FASTAR_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include "cuda/kernels.cuh"
 #endif
 
@@ -22,6 +29,29 @@ namespace {
 constexpr bool kCudaBuilt = true;
 #else
 constexpr bool kCudaBuilt = false;
+#endif
+
+// ---- test-only fault injection (kernels.h): off unless a test calls fastar._C._set_fault
+std::atomic<int> g_fault{0};
+constexpr const char* kFaultNames[] = {"", "pack_offset", "default_stream", "skip_wait"};
+
+// Fault::PackOffset: every tensor one element early (offset - 1 stays inside flat).
+const std::vector<int64_t>& fault_offsets(const std::vector<int64_t>& offsets, std::vector<int64_t>& storage) {
+  if (!fault_active(Fault::PackOffset)) return offsets;
+  storage = offsets;
+  for (auto& o : storage)
+    if (o > 0) --o;
+  return storage;
+}
+
+#ifdef FASTAR_WITH_CUDA
+// Fault::DefaultStream: while alive, the current stream of t's device is that device's default stream.
+struct FaultStream {
+  std::optional<c10::cuda::CUDAStreamGuard> guard;
+  explicit FaultStream(const at::Tensor& t) {
+    if (fault_active(Fault::DefaultStream)) guard.emplace(c10::cuda::getDefaultCUDAStream(t.device().index()));
+  }
+};
 #endif
 
 bool is_reduced_float(at::ScalarType t) {
@@ -133,10 +163,18 @@ void convert_cpu(const From* src, To* dst, int64_t n) {
 
 }  // namespace
 
-void pack(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vector<int64_t>& offsets, double scale) {
-  check_segments("pack", "srcs", srcs, flat, offsets);
+bool fault_active(Fault f) { return g_fault.load(std::memory_order_relaxed) == static_cast<int>(f); }
+
+void pack(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vector<int64_t>& given_offsets,
+          double scale) {
+  check_segments("pack", "srcs", srcs, flat, given_offsets);
+  std::vector<int64_t> storage;
+  const std::vector<int64_t>& offsets = fault_offsets(given_offsets, storage);
 #ifdef FASTAR_WITH_CUDA
-  if (flat.is_cuda()) return pack_cuda(srcs, flat, offsets, scale);
+  if (flat.is_cuda()) {
+    const FaultStream fault_stream(flat);
+    return pack_cuda(srcs, flat, offsets, scale);
+  }
 #endif
   FASTAR_DISPATCH_REDUCED_FLOAT(flat.scalar_type(), pack_cpu<scalar_t>(srcs, flat, offsets, scale));
 }
@@ -144,7 +182,10 @@ void pack(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vect
 void unpack(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets, double scale) {
   check_segments("unpack", "dsts", dsts, flat, offsets);
 #ifdef FASTAR_WITH_CUDA
-  if (flat.is_cuda()) return unpack_cuda(flat, dsts, offsets, scale);
+  if (flat.is_cuda()) {
+    const FaultStream fault_stream(flat);
+    return unpack_cuda(flat, dsts, offsets, scale);
+  }
 #endif
   FASTAR_DISPATCH_REDUCED_FLOAT(flat.scalar_type(), unpack_cpu<scalar_t>(flat, dsts, offsets, scale));
 }
@@ -243,6 +284,23 @@ void register_kernels(pybind11::module_& m) {
       Release(), "dst += src elementwise (half types add in float and round once)");
   m.def(
       "cuda_built", [] { return kCudaBuilt; }, "whether this build of fastar has its CUDA kernels");
+  // Test-only (kernels.h, Fault): python_tests break the build on purpose to show their checks catch it.
+  m.def(
+      "_set_fault",
+      [](const std::string& name) {
+        for (int i = 0; i < (int)std::size(kFaultNames); ++i) {
+          if (name == kFaultNames[i]) {
+            g_fault.store(i, std::memory_order_relaxed);
+            return;
+          }
+        }
+        throw std::invalid_argument("fastar._C._set_fault: unknown fault '" + name +
+                                    "'; expected '' (none), 'pack_offset', 'default_stream' or 'skip_wait'");
+      },
+      py::arg("name"), "TEST ONLY: turn on one deliberate bug ('' turns it off); see csrc/torch/kernels.h");
+  m.def(
+      "_fault", [] { return std::string(kFaultNames[g_fault.load(std::memory_order_relaxed)]); },
+      "TEST ONLY: the fault turned on by _set_fault ('' when none)");
 }
 
 }  // namespace fastar

@@ -10,6 +10,14 @@ at::Tensor compress(const at::Tensor& flat, at::ScalarType wire);
 void decompress(const at::Tensor& wire, at::Tensor& flat);
 // dst += src elementwise (fp32, fp64, fp16, bf16; half types accumulate in float) — the sum the schedules use when buffers are on the GPU; CPU version too
 void sum_into(at::Tensor& dst, const at::Tensor& src);
-// registers python functions kernels_pack, kernels_unpack, kernels_compress, kernels_decompress, kernels_sum_into, and cuda_built() -> bool on the module
+// Test-only fault injection: python_tests turn one on (fastar._C._set_fault) to show that their
+// checks catch a broken build. All off unless a test sets one; a check is one relaxed atomic load.
+//   PackOffset:    pack writes every tensor at offset - 1 (offset > 0): an off-by-one in the pack
+//   DefaultStream: pack/unpack launch on the device's default stream instead of the current one
+//   SkipWait:      TensorAllreduce does not wait for a collective (NCCL: the stream order is lost;
+//                  Gloo: the wait moves to the end of the call, after the data was used)
+enum class Fault : int { None = 0, PackOffset = 1, DefaultStream = 2, SkipWait = 3 };
+bool fault_active(Fault f);
+// registers python functions kernels_pack, kernels_unpack, kernels_compress, kernels_decompress, kernels_sum_into, cuda_built() -> bool, and the test-only _set_fault(name) / _fault() on the module
 void register_kernels(pybind11::module_& m);
 }
