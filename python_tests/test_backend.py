@@ -256,16 +256,57 @@ def _ddp_worker(rank, n):
         # the models did train (the comparison is not between two untouched copies)
         assert (next(got.parameters()) - next(model().parameters())).abs().max() > 1e-3
     native = len(fastar.backend.get_backend().records())
+    fsdp = _fsdp_vs_single_process(rank, n, nn)
     dist.destroy_process_group()
-    return diffs, native
+    return diffs, native, fsdp
 
 
-def test_ddp_fastar_matches_gloo():
+def _fsdp_vs_single_process(rank, n, nn):
+    """FSDP2 (fully_shard) on CPU on the "fastar" default group: 5 SGD steps, each rank on its slice
+    of the batch, against one process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+    import fastar
+    be = fastar.backend.get_backend()
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def batch(step):
+        g = torch.Generator().manual_seed(100 + step)
+        return torch.randn(4 * n, 8, generator=g), torch.randint(0, 3, (4 * n,), generator=g)
+    before = len(be.records())
+    m = model()
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ref = model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(5):
+        x, y = batch(step)
+        nn.functional.cross_entropy(m(x[4 * rank:4 * rank + 4]), y[4 * rank:4 * rank + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = {k: v.full_tensor() for k, v in m.state_dict().items()}
+    diff = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    moved = (ref[0].weight - model()[0].weight).abs().max().item()
+    names = {r["name"].split()[0] for r in be.records()[before:]}
+    return {"diff": diff, "moved": moved, "native": sorted(names)}
+
+
+def test_ddp_and_fsdp_fastar():
     out = run_workers(_ddp_worker, 2, init_dist=False, timeout=120)
-    for diffs, native in out:
+    for diffs, native, fsdp in out:
         assert native > 0, "DDP never reached fastar's native allreduce"
         for hook, d in diffs.items():
             assert d <= 1e-6, (hook, d)
+        assert fsdp["moved"] > 1e-3 and fsdp["diff"] <= 1e-5, fsdp
+        assert "fastar::reduce_scatter" in fsdp["native"], fsdp  # FSDP's gradient reduce-scatter ran on fastar
 
 
 # -- errors -------------------------------------------------------------------------------------
