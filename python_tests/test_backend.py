@@ -342,8 +342,10 @@ def test_errors_mismatch_and_dead_rank():
     assert set(failures) == {n - 1}, failures
     for rank, out in got.items():
         assert out["mismatch"] is not None, f"rank {rank}: a mismatched shape gave no error"
+        assert "disagree" in out["mismatch"] and "has 12" in out["mismatch"], out["mismatch"]
         assert out["mismatch_s"] < 30, out
         assert out["dead"] is not None, f"rank {rank}: a dead peer gave no error"
+        assert f"rank {n - 1}" in out["dead"] and "exited" in out["dead"], out["dead"]  # names the dead rank
         assert out["dead_s"] < 8 + 20, out
 
 
