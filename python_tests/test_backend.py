@@ -25,7 +25,10 @@ def _init(rank, n, timeout_s=TIMEOUT_S, spec="fastar"):
     import fastar
     assert os.path.dirname(os.path.dirname(fastar.__file__)) == os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), f"testing the wrong fastar: {fastar.__file__}"
-    dist.init_process_group(spec, rank=rank, world_size=n, timeout=timedelta(seconds=timeout_s))
+    kw = {}
+    if spec.startswith("tcp://"):  # an explicit init_method instead of env://
+        spec, kw["init_method"] = "fastar", f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}"
+    dist.init_process_group(spec, rank=rank, world_size=n, timeout=timedelta(seconds=timeout_s), **kw)
     return dist, fastar
 
 
@@ -53,7 +56,7 @@ def _check_collectives(rank, n, big: bool = False, spec: str = "fastar"):
     dist, fastar = _init(rank, n, spec=spec)
     be = fastar.backend.get_backend()
     gloo = dist.new_group(backend="gloo")
-    assert dist.get_backend() == spec
+    assert dist.get_backend() == ("fastar" if spec.startswith("tcp://") else spec)
     checks = 0
     sizes = [1, 7, 4097] + ([(9 << 20) // 4 + 3] if big else [])  # > 8 MiB: "rail" on 2 nodes x 2
     plans = set()
@@ -196,11 +199,11 @@ def _check_device_string(rank, n, spec):
     return ok
 
 
-@pytest.mark.parametrize("n,local,spec", [(1, None, "cpu:fastar"), (2, None, "fastar"), (3, 1, "fastar"),
+@pytest.mark.parametrize("n,local,spec", [(1, None, "cpu:fastar"), (2, None, "fastar"), (3, 1, "tcp://"),
                                           (4, None, "fastar"), (5, None, "fastar"), (4, 2, "fastar")])
 def test_collectives_match_gloo(n, local, spec):
-    """Worlds 1..5: on one host (shared-memory local phase), 3 nodes x 1 (flat, FASTAR_LOCAL_SIZE=1)
-    and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail")."""
+    """Worlds 1..5: on one host (shared-memory local phase), 3 nodes x 1 (flat, FASTAR_LOCAL_SIZE=1,
+    init_method tcp://) and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail")."""
     before = fastar_segments()
     env = {"FASTAR_LOCAL_SIZE": str(local)} if local else {}
     out = run_workers(_check_collectives, n, local == 2, spec, init_dist=False, env=env, timeout=150)
