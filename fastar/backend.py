@@ -360,7 +360,7 @@ class FastarBackend(_C10dBackend):
         avg = _op_kind(opts.reduceOp)
         if avg is not None and len(tensors) == 1 and self._native_ok(tensors[0]):
             return self._native(tensors[0], avg, "allreduce", list(tensors))
-        if avg is not None and len(tensors) > 1:
+        if avg is not None and tensors:  # several tensors, or a non-contiguous one: packed
             return self._coalesced(tensors, avg, "allreduce")
         return self._fallback_allreduce(tensors, opts, avg)
 
@@ -371,9 +371,11 @@ class FastarBackend(_C10dBackend):
         return self._coalesced(tensors, avg, "allreduce_coalesced")
 
     def _coalesced(self, tensors, avg: bool, what: str):
-        """Several tensors in one allreduce: packed per dtype into one flat buffer, unpacked after."""
-        if not all(self._native_ok(t) or (t.dtype in collectives.SUPPORTED_DTYPES and t.layout == torch.strided)
-                   for t in tensors) or len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+        """Several tensors (one dtype, one device) in one allreduce: packed into one flat buffer,
+        unpacked after. Mixed dtypes, other dtypes and sparse tensors go to the fallback."""
+        packable = all(t.dtype in collectives.SUPPORTED_DTYPES and t.layout == torch.strided
+                       and t.device.type in ("cpu", "cuda") for t in tensors)
+        if not packable or len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
             opts = dist.AllreduceCoalescedOptions()
             opts.reduceOp = dist.ReduceOp.AVG if avg else dist.ReduceOp.SUM
             return self._fallback_allreduce(tensors, opts, avg, coalesced=True)
