@@ -163,7 +163,8 @@ class FastarBackend(_C10dBackend):
         self._global_ranks = list(global_ranks) if global_ranks else list(range(size))
         self._group_id = group_id
         self._closed = False
-        # Everything this backend delegates, and the byte transport of its communicator.
+        # Everything this backend delegates (user send/recv included) goes to this Gloo backend; the
+        # communicator sends over another one, so that its tags never meet the user's.
         self._gloo = ProcessGroupGloo(PrefixStore("fastar/gloo/", store), rank, size, self._timeout)
         self._nccl = None
         self._lock = threading.Lock()
@@ -206,7 +207,8 @@ class FastarBackend(_C10dBackend):
 
     def _make_communicator(self):
         topo, store, timeout = self._topo, self._store, self._timeout
-        world = _wrap_gloo(self._gloo, PrefixStore("fastar/world_pg/", store), topo.rank, topo.size)
+        self._transport = ProcessGroupGloo(PrefixStore("fastar/transport/", store), topo.rank, topo.size, timeout)
+        world = _wrap_gloo(self._transport, PrefixStore("fastar/world_pg/", store), topo.rank, topo.size)
         self._world_pg = world
         cross, cross_ranks = None, []
         if topo.num_nodes > 1 and topo.local_size > 1:
