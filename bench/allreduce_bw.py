@@ -5,7 +5,8 @@ torch.distributed.all_reduce on Gloo, all in the same run.
         [--plot out.png] [--iters N --warmup N] [--impls torch:gloo,fastar:flat:*] [--dtype float32] [--compression fp16]
     torchrun --nproc-per-node 4 bench/allreduce_bw.py --sizes ...      (WORLD_SIZE set: no spawning)
 
-Impls: "torch:gloo" (torch.distributed.all_reduce on a Gloo group) and "fastar:<hierarchy>:<algorithm>"
+Impls: "torch:gloo" (torch.distributed.all_reduce on a Gloo group), "torch:fastar" (the same call on a
+group of fastar's torch.distributed backend; only when named in --impls) and "fastar:<hierarchy>:<algorithm>"
 for hierarchy in flat, leader, rail (leader and rail only with local_size > 1) and algorithm in
 halving_doubling, ring, timed with fastar.all_reduce(..., validate=False) (no header exchange). One more
 impl, "fastar:auto:auto", is timed with the defaults a user gets (auto choice, validate=True) at sizes up
@@ -74,10 +75,15 @@ def all_impls(local_size: int) -> list[str]:
     return ["torch:gloo"] + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
 
 
+# Selected by name only (--impls torch:fastar or torch:*): dist.all_reduce on a process group
+# created with backend="fastar" (fastar's torch.distributed backend, docs/backend.md).
+BACKEND_IMPL = "torch:fastar"
+
+
 def select_impls(spec: str | None, local_size: int) -> list[str]:
-    avail = all_impls(local_size)
     if not spec:
-        return avail
+        return all_impls(local_size)
+    avail = all_impls(local_size) + [BACKEND_IMPL]
     out = []
     for pat in spec.split(","):
         pat = pat.strip()
@@ -169,10 +175,17 @@ class Runner:
         self.args, self.rank, self.world, self.topo = args, rank, world, topo
         self.gloo = dist.new_group(backend="gloo")  # the baseline's own group, like fastar has its own
         self.ctl = dist.new_group(backend="gloo")   # barriers and result gathering, never timed
+        self.backend_group = None
+        if BACKEND_IMPL in select_impls(args.impls, topo.local_size):
+            if args.local_size:
+                os.environ["FASTAR_LOCAL_SIZE"] = str(args.local_size)  # the backend's node layout
+            self.backend_group = dist.new_group(backend="fastar")
 
     def call(self, impl: str, t: torch.Tensor) -> None:
         if impl == "torch:gloo":
             dist.all_reduce(t, group=self.gloo)
+        elif impl == BACKEND_IMPL:
+            dist.all_reduce(t, group=self.backend_group)
         elif impl == AUTO_IMPL:
             self.fastar.all_reduce(t, compression=self.args.compression)  # what a user gets: auto, validate=True
         else:
@@ -247,7 +260,7 @@ def print_table(rows: list[dict], world: int) -> None:
     sizes = list(dict.fromkeys(r["bytes"] for r in rows))
     for b in sizes:
         rs = [r for r in rows if r["bytes"] == b]
-        base = next((r["time_us"] for r in rs if r["impl"].startswith("torch:")), None)
+        base = next((r["time_us"] for r in rs if r["impl"] in ("torch:gloo", "torch:nccl")), None)
         for r in rs:
             esize = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
             ratio = f"{base / r['time_us']:8.2f}" if base else f"{'-':>8}"

@@ -24,7 +24,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-IMPLS = ("none", "torch:ddp", "fastar", "fastar:fp16", "fastar:bf16")  # fastar:<wire>: compression
+DEFAULT_IMPLS = ("none", "torch:ddp", "fastar", "fastar:fp16", "fastar:bf16")  # fastar:<wire>: compression
+# torch:ddp@fastar: unmodified DDP on a process group of fastar's torch.distributed backend (by name only)
+IMPLS = DEFAULT_IMPLS + ("torch:ddp@fastar",)
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
@@ -40,10 +42,18 @@ def worker(args) -> dict | None:
     torch.manual_seed(0)
     base = build_model(args.model)
     models = {}
+    fastar_group = None
+    if "torch:ddp@fastar" in args.impls:
+        if args.local_size:
+            os.environ["FASTAR_LOCAL_SIZE"] = str(args.local_size)  # the backend's node layout
+        fastar_group = dist.new_group(backend="fastar")
     for impl in args.impls:
         m = copy.deepcopy(base)
         if impl == "torch:ddp":
             m = nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, bucket_cap_mb=args.bucket_mb)
+        elif impl == "torch:ddp@fastar":
+            m = nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, bucket_cap_mb=args.bucket_mb,
+                                                    process_group=fastar_group)
         elif impl.startswith("fastar"):
             m = fastar.wrap(m, bucket_cap_mb=args.bucket_mb, compression=impl.partition(":")[2] or None)
         models[impl] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
@@ -140,14 +150,14 @@ def _spawned(rank, args):
 
 
 def finish(out: dict, args) -> None:
-    print(f"\n{'impl':>11} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8} {'faults':>7}")
+    print(f"\n{'impl':>16} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8} {'faults':>7}")
     for r in out["rows"]:
         cm = f"{r['comm_ms']:.1f}" if r["comm_ms"] is not None else "-"
         ov = f"{r['overlap']:.2f}" if r["overlap"] is not None else "-"
-        print(f"{r['impl']:>11} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {cm:>9} {ov:>8} "
+        print(f"{r['impl']:>16} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {cm:>9} {ov:>8} "
               f"{r.get('minor_faults', 0):>7.0f}")
     by = {r["impl"]: r for r in out["rows"]}
-    for impl in (i for i in by if i.startswith("fastar") and "torch:ddp" in by):
+    for impl in (i for i in by if (i.startswith("fastar") or i == "torch:ddp@fastar") and "torch:ddp" in by):
         print(f"{impl} / DDP images/s: {by[impl]['images_per_s'] / by['torch:ddp']['images_per_s']:.3f}")
     if "fastar" in by and "none" in by:
         print(f"fastar / ceiling:      {by['fastar']['images_per_s'] / by['none']['images_per_s']:.3f}")
@@ -173,7 +183,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--bucket-mb", type=float, default=25)
-    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"from {','.join(IMPLS)}")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of the per-bucket timeline of one fastar step")
     args = p.parse_args(argv)

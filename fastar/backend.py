@@ -1,0 +1,538 @@
+"""fastar as a torch.distributed backend: `import fastar; dist.init_process_group("fastar")`.
+
+The backend is a Python c10d Backend (torch's PyBackend trampoline) that owns one fastar
+Communicator per process group, over Gloo process groups of its own (never the user's), with the
+node's shared-memory arena for the world group. What runs where (docs/backend.md has the table):
+
+  native     allreduce (sum, avg; fp32/fp64/fp16/bf16), allreduce_coalesced: fastar's hierarchical
+             schedule, exactly the engine behind fastar.all_reduce.
+  composite  reduce_scatter (list and tensor forms): one fastar allreduce of the whole input, then
+             this rank's shard is copied out. Right answer, but it moves the bytes of a full
+             allreduce: it is NOT yet the native reduce-scatter half of the schedule.
+  delegated  allgather (list and tensor forms), broadcast, barrier, gather, scatter, reduce,
+             alltoall, send/recv, and allreduce with other ops or dtypes: an internal Gloo backend
+             (CPU tensors) or NCCL backend (CUDA tensors) of the same ranks.
+
+Every collective returns a Work whose future completes when the result is in place, so DDP's
+reducer and comm hooks chain on it. One completion thread per backend waits on fastar's native
+works in submission order (the communicator runs them in that order too) and completes the
+futures that were asked for; Work.wait() completes its own work in the caller's thread. Each native collective is a torch.profiler range named with its bytes, plan and peers,
+which lasts until the collective ends.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as _C10dBackend
+from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
+from torch._C._distributed_c10d import Work as _C10dWork
+
+from . import collectives
+from . import topology as _topology
+
+log = logging.getLogger("fastar")
+
+NAME = "fastar"
+# A header exchanged before each native collective so that ranks passing different shapes or dtypes
+# get an error instead of a wrong answer (as fastar.all_reduce does). FASTAR_BACKEND_VALIDATE=0 drops it.
+VALIDATE = os.environ.get("FASTAR_BACKEND_VALIDATE", "1") != "0"
+
+_SUM_AVG = {int(dist.ReduceOp.SUM): False, int(dist.ReduceOp.AVG): True}
+
+
+def _op_kind(reduce_op) -> bool | None:
+    """False for SUM, True for AVG, None for any other op (a fallback)."""
+    try:
+        return _SUM_AVG.get(int(reduce_op))
+    except (TypeError, ValueError):
+        pass
+    for op, avg in ((dist.ReduceOp.SUM, False), (dist.ReduceOp.AVG, True)):
+        try:
+            if reduce_op == op:
+                return avg
+        except Exception:  # noqa: BLE001 - a premul-sum op compares with nothing
+            pass
+    return None
+
+
+class _Pending:
+    """One native collective in flight: completed (post-processing run, future set) exactly once,
+    by whichever comes first: the completion thread, or a caller of Work.wait()."""
+
+    __slots__ = ("native", "fut", "result", "post", "record", "backend", "done", "lock", "queued")
+
+    def __init__(self, backend, native, fut, result, post, record):
+        self.backend, self.native, self.fut, self.result, self.post, self.record = \
+            backend, native, fut, result, post, record
+        self.done = self.queued = False
+        self.lock = threading.Lock()
+
+    def complete(self, timeout_s: float) -> None:
+        err = None
+        try:
+            self.native.wait(timeout_s)  # releases the GIL
+        except Exception as e:  # noqa: BLE001 - handed to every waiter through the future
+            err = e
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            if err is None and self.post is not None:
+                try:
+                    self.post()
+                except Exception as e:  # noqa: BLE001
+                    err = e
+        if err is not None:
+            self.fut.set_exception(self.backend._annotate(err))
+            return
+        self.backend._record(self.record, self.native)
+        self.fut.set_result(self.result)
+
+
+class FastarWork(_C10dWork):
+    """A Work over a torch Future: wait() raises the collective's error, get_future() chains."""
+
+    def __init__(self, fut: torch.futures.Future, result, pending: _Pending | None = None):
+        super().__init__()
+        self._fut, self._result, self._pending = fut, result, pending
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        p = self._pending
+        if p is not None and not p.done:  # wait here rather than for the completion thread's wake-up
+            p.complete(p.backend._wait_s)
+        self._fut.wait()  # raises the collective's error
+        return True
+
+    def is_completed(self) -> bool:
+        p = self._pending
+        if p is not None and not p.done and p.native.is_completed():
+            p.complete(p.backend._wait_s)
+        return self._fut.done()
+
+    def is_success(self) -> bool:
+        if not self._fut.done():
+            return False
+        try:
+            self._fut.value()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def exception(self):
+        try:
+            self._fut.value()
+        except Exception as e:  # noqa: BLE001
+            return e
+        return None
+
+    def result(self):
+        return self._result
+
+    def get_future(self) -> torch.futures.Future:
+        p = self._pending
+        if p is not None and not p.queued:  # someone will chain on it: the completion thread completes it
+            p.backend._enqueue(p)
+        return self._fut
+
+
+def _wrap_gloo(backend, store, rank: int, size: int) -> ProcessGroup:
+    """A c10d ProcessGroup holding one Gloo backend: what fastar's Communicator sends over."""
+    pg = ProcessGroup(store, rank, size)
+    pg._set_default_backend(ProcessGroup.BackendType.GLOO)
+    pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
+    return pg
+
+
+class FastarBackend(_C10dBackend):
+    """The "fastar" torch.distributed backend of one process group."""
+
+    def __init__(self, store, rank: int, size: int, timeout: timedelta, global_ranks: list[int],
+                 group_id: str = ""):
+        super().__init__(rank, size)
+        self._store, self._rank, self._size = store, rank, size
+        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self._default = not global_ranks  # torch passes no ranks for the default (world) group
+        self._global_ranks = list(global_ranks) if global_ranks else list(range(size))
+        self._group_id = group_id
+        self._closed = False
+        # Everything this backend delegates (user send/recv included) goes to this Gloo backend; the
+        # communicator sends over another one, so that its tags never meet the user's.
+        self._gloo = ProcessGroupGloo(PrefixStore("fastar/gloo/", store), rank, size, self._timeout)
+        self._nccl = None
+        self._lock = threading.Lock()
+        self._topo = self._detect_topology()
+        self._comm = self._make_communicator()
+        self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
+        self._queue: queue.Queue = queue.Queue()
+        self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
+        self._thread = threading.Thread(target=self._complete_loop, name=f"fastar-backend-{group_id}",
+                                        daemon=True)
+        self._thread.start()
+        log.debug("fastar backend for group %r: %s", group_id, self._topo)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _detect_topology(self) -> _topology.Topology:
+        """The world group (all ranks of the job) gets the node structure, as fastar.init detects
+        it: FASTAR_LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE, else host names swapped in the store.
+        A subgroup is flat: one participant per rank, no local phase."""
+        rank, size = self._rank, self._size
+        is_world = self._default or (dist.is_initialized() and size == dist.get_world_size())
+        if not is_world:
+            return _topology.Topology(rank=rank, size=size, local_rank=0, local_size=1, node=rank,
+                                      num_nodes=size, source="subgroup: flat")
+        if os.environ.get("FASTAR_LOCAL_SIZE"):
+            local_size, source = int(os.environ["FASTAR_LOCAL_SIZE"]), "FASTAR_LOCAL_SIZE"
+        elif os.environ.get("LOCAL_WORLD_SIZE"):
+            local_size, source = int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE (torchrun)"
+        else:
+            self._store.set(f"fastar/host/{rank}", socket.gethostname())
+            names = [self._store.get(f"fastar/host/{r}").decode() for r in range(size)]
+            local_size, source = names.count(names[rank]), "host names"
+            if names != sorted(names, key=names.index) or size % local_size:
+                local_size, source = 1, "host names (ranks not laid out node by node: flat)"
+        if local_size < 1 or size % local_size:
+            raise ValueError(f"fastar backend: local_size={local_size} (from {source}) does not divide the "
+                             f"world size {size}; every node must run the same number of ranks")
+        return _topology.Topology(rank=rank, size=size, local_rank=rank % local_size, local_size=local_size,
+                                  node=rank // local_size, num_nodes=size // local_size, source=source)
+
+    def _make_communicator(self):
+        topo, store, timeout = self._topo, self._store, self._timeout
+        self._transport = ProcessGroupGloo(PrefixStore("fastar/transport/", store), topo.rank, topo.size, timeout)
+        world = _wrap_gloo(self._transport, PrefixStore("fastar/world_pg/", store), topo.rank, topo.size)
+        self._world_pg = world
+        cross, cross_ranks = None, []
+        if topo.num_nodes > 1 and topo.local_size > 1:
+            # this rank's rail: the ranks with its local rank on every node (only members build it)
+            cross_ranks = topo.rail_ranks(topo.local_rank)
+            rstore = PrefixStore(f"fastar/rail{topo.local_rank}/", store)
+            rail = ProcessGroupGloo(PrefixStore("gloo/", rstore), topo.node, topo.num_nodes, timeout)
+            cross = _wrap_gloo(rail, PrefixStore("pg/", rstore), topo.node, topo.num_nodes)
+            self._rail = rail
+        self._cross_pg = cross
+        world_ranks = list(range(topo.size))  # the communicator's ranks are this group's ranks
+
+        def make(shm_name: str, create: bool):
+            return collectives._C().Communicator(
+                rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
+                node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
+                cross=cross, cross_ranks=cross_ranks, shm_name=shm_name, shm_create=create,
+                shm_chunk_bytes=collectives.SHM_CHUNK_BYTES, timeout_s=timeout.total_seconds())
+
+        if topo.local_size == 1:
+            return make("", False)
+        # The node's shared-memory arena, as collectives.node_segment makes it, with the store and
+        # this backend's own Gloo barrier in place of torch.distributed calls (the group is still
+        # being built: torch.distributed cannot be called on it yet).
+        key = f"fastar/shm/{topo.node}"
+        if topo.local_rank == 0:
+            collectives._C().remove_stale_shm("fastar_")
+            name = (f"/fastar_{os.getuid()}_{collectives._job_id()}_be_n{topo.node}_{secrets.token_hex(4)}"
+                    f"_p{os.getpid()}")
+            comm = make(name, True)
+            store.set(key, name)
+        self._barrier_internal()
+        if topo.local_rank != 0:
+            comm = make(store.get(key).decode(), False)
+        self._barrier_internal()
+        comm.unlink_shm()  # a no-op except on the creator: a crash now leaves nothing behind
+        self._barrier_internal()
+        return comm
+
+    def _barrier_internal(self):
+        self._gloo.barrier(dist.BarrierOptions()).wait(self._timeout)
+
+    @property
+    def topology(self) -> _topology.Topology:
+        return self._topo
+
+    @property
+    def communicator(self):
+        return self._comm
+
+    def getBackendName(self) -> str:  # noqa: N802 - the trampoline's name
+        return NAME
+
+    # -- the completion thread -----------------------------------------------------------------
+
+    def _complete_loop(self):
+        while True:
+            pending = self._queue.get()
+            if pending is None:
+                return
+            pending.complete(self._wait_s)
+
+    def _record(self, rec, native) -> None:
+        rec[3:] = [native.start_s, native.end_s]
+        self._records.append(tuple(rec))
+        if len(self._records) > 4096:
+            del self._records[:2048]
+
+    def _annotate(self, e: Exception) -> Exception:
+        """The error, with the reports other ranks published (the rank that failed is named there)."""
+        try:
+            if dist.is_initialized():
+                return collectives._with_cause(e)
+        except Exception:  # noqa: BLE001 - the original error matters more than its annotation
+            pass
+        return e
+
+    def _native(self, flat: torch.Tensor, avg: bool, what: str, result, post=None) -> FastarWork:
+        """Queues one fastar allreduce of `flat` (contiguous, in place); `post` runs after it."""
+        if self._closed:
+            raise RuntimeError("fastar backend: the process group was shut down")
+        nbytes = flat.numel() * flat.element_size()
+        if flat.device.type == "cuda":
+            self._ensure_cuda()
+            algo, hier, _ = collectives.choose(nbytes, "auto", "flat", self._topo)
+        else:
+            algo, hier, _ = collectives.choose(nbytes, "auto", "auto", self._topo)
+        name = f"fastar::{what} {nbytes}B {hier}:{algo} peers={self._size}"
+        fut: torch.futures.Future = torch.futures.Future()
+        rec = [name, nbytes, f"{hier}:{algo}", 0.0, 0.0]
+        if not torch.autograd.profiler._is_profiler_enabled:
+            pending = self._submit(flat, algo, hier, avg, fut, result, post, rec)
+        else:
+            with torch.profiler.record_function(name) as rf:
+                pending = self._submit(flat, algo, hier, avg, fut, result, post, rec)
+                rf._call_end_callbacks_on_future(fut)  # the range lasts until the collective ends
+        return FastarWork(fut, result, pending)
+
+    def _submit(self, flat, algo, hier, avg, fut, result, post, rec) -> _Pending:
+        native = self._comm.allreduce_async(flat, algo, hier, avg, VALIDATE)
+        pending = _Pending(self, native, fut, result, post, rec)
+        # The completion thread takes the works whose future someone may chain on (get_future), or
+        # that end a profiler range. Otherwise the caller's wait() (or is_completed()) completes the
+        # work, post-step included: no second thread wakes for a plain dist.all_reduce (that
+        # hand-off cost ~60 us a call on 2 busy cores).
+        if torch.autograd.profiler._is_profiler_enabled:
+            self._enqueue(pending)
+        return pending
+
+    def _enqueue(self, pending: _Pending) -> None:
+        with self._lock:
+            if not pending.queued:
+                pending.queued = True
+                self._queue.put(pending)
+
+    def _ensure_cuda(self):
+        """CUDA tensors: fastar's TensorAllreduce path over an NCCL backend of the same ranks."""
+        if self._comm.has_tensor_groups("cuda"):
+            return
+        collectives._check_cuda_path(torch.device("cuda"))
+        nccl = self._nccl_backend()
+        pg = ProcessGroup(PrefixStore("fastar/nccl_pg/", self._store), self._rank, self._size)
+        pg._set_default_backend(ProcessGroup.BackendType.NCCL)
+        pg._register_backend(torch.device("cuda"), ProcessGroup.BackendType.NCCL, nccl)
+        self._nccl_pg = pg
+        self._comm.set_tensor_groups("cuda", pg, None, None, list(range(self._size)), [])
+
+    def _nccl_backend(self):
+        if self._nccl is None:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = self._timeout
+            self._nccl = dist.ProcessGroupNCCL(PrefixStore("fastar/nccl/", self._store), self._rank, self._size,
+                                               opts)
+        return self._nccl
+
+    def _delegate(self, tensors) -> object:
+        """The internal backend for these tensors: NCCL for CUDA ones, Gloo otherwise."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                return self._nccl_backend()
+        return self._gloo
+
+    @staticmethod
+    def _native_ok(t: torch.Tensor) -> bool:
+        return (t.dtype in collectives.SUPPORTED_DTYPES and t.layout == torch.strided and t.is_contiguous()
+                and t.device.type in ("cpu", "cuda"))
+
+    # -- native collectives --------------------------------------------------------------------
+
+    def allreduce(self, tensors, opts):
+        avg = _op_kind(opts.reduceOp)
+        if avg is not None and len(tensors) == 1 and self._native_ok(tensors[0]):
+            return self._native(tensors[0], avg, "allreduce", list(tensors))
+        if avg is not None and tensors:  # several tensors, or a non-contiguous one: packed
+            return self._coalesced(tensors, avg, "allreduce")
+        return self._fallback_allreduce(tensors, opts, avg)
+
+    def allreduce_coalesced(self, tensors, opts):
+        avg = _op_kind(opts.reduceOp)
+        if avg is None or not tensors:
+            return self._delegate(tensors).allreduce_coalesced(tensors, opts)
+        return self._coalesced(tensors, avg, "allreduce_coalesced")
+
+    def _coalesced(self, tensors, avg: bool, what: str):
+        """Several tensors (one dtype, one device) in one allreduce: packed into one flat buffer,
+        unpacked after. Mixed dtypes, other dtypes and sparse tensors go to the fallback."""
+        packable = all(t.dtype in collectives.SUPPORTED_DTYPES and t.layout == torch.strided
+                       and t.device.type in ("cpu", "cuda") for t in tensors)
+        if not packable or len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+            opts = dist.AllreduceCoalescedOptions()
+            opts.reduceOp = dist.ReduceOp.AVG if avg else dist.ReduceOp.SUM
+            return self._fallback_allreduce(tensors, opts, avg, coalesced=True)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+
+        def unpack():
+            off = 0
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[off:off + n].view_as(t))
+                off += n
+        return self._native(flat, avg, what, list(tensors), unpack)
+
+    def _fallback_allreduce(self, tensors, opts, avg, coalesced: bool = False):
+        """Ops other than sum/avg, other dtypes, sparse tensors: the internal Gloo/NCCL backend.
+        Gloo has no AVG: summed there, then divided."""
+        inner = self._delegate(tensors)
+        gloo_avg = avg is True and inner is self._gloo
+        if gloo_avg:
+            opts = dist.AllreduceCoalescedOptions() if coalesced else dist.AllreduceOptions()
+            opts.reduceOp = dist.ReduceOp.SUM
+        work = inner.allreduce_coalesced(tensors, opts) if coalesced else inner.allreduce(tensors, opts)
+        if not gloo_avg:
+            return work
+        fut = work.get_future()
+        size = self._size
+
+        def divide(f):
+            f.value()
+            for t in tensors:
+                if t.is_floating_point() or t.is_complex():
+                    t.div_(size)
+                else:
+                    t.floor_divide_(size)
+            return list(tensors)
+        return FastarWork(fut.then(divide), list(tensors))
+
+    def reduce_scatter_single(self, output, input, opts):  # noqa: A002 - torch's name
+        avg = _op_kind(opts.reduceOp)
+        n = self._size
+        if avg is None or not self._native_ok(input) or input.numel() != output.numel() * n \
+                or input.dtype != output.dtype:
+            return self._delegate([input]).reduce_scatter_single(output, input, opts)
+        flat = input.reshape(-1).clone()
+        r = self._rank
+
+        def shard():
+            output.copy_(flat.view(n, -1)[r].view_as(output))
+        return self._native(flat, avg, "reduce_scatter", [output], shard)
+
+    def reduce_scatter(self, outputs, inputs, opts):
+        avg = _op_kind(opts.reduceOp)
+        n = self._size
+        if avg is None or len(outputs) != 1 or len(inputs) != 1 or len(inputs[0]) != n \
+                or not all(self._native_ok(t) and t.dtype == outputs[0].dtype and t.shape == outputs[0].shape
+                           for t in inputs[0]):
+            return self._delegate(outputs).reduce_scatter(outputs, inputs, opts)
+        flat = torch.cat([t.reshape(-1) for t in inputs[0]])
+        out, r = outputs[0], self._rank
+
+        def shard():
+            out.copy_(flat.view(n, -1)[r].view_as(out))
+        return self._native(flat, avg, "reduce_scatter", list(outputs), shard)
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts):
+        return self._delegate(inputs).reduce_scatter_single_coalesced(outputs, inputs, opts)
+
+    # -- delegated collectives (more are made by _delegated, after the class) ------------------
+
+    def barrier(self, opts):
+        return self._gloo.barrier(opts)
+
+    def send(self, tensors, dst: int, tag: int):
+        return self._delegate(tensors).send(tensors, dst, tag)
+
+    def recv(self, tensors, src: int, tag: int):
+        return self._delegate(tensors).recv(tensors, src, tag)
+
+    def recv_anysource(self, tensors, tag: int):
+        return self._delegate(tensors).recv_anysource(tensors, tag)
+
+    def monitored_barrier(self, opts, wait_all_ranks=False):
+        return self._gloo.monitored_barrier(opts, wait_all_ranks)
+
+    # -- records and shutdown ------------------------------------------------------------------
+
+    def records(self) -> list[dict]:
+        """The recent native collectives: name, bytes, plan, start and end (steady clock, seconds)."""
+        return [{"name": n, "bytes": b, "plan": p, "start_s": s, "end_s": e} for n, b, p, s, e in self._records]
+
+    def shutdown(self):
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(self._timeout.total_seconds())
+        try:
+            self._comm.close()
+        except Exception:  # noqa: BLE001 - shutting down after a failure: nothing more to say
+            pass
+
+    def abort(self):
+        self.shutdown()
+
+
+def _delegated(name: str):
+    def call(self, *args):
+        tensors = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                tensors.append(a)
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    tensors.extend(x if isinstance(x, (list, tuple)) else [x])
+        inner = self._delegate(tensors)
+        if not torch.autograd.profiler._is_profiler_enabled:
+            return getattr(inner, name)(*args)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        with torch.profiler.record_function(f"fastar::{name} (delegated to {inner.name()}) {nbytes}B "
+                                            f"peers={self._size}"):
+            return getattr(inner, name)(*args)
+    call.__name__ = name
+    call.__doc__ = "Delegated to the internal Gloo (CPU) or NCCL (CUDA) backend of the same ranks."
+    return call
+
+
+DELEGATED = ("broadcast", "allgather", "all_gather_single", "allgather_coalesced", "all_gather_single_coalesced",
+             "gather", "scatter", "reduce", "alltoall", "all_to_all_single", "allreduce_sparse")
+for _n in DELEGATED:
+    setattr(FastarBackend, _n, _delegated(_n))
+del _n
+
+
+def _create(dist_opts, pg_options=None) -> FastarBackend:
+    """torch.distributed's creator (extended API): one FastarBackend per process group."""
+    return FastarBackend(dist_opts.store, dist_opts.group_rank, dist_opts.group_size, dist_opts.timeout,
+                         list(dist_opts.global_ranks_in_group), str(dist_opts.group_id))
+
+
+def register() -> None:
+    """Registers "fastar" for CPU and CUDA tensors (idempotent; `import fastar` calls it)."""
+    if NAME.upper() in dist.Backend._plugins:
+        return
+    dist.Backend.register_backend(NAME, _create, extended_api=True, devices=["cpu", "cuda"])
+
+
+def get_backend(group=None) -> FastarBackend:
+    """The FastarBackend of a process group initialised with "fastar" (its CPU backend)."""
+    pg = group if group is not None else dist.group.WORLD
+    be = pg._get_backend(torch.device("cpu"))
+    if not isinstance(be, FastarBackend):
+        raise ValueError(f"fastar.backend.get_backend: the group's CPU backend is {type(be).__name__}, not fastar")
+    return be
+
+
+__all__ = ["FastarBackend", "FastarWork", "register", "get_backend", "NAME"]
+
+register()

@@ -1,0 +1,374 @@
+"""fastar as a torch.distributed backend (issue 14): every collective on a "fastar" process group
+against the same call on a Gloo group of the same ranks, exact on integer-valued data; DDP on
+"fastar" against DDP on Gloo; errors. One spawn per world: each worker runs many checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from mp_utils import run_workers
+from test_hierarchical import fastar_segments, leaked
+
+TIMEOUT_S = 20
+
+
+def _init(rank, n, timeout_s=TIMEOUT_S, spec="fastar"):
+    import torch.distributed as dist
+
+    import fastar
+    assert os.path.dirname(os.path.dirname(fastar.__file__)) == os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), f"testing the wrong fastar: {fastar.__file__}"
+    kw = {}
+    if spec.startswith("tcp://"):  # an explicit init_method instead of env://
+        spec, kw["init_method"] = "fastar", f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}"
+    dist.init_process_group(spec, rank=rank, world_size=n, timeout=timedelta(seconds=timeout_s), **kw)
+    return dist, fastar
+
+
+def _ints(shape, rank, seed, dtype=torch.float32):
+    """Integer values in -8..8, different on every rank: sums are exact in every float dtype."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randint(-8, 9, shape, generator=g).to(dtype)
+
+
+def _same(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    assert torch.equal(a, b), f"{what}: differs from Gloo at {(a != b).nonzero()[:5].tolist()}: {a.flatten()[:8]} vs {b.flatten()[:8]}"
+
+
+def _same_avg(a, sums, n, what):
+    """fastar's AVG is the exact sum times 1/n: exact when n is a power of two, else within rounding."""
+    if n & (n - 1) == 0:
+        _same(a, sums / n, what)
+    else:
+        torch.testing.assert_close(a, sums / n, msg=lambda m: f"{what}: {m}")
+
+
+def _check_collectives(rank, n, big: bool = False, spec: str = "fastar"):
+    """Every collective on the default "fastar" group against the same call on a Gloo group."""
+    dist, fastar = _init(rank, n, spec=spec)
+    be = fastar.backend.get_backend()
+    gloo = dist.new_group(backend="gloo")
+    assert dist.get_backend() == ("fastar" if spec.startswith("tcp://") else spec)
+    checks = 0
+    sizes = [1, 7, 4097] + ([(9 << 20) // 4 + 3] if big else [])  # > 8 MiB: "rail" on 2 nodes x 2
+    plans = set()
+
+    def both(fn, make, what):
+        """fn(tensors, group) on copies of make(); the fastar group's result must equal Gloo's."""
+        nonlocal checks
+        a, b = make(), make()
+        fn(a, None)
+        fn(b, gloo)
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            _same(x, y, what)
+        checks += 1
+
+    for i, numel in enumerate(sizes):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64) if numel == 7 else (torch.float32,):
+            mk = lambda: _ints((numel,), rank, i, dtype)  # noqa: E731
+            both(lambda t, g: dist.all_reduce(t, group=g), mk, f"all_reduce sum {numel} {dtype}")
+            plans.add(be.records()[-1]["plan"])
+            # AVG: Gloo has none; the reference is Gloo's exact sum divided by n
+            t = mk()
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+            ref = mk()
+            dist.all_reduce(ref, group=gloo)
+            _same_avg(t, ref, n, f"all_reduce avg {numel} {dtype}")
+            checks += 1
+        # reduce_scatter: tensor and list forms, sum; avg against sum / n
+        mk_in = lambda: _ints((n * numel,), rank, 100 + i)  # noqa: E731
+        out_f, out_g = torch.zeros(numel), torch.zeros(numel)
+        dist.reduce_scatter_tensor(out_f, mk_in())
+        dist.reduce_scatter_tensor(out_g, mk_in(), group=gloo)
+        _same(out_f, out_g, f"reduce_scatter_tensor {numel}")
+        out_a = torch.zeros(numel)
+        dist.reduce_scatter_tensor(out_a, mk_in(), op=dist.ReduceOp.AVG)
+        _same_avg(out_a, out_g, n, f"reduce_scatter_tensor avg {numel}")
+        lst_f, lst_g = torch.zeros(numel), torch.zeros(numel)
+        dist.reduce_scatter(lst_f, list(mk_in().chunk(n)))
+        dist.reduce_scatter(lst_g, list(mk_in().chunk(n)), group=gloo)
+        _same(lst_f, lst_g, f"reduce_scatter list {numel}")
+        # allgather: list and into-tensor forms
+        x = _ints((numel,), rank, 200 + i)
+        for g in (None, gloo):
+            outs = [torch.zeros(numel) for _ in range(n)]
+            dist.all_gather(outs, x, group=g)
+            flat = torch.zeros(n * numel)
+            dist.all_gather_into_tensor(flat, x, group=g)
+            _same(torch.cat(outs), flat, f"all_gather forms {numel}")
+            if g is None:
+                mine = flat
+        _same(mine, flat, f"all_gather {numel}")
+        checks += 4
+    # the native path really ran, and the plan names the hierarchy the topology implies
+    topo = be.topology
+    assert be.records(), "no native collective was recorded"
+    hiers = {p.split(":")[0] for p in plans}
+    expect = {"flat"} if topo.local_size == 1 else {"leader", "rail"} if topo.num_nodes > 1 else {"leader"}
+    assert hiers <= expect and hiers, (hiers, expect, topo)
+    if big and topo.num_nodes > 1:
+        assert "rail" in hiers, plans
+    # fallbacks: another op, an integer dtype
+    both(lambda t, g: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g), lambda: _ints((33,), rank, 7), "max")
+    both(lambda t, g: dist.all_reduce(t, group=g), lambda: _ints((33,), rank, 8, torch.int64), "int64 sum")
+    both(lambda t, g: dist.all_reduce(t, op=dist.ReduceOp.PRODUCT, group=g),
+         lambda: _ints((5,), rank, 9).clamp(1, 2), "product")
+    # coalesced
+    both(lambda ts, g: dist.all_reduce_coalesced(ts, group=g),
+         lambda: [_ints((5, 3), rank, 10), _ints((17,), rank, 11)], "all_reduce_coalesced")
+    # delegated ones
+    for src in {0, n - 1}:
+        both(lambda t, g: dist.broadcast(t, src=src, group=g), lambda: _ints((9,), rank, 12), f"broadcast {src}")
+    both(lambda t, g: dist.reduce(t, dst=n - 1, group=g), lambda: _ints((9,), rank, 13), "reduce")
+
+    def gather(ts, g):
+        dist.gather(ts[0], ts[1:] if rank == 0 else None, dst=0, group=g)
+    both(gather, lambda: [_ints((4,), rank, 14)] + [torch.zeros(4) for _ in range(n)], "gather")
+
+    def scatter(ts, g):
+        dist.scatter(ts[0], ts[1:] if rank == 0 else None, src=0, group=g)
+    both(scatter, lambda: [torch.zeros(4)] + [_ints((4,), r, 15) for r in range(n)], "scatter")
+
+    def a2a(ts, g):
+        dist.all_to_all_single(ts[0], ts[1], group=g)
+    both(a2a, lambda: [torch.zeros(2 * n), _ints((2 * n,), rank, 16)], "all_to_all_single")
+    objs = [None] * n
+    dist.all_gather_object(objs, {"rank": rank})
+    assert objs == [{"rank": r} for r in range(n)]
+    dist.barrier()
+    if n > 1:  # send/recv around the ring
+        x, y = _ints((6,), rank, 17), torch.zeros(6)
+        reqs = [dist.isend(x, (rank + 1) % n), dist.irecv(y, (rank - 1) % n)]
+        for r in reqs:
+            r.wait()
+        _same(y, _ints((6,), (rank - 1) % n, 17), "send/recv")
+    # async work: its future carries the result, and chains
+    t = _ints((100,), rank, 18)
+    ref = t.clone()
+    dist.all_reduce(ref, group=gloo)
+    w = dist.all_reduce(t, async_op=True)
+    doubled = w.get_future().then(lambda f: f.value()[0] * 2)
+    w.wait()
+    _same(t, ref, "async all_reduce")
+    _same(doubled.wait(), ref * 2, "future.then")
+    # a subgroup on fastar: the last ranks (flat)
+    if n >= 3:
+        ranks = list(range(1, n))
+        sub, subg = dist.new_group(ranks, backend="fastar"), dist.new_group(ranks, backend="gloo")
+        if rank in ranks:
+            a, b = _ints((50,), rank, 19), _ints((50,), rank, 19)
+            dist.all_reduce(a, group=sub)
+            dist.all_reduce(b, group=subg)
+            _same(a, b, "subgroup all_reduce")
+            assert fastar.backend.get_backend(sub).topology.local_size == 1
+    if n in (2, 4):  # fastar.init / fastar.all_reduce beside the backend: harmless
+        fastar.init()
+        a, b = _ints((64,), rank, 20), _ints((64,), rank, 20)
+        fastar.all_reduce(a)
+        dist.all_reduce(b)
+        _same(a, b, "fastar.all_reduce beside the backend")
+    # the profiler sees a named range per native collective
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dist.all_reduce(torch.ones(256))
+    names = [e.name for e in prof.events() if e.name.startswith("fastar::allreduce")]
+    assert names and "1024B" in names[0] and f"peers={n}" in names[0], names
+    fastar.shutdown()
+    dist.destroy_process_group()
+    return checks, sorted(plans), os.getpid()
+
+
+def _check_device_string(rank, n, spec):
+    """"cpu:fastar" and "cpu:fastar,cuda:nccl": CPU tensors go to fastar."""
+    import torch.distributed as dist
+
+    import fastar
+    dist.init_process_group(spec, rank=rank, world_size=n, timeout=timedelta(seconds=TIMEOUT_S))
+    t = torch.ones(10) * (rank + 1)
+    dist.all_reduce(t)
+    assert torch.equal(t, torch.full((10,), n * (n + 1) / 2))
+    ok = bool(fastar.backend.get_backend().records())
+    dist.destroy_process_group()
+    return ok
+
+
+@pytest.mark.parametrize("n,local,spec", [(1, None, "cpu:fastar"), (2, None, "fastar"), (3, 1, "tcp://"),
+                                          (4, None, "fastar"), (5, None, "fastar"), (4, 2, "fastar")])
+def test_collectives_match_gloo(n, local, spec):
+    """Worlds 1..5: on one host (shared-memory local phase), 3 nodes x 1 (flat, FASTAR_LOCAL_SIZE=1,
+    init_method tcp://) and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail")."""
+    before = fastar_segments()
+    env = {"FASTAR_LOCAL_SIZE": str(local)} if local else {}
+    out = run_workers(_check_collectives, n, local == 2, spec, init_dist=False, env=env, timeout=150)
+    assert all(c == out[0][0] and c > 30 for c, _, _ in out), out
+    assert not leaked(before, {pid for _, _, pid in out})
+
+
+def test_cpu_fastar_cuda_nccl():
+    if not torch.cuda.is_available():  # ("cpu:fastar" alone: world 1 of test_collectives_match_gloo)
+        pytest.skip("torch's ProcessGroupNCCL refuses to start without a GPU")
+    spec = "cpu:fastar,cuda:nccl"
+    assert run_workers(_check_device_string, 2, spec, init_dist=False, timeout=60) == [True, True]
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+def _ddp_worker(rank, n):
+    """Unmodified DDP on the "fastar" default group vs DDP on a Gloo group: 5 steps with BatchNorm
+    (buffers broadcast), a no_sync step, and with and without a comm hook."""
+    dist, fastar = _init(rank, n)
+    from torch import nn
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    gloo = dist.new_group(backend="gloo")
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+    diffs = {}
+    for hook in (None, "allreduce_hook"):
+        ref = DDP(model(), process_group=gloo, bucket_cap_mb=0.0005)  # several buckets
+        got = DDP(model(), bucket_cap_mb=0.0005)
+        if hook:
+            ref.register_comm_hook(gloo, default_hooks.allreduce_hook)
+            got.register_comm_hook(None, default_hooks.allreduce_hook)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, got)]
+        g = torch.Generator().manual_seed(rank)
+        for step in range(5):
+            x, y = torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+            for m, opt in zip((ref, got), opts):
+                if step == 2:  # accumulate one micro-batch locally, sync on the next
+                    with m.no_sync():
+                        nn.functional.cross_entropy(m(x[:3]), y[:3]).backward()
+                    nn.functional.cross_entropy(m(x[3:]), y[3:]).backward()
+                else:
+                    nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        diffs[str(hook)] = max((a - b).abs().max().item() for a, b in
+                               zip(list(ref.parameters()) + list(ref.buffers()),
+                                   list(got.parameters()) + list(got.buffers())) if a.is_floating_point())
+        # the models did train (the comparison is not between two untouched copies)
+        assert (next(got.parameters()) - next(model().parameters())).abs().max() > 1e-3
+    native = len(fastar.backend.get_backend().records())
+    fsdp = _fsdp_vs_single_process(rank, n, nn)
+    dist.destroy_process_group()
+    return diffs, native, fsdp
+
+
+def _fsdp_vs_single_process(rank, n, nn):
+    """FSDP2 (fully_shard) on CPU on the "fastar" default group: 5 SGD steps, each rank on its slice
+    of the batch, against one process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+    import fastar
+    be = fastar.backend.get_backend()
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def batch(step):
+        g = torch.Generator().manual_seed(100 + step)
+        return torch.randn(4 * n, 8, generator=g), torch.randint(0, 3, (4 * n,), generator=g)
+    before = len(be.records())
+    m = model()
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ref = model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(5):
+        x, y = batch(step)
+        nn.functional.cross_entropy(m(x[4 * rank:4 * rank + 4]), y[4 * rank:4 * rank + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = {k: v.full_tensor() for k, v in m.state_dict().items()}
+    diff = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    moved = (ref[0].weight - model()[0].weight).abs().max().item()
+    names = {r["name"].split()[0] for r in be.records()[before:]}
+    return {"diff": diff, "moved": moved, "native": sorted(names)}
+
+
+def test_ddp_and_fsdp_fastar():
+    out = run_workers(_ddp_worker, 2, init_dist=False, timeout=120)
+    for diffs, native, fsdp in out:
+        assert native > 0, "DDP never reached fastar's native allreduce"
+        for hook, d in diffs.items():
+            assert d <= 1e-6, (hook, d)
+        assert fsdp["moved"] > 1e-3 and fsdp["diff"] <= 1e-5, fsdp
+        assert "fastar::reduce_scatter" in fsdp["native"], fsdp  # FSDP's gradient reduce-scatter ran on fastar
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def _error_worker(rank, n):
+    dist, fastar = _init(rank, n, timeout_s=8)
+    spare = dist.new_group(backend="fastar")  # for the dead rank, after the default group failed
+    out = {}
+    t0 = time.monotonic()
+    try:  # rank 0 passes a different shape
+        dist.all_reduce(torch.ones(10 if rank == 0 else 12))
+        out["mismatch"] = None
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        out["mismatch"] = str(e)
+    out["mismatch_s"] = time.monotonic() - t0
+    if rank == n - 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        for _ in range(3):
+            dist.all_reduce(torch.ones(1 << 16), group=spare)
+        out["dead"] = None
+    except Exception as e:  # noqa: BLE001
+        out["dead"] = str(e)
+    out["dead_s"] = time.monotonic() - t0
+    return out
+
+
+def test_errors_mismatch_and_dead_rank():
+    n = 3
+    got, failures = run_workers(_error_worker, n, init_dist=False, timeout=120, allow_failures=True)
+    assert set(failures) == {n - 1}, failures
+    for rank, out in got.items():
+        assert out["mismatch"] is not None, f"rank {rank}: a mismatched shape gave no error"
+        assert "disagree" in out["mismatch"] and "has 12" in out["mismatch"], out["mismatch"]
+        assert out["mismatch_s"] < 30, out
+        assert out["dead"] is not None, f"rank {rank}: a dead peer gave no error"
+        assert f"rank {n - 1}" in out["dead"] and "exited" in out["dead"], out["dead"]  # names the dead rank
+        assert out["dead_s"] < 8 + 20, out
+
+
+# -- Chrome trace -------------------------------------------------------------------------------
+
+def test_chrome_trace_export(tmp_path):
+    from fastar import trace
+    stats = {"iteration": 3, "backward_s": 0.010, "comm_s": 0.004, "overlap": 0.5,
+             "buckets": [{"bytes": 1024, "ready_s": 0.001, "start_s": 0.002, "end_s": 0.004, "algorithm": "x"},
+                         {"bytes": 2048, "ready_s": 0.006, "start_s": 0.007, "end_s": 0.012, "algorithm": "y"}],
+             "bucket_params": [["a"], ["b", "c"]]}
+    records = [{"name": "fastar::allreduce 4B flat:ring peers=2", "bytes": 4, "plan": "flat:ring",
+                "start_s": 100.0, "end_s": 100.5}]
+    path = trace.export_chrome_trace(records + [stats, stats], tmp_path / "t.json", rank=1)
+    data = json.loads(open(path).read())
+    xs = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    for e in xs:
+        assert {"name", "ph", "ts", "dur", "pid", "tid", "args"} <= set(e) and e["pid"] == 1
+    buckets = [e for e in xs if e["name"].startswith("bucket")]
+    assert len(buckets) == 4 and buckets[1]["dur"] == pytest.approx(5000)
+    # iterations are laid end to end: the second one starts after the first one's last bucket
+    assert buckets[2]["ts"] > buckets[1]["ts"] + buckets[1]["dur"]
+    assert xs[0]["dur"] == pytest.approx(0.5e6)
