@@ -35,7 +35,7 @@ from torch._C._distributed_c10d import Backend as _C10dBackend
 from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
 from torch._C._distributed_c10d import Work as _C10dWork
 
-from . import collectives
+from . import collectives, settings
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
@@ -226,23 +226,34 @@ class FastarBackend(_C10dBackend):
                 rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
                 node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
                 cross=cross, cross_ranks=cross_ranks, shm_name=shm_name, shm_create=create,
-                shm_chunk_bytes=collectives.SHM_CHUNK_BYTES, timeout_s=timeout.total_seconds())
+                shm_chunk_bytes=settings.shm_chunk_bytes(), timeout_s=timeout.total_seconds())
 
         if topo.local_size == 1:
             return make("", False)
         # The node's shared-memory arena, as collectives.node_segment makes it, with the store and
         # this backend's own Gloo barrier in place of torch.distributed calls (the group is still
         # being built: torch.distributed cannot be called on it yet).
+        # A creator that fails (a full /dev/shm) says so through the store, so that every local rank
+        # raises the same error instead of waiting at the barrier.
         key = f"fastar/shm/{topo.node}"
+        comm = None
         if topo.local_rank == 0:
             collectives._C().remove_stale_shm("fastar_")
             name = (f"/fastar_{os.getuid()}_{collectives._job_id()}_be_n{topo.node}_{secrets.token_hex(4)}"
-                    f"_p{os.getpid()}")
-            comm = make(name, True)
-            store.set(key, name)
+                    f"_ns{collectives._C().pid_namespace()}_p{os.getpid()}")
+            try:
+                comm = make(name, True)
+                store.set(key, name)
+            except RuntimeError as e:
+                store.set(key, "!" + str(e))
         self._barrier_internal()
+        name = store.get(key).decode()
+        if name.startswith("!"):
+            cls = collectives.ShmSpaceError if "/dev/shm is too small" in name else RuntimeError
+            raise cls(f"fastar backend: the node's shared-memory segment could not be created by local rank 0: "
+                      f"{name[1:]}")
         if topo.local_rank != 0:
-            comm = make(store.get(key).decode(), False)
+            comm = make(name, False)
         self._barrier_internal()
         comm.unlink_shm()  # a no-op except on the creator: a crash now leaves nothing behind
         self._barrier_internal()
