@@ -189,8 +189,8 @@ class FastarBackend(_C10dBackend):
         if not is_world:
             return _topology.Topology(rank=rank, size=size, local_rank=0, local_size=1, node=rank,
                                       num_nodes=size, source="subgroup: flat")
-        if os.environ.get("FASTAR_LOCAL_SIZE"):
-            local_size, source = int(os.environ["FASTAR_LOCAL_SIZE"]), "FASTAR_LOCAL_SIZE"
+        if settings.local_size() is not None:
+            local_size, source = settings.local_size(), "FASTAR_LOCAL_SIZE"
         elif os.environ.get("LOCAL_WORLD_SIZE"):
             local_size, source = int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE (torchrun)"
         else:
