@@ -178,7 +178,7 @@ def _buffers_worker(rank, n, impl, broadcast):
     torch.manual_seed(0)
     net = _BNNet()
     if impl == "ddp":
-        model = nn.parallel.DistributedDataParallel(net, broadcast_buffers=broadcast)
+        model = nn.parallel.DistributedDataParallel(net, **({} if broadcast else {"broadcast_buffers": False}))
     else:
         model = fastar.wrap(net, broadcast_buffers=broadcast)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -67,7 +67,7 @@ def _compare_worker(rank, n, local_size, hierarchies, accumulate, bucket_cap_mb,
     base = Net().double()
     batches = _batches(rank, 6)
     # broadcast=True: both at their defaults (DDP broadcasts rank 0's buffers before each forward)
-    ref = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), broadcast_buffers=broadcast)
+    ref = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base), **({} if broadcast else {"broadcast_buffers": False}))
     _train(ref, batches, accumulate)
     out = {}
     for hier in hierarchies:
