@@ -13,6 +13,16 @@ per setting: mean +- std over the seeds.
   python bench/large_batch.py [--seeds 3] [--epochs 30] [--jobs 2]
 writes bench/results/large_batch.json, bench/results/large_batch.png and the table in
 docs/training.md (between the large_batch markers).
+
+  python bench/large_batch.py --dataset fashion-mnist [--seeds 3 --epochs 14 --train-subset 4000 ...]
+runs the same study on Fashion-MNIST (Debian's dataset-fashion-mnist) with the paper's rows: the
+baseline kn; kn up to 64x with gradual warmup; no warmup; constant warmup; no lr scaling; LARS and
+LAMB (timm) at the largest kn; >= 3 seeds per cell, cells run seed by seed so that a study cut short
+still covers every cell. It writes bench/results/large_batch/fashion_mnist_study{.json,.partial.json,
+_train_error.png,_error_vs_kn.png} and the docs/training.md section between the fashion_mnist_study
+markers, with the paper's three findings decided from the numbers (fashion_analysis). With
+--only baseline --seeds 0 --bf16-seeds S --name fashion_mnist_bf16 it runs the baseline in fp32 and
+with --amp bf16 side by side instead.
 """
 from __future__ import annotations
 
@@ -210,7 +220,6 @@ def main(argv=None) -> int:
 # Fashion-MNIST: the paper's Table 1 and Figures 2-4 in miniature (python bench/large_batch.py
 # --dataset fashion-mnist). See docs/training.md for the scale chosen and why.
 
-FASHION_BEGIN, FASHION_END = "<!-- large_batch_fashion:begin -->", "<!-- large_batch_fashion:end -->"
 FASHION_RESULTS = os.path.join(REPO, "bench", "results", "large_batch")
 
 
@@ -373,7 +382,7 @@ def fashion_table(cells, stats, results, n) -> str:
     return "\n".join(lines)
 
 
-def fashion_plots(cells, results, stats, a, out_dir) -> list[str]:
+def fashion_plots(cells, results, stats, a, out_dir, name) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,7 +432,7 @@ def fashion_plots(cells, results, stats, a, out_dir) -> list[str]:
     fig.suptitle(f"Fashion-MNIST ({a.train_subset} train), resnet8 width {a.width} at {a.image_size}x{a.image_size}, "
                  f"{a.epochs} epochs", fontsize=10)
     fig.tight_layout()
-    p1 = os.path.join(out_dir, "fashion_mnist_train_error.png")
+    p1 = os.path.join(out_dir, f"{name}_train_error.png")
     fig.savefig(p1, dpi=100)
     plt.close(fig)
 
@@ -453,7 +462,7 @@ def fashion_plots(cells, results, stats, a, out_dir) -> list[str]:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p2 = os.path.join(out_dir, "fashion_mnist_error_vs_kn.png")
+    p2 = os.path.join(out_dir, f"{name}_error_vs_kn.png")
     fig.savefig(p2, dpi=100)
     plt.close(fig)
     return [p1, p2]
@@ -485,6 +494,9 @@ def fashion_parser() -> argparse.ArgumentParser:
     a("--out", default=FASHION_RESULTS)
     a("--runs-dir", default=os.path.join(REPO, "runs", "large_batch_fashion"))
     a("--resume", action="store_true", help="reuse finished runs of the partial JSON in --out")
+    a("--name", default="fashion_mnist_study",
+      help="results: NAME.json, NAME.partial.json, NAME_*.png in --out; docs section between <!-- NAME:begin/end -->")
+    a("--report-only", action="store_true", help="only redo the tables, JSON, plots and docs from NAME.partial.json")
     a("--no-docs", action="store_true")
     return p
 
@@ -494,10 +506,12 @@ def fashion_main(argv) -> int:
     from fastar.train.data import build_datasets
     from fastar.train.recipe import default_milestones
 
-    build_datasets(a.data, a.image_size)  # fails now, with the package's name, if the data is missing
     os.makedirs(a.out, exist_ok=True)
-    json_path = os.path.join(a.out, "fashion_mnist_study.json")
-    partial_path = os.path.join(a.out, "fashion_mnist_study.partial.json")
+    json_path = os.path.join(a.out, f"{a.name}.json")
+    partial_path = os.path.join(a.out, f"{a.name}.partial.json")
+    if a.report_only:
+        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name)
+    build_datasets(a.data, a.image_size)  # fails now, with the package's name, if the data is missing
     common = ["--data", a.data, "--model", a.model, "--width", str(a.width), "--image-size", str(a.image_size),
               "--train-subset", str(a.train_subset), "--epochs", str(a.epochs),
               "--warmup-epochs", str(a.warmup_epochs), "--threads", "1", "--eval-every", str(10 ** 6),
@@ -552,10 +566,10 @@ def fashion_main(argv) -> int:
                                                       f"{r['images_per_s']:.0f} img/s, {r['wall_s']:.0f} s)"),
                   flush=True)
     dump(final=True)
-    return fashion_report(partial_path, json_path, docs=not a.no_docs)
+    return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name)
 
 
-def fashion_report(partial_path: str, json_path: str, docs: bool = True) -> int:
+def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: str = "fashion_mnist_study") -> int:
     """Tables, analysis and plots from the runs in partial_path; writes json_path (the committed
     results), the PNGs next to it and the docs section. Every number comes from those runs."""
     from fastar.train.recipe import default_milestones
@@ -571,7 +585,7 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True) -> int:
     stats = {k: _stats(v) for k, v in results.items() if v}
     analysis = fashion_analysis(cells, stats, n)
     out_dir = os.path.dirname(json_path)
-    pngs = fashion_plots(cells, results, stats, a, out_dir)
+    pngs = fashion_plots(cells, results, stats, a, out_dir, name) if len(stats) > 1 else []
     seeds_done = min((len(v) for v in results.values()), default=0)
     ms = default_milestones(a.epochs)
     md = [f"Fashion-MNIST: a fixed stratified {a.train_subset}-image subset of the 60,000 training images, the "
@@ -605,7 +619,8 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True) -> int:
     print(json.dumps(analysis, indent=1))
     print(f"wrote {json_path}, {', '.join(pngs)}")
     if docs:
-        update_docs_between(md, os.path.join(REPO, "docs", "training.md"), FASHION_BEGIN, FASHION_END)
+        update_docs_between(md, os.path.join(REPO, "docs", "training.md"), f"<!-- {name}:begin -->",
+                            f"<!-- {name}:end -->")
     return 0
 
 
