@@ -596,7 +596,11 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
           f"val top-1 error; mean ± std over {seeds_done}{'+' if any(len(v) > seeds_done for v in results.values()) else ''} "
           f"seeds. {len(doc['runs'])} runs, {doc['wall_s'] / 60:.0f} min wall"
           + ("" if doc.get("complete") else " (INCOMPLETE: the study was cut short; cells list their runs)") + ".",
-          "", fashion_table(cells, stats, results, n)]
+          "", fashion_table(cells, stats, results, n)] if stats else [
+        f"Fashion-MNIST, {a.train_subset}-image training subset, {a.model} width {a.width} at {a.image_size}x"
+        f"{a.image_size}, {a.epochs} epochs, kn={n}: the study's baseline cell. Measured by `python "
+        f"bench/large_batch.py --dataset fashion-mnist --name {name} --only baseline --seeds 0 --bf16-seeds "
+        f"{getattr(a, 'bf16_seeds', 1)} ...` ({len(doc['runs'])} runs, 2 at a time, {doc['wall_s'] / 60:.0f} min wall)."]
     bf = extra.get("bf16_baseline"), extra.get("fp32_baseline")
     if bf[0] and bf[1]:
         rows = []
