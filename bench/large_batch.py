@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -241,17 +242,22 @@ def fashion_cells(a) -> list[dict]:
     cells.append({"key": f"noscale_x{f}", "label": f"kn={n * f}, no lr scaling (lr {a.base_lr:g})", "factor": f,
                   "kind": "noscale", "argv": ["--batch", str(n), "--base-lr", str(a.base_lr), "--ref-batch",
                                               str(n * f), "--accum", str(f), "--warmup", "none"]})
-    f = a.lars_factor
-    cells.append({"key": f"lars_x{f}", "label": f"kn={n * f}, LARS (eta {a.trust_coeff:g}) + gradual warmup",
-                  "factor": f, "kind": "lars",
-                  "argv": base + ["--accum", str(f), "--warmup", "gradual", "--optimizer", "lars",
-                                  "--trust-coeff", str(a.trust_coeff)]})
-    # LAMB's lr is an Adam-scale relative step: --lamb-lr at this kn (warmup from lamb_lr/f), not 0.1*f
-    cells.append({"key": f"lamb_x{f}", "label": f"kn={n * f}, LAMB (lr {a.lamb_lr:g}) + gradual warmup",
-                  "factor": f, "kind": "lamb",
-                  "argv": ["--batch", str(n), "--base-lr", str(a.lamb_lr), "--ref-batch", str(n * f),
-                           "--warmup-start-lr", str(a.lamb_lr / f), "--accum", str(f), "--warmup", "gradual",
-                           "--optimizer", "lamb"]})
+    fmax = a.lars_factor
+    lars_factors = sorted(set(_ints(getattr(a, "lars_factors", "") or "")) | {fmax})
+    for f in lars_factors:
+        cells.append({"key": f"lars_x{f}", "label": f"kn={n * f}, LARS (eta {a.trust_coeff:g}) + gradual warmup",
+                      "factor": f, "kind": "lars",
+                      "argv": base + ["--accum", str(f), "--warmup", "gradual", "--optimizer", "lars",
+                                      "--trust-coeff", str(a.trust_coeff)]})
+    for f in lars_factors:
+        # LAMB's lr is an Adam-scale relative step: --lamb-lr at the largest kn, square-root scaled to
+        # smaller ones (You et al. 2019), gradual warmup from lr/f; not SGD's 0.1*f
+        lr = a.lamb_lr * math.sqrt(f / fmax)
+        cells.append({"key": f"lamb_x{f}", "label": f"kn={n * f}, LAMB (lr {lr:.3g}) + gradual warmup",
+                      "factor": f, "kind": "lamb",
+                      "argv": ["--batch", str(n), "--base-lr", str(lr), "--ref-batch", str(n * f),
+                               "--warmup-start-lr", str(lr / f), "--accum", str(f), "--warmup", "gradual",
+                               "--optimizer", "lamb"]})
     return cells
 
 
@@ -346,15 +352,19 @@ def fashion_analysis(cells: list[dict], stats: dict, n: int) -> dict:
               and stats[k]["mean"] - base["mean"] <= 1.0]
     out["sgd_largest_kn_within_1pt"] = n * max(sgd_ok) if sgd_ok else None
     for kind in ("lars", "lamb"):
-        c = next((c for c in cells if c["kind"] == kind and c["key"] in stats), None)
-        if c is None:
+        cs = sorted((c for c in cells if c["kind"] == kind and c["key"] in stats), key=lambda c: c["factor"])
+        if not cs:
             continue
-        st = stats[c["key"]]
-        ok = "mean" in st and not st["diverged"] and st["mean"] - base["mean"] <= 1.0
-        out[f"{kind}_kn"] = n * c["factor"]
-        out[f"{kind}_within_1pt"] = ok
-        out[f"{kind}_minus_baseline"] = st["mean"] - base["mean"] if "mean" in st else None
-        out[f"{kind}_claim_holds"] = bool(ok and tip and c["factor"] >= 2 * tip)
+        per = {}
+        for c in cs:
+            st = stats[c["key"]]
+            per[str(n * c["factor"])] = {
+                "minus_baseline": st["mean"] - base["mean"] if "mean" in st else None,
+                "within_1pt": "mean" in st and not st["diverged"] and st["mean"] - base["mean"] <= 1.0}
+        good = [c["factor"] for c in cs if per[str(n * c["factor"])]["within_1pt"]]
+        out[kind] = per
+        out[f"{kind}_largest_kn_within_1pt"] = n * max(good) if good else None
+        out[f"{kind}_claim_holds"] = bool(good and tip and max(good) >= 2 * tip)
     return out
 
 
@@ -445,11 +455,12 @@ def fashion_plots(cells, results, stats, a, out_dir, name) -> list[str]:
             ax.errorbar([n * f for f, _ in pts], [st["mean"] for _, st in pts], yerr=[st["std"] for _, st in pts],
                         fmt=mk, capsize=3, label={"gradual": "SGD, linear scaling + gradual warmup",
                                                   "none": "SGD, linear scaling, no warmup"}[kind])
-    for kind, mk in (("lars", "^"), ("lamb", "v")):
-        c = next((c for c in cells if c["kind"] == kind and c["key"] in stats), None)
-        if c is not None and "mean" in stats[c["key"]]:
-            st = stats[c["key"]]
-            ax.errorbar([n * c["factor"]], [st["mean"]], yerr=[st["std"]], fmt=mk, ms=9, capsize=3, label=kind.upper())
+    for kind, mk in (("lars", "^:"), ("lamb", "v:")):
+        pts = sorted((c["factor"], stats[c["key"]]) for c in cells if c["kind"] == kind and c["key"] in stats
+                     and "mean" in stats[c["key"]])
+        if pts:
+            ax.errorbar([n * f for f, _ in pts], [st["mean"] for _, st in pts], yerr=[st["std"] for _, st in pts],
+                        fmt=mk, ms=8, capsize=3, label=f"{kind.upper()} + gradual warmup")
     if "baseline" in stats and "mean" in stats["baseline"]:
         b = stats["baseline"]
         ax.axhspan(b["mean"] - 2 * b["std"], b["mean"] + 2 * b["std"], color="gray", alpha=0.2,
@@ -487,7 +498,8 @@ def fashion_parser() -> argparse.ArgumentParser:
     a("--table-factor", type=int, default=32, help="kn/baseline of constant warmup and no lr scaling (paper: 8k/256)")
     a("--lars-factor", type=int, default=64, help="kn/baseline of the LARS and LAMB runs")
     a("--trust-coeff", type=float, default=0.001)
-    a("--lamb-lr", type=float, default=0.02)
+    a("--lamb-lr", type=float, default=0.04, help="LAMB's lr at --lars-factor (square-root scaled below it)")
+    a("--lars-factors", default="", help="more kn/baseline factors for LARS and LAMB (comma separated)")
     a("--only", default="", help="comma-separated cell keys to run (default all)")
     a("--jobs", type=int, default=2)
     a("--bf16-seeds", type=int, default=0, help="also run the baseline with --amp bf16 and fp32 side by side")

@@ -212,19 +212,22 @@ def _large_batch_module():
 def test_study_analysis_reads_the_findings_from_the_numbers():
     lb = _large_batch_module()
     args = lb.fashion_parser().parse_args(["--dataset", "fashion-mnist", "--factors", "4,8,16", "--none-factors",
-                                           "4,8", "--table-factor", "8", "--lars-factor", "16"])
+                                           "4,8", "--table-factor", "8", "--lars-factor", "16",
+                                           "--lars-factors", "8"])
     cells = lb.fashion_cells(args)
     st = lambda m, s=0.1, d=0: {"n": 3, "diverged": d, "errs": [], "mean": m, "std": s, "train_err_mean": 0}  # noqa
     stats = {"baseline": st(10.0), "gradual_x4": st(10.2), "gradual_x8": st(10.9, 0.5), "gradual_x16": st(14.0),
              "none_x4": st(11.0), "none_x8": st(11.0), "constant_x8": st(12.0), "noscale_x8": st(20.0),
-             "lars_x16": st(10.8), "lamb_x16": st(12.0)}
+             "lars_x16": st(10.8), "lamb_x16": st(12.0), "lars_x8": st(10.3), "lamb_x8": st(10.9)}
+    lamb = {c["key"]: c for c in cells}["lamb_x8"]
+    assert lamb["argv"][lamb["argv"].index("--base-lr") + 1] == str(0.04 * (8 / 16) ** 0.5)  # sqrt scaling
     a = lb.fashion_analysis(cells, stats, 16)
     assert a["finding1_flat_up_to_kn"] == 128 and a["finding1_appeared"]  # x8: +0.9 < 2 x 0.5
     assert a["finding3_tipping_kn"] == 256 and a["finding3_appeared"]
     assert a["finding2_appeared"] and [f["worse"] for f in a["finding2"]] == [True, False]
     assert a["sgd_largest_kn_within_1pt"] == 128
-    assert a["lars_within_1pt"] and not a["lars_claim_holds"]  # 16x is not 2 x the tipping 16x
-    assert not a["lamb_within_1pt"]
+    assert a["lars_largest_kn_within_1pt"] == 256 and not a["lars_claim_holds"]  # 16x is not 2 x the tipping 16x
+    assert a["lamb_largest_kn_within_1pt"] == 128 and a["lamb"]["256"]["minus_baseline"] == pytest.approx(2.0)
     stats["gradual_x4"] = st(10.5)  # now x4 is worse (0.5 > 2 x 0.1): no flat range, tipping at x4
     a = lb.fashion_analysis(cells, stats, 16)
     assert not a["finding1_appeared"] and a["finding3_tipping_kn"] == 64 and a["lars_claim_holds"]
