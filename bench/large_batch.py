@@ -509,6 +509,8 @@ def fashion_parser() -> argparse.ArgumentParser:
     a("--name", default="fashion_mnist_study",
       help="results: NAME.json, NAME.partial.json, NAME_*.png in --out; docs section between <!-- NAME:begin/end -->")
     a("--report-only", action="store_true", help="only redo the tables, JSON, plots and docs from NAME.partial.json")
+    a("--merge", default="", help="with --report-only: also the cells and runs of these NAMEs' partial JSONs "
+                                 "(comma separated; a study extended by a second process run alongside)")
     a("--no-docs", action="store_true")
     return p
 
@@ -522,7 +524,8 @@ def fashion_main(argv) -> int:
     json_path = os.path.join(a.out, f"{a.name}.json")
     partial_path = os.path.join(a.out, f"{a.name}.partial.json")
     if a.report_only:
-        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name)
+        merge = [os.path.join(a.out, f"{m}.partial.json") for m in a.merge.split(",") if m]
+        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name, merge=merge)
     build_datasets(a.data, a.image_size)  # fails now, with the package's name, if the data is missing
     common = ["--data", a.data, "--model", a.model, "--width", str(a.width), "--image-size", str(a.image_size),
               "--train-subset", str(a.train_subset), "--epochs", str(a.epochs),
@@ -581,13 +584,26 @@ def fashion_main(argv) -> int:
     return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name)
 
 
-def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: str = "fashion_mnist_study") -> int:
-    """Tables, analysis and plots from the runs in partial_path; writes json_path (the committed
-    results), the PNGs next to it and the docs section. Every number comes from those runs."""
+def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: str = "fashion_mnist_study",
+                   merge=()) -> int:
+    """Tables, analysis and plots from the runs in partial_path (and those of `merge`); writes
+    json_path (the committed results), the PNGs next to it and the docs section. Every number comes
+    from those runs."""
     from fastar.train.recipe import default_milestones
 
     with open(partial_path) as f:
         doc = json.load(f)
+    doc["merged_from"] = []
+    for m in merge:
+        with open(m) as f:
+            other = json.load(f)
+        keys = {c["key"] for c in doc["cells"]}
+        doc["cells"] += [c for c in other["cells"] if c["key"] not in keys]
+        have = {(r["key"], r["seed"]) for r in doc["runs"]}
+        doc["runs"] += [r for r in other["runs"] if (r["key"], r["seed"]) not in have]
+        doc["wall_s"] = max(doc["wall_s"], other["wall_s"])
+        doc["complete"] = doc.get("complete", False) and other.get("complete", False)
+        doc["merged_from"].append({"path": os.path.relpath(m, REPO), "args": other["args"]})
     a = argparse.Namespace(**doc["args"])
     cells, n = doc["cells"], a.batch
     results: dict = {c["key"]: [] for c in cells}
@@ -606,7 +622,9 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
           f"--accum; lr {a.base_lr:g} at kn={n}, linear scaling; {a.epochs} epochs, lr /10 at epochs "
           f"{', '.join(map(str, ms))}; warmup {a.warmup_epochs:g} epochs; error = median of the last 5 epochs' "
           f"val top-1 error; mean ± std over {seeds_done}{'+' if any(len(v) > seeds_done for v in results.values()) else ''} "
-          f"seeds. {len(doc['runs'])} runs, {doc['wall_s'] / 60:.0f} min wall"
+          f"seeds. {len(doc['runs'])} runs, 2 at a time per process; the longest process ran "
+          f"{doc['wall_s'] / 60:.0f} min" + (f" (runs merged from {len(doc['merged_from'])} more process(es))"
+                                              if doc.get("merged_from") else "")
           + ("" if doc.get("complete") else " (INCOMPLETE: the study was cut short; cells list their runs)") + ".",
           "", fashion_table(cells, stats, results, n)] if stats else [
         f"Fashion-MNIST, {a.train_subset}-image training subset, {a.model} width {a.width} at {a.image_size}x"
@@ -626,7 +644,8 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
                "| precision | val top-1 error % | training images/s (median epoch, mean over seeds) | runs |",
                "| --- | --- | --- | --- |"] + rows
     md = "\n".join(md)
-    final = {"args": doc["args"], "common_argv": doc["common_argv"], "complete": doc.get("complete", False),
+    final = {"args": doc["args"], "merged_from": doc["merged_from"], "common_argv": doc["common_argv"],
+             "complete": doc.get("complete", False),
              "wall_s": doc["wall_s"], "cells": cells, "stats": stats, "analysis": analysis,
              "extra_stats": {k: _stats(v) for k, v in extra.items()}, "runs": doc["runs"], "table_md": md}
     with open(json_path, "w") as f:
