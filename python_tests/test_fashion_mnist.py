@@ -282,3 +282,22 @@ def test_smoke_run_two_workers_lars_trains_logs_and_plots(tmp_path):
             assert not torch.allclose(trained[k], v), k
     for png in ("lr.png", "curves.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_training_error_logged_and_kept_across_a_mid_epoch_resume(fake_fashion, tmp_path):
+    """metrics' train_top1_err (the paper's Figures 2 and 4) is the same whether or not the run was
+    stopped mid-epoch and resumed."""
+    from fastar.train import run
+
+    args = ["--data", f"fashion-mnist={fake_fashion[0]}", "--image-size", "12", "--model", "resnet8", "--width", "4",
+            "--batch", "16", "--epochs", "2", "--threads", "1", "--no-progress", "--no-plots", "--quiet",
+            "--ckpt-every-iters", "5"]
+    full = run(args + ["--out", str(tmp_path / "full")])
+    ipe = full["iters_per_epoch"]
+    assert ipe == 200 // 16
+    assert run(args + ["--out", str(tmp_path / "cut"), "--stop-at-iter", str(ipe + 7)]) is None
+    cut = run(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    for a, b in zip(full["history"], cut["history"]):
+        assert 0 <= a["train_top1_err"] <= 100
+        assert b["train_top1_err"] == pytest.approx(a["train_top1_err"], abs=1e-9)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)

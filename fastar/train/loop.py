@@ -318,9 +318,9 @@ def train(args) -> dict | None:
         average_bn_statistics(module)
         part = None
         if epoch_stats is not None:  # mid-epoch: keep the epoch's loss so far (summed over ranks)
-            loss_sum, iters, elapsed = epoch_stats
-            loss_sum, iters = all_reduce_sum([loss_sum, iters], device)
-            part = {"loss_sum": loss_sum, "iters": iters, "time": elapsed}
+            loss_sum, iters, elapsed, wrong_, seen_ = epoch_stats
+            loss_sum, iters, wrong_, seen_ = all_reduce_sum([loss_sum, iters, wrong_, seen_], device)
+            part = {"loss_sum": loss_sum, "iters": iters, "time": elapsed, "wrong": wrong_, "seen": seen_}
         if main:
             atomic_save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch, "iter_in_epoch": it_in_epoch,
@@ -349,10 +349,12 @@ def train(args) -> dict | None:
         loss_sum, iters_done, t0 = 0.0, 0, time.perf_counter() - partial["time"]
         if main:  # the part of this epoch run before a resume, already summed over ranks
             loss_sum, iters_done = partial["loss_sum"], partial["iters"]
-        partial = {"loss_sum": 0.0, "iters": 0.0, "time": 0.0}
         # training top-1 error of the epoch (the paper's Figures 2 and 4), from the training
         # forward passes themselves (augmented images, the weights of that moment), this rank's part
         wrong, seen_n = 0.0, 0.0
+        if main:  # (checkpoints from before train_top1_err existed have no counts: 0)
+            wrong, seen_n = partial.get("wrong", 0.0), partial.get("seen", 0.0)
+        partial = {"loss_sum": 0.0, "iters": 0.0, "time": 0.0}
         trace_f = open(trace_path, "a") if args.trace else None
         for it in range(start_it, iters_per_epoch):
             lr = optimizer.param_groups[0]["lr"]
@@ -390,7 +392,7 @@ def train(args) -> dict | None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.4g}", refresh=False)
             if args.ckpt_every_iters and global_it % args.ckpt_every_iters == 0 and it + 1 < iters_per_epoch:
-                save_checkpoint(epoch, it + 1, (loss_sum, iters_done, time.perf_counter() - t0))
+                save_checkpoint(epoch, it + 1, (loss_sum, iters_done, time.perf_counter() - t0, wrong, seen_n))
             if args.stop_at_iter is not None and global_it >= args.stop_at_iter:
                 stopped = True
                 break
