@@ -4,18 +4,34 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark
+DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm
+# Fashion-MNIST (bench/large_batch.py --dataset fashion-mnist, python_tests/test_fashion_mnist.py):
+# Debian's package, installed by the set-up when it runs as root with apt-get (as CI does)
+FASHION_MNIST_PKG := dataset-fashion-mnist
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 NPROC ?= 2
 
-.PHONY: demo test setup build core-test py-test bench clean
+.PHONY: demo test setup build core-test py-test bench clean fashion-data
 
 setup: $(VENV)/.stamp-deps
-$(VENV)/.stamp-deps:
+# order-only: checked on every set-up (cheap when present), never forces the venv to be rebuilt
+$(VENV)/.stamp-deps: | fashion-data
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
+
+fashion-data:
+	@if [ -d $(FASHION_MNIST_DIR) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then \
+	  echo "installing $(FASHION_MNIST_PKG) (Fashion-MNIST) with apt-get"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q $(FASHION_MNIST_PKG) > /dev/null || { apt-get update -q > /dev/null && \
+	    apt-get install -y -q $(FASHION_MNIST_PKG) > /dev/null; } || \
+	  echo "warning: apt-get could not install $(FASHION_MNIST_PKG): the Fashion-MNIST tests will skip"; \
+	else echo "note: $(FASHION_MNIST_DIR) is missing and this is not root with apt-get: the Fashion-MNIST" \
+	  "tests will skip (as root: apt-get install $(FASHION_MNIST_PKG))"; fi
 
 build: $(VENV)/.stamp-build
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps $(EXT_SOURCES)

@@ -5,7 +5,13 @@ from .cli import run
 
 
 def main(argv=None) -> int:
-    summary = run(argv)
+    from .data import FashionMNISTMissing
+
+    try:
+        summary = run(argv)
+    except FashionMNISTMissing as e:  # a set-up problem, not a bug: say what to install, no traceback
+        print(f"fastar-train: error: {e}", file=sys.stderr)
+        return 2
     if summary is not None:
         err = summary.get("median_last5_val_top1_err")
         print(f"fastar.train: done in {summary['train_time_s']:.1f} s of training; val top-1 error "

@@ -7,6 +7,7 @@ import socket
 import time
 
 from .models import MODELS
+from .recipe import DEFAULT_WEIGHT_DECAY, LARS_TRUST_COEFF, OPTIMIZERS
 
 
 def _floats(s: str) -> list[float]:
@@ -34,8 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="DataLoader processes per worker (image folders only)")
 
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", default="synthetic", help="an ImageNet-layout folder (train/, val/), 'digits' or 'synthetic'")
-    g.add_argument("--image-size", type=int, default=None, help="default 224 (32 for digits)")
+    g.add_argument("--data", default="synthetic",
+                   help="an ImageNet-layout folder (train/, val/), 'fashion-mnist' (the IDX files of Debian's "
+                        "dataset-fashion-mnist in /usr/share/datasets/fashion-mnist), 'fashion-mnist=PATH' "
+                        "(the IDX files, gzipped or not, in PATH), 'digits' or 'synthetic'")
+    g.add_argument("--image-size", type=int, default=None, help="default 224 (32 for digits, 28 for fashion-mnist)")
+    g.add_argument("--train-subset", type=int, default=None,
+                   help="train on a fixed subset of this many training images (the same for every seed; "
+                        "stratified by class for fashion-mnist); validation stays whole")
     g.add_argument("--synthetic-size", type=int, default=1024, help="training images of --data synthetic")
     g.add_argument("--num-classes", type=int, default=None, help="classes of --data synthetic (default 1000)")
     g.add_argument("--model", choices=MODELS, default="resnet50")
@@ -55,13 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs at which lr /= 10, comma separated (default: 30,60,80 scaled to --epochs)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--no-nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="never applied to BN gamma/beta")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd: the paper's Nesterov SGD; lars / lamb: timm's Lars / Lamb with layer-wise trust "
+                        "ratios on conv/linear weights only (BN and biases left out, as in You et al.); "
+                        "the same warmup and decay schedule. LAMB takes an Adam-scale lr: set --base-lr")
+    g.add_argument("--trust-coeff", type=float, default=LARS_TRUST_COEFF, help="LARS trust coefficient eta")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="never applied to BN gamma/beta; default "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHT_DECAY.items()))
     g.add_argument("--no-wd-bias", action="store_true", help="no weight decay on biases either")
     g.add_argument("--bn-momentum", type=float, default=0.9,
                    help="BN running-average momentum in the paper's convention (0.9 = PyTorch's 0.1)")
     g.add_argument("--no-zero-gamma", action="store_true",
                    help="do not zero-init the last BN gamma of residual blocks (ablation)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="bf16: bfloat16 autocast (CPU or CUDA) for forward and loss; weights, gradients, "
+                        "optimizer and allreduce stay fp32")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/fastar-train", help="metrics.jsonl, checkpoint.pt, summary.json, *.png")
@@ -71,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at-iter", type=int, default=None,
                    help="stop (as if pre-empted) once this many iterations are done: for tests")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
+    g.add_argument("--eval-last", type=int, default=0,
+                   help="also validate after each of the last N epochs (e.g. 5 for the paper's median)")
     g.add_argument("--trace", action="store_true", help="log every iteration's lr and sample indices per rank")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-plots", action="store_true")
@@ -80,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.train_subset is not None and args.train_subset < 1:
+        raise SystemExit("fastar-train: --train-subset must be >= 1")
     for name in ("nproc", "batch", "accum", "epochs", "eval_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"fastar-train: --{name.replace('_', '-')} must be >= 1")

@@ -30,7 +30,7 @@ SUMMARY = "summary.json"
 # Settings that fix the lr at every iteration and the data order: a resume must not change them.
 RESUME_KEYS = ("model", "data", "image_size", "seed", "global_batch", "epochs", "base_lr", "ref_batch",
                "warmup", "warmup_epochs", "warmup_start_lr", "milestones", "momentum", "nesterov",
-               "weight_decay", "wd_bias")
+               "weight_decay", "wd_bias", "optimizer", "train_subset")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +157,8 @@ def recipe_config(args, global_batch: int) -> dict:
         "warmup_start_lr": args.warmup_start_lr, "milestones": args.milestones,
         "momentum": args.momentum, "nesterov": not args.no_nesterov,
         "weight_decay": args.weight_decay, "wd_bias": not args.no_wd_bias,
+        "optimizer": getattr(args, "optimizer", "sgd"), "train_subset": getattr(args, "train_subset", None),
+        "amp": getattr(args, "amp", "none"),
     }
 
 
@@ -174,15 +176,23 @@ def resolve_resume(args) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
+def autocast(args, device):
+    """--amp bf16: bfloat16 autocast (CPU or CUDA) around forward and loss; none: a no-op."""
+    if getattr(args, "amp", "none") == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(module: nn.Module, loader, device) -> dict:
+def evaluate(module: nn.Module, loader, device, amp=contextlib.nullcontext) -> dict:
     was_training = module.training
     module.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     crit = nn.CrossEntropyLoss(reduction="sum")
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = module(x)
+        with amp():
+            out = module(x).float()
         loss_sum += crit(out, y).item()
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()
@@ -226,7 +236,10 @@ def train(args) -> dict | None:
         os.makedirs(args.out, exist_ok=True)
 
     ds = build_datasets(args.data, args.image_size, seed=args.seed, synthetic_size=args.synthetic_size,
-                        num_classes=args.num_classes)
+                        num_classes=args.num_classes, train_subset=getattr(args, "train_subset", None))
+    opt_name = getattr(args, "optimizer", "sgd")
+    if getattr(args, "weight_decay", None) is None:
+        args.weight_decay = recipe.DEFAULT_WEIGHT_DECAY[opt_name]
     n, a = args.batch, args.accum
     global_batch = world * n * a
     iters_per_epoch = len(ds.train) // global_batch
@@ -243,7 +256,10 @@ def train(args) -> dict | None:
                          zero_init_residual=not args.no_zero_gamma, bn_momentum=args.bn_momentum)
     module.to(device)
     optimizer = recipe.make_optimizer(module, target_lr, args.momentum, args.weight_decay,
-                                      nesterov=not args.no_nesterov, wd_bias=not args.no_wd_bias)
+                                      nesterov=not args.no_nesterov, wd_bias=not args.no_wd_bias,
+                                      optimizer=opt_name,
+                                      trust_coeff=getattr(args, "trust_coeff", recipe.LARS_TRUST_COEFF))
+    amp = lambda: autocast(args, device)  # noqa: E731
     scheduler = recipe.make_scheduler(optimizer, schedule)
 
     config = recipe_config(args, global_batch)
@@ -274,8 +290,12 @@ def train(args) -> dict | None:
     workers = 0 if ds.in_memory else args.workers
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
                      persistent_workers=False)
+    if hasattr(ds.train, "__getitems__") and hasattr(ds.val, "__getitems__"):  # batched fetch
+        from .data import batch_collate
+
+        loader_kw["collate_fn"] = batch_collate
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds.val, val_idx),
-                                             batch_size=max(n, 64), shuffle=False, **loader_kw)
+                                             batch_size=max(n, 256), shuffle=False, **loader_kw)
 
     metrics_path = os.path.join(args.out, METRICS)
     trace_path = os.path.join(args.out, f"trace.rank{rank}.jsonl")
@@ -288,7 +308,7 @@ def train(args) -> dict | None:
     if main and not args.quiet:
         print(f"fastar.train: {args.model} on {args.data}, k={world} workers x n={n}"
               + (f" x accum {a}" if a > 1 else "") + f" = minibatch {global_batch}, "
-              f"lr {target_lr:g} ("
+              f"{opt_name} lr {target_lr:g} ("
               + (f"{args.warmup} warmup from {args.warmup_start_lr:g} over {schedule.warmup_iters} iters"
                  if schedule.warmup_iters else "no warmup") + f"), decay at epochs {args.milestones}, "
               f"{iters_per_epoch} iters/epoch, {args.epochs} epochs, grads averaged by {impl}"
@@ -298,9 +318,9 @@ def train(args) -> dict | None:
         average_bn_statistics(module)
         part = None
         if epoch_stats is not None:  # mid-epoch: keep the epoch's loss so far (summed over ranks)
-            loss_sum, iters, elapsed = epoch_stats
-            loss_sum, iters = all_reduce_sum([loss_sum, iters], device)
-            part = {"loss_sum": loss_sum, "iters": iters, "time": elapsed}
+            loss_sum, iters, elapsed, wrong_, seen_ = epoch_stats
+            loss_sum, iters, wrong_, seen_ = all_reduce_sum([loss_sum, iters, wrong_, seen_], device)
+            part = {"loss_sum": loss_sum, "iters": iters, "time": elapsed, "wrong": wrong_, "seen": seen_}
         if main:
             atomic_save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch, "iter_in_epoch": it_in_epoch,
@@ -317,15 +337,23 @@ def train(args) -> dict | None:
     history = read_jsonl(metrics_path) if main else []
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
+        train_kw = dict(loader_kw)
+        if args.trace:  # per sample, with its index
+            train_kw.pop("collate_fn", None)
         loader = torch.utils.data.DataLoader(
             WithIndex(ds.train) if args.trace else ds.train, batch_sampler=MicroBatchSampler(sampler, n, iters_per_epoch * a, start_it * a),
-            **loader_kw)
+            **train_kw)
         batches = iter(loader)
         bar = tqdm(total=iters_per_epoch, initial=start_it, desc=f"epoch {epoch + 1}/{args.epochs}",
                    leave=False, dynamic_ncols=True) if show else None
         loss_sum, iters_done, t0 = 0.0, 0, time.perf_counter() - partial["time"]
         if main:  # the part of this epoch run before a resume, already summed over ranks
             loss_sum, iters_done = partial["loss_sum"], partial["iters"]
+        # training top-1 error of the epoch (the paper's Figures 2 and 4), from the training
+        # forward passes themselves (augmented images, the weights of that moment), this rank's part
+        wrong, seen_n = 0.0, 0.0
+        if main:  # (checkpoints from before train_top1_err existed have no counts: 0)
+            wrong, seen_n = partial.get("wrong", 0.0), partial.get("seen", 0.0)
         partial = {"loss_sum": 0.0, "iters": 0.0, "time": 0.0}
         trace_f = open(trace_path, "a") if args.trace else None
         for it in range(start_it, iters_per_epoch):
@@ -342,8 +370,12 @@ def train(args) -> dict | None:
                 # per-worker loss averaged over n (and over the a micro-batches); the wrapper
                 # averages gradients over the k workers: a loss normalised by k*n*a in all.
                 with (no_sync() if s < a - 1 else contextlib.nullcontext()):
-                    loss = criterion(model(x), y) / a
+                    with amp():
+                        out = model(x)
+                        loss = criterion(out.float(), y) / a
                     loss.backward()
+                wrong += (out.detach().argmax(1) != y).sum().item()
+                seen_n += len(y)
                 step_loss += loss.item()
             optimizer.step()
             scheduler.step()
@@ -360,7 +392,7 @@ def train(args) -> dict | None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.4g}", refresh=False)
             if args.ckpt_every_iters and global_it % args.ckpt_every_iters == 0 and it + 1 < iters_per_epoch:
-                save_checkpoint(epoch, it + 1, (loss_sum, iters_done, time.perf_counter() - t0))
+                save_checkpoint(epoch, it + 1, (loss_sum, iters_done, time.perf_counter() - t0, wrong, seen_n))
             if args.stop_at_iter is not None and global_it >= args.stop_at_iter:
                 stopped = True
                 break
@@ -372,15 +404,17 @@ def train(args) -> dict | None:
             break
         train_time = time.perf_counter() - t0
         start_it = 0
-        loss_sum, iters_done = all_reduce_sum([loss_sum, iters_done], device)
+        loss_sum, iters_done, wrong, seen_n = all_reduce_sum([loss_sum, iters_done, wrong, seen_n], device)
         average_bn_statistics(module)
         row = {"epoch": epoch, "iteration": global_it, "train_loss": loss_sum / max(iters_done, 1),
+               "train_top1_err": 100.0 * wrong / max(seen_n, 1.0),
                "lr": optimizer.param_groups[0]["lr"],
                "last_lr_used": schedule.lr(global_it - 1),
                "images_per_s": iters_done / world * global_batch / max(train_time, 1e-9),
                "epoch_time_s": train_time}
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            row.update(evaluate(module, val_loader, device))
+        if ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+                or epoch >= args.epochs - getattr(args, "eval_last", 0)):
+            row.update(evaluate(module, val_loader, device, amp))
         save_checkpoint(epoch, iters_per_epoch)
         if main:
             history.append(row)

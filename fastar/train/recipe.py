@@ -92,15 +92,52 @@ class LrSchedule:
         return self.lr(t) / self.target_lr
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                   nesterov: bool = True, wd_bias: bool = True) -> torch.optim.SGD:
-    """SGD with Nesterov momentum; weight decay on conv/linear weights only (never on BN gamma/beta).
+OPTIMIZERS = ("sgd", "lars", "lamb")
+# weight decay when --weight-decay is not given: the paper's 1e-4 for SGD and LARS; LAMB adds it to
+# an Adam step of unit scale (not to a gradient), where timm's default 0.01 is the usual value.
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "lars": 1e-4, "lamb": 1e-2}
+LARS_TRUST_COEFF = 1e-3  # You et al.'s eta (timm's default)
 
-    torch.optim.SGD keeps lr outside the velocity (buf = m*buf + g; p -= lr*(g + m*buf) for
-    Nesterov), so a change of lr needs no momentum correction: see docs/training.md.
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+                   nesterov: bool = True, wd_bias: bool = True, optimizer: str = "sgd",
+                   trust_coeff: float = LARS_TRUST_COEFF) -> torch.optim.Optimizer:
+    """optimizer "sgd" (the paper's): SGD with Nesterov momentum; weight decay on conv/linear weights
+    only (never on BN gamma/beta). torch.optim.SGD keeps lr outside the velocity (buf = m*buf + g;
+    p -= lr*(g + m*buf) for Nesterov), so a change of lr needs no momentum correction: see
+    docs/training.md.
+
+    "lars" (You et al. 2017, timm.optim.Lars) and "lamb" (You et al. 2019, timm.optim.Lamb): the
+    layer-wise trust ratio scales the update of each conv/linear weight; BN gamma/beta and every
+    bias are left out of it (and of weight decay), as in You et al.: they get the plain momentum-SGD
+    (LARS) or Adam (LAMB) step at the scheduled lr. See lars_lamb_groups.
     """
-    groups = param_groups(model, weight_decay, wd_bias=wd_bias)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+    if optimizer == "sgd":
+        groups = param_groups(model, weight_decay, wd_bias=wd_bias)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+    try:
+        from timm.optim import Lamb, Lars
+    except ImportError as e:  # pragma: no cover - timm is in the train extra and the Makefile's DEPS
+        raise ImportError(f"--optimizer {optimizer} needs timm (pip install timm): {e}") from e
+    groups = lars_lamb_groups(model, weight_decay)
+    if optimizer == "lars":
+        return Lars(groups, lr=lr, momentum=momentum, nesterov=nesterov, trust_coeff=trust_coeff,
+                    trust_clip=False)
+    return Lamb(groups, lr=lr, betas=(momentum, 0.999))
+
+
+def lars_lamb_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Groups for timm's Lars/Lamb. Both apply the trust ratio to a group when its weight_decay is
+    not 0 or its always_adapt is set, so:
+      {"adapt"}: conv/linear weights, weight_decay, always_adapt=True (adapted even with wd 0);
+      {"no_adapt"}: BN (any norm layer) gamma/beta and all biases, weight_decay 0, always_adapt=False.
+    """
+    g = param_groups(model, weight_decay, wd_bias=False)
+    g[0].update(name="adapt", always_adapt=True)
+    g[1].update(name="no_adapt", always_adapt=False, weight_decay=0.0)
+    return g
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
