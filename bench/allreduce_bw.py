@@ -43,9 +43,11 @@ from datetime import timedelta
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import free_port  # noqa: E402 - bench/common.py
 
 HIERARCHIES = ("flat", "leader", "rail")
 ALGORITHMS = ("halving_doubling", "ring")
@@ -333,7 +335,6 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
                 json.dump(out, f, indent=1)
             print(f"# wrote {args.json}")
         if args.plot:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from plot import plot_allreduce
             plot_allreduce(out, args.plot)
             print(f"# wrote {args.plot}")
@@ -344,12 +345,6 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
 
 def _spawned(rank, world, args, port, memcpy):
     worker(rank, world, args, port, memcpy)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,8 @@ import torch
 
 import fastar._C as C
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from python_tests.test_kernels import resnet50_param_shapes  # noqa: E402  (its test checks the count)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import resnet50_param_shapes  # noqa: E402  (test_kernels.py checks the count)
 
 DEVICES = [
     "cpu",

@@ -14,13 +14,14 @@ import argparse
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port  # noqa: E402
 
 EXIT_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
@@ -35,12 +36,6 @@ EXIT_SCRIPT = textwrap.dedent("""
         dist.destroy_process_group()
     # the script ends here: no fastar.shutdown()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_exit_script(mode: str, local_size: int = 2, timeout: float = 120) -> tuple[list[int], list[str]]:

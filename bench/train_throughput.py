@@ -197,7 +197,7 @@ def main(argv=None):
         if out is not None:
             finish(out, args)
         return
-    from python_tests.mp_utils import free_port  # noqa: PLC0415
+    from common import free_port  # noqa: PLC0415 - bench/common.py, beside this script
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.multiprocessing.spawn(_spawned, args=(args,), nprocs=args.nproc)
 

@@ -6,11 +6,16 @@ The checks are shown to catch a broken build: fastar._C._set_fault (test-only, c
 makes pack write one element early or pack/unpack launch on the default stream, and the tests at the
 end of "fault injection" below assert that the same checks then fail."""
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 import fastar._C as C
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from common import resnet50_param_shapes  # noqa: E402 - shared with bench/bench_kernels.py
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF_TYPES = [torch.float16, torch.bfloat16]
@@ -491,20 +496,6 @@ def test_pack_on_the_default_stream_fails_the_stream_check(device, fault):
 
 
 # ---------------------------------------------------------------- helpers
-
-def resnet50_param_shapes():
-    """Parameter shapes of torchvision's resnet50, in registration order (no torchvision needed)."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for planes, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
-        for b in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
-            if b == 0:
-                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
-            inplanes = planes * 4
-    return shapes + [(1000, 2048), (1000,)]
-
 
 def resnet50_bucket_shapes(cap_bytes=25 * 2**20):
     """The first fp32 bucket DDP would fill: parameters in reverse order up to 25 MB."""
