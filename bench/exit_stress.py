@@ -4,7 +4,7 @@ dist.destroy_process_group() (as DDP scripts end) or with nothing at all. Every 
 with status 0: before fastar released its threads and Gloo works on exit, 3 of 60 processes died
 with SIGABRT ("terminate called without an active exception").
 
-  python bench/exit_stress.py --runs 100 [--local-size 2] [--json bench/results/exit_stress.json]
+  python bench/exit_stress.py --runs 100 [--local-size 2] [--api fastar|backend] [--json bench/results/exit_stress.json]
 
 Each run alternates the two endings; the JSON holds the exit codes of every process.
 """
@@ -37,8 +37,22 @@ EXIT_SCRIPT = textwrap.dedent("""
     # the script ends here: no fastar.shutdown()
 """)
 
+# The same for a DDP script on the "fastar" torch.distributed backend (no fastar.init at all).
+BACKEND_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    import fastar
+    dist.init_process_group("fastar")
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)))
+    for _ in range(3):
+        model(torch.randn(8, 64)).sum().backward()
+    dist.all_reduce(torch.ones(1000))
+    if sys.argv[1] == "destroy":
+        dist.destroy_process_group()
+""")
 
-def run_exit_script(mode: str, local_size: int = 2, timeout: float = 120) -> tuple[list[int], list[str]]:
+
+def run_exit_script(mode: str, local_size: int = 2, timeout: float = 120, script: str = EXIT_SCRIPT
+                    ) -> tuple[list[int], list[str]]:
     """One 2-rank job; returns each rank's exit status (negative: killed by that signal) and the
     tail of the stderr of every rank that did not exit with 0."""
     port = free_port()
@@ -46,7 +60,7 @@ def run_exit_script(mode: str, local_size: int = 2, timeout: float = 120) -> tup
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": str(local_size), "PYTHONPATH": REPO}
-        procs.append(subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, mode], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", script, mode], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     codes, errors = [], []
     for p in procs:
@@ -65,6 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=100, help="jobs (2 processes each)")
     ap.add_argument("--local-size", type=int, default=2, help="2: one node (shared memory); 1: two nodes")
+    ap.add_argument("--api", choices=("fastar", "backend"), default="fastar",
+                    help="fastar: fastar.wrap + fastar.all_reduce; backend: DDP on dist.init_process_group('fastar')")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     try:
@@ -77,13 +93,14 @@ def main() -> None:
     it = range(args.runs)
     for i in (tqdm(it, desc="exits") if tqdm else it):
         mode = modes[i % 2]
-        c, errs = run_exit_script(mode, args.local_size)
+        c, errs = run_exit_script(mode, args.local_size, script=EXIT_SCRIPT if args.api == "fastar" else BACKEND_SCRIPT)
         codes[mode] += c
         for e in errs:
             print(f"--- run {i} ({mode}): abnormal exit ---\n{e}", file=sys.stderr)
     summary = {m: dict(collections.Counter(c)) for m, c in codes.items()}
     abnormal = sum(1 for c in codes.values() for x in c if x != 0)
-    out = {"runs": args.runs, "processes": 2 * args.runs, "local_size": args.local_size, "abnormal": abnormal,
+    out = {"api": args.api, "runs": args.runs, "processes": 2 * args.runs, "local_size": args.local_size,
+           "abnormal": abnormal,
            "exit_codes": summary, "seconds": round(time.monotonic() - t0, 1)}
     print(json.dumps(out))
     if args.json:

@@ -142,16 +142,16 @@ def test_container_sized_dev_shm_in_a_private_mount_namespace():
 # --- script exit without fastar.shutdown() ---------------------------------------------------------
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
-from exit_stress import run_exit_script  # noqa: E402 - the stress script's one job, reused here
+from exit_stress import BACKEND_SCRIPT, EXIT_SCRIPT, run_exit_script  # noqa: E402 - the stress script's jobs
 
 
-@pytest.mark.parametrize("mode", ["destroy", "plain-exit"])
-def test_script_may_end_without_fastar_shutdown(mode):
+@pytest.mark.parametrize("mode,api", [("destroy", "fastar"), ("plain-exit", "fastar"), ("plain-exit", "backend")])
+def test_script_may_end_without_fastar_shutdown(mode, api):
     """bench/exit_stress.py runs this 200 times; here a few: every process exits with 0 (never
-    SIGABRT), and nothing is left in /dev/shm."""
+    SIGABRT), and nothing is left in /dev/shm. "backend": DDP on dist.init_process_group("fastar")."""
     before = fastar_entries()
     for _ in range(3):
-        codes, errors = run_exit_script(mode)
+        codes, errors = run_exit_script(mode, script=EXIT_SCRIPT if api == "fastar" else BACKEND_SCRIPT)
         assert codes == [0, 0], errors
     assert fastar_entries() == before
 
