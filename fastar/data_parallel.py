@@ -100,7 +100,7 @@ class FastarModule(nn.Module):
         order = list(reversed(range(len(self._params))))  # gradients appear roughly in reverse order
         self._engine = collectives._C().BucketEngine(
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
-            int(first_bucket_mb * (1 << 20)), st.timeout.total_seconds(), gradient_as_bucket_view)
+            int(first_bucket_mb * (1 << 20)), gradient_as_bucket_view)  # waits read the communicator's timeout
         self._engine.set_wire(wire)
         self._apply_choices()
         if st.topo.local_size > 1 and shm_buckets and device.type == "cpu" and not wire:

@@ -76,9 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<fastar::BucketEngine, std::shared_ptr<fastar::BucketEngine>>(m, "BucketEngine")
       .def(py::init<std::shared_ptr<Communicator>, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t,
-                    double, bool>(),
+                    bool>(),
            py::arg("comm"), py::arg("params"), py::arg("order"), py::arg("cap_bytes"), py::arg("first_cap_bytes"),
-           py::arg("timeout_s"), py::arg("grad_as_bucket_view"))
+           py::arg("grad_as_bucket_view"))
       .def("rebuild", &fastar::BucketEngine::rebuild)
       .def("attach_arena", &fastar::BucketEngine::attach_arena, py::arg("name"), py::arg("create"),
            py::call_guard<py::gil_scoped_release>())

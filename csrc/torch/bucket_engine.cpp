@@ -8,9 +8,9 @@
 namespace fastar {
 
 BucketEngine::BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params,
-                           std::vector<int64_t> order, int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s, bool as_view)
+                           std::vector<int64_t> order, int64_t cap_bytes, int64_t first_cap_bytes, bool as_view)
     : comm_(std::move(comm)), params_(std::move(params)), cap_bytes_(cap_bytes), first_cap_bytes_(first_cap_bytes),
-      timeout_s_(timeout_s), as_view_(as_view) {
+      as_view_(as_view) {
   scale_ = 1.0 / comm_->topology().size;
   layout(order);
 }

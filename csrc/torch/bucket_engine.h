@@ -34,7 +34,7 @@ class BucketEngine {
   // order: parameter indices in the order their gradients are expected (reverse definition order
   // before the first iteration). Buckets never mix dtypes or devices.
   BucketEngine(std::shared_ptr<Communicator> comm, std::vector<at::Tensor> params, std::vector<int64_t> order,
-               int64_t cap_bytes, int64_t first_cap_bytes, double timeout_s, bool as_view);
+               int64_t cap_bytes, int64_t first_cap_bytes, bool as_view);
   void rebuild(const std::vector<int64_t>& order);
   // Bytes of shared memory one rank needs for its buckets, whatever their order.
   int64_t arena_bytes_needed() const;
@@ -85,7 +85,6 @@ class BucketEngine {
   std::vector<char> marked_;
   std::vector<int64_t> ready_order_;
   int64_t cap_bytes_, first_cap_bytes_;
-  double timeout_s_;
   bool as_view_;
   double scale_;
   std::string wire_;
