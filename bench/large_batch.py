@@ -125,16 +125,7 @@ def plot_sweep(sweep: dict, path: str, model: str) -> str:
 
 
 def update_docs(md: str, path: str) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        text = f.read()
-    if BEGIN not in text or END not in text:
-        return
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + md + "\n" + END + tail)
+    update_docs_between(md, path, BEGIN, END)
 
 
 def main(argv=None) -> int:
@@ -518,7 +509,6 @@ def fashion_parser() -> argparse.ArgumentParser:
 def fashion_main(argv) -> int:
     a = fashion_parser().parse_args(argv)
     from fastar.train.data import build_datasets
-    from fastar.train.recipe import default_milestones
 
     os.makedirs(a.out, exist_ok=True)
     json_path = os.path.join(a.out, f"{a.name}.json")

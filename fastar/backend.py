@@ -191,10 +191,9 @@ class FastarBackend(_C10dBackend):
         if not is_world:
             return _topology.Topology(rank=rank, size=size, local_rank=0, local_size=1, node=rank,
                                       num_nodes=size, source="subgroup: flat")
-        if settings.local_size() is not None:
-            local_size, source = settings.local_size(), "FASTAR_LOCAL_SIZE"
-        elif os.environ.get("LOCAL_WORLD_SIZE"):
-            local_size, source = int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE (torchrun)"
+        from_env = _topology.local_size_from_env()
+        if from_env is not None:
+            local_size, source = from_env
         else:
             self._store.set(f"fastar/host/{rank}", socket.gethostname())
             names = [self._store.get(f"fastar/host/{r}").decode() for r in range(size)]

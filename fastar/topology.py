@@ -27,17 +27,27 @@ class Topology:
         return [n * self.local_size + local_rank for n in range(self.num_nodes)]
 
 
+def local_size_from_env() -> tuple[int, str] | None:
+    """(ranks per node, where it came from) from FASTAR_LOCAL_SIZE, else torchrun's LOCAL_WORLD_SIZE;
+    None when neither is set (the caller then groups ranks by host name)."""
+    fastar_size = settings.local_size()
+    if fastar_size is not None:
+        return fastar_size, "FASTAR_LOCAL_SIZE"
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE (torchrun)"
+    return None
+
+
 def detect(local_size: int | None = None, group=None) -> Topology:
     """local_size: explicit override (lets one host play several nodes). Otherwise torchrun's
     LOCAL_WORLD_SIZE, otherwise ranks are grouped by host name. Ranks must be laid out node by node
     (rank = node * local_size + local_rank), which is what torchrun does."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
+    from_env = local_size_from_env() if local_size is None else None
     if local_size is not None:
         source = "fastar.init(local_size=...)"
-    elif settings.local_size() is not None:
-        local_size, source = settings.local_size(), "FASTAR_LOCAL_SIZE"
-    elif os.environ.get("LOCAL_WORLD_SIZE"):
-        local_size, source = int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE (torchrun)"
+    elif from_env is not None:
+        local_size, source = from_env
     else:
         names: list = [None] * size
         dist.all_gather_object(names, socket.gethostname(), group=group)

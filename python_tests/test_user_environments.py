@@ -339,7 +339,6 @@ def _reset_worker(rank, n):
     model.zero_grad()
     model(x).sum().backward()  # a full iteration must now work
     grads = [p.grad.clone() for p in model.module.parameters()]
-    ref = _TwoHeads()
     torch.manual_seed(0)
     ref = _TwoHeads()
     want = [torch.zeros_like(p) for p in ref.parameters()]
