@@ -1,4 +1,4 @@
-"""The cost model (fastar/simulate.py) against the paper's statements and its own invariants.
+"""The cost model (fastar/simulate/) against the paper's statements and its own invariants.
 
 simulate imports only fastar.policy of the library, so these tests never need the compiled extension."""
 import json
@@ -214,7 +214,7 @@ def test_host_tcp_rounds_are_the_simulators_rounds_half_duplex():
         for p in (2, 3, 4, 5, 6, 8):
             t = sim.Topo(p, 1, 1, 0.0, 0.0, 0.0, m.tcp_alpha, m.tcp_beta, 0.0, duplex=False)
             want = sim.rounds_time(sim.schedule_rounds(algo, p, 3e6), t)
-            assert sim._tcp(algo, p, 3e6, m)[0] == pytest.approx(want, rel=1e-12), (algo, p)
+            assert sim.tcp_time(algo, p, 3e6, m)[0] == pytest.approx(want, rel=1e-12), (algo, p)
 
 
 def test_host_model_fit_recovers_a_known_host():
