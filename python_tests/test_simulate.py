@@ -190,7 +190,7 @@ def test_calibrate_with_noise_and_shared_fit(tmp_path):
 
 # ---------------------------------------------------------------- this host as a cluster (calibrate_host)
 
-CALIB_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "calib"
+CALIB_DIR = pathlib.Path(__file__).resolve().parent / "data" / "calib"
 HOST_TRUE = sim.HostModel(tcp_alpha=200e-6, tcp_beta=1 / 3e9, tcp_cpu=1 / 4.5e9, shm_alpha=8e-6, shm_beta=1 / 5e9,
                           gloo_alpha=700e-6, cache_ratio=0.4, shm_cache_ratio=0.6, cache_bytes=6e6, step_cpu=150e-6,
                           cores=2)
@@ -263,7 +263,7 @@ def test_auto_choice_is_the_librarys_policy():
 
 
 def test_calibrated_predictions_of_this_hosts_benchmarks_within_30_percent(tmp_path):
-    """The issue's target, on the committed runs of bench/allreduce_bw.py (bench/results/calib: every
+    """The issue's target, on the committed runs of bench/allreduce_bw.py (python_tests/data/calib: every
     configuration run 3 times in each of 3 sessions, a row's time the median of the 9): fitted on the
     1x2, 2x1, 3x1 and 4x1 rows, the host model predicts every row of 256 KiB and up within 30%,
     the held-out 2x2 rows (every hierarchy and algorithm, Gloo's allreduce, auto) included."""

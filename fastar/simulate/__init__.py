@@ -2,7 +2,7 @@
 
     python -m fastar.simulate --nodes 32 --gpus-per-node 8 --model resnet50 --link-gbps 50 --json out.json
     python -m fastar.simulate --preset h100 --plot eff.png
-    python -m fastar.simulate --calibrate bench/results/calib/*/allreduce_*.json
+    python -m fastar.simulate --calibrate python_tests/data/calib/*/allreduce_*.json
 
 The model (docs/scaling.md says more):
   * A schedule is a list of synchronous rounds of point-to-point messages, built exactly as
