@@ -15,6 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import collectives
+from .diagnose import reraise
+from .groups import extension
+from .state import require_dist, warn_once
 
 log = logging.getLogger("fastar")
 
@@ -49,7 +52,7 @@ class FastarModule(nn.Module):
                  gradient_as_bucket_view: bool = True, shm_buckets: bool = True, compression=None,
                  broadcast_buffers: bool = True):
         super().__init__()
-        collectives._require_dist()
+        require_dist()
         _refuse_wrapped(module)
         if algorithm not in collectives.ALGORITHMS:
             raise ValueError(f"fastar.wrap: algorithm={algorithm!r}; expected one of {collectives.ALGORITHMS}")
@@ -79,11 +82,11 @@ class FastarModule(nn.Module):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"fastar.wrap: the model is on {device}; fastar reduces CPU and CUDA gradients")
         if collectives.nothing_to_compress(wire, device.type, st.topo, hierarchy):
-            collectives._warn_once("wrap:one-node-compression",
-                                   f"fastar.wrap: compression={compression!r} on a single node: no gradient "
-                                   "crosses a network, so the buckets are summed in shared memory in full "
-                                   "precision, as without compression (the compressed path would give the same "
-                                   "full-precision sums, slower); compression applies between nodes")
+            warn_once("wrap:one-node-compression",
+                      f"fastar.wrap: compression={compression!r} on a single node: no gradient "
+                      "crosses a network, so the buckets are summed in shared memory in full "
+                      "precision, as without compression (the compressed path would give the same "
+                      "full-precision sums, slower); compression applies between nodes")
             wire = ""
         if device.type == "cuda" or wire:
             collectives.ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
@@ -98,7 +101,7 @@ class FastarModule(nn.Module):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         order = list(reversed(range(len(self._params))))  # gradients appear roughly in reverse order
-        self._engine = collectives._C().BucketEngine(
+        self._engine = extension().BucketEngine(
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
             int(first_bucket_mb * (1 << 20)), gradient_as_bucket_view)  # waits read the communicator's timeout
         self._engine.set_wire(wire)
@@ -110,9 +113,9 @@ class FastarModule(nn.Module):
                 collectives.node_segment(st.topo, group, engine.attach_arena, "buckets",
                                          lambda _: engine.unlink_arena(), lambda _: engine.detach_arena())
             except collectives.ShmSpaceError as e:  # every rank alike: the same buckets everywhere
-                collectives._warn_once("wrap:shm-buckets", f"fastar.wrap: {e}\nThe buckets stay in private "
-                                       "memory and go through the staged shared-memory path instead (slower "
-                                       "local phase; same results).")
+                warn_once("wrap:shm-buckets", f"fastar.wrap: {e}\nThe buckets stay in private "
+                          "memory and go through the staged shared-memory path instead (slower "
+                          "local phase; same results).")
         self._sync = True
         self._rebuilt = False
         self._callback_queued = False
@@ -189,7 +192,7 @@ class FastarModule(nn.Module):
         try:
             self._engine.finalize(self.find_unused_parameters)
         except RuntimeError as e:  # a dead or disagreeing peer: name it, with the others' reports
-            collectives._reraise(e)
+            reraise(e)
         self._spare = spare
         self._last_stats = self._engine.stats()
         self._iteration += 1

@@ -170,25 +170,25 @@ def test_exit_window_is_waited_out(monkeypatch):
     import sys
     from types import SimpleNamespace
 
-    from fastar import collectives as C
+    from fastar import diagnose, state
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.4)"])
     try:
-        host = C.socket.gethostname()
+        host = diagnose.socket.gethostname()
         started = None
         while started is None:  # /proc/<pid>/stat exists once Popen returns
-            started = C._start_time(child.pid)
-        me = C._this_process()
-        monkeypatch.setattr(C, "_state", SimpleNamespace(topo=SimpleNamespace(rank=0),
-                                                         processes=[me, (host, child.pid, started)]))
-        assert C._exited_peers() == []  # still running: a single look finds nobody
+            started = diagnose.start_time(child.pid)
+        me = diagnose.this_process()
+        monkeypatch.setattr(state, "current", lambda: SimpleNamespace(topo=SimpleNamespace(rank=0),
+                                                                      processes=[me, (host, child.pid, started)]))
+        assert diagnose.exited_peers() == []  # still running: a single look finds nobody
         t0 = time.monotonic()
-        assert C._exited_peers_settled(settle_s=5.0) == [(1, child.pid)]
+        assert diagnose.exited_peers_settled(settle_s=5.0) == [(1, child.pid)]
         assert time.monotonic() - t0 < 4.0
         # nobody exits: the settle is bounded
-        monkeypatch.setattr(C, "_state", SimpleNamespace(topo=SimpleNamespace(rank=0),
-                                                         processes=[me, me]))
+        monkeypatch.setattr(state, "current", lambda: SimpleNamespace(topo=SimpleNamespace(rank=0),
+                                                                      processes=[me, me]))
         t0 = time.monotonic()
-        assert C._exited_peers_settled(settle_s=0.3) == []
+        assert diagnose.exited_peers_settled(settle_s=0.3) == []
         assert 0.25 < time.monotonic() - t0 < 3.0
     finally:
         child.kill()

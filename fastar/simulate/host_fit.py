@@ -40,7 +40,7 @@ class HostModel:
     cache_bytes: float = 32 << 20  # how much of the ranks' buffers the cache holds (W * nbytes)
     step_cpu: float = 0.0   # core-s a rank spends per TCP step (syscalls, thread wake-ups)
     cores: int = 2
-    chunk_bytes: int = 4 << 20   # fastar.collectives.SHM_CHUNK_BYTES: the arena's pipeline chunk
+    chunk_bytes: int = 4 << 20   # fastar.settings.shm_chunk_bytes(): the arena's pipeline chunk
     small_bytes: int = 64 << 10  # hierarchical.h: one-phase path for a single small chunk
 
 

@@ -1,0 +1,186 @@
+"""fastar's per-process state: the communicator that fastar.init makes over its own process groups
+and the node's arena, its timeout, and its end (fastar.shutdown, and the hooks that call it before
+torch tears its process groups down or the interpreter exits)."""
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from . import diagnose, settings, topology
+from .groups import ShmSpaceError, extension, node_segment
+
+log = logging.getLogger("fastar")
+
+# Staged-path chunk sizes tried in turn when /dev/shm cannot hold the arena at the configured one.
+SHM_FALLBACK_CHUNKS = (1 << 20, 256 << 10)
+
+
+@dataclass
+class State:
+    topo: topology.Topology
+    comm: object  # fastar._C.Communicator
+    world_group: object
+    cross_group: object
+    timeout: timedelta
+    last_choice: dict = field(default_factory=dict)
+    group_comms: dict = field(default_factory=dict)
+    device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> {"world": group, "desc": str}
+    processes: list = field(default_factory=list)  # per rank: (host name, pid, start time) at init
+
+
+_state: State | None = None
+_lock = threading.Lock()
+_warned: set = set()
+_hooks_installed = False
+
+
+def warn_once(key: str, msg: str) -> None:
+    """warnings.warn(msg) the first time this process meets `key`, and never again."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def require_dist() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "fastar: torch.distributed is not initialised. Call torch.distributed.init_process_group('gloo') "
+            "(or 'nccl' on GPUs) first, e.g. under torchrun, then fastar.init() or fastar.all_reduce(...).")
+
+
+def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5)):
+    """Creates fastar's own process groups (so its traffic never interleaves with the user's
+    collectives) and the node's shared-memory arena. Collective: every rank calls it. Optional:
+    all_reduce and wrap call it with defaults. Returns the topology."""
+    global _state
+    require_dist()
+    with _lock:
+        if _state is not None:
+            if local_size is not None and local_size != _state.topo.local_size:
+                raise RuntimeError("fastar.init was already called with local_size="
+                                   f"{_state.topo.local_size}; call fastar.shutdown() first to change it")
+            return _state.topo
+        if isinstance(timeout, (int, float)):
+            timeout = timedelta(seconds=timeout)
+        chunk = settings.shm_chunk_bytes()  # a bad FASTAR_SHM_CHUNK_MB fails here, on every rank alike
+        topo = topology.detect(local_size)
+        world_ranks = list(range(topo.size))
+        world = dist.new_group(ranks=world_ranks, backend="gloo", timeout=timeout)
+        cross_groups = []
+        for lr in range(topo.local_size):  # every rank creates every group, in the same order
+            ranks = topo.rail_ranks(lr)
+            cross_groups.append(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout) if len(ranks) > 1 else None)
+        cross = cross_groups[topo.local_rank]
+
+        def maker(chunk_bytes):
+            def make(shm_name, create):
+                return extension().Communicator(
+                    rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
+                    node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
+                    cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
+                    shm_name=shm_name, shm_create=create, shm_chunk_bytes=chunk_bytes,
+                    timeout_s=timeout.total_seconds())
+            return make
+        chunks = [chunk] + [c for c in SHM_FALLBACK_CHUNKS if c < chunk]
+        for i, c in enumerate(chunks):
+            try:
+                comm = node_segment(topo, world, maker(c), "arena", lambda x: x.unlink_shm(), lambda x: x.close())
+                break
+            except ShmSpaceError as e:
+                if i + 1 == len(chunks):
+                    raise
+                warn_once(f"shm-chunk:{c}", f"fastar.init: {e}\nFalling back to the staged shared-memory path "
+                          f"with {chunks[i + 1] >> 10} KiB chunks (slower for large tensors).")
+        processes: list = [None] * topo.size
+        dist.all_gather_object(processes, diagnose.this_process(), group=world)
+        _state = State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout,
+                       processes=processes)
+        _install_exit_hooks()
+        log.debug("fastar.init: %s", topo)
+        return topo
+
+
+def _install_exit_hooks() -> None:
+    """fastar's threads and retained Gloo works must be released before torch destroys its process
+    groups and before the interpreter finalizes: scripts end with dist.destroy_process_group() and
+    often without fastar.shutdown(). An atexit handler and a wrapper around
+    torch.distributed.destroy_process_group call fastar.shutdown() first."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(shutdown)
+    import torch.distributed.distributed_c10d as c10d  # noqa: PLC0415
+
+    original = c10d.destroy_process_group
+    if getattr(original, "_fastar_wrapped", False):
+        return
+
+    def destroy_process_group(group=None):
+        try:
+            if group is None or group is dist.group.WORLD:
+                shutdown()  # fastar's groups go with the default one: close what uses them first
+            else:
+                _forget_group(group)
+        except Exception:  # noqa: BLE001 - torch's teardown must go on
+            log.exception("fastar: releasing its communicators before destroy_process_group failed")
+        return original(group) if group is not None else original()
+    destroy_process_group.__doc__ = original.__doc__
+    destroy_process_group._fastar_wrapped = True
+    c10d.destroy_process_group = destroy_process_group
+    dist.destroy_process_group = destroy_process_group
+
+
+def _forget_group(group) -> None:
+    """Closes the communicator fastar made over a user's group that is being destroyed."""
+    st = _state
+    if st is None:
+        return
+    name = dist.distributed_c10d._get_process_group_name(group)
+    for key in [k for k in st.group_comms if k[0] == name]:
+        st.group_comms.pop(key).close()
+
+
+def shutdown() -> None:
+    """Closes fastar's communicator (not torch.distributed). fastar.init may be called again.
+    Call it before dist.destroy_process_group(), which shuts down the process groups that the
+    communicator's threads use."""
+    global _state
+    with _lock:
+        if _state is not None:
+            _state.comm.close()
+            for c in _state.group_comms.values():
+                c.close()
+            _state = None
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def current() -> State | None:
+    """The state if fastar.init has run (and no shutdown since), else None; never initialises."""
+    return _state
+
+
+def get_state() -> State:
+    if _state is None:
+        init()
+    return _state
+
+
+def set_timeout(timeout: timedelta) -> None:
+    """The timeout of every fastar wait from now on, queued work and fastar.wrap's buckets included."""
+    if isinstance(timeout, (int, float)):
+        timeout = timedelta(seconds=timeout)
+    st = get_state()
+    st.timeout = timeout
+    st.comm.set_timeout(timeout.total_seconds())
+    for c in st.group_comms.values():
+        c.set_timeout(timeout.total_seconds())
