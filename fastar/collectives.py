@@ -45,10 +45,31 @@ class _State:
     world_group: object
     cross_group: object
     timeout: timedelta
-    last_choice: dict = field(default_factory=dict)
+    choice_record: object = None  # a dict, or _LATENCY_PATH (see last_choice)
     group_comms: dict = field(default_factory=dict)
     device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> {"world": group, "desc": str}
     processes: list = field(default_factory=list)  # per rank: (host name, pid, start time) at init
+
+    @property
+    def last_choice(self) -> dict:
+        """What the last fastar.all_reduce ran and why (fastar.explain()). The latency path leaves a
+        marker instead of building this dict on every call; it is built here, when asked."""
+        rec = self.choice_record
+        if rec is _LATENCY_PATH:
+            op = self.comm.last_op()
+            algo, hier, why = policy.choose(op["bytes"], "auto", "auto", self.topo.size, self.topo.local_size)
+            rec = {"bytes": op["bytes"], "algorithm": op["algorithm"], "hierarchy": op["hierarchy"],
+                   "why": why + "; small CPU tensor on one node -> the latency path (shared memory, no header "
+                   "exchange: the arena's descriptor check validates the call)",
+                   "requested": ("auto", "auto"), "device": "cpu", "compression": ""}
+        return rec or {}
+
+    @last_choice.setter
+    def last_choice(self, value: dict) -> None:
+        self.choice_record = value
+
+
+_LATENCY_PATH = object()
 
 
 _state: _State | None = None
@@ -260,6 +281,9 @@ def choose(nbytes: int, algorithm: str, hierarchy: str, topo: _topology.Topology
 
 
 _REDUCE_OPS = {"sum": False, "avg": True, "mean": True}
+# op -> avg, for the latency path (anything else takes the general path and its checks)
+_FAST_OPS = {"sum": False, "avg": True, "mean": True, "SUM": False, "AVG": True,
+             dist.ReduceOp.SUM: False, dist.ReduceOp.AVG: True}
 
 
 def _parse_op(op):
@@ -522,6 +546,23 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     CUDA tensors go over NCCL groups fastar creates on first use, ordered on fastar's own CUDA
     stream against the caller's stream (the call returns without waiting for the GPU, like NCCL).
     """
+    st = _state
+    if st is not None and group is None and algorithm == "auto" and hierarchy == "auto" and not async_op \
+            and compression is None and isinstance(tensor, torch.Tensor):
+        # The latency path: the C++ side takes the call only if it is a small dense CPU tensor of a
+        # supported dtype on one node with nothing queued; otherwise it does nothing and returns
+        # False, and the general path below runs it (with its checks and messages).
+        try:
+            avg = _FAST_OPS.get(op)
+        except TypeError:  # an unhashable op
+            avg = None
+        if avg is not None:
+            try:
+                if st.comm.allreduce_fast(tensor, avg):
+                    st.choice_record = _LATENCY_PATH
+                    return None
+            except RuntimeError as e:
+                _reraise(e)
     _require_dist()
     check_tensor(tensor)
     wire = parse_compression(compression)
