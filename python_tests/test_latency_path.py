@@ -132,9 +132,9 @@ def _pipeline_worker(rank, n, numel):
     return int((t != want).sum())
 
 
-@pytest.mark.parametrize("n,numel", [(2, (5 << 20) + 3), (3, (256 << 10) * 3 + 1)])
+@pytest.mark.parametrize("n,numel", [(2, (5 << 20) + 3), (3, (512 << 10) * 3 + 1)])
 def test_one_node_pipeline_exact(n, numel):
-    """Several 256 KiB chunks, uneven slices, and (at 20 MiB) the streaming copy-out: every element
+    """Several 512 KiB chunks, uneven slices, and (at 20 MiB) the streaming copy-out: every element
     equals the exact sum on every rank."""
     res = run_workers(_pipeline_worker, n, numel, timeout=240, env={"FASTAR_LOCAL_SIZE": str(n)})
     assert all(v == 0 for v in res), res

@@ -51,7 +51,7 @@ class Hierarchical {
   ~Hierarchical();
   HierarchicalStats allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq);
   int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
-  int64_t local_chunk_bytes = 256 << 10;  // chunk of the one-node pipeline (at most the arena's)
+  int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
   static constexpr int64_t kStreamAboveBytes = 16 << 20;

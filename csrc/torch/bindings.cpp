@@ -76,6 +76,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
       .def("set_timeout", &Communicator::set_timeout)
       .def("set_small_bytes", &Communicator::set_small_bytes)
+      .def("set_local_chunk_bytes", &Communicator::set_local_chunk_bytes, py::arg("bytes"))
       .def("has_shm", &Communicator::has_shm)
       .def("failed", [](Communicator& c) { return (bool)c.failure(); })
       .def("shm_name", &Communicator::shm_name)

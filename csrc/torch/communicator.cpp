@@ -157,6 +157,12 @@ void Communicator::set_small_bytes(int64_t b) {
   if (hier_) hier_->small_bytes = b;
 }
 
+void Communicator::set_local_chunk_bytes(int64_t b) {
+  TORCH_CHECK(b >= 4096, "fastar: the one-node chunk must be at least 4096 bytes");
+  std::lock_guard<std::mutex> g(exec_mu_);
+  if (hier_) hier_->local_chunk_bytes = b;
+}
+
 OpRecord Communicator::last_op() {
   std::lock_guard<std::mutex> g(exec_mu_);
   return last_;

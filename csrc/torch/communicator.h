@@ -93,6 +93,7 @@ class Communicator {
   void fail(std::exception_ptr e);
   void set_timeout(double s);
   void set_small_bytes(int64_t b);
+  void set_local_chunk_bytes(int64_t b);  // the one-node pipeline's chunk (tuning, tests)
   const Topology& topology() const { return topo_; }
   bool has_shm() const { return arena_ != nullptr; }
   std::string shm_name() const { return arena_ ? arena_->name() : ""; }
