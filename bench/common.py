@@ -24,3 +24,37 @@ def resnet50_param_shapes() -> list[tuple[int, ...]]:
                 shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
             inplanes = planes * 4
     return shapes + [(1000, 2048), (1000,)]
+
+
+def adaptive_iters(warm_s: list[float], impls: list[str], args) -> dict:
+    """Timed calls per impl: args.iters, or about args.budget_s seconds each from the warm-up time
+    (max over ranks, so that the ranks agree), within [args.min_iters, args.max_iters]."""
+    if args.iters is not None:
+        return {i: args.iters for i in impls}
+    return {i: int(min(args.max_iters, max(args.min_iters, args.budget_s / max(w, 1e-7))))
+            for i, w in zip(impls, warm_s)}
+
+
+def timed_rounds(impls: list[str], iters: dict, rounds: int, block) -> list[float]:
+    """The timing rule of bench/allreduce_bw.py, shared by its other launchers (mpi_allreduce.py):
+    the calls are split into `rounds`; every round runs every impl once, in a rotated order, so that
+    drift in the machine's load hits all impls alike. block(impl, n) runs n calls after a barrier
+    and returns their seconds. Returns this rank's mean seconds per call, per impl."""
+    rounds = max(1, min(rounds, min(iters.values())))
+    spent = {i: 0.0 for i in impls}
+    done = {i: 0 for i in impls}
+    for r in range(rounds):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for impl in order:
+            n = iters[impl] * (r + 1) // rounds - iters[impl] * r // rounds
+            if n:
+                spent[impl] += block(impl, n)
+                done[impl] += n
+    return [spent[i] / done[i] for i in impls], done
+
+
+def warm_counts(nbytes: int, warmup: int | None) -> int:
+    """Warm-up calls per impl and size (default: adapted to the size)."""
+    if warmup is not None:
+        return warmup
+    return 20 if nbytes <= 64 << 10 else 5 if nbytes <= 4 << 20 else 2

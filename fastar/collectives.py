@@ -20,13 +20,14 @@ from . import topology as _topology
 from .diagnose import EARLIER_FAILURE, reraise, with_cause  # noqa: F401
 from .groups import (ShmSpaceError, backend_of, check_cuda_path, ensure_device_groups, extension,  # noqa: F401
                      group_comm, job_id, node_segment)
-from .state import (SHM_FALLBACK_CHUNKS, State, current, get_state, init, is_initialized,  # noqa: F401
-                    require_dist, set_timeout, shutdown, warn_once)
+from .state import (LATENCY_PATH, SHM_FALLBACK_CHUNKS, State, current, get_state, init,  # noqa: F401
+                    is_initialized, require_dist, set_timeout, shutdown, warn_once)
 
 # The names all_reduce's body calls (it keeps them while it is being reworked elsewhere), and the
 # ones fastar.backend still reads from this module; new code imports them from their own modules.
 _require_dist, _warn_once, _reraise, _backend_of, _group_comm = require_dist, warn_once, reraise, backend_of, group_comm
 _C, _job_id, _with_cause, _check_cuda_path = extension, job_id, with_cause, check_cuda_path
+_LATENCY_PATH = LATENCY_PATH  # also read by python_tests/test_latency_path.py
 
 log = logging.getLogger("fastar")
 
@@ -42,6 +43,9 @@ def choose(nbytes: int, algorithm: str, hierarchy: str, topo: _topology.Topology
 
 
 _REDUCE_OPS = {"sum": False, "avg": True, "mean": True}
+# op -> avg, for the latency path (anything else takes the general path and its checks)
+_FAST_OPS = {"sum": False, "avg": True, "mean": True, "SUM": False, "AVG": True,
+             dist.ReduceOp.SUM: False, dist.ReduceOp.AVG: True}
 
 
 def _parse_op(op):
@@ -129,6 +133,23 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     CUDA tensors go over NCCL groups fastar creates on first use, ordered on fastar's own CUDA
     stream against the caller's stream (the call returns without waiting for the GPU, like NCCL).
     """
+    st = current()
+    if st is not None and group is None and algorithm == "auto" and hierarchy == "auto" and not async_op \
+            and compression is None and isinstance(tensor, torch.Tensor):
+        # The latency path: the C++ side takes the call only if it is a small dense CPU tensor of a
+        # supported dtype on one node with nothing queued; otherwise it does nothing and returns
+        # False, and the general path below runs it (with its checks and messages).
+        try:
+            avg = _FAST_OPS.get(op)
+        except TypeError:  # an unhashable op
+            avg = None
+        if avg is not None:
+            try:
+                if st.comm.allreduce_fast(tensor, avg):
+                    st.choice_record = _LATENCY_PATH
+                    return None
+            except RuntimeError as e:
+                _reraise(e)
     _require_dist()
     check_tensor(tensor)
     wire = parse_compression(compression)

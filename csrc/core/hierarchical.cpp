@@ -1,6 +1,7 @@
 #include "hierarchical.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -99,7 +100,11 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
   const int L = arena_->local_size();
   const int lr = arena_->local_rank();
   const size_t esize = dtype_size(t);
-  const int64_t chunk_elems = arena_->chunk_bytes() / (int64_t)esize;
+  // One node: chunks small enough that the slots and the result area stay in cache between the
+  // copy-in, the reduce and the copy-out (the user's buffers stream through memory once each way).
+  // Between nodes: the arena's chunk, the unit of the network phase's pipeline.
+  const int64_t chunk_bytes = num_nodes_ > 1 ? arena_->chunk_bytes() : std::min(arena_->chunk_bytes(), local_chunk_bytes);
+  const int64_t chunk_elems = chunk_bytes / (int64_t)esize;
   const int64_t nchunks = count == 0 ? 0 : (count + chunk_elems - 1) / chunk_elems;
   char* base = static_cast<char*>(data);
   const bool multi = num_nodes_ > 1;
@@ -117,18 +122,31 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
         (nchunks == 1 && count * (int64_t)esize <= small_bytes && (!multi || mode == Hierarchy::Leader))) {
       const uint32_t g = ++gen_;
       const int buf = g & 1;
+      LatencyProfile* prof = profile && profile->on && !multi ? profile : nullptr;
+      auto stamp = [](int64_t& into, std::chrono::steady_clock::time_point& since) {
+        const auto now = std::chrono::steady_clock::now();
+        into += std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count();
+        since = now;
+      };
+      std::chrono::steady_clock::time_point tp;
+      if (prof) tp = std::chrono::steady_clock::now();
       std::memcpy(arena_->slot(lr, buf), base, count * esize);
       arena_->signal(ShmFlag::In, g);
+      if (prof) stamp(prof->copy_in_ns, tp);
       arena_->wait_all(ShmFlag::In, g, "copy-in");
       for (int r = 0; r < L; ++r)
         if (r != lr) arena_->check_desc(r, desc, first_gen, "an allreduce");
-      std::vector<const void*> srcs(L);
+      if (prof) stamp(prof->wait_ns, tp);
+      const void* srcs_small[kMaxSmallRanks];
+      std::vector<const void*> srcs_big(L > kMaxSmallRanks ? L : 0);
+      const void** srcs = L > kMaxSmallRanks ? srcs_big.data() : srcs_small;
       for (int r = 0; r < L; ++r) srcs[r] = arena_->slot(r, buf);
       if (!multi) {
-        reduce_sum_many(t, base, srcs.data(), L, count);
+        reduce_sum_many(t, base, srcs, L, count);
+        if (prof) stamp(prof->reduce_ns, tp);
       } else if (lr == 0) {
         char* res = arena_->result(buf);
-        reduce_sum_many(t, res, srcs.data(), L, count);
+        reduce_sum_many(t, res, srcs, L, count);
         if (inter_) {
           auto st = exec_.run(make_schedule(algo, inter_->rank(), inter_->size(), count), *inter_, res, count, t);
           inter_bytes_ += st.bytes_sent;
@@ -145,6 +163,9 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
     }
 
     std::vector<const void*> srcs(L);
+    // A buffer larger than the cache is written with streaming stores: no read for ownership of
+    // lines that are about to be overwritten, and the arena's lines stay cached.
+    const bool streaming = count * (int64_t)esize >= kStreamAboveBytes;
     auto copy_out = [&](int64_t c, uint32_t g) {
       const int buf = g & 1;
       const int64_t b = c * chunk_elems;
@@ -157,7 +178,13 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
       } else if (lr != 0) {
         arena_->wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
       }
-      std::memcpy(base + b * esize, arena_->result(buf), n * esize);
+      if (!multi) {  // this rank's slice is in its buffer already (see the loop)
+        const int64_t s0 = part_begin(n, L, lr), s1 = part_begin(n, L, lr + 1);
+        copy_out_stream(base + b * esize, arena_->result(buf), s0 * esize, streaming);
+        copy_out_stream(base + (b + s1) * esize, arena_->result(buf) + s1 * esize, (n - s1) * esize, streaming);
+      } else {
+        copy_out_stream(base + b * esize, arena_->result(buf), n * esize, streaming);
+      }
     };
     uint32_t prev_gen = 0;
     for (int64_t c = 0; c < nchunks; ++c) {
@@ -165,16 +192,30 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
       const int buf = g & 1;
       const int64_t b = c * chunk_elems;
       const int64_t n = std::min(chunk_elems, count - b);
-      std::memcpy(arena_->slot(lr, buf), base + b * esize, n * esize);
+      const int64_t s0 = part_begin(n, L, lr), s1 = part_begin(n, L, lr + 1);
+      char* mine = base + b * esize;
+      char* res = arena_->result(buf);
+      if (!multi) {
+        // One node: the slice this rank reduces never leaves its buffer. Copy in only what the
+        // peers read, sum the slice in place (sources in rank order, this rank's own bytes read
+        // from its buffer), and publish it in the result area for the peers' copy-out.
+        std::memcpy(arena_->slot(lr, buf), mine, s0 * esize);
+        std::memcpy(arena_->slot(lr, buf) + s1 * esize, mine + s1 * esize, (n - s1) * esize);
+      } else {
+        std::memcpy(arena_->slot(lr, buf), mine, n * esize);
+      }
       arena_->signal(ShmFlag::In, g);
       arena_->wait_all(ShmFlag::In, g, "copy-in");
       if (c == 0)
         for (int r = 0; r < L; ++r)
           if (r != lr) arena_->check_desc(r, desc, first_gen, "an allreduce");
-      const int64_t s0 = part_begin(n, L, lr), s1 = part_begin(n, L, lr + 1);
-      for (int r = 0; r < L; ++r) srcs[r] = arena_->slot(r, buf) + s0 * esize;
-      char* res = arena_->result(buf);
-      reduce_sum_many(t, res + s0 * esize, srcs.data(), L, s1 - s0);
+      for (int r = 0; r < L; ++r) srcs[r] = (!multi && r == lr ? mine : arena_->slot(r, buf)) + s0 * esize;
+      if (!multi) {
+        reduce_sum_many(t, mine + s0 * esize, srcs.data(), L, s1 - s0);
+        std::memcpy(res + s0 * esize, mine + s0 * esize, (s1 - s0) * esize);
+      } else {
+        reduce_sum_many(t, res + s0 * esize, srcs.data(), L, s1 - s0);
+      }
       arena_->signal(ShmFlag::Reduced, g);
       if (i_run_inter) {
         if (mode == Hierarchy::Rail)

@@ -31,6 +31,18 @@ struct HierarchicalStats {
   int64_t inter_bytes_sent = 0;
 };
 
+// Where a small one-node allreduce spends its time (fastar.collectives.latency_profile): stage
+// durations summed over the calls made while `on`, in steady-clock nanoseconds.
+struct LatencyProfile {
+  bool on = false;
+  int64_t calls = 0;
+  int64_t checks_ns = 0;  // entry to the C++ side: tensor checks, the queue and executor locks
+  int64_t copy_in_ns = 0;  // this rank's bytes into its slot, descriptor published, flag raised
+  int64_t wait_ns = 0;  // until every local peer's flag is up, and their descriptors checked
+  int64_t reduce_ns = 0;  // sum of all slots into this rank's tensor (the copy-out)
+  int64_t exit_ns = 0;  // avg scaling, bookkeeping, releasing the locks
+};
+
 class Hierarchical {
  public:
   // inter: the transport among this rank's inter-node peers (leaders for Leader, same local rank for
@@ -39,6 +51,10 @@ class Hierarchical {
   ~Hierarchical();
   HierarchicalStats allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq);
   int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
+  int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
+  static constexpr int kMaxSmallRanks = 64;
+  LatencyProfile* profile = nullptr;  // set while profiling the latency path
+  static constexpr int64_t kStreamAboveBytes = 16 << 20;
 
  private:
   struct Job {

@@ -2,6 +2,9 @@
 
 #include <cstring>
 #include <stdexcept>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 namespace fastar {
 
@@ -140,6 +143,36 @@ void reduce_sum_many(DType t, void* dst, const void* const* srcs, int nsrc, int6
       return sum_many_16<bf16_to_float, float_to_bf16>(static_cast<uint16_t*>(dst), srcs, nsrc, n);
   }
   throw std::invalid_argument("fastar: reduce_sum_many: unknown dtype");
+}
+
+void copy_out_stream(void* dst, const void* src, size_t bytes, bool streaming) {
+#if defined(__x86_64__)
+  if (streaming && bytes >= 256) {
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    const size_t head = (16 - ((uintptr_t)d & 15)) & 15;  // align the destination to 16 bytes
+    std::memcpy(d, s, head);
+    d += head;
+    s += head;
+    bytes -= head;
+    size_t i = 0;
+    for (; i + 64 <= bytes; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+      const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+    }
+    std::memcpy(d + i, s + i, bytes - i);
+    _mm_sfence();
+    return;
+  }
+#endif
+  (void)streaming;
+  std::memcpy(dst, src, bytes);
 }
 
 void scale(DType t, void* dst, double factor, int64_t n) {

@@ -104,7 +104,7 @@ inline bool reached(uint32_t v, uint32_t gen) { return (int32_t)(v - gen) >= 0; 
 ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int local_size, int64_t chunk_bytes,
                    double timeout_s, bool regions_only)
     : name_(name), local_rank_(local_rank), local_size_(local_size), chunk_bytes_(chunk_bytes),
-      timeout_s_(timeout_s), creator_(create) {
+      timeout_s_(timeout_s), spin_ns_(default_spin_ns(local_size)), creator_(create) {
   if (local_size <= 0 || local_rank < 0 || local_rank >= local_size)
     throw std::invalid_argument("fastar shm: bad local rank/size");
   if (chunk_bytes <= 0 || chunk_bytes > (int64_t(1) << 40))
@@ -203,23 +203,41 @@ std::atomic<uint32_t>* ShmArena::flag(int rank, ShmFlag f) const {
   return reinterpret_cast<std::atomic<uint32_t>*>(base_ + kCtlBytes * rank + kLine * (1 + (int)f));
 }
 
+// On the flag's own cache line, next to it: how many peers sleep on the flag in a futex.
+std::atomic<uint32_t>* ShmArena::sleepers(int rank, ShmFlag f) const { return flag(rank, f) + 1; }
+
+int64_t ShmArena::default_spin_ns(int local_size) {
+  // A core per local rank: spin up to 50 us before yielding (a peer a little behind is then met
+  // without a system call); more local ranks than cores: 2 us, then the core goes to the others.
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const int cores = ::sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+  return local_size <= cores ? 50000 : 2000;
+}
+
 void ShmArena::signal(ShmFlag f, uint32_t gen) {
   auto* a = flag(local_rank_, f);
-  a->store(gen, std::memory_order_release);
-  futex_wake(a);
+  a->store(gen, std::memory_order_seq_cst);
+  // A futex wake is a system call: only when a peer went to sleep on this flag (it counts itself
+  // in the flag's sleepers word, then re-checks the flag, both seq_cst: it sees gen or is woken).
+  if (sleepers(local_rank_, f)->load(std::memory_order_seq_cst) != 0) futex_wake(a);
 }
 
 void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
   auto* a = flag(rank, f);
   uint32_t v = a->load(std::memory_order_acquire);
   if (reached(v, gen)) return;
-  for (int i = 0; i < 256; ++i) {  // brief spin: the peer is usually microseconds away
+  // Spin first: with a core per local rank the peer is usually well under a microsecond away, and
+  // a yield or futex costs more than that. Oversubscribed (more local ranks than cores), spin_ns_
+  // is short, so that the core goes to the rank we wait for.
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t i = 1;; ++i) {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif
     if (reached(a->load(std::memory_order_acquire), gen)) return;
+    if ((i & 63) == 0 && std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spin_ns_)) break;
   }
-  const auto start = std::chrono::steady_clock::now();
   auto last_check = start;
   int yields = 0;
   while (true) {
@@ -229,7 +247,11 @@ void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
       ++yields;
       sched_yield();
     } else {
-      futex_wait(a, v, 2000);
+      auto* sl = sleepers(rank, f);
+      sl->fetch_add(1, std::memory_order_seq_cst);
+      v = a->load(std::memory_order_seq_cst);
+      if (!reached(v, gen)) futex_wait(a, v, 2000);
+      sl->fetch_sub(1, std::memory_order_seq_cst);
     }
     const auto now = std::chrono::steady_clock::now();
     auto* hdr = reinterpret_cast<Header*>(base_ + kCtlBytes * rank);

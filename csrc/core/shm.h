@@ -36,6 +36,10 @@ class ShmArena {
   int local_size() const { return local_size_; }
   int64_t chunk_bytes() const { return chunk_bytes_; }
   double timeout_s() const { return timeout_s_.load(); }
+  // How long a wait spins before it yields the core (default_spin_ns; FASTAR_SPIN_US overrides).
+  void set_spin_ns(int64_t ns) { spin_ns_ = ns; }
+  int64_t spin_ns() const { return spin_ns_; }
+  static int64_t default_spin_ns(int local_size);
   void set_timeout(double s) { timeout_s_ = s; }
 
   char* slot(int rank, int buf) const;
@@ -73,6 +77,7 @@ class ShmArena {
  private:
   struct Control;
   std::atomic<uint32_t>* flag(int rank, ShmFlag f) const;
+  std::atomic<uint32_t>* sleepers(int rank, ShmFlag f) const;
   std::atomic<uint64_t>* desc_slot(int rank, uint32_t gen) const;
   std::string who(int local_rank) const;  // "local rank 1 (rank 3)"
   int first_global_rank_ = -1;
@@ -80,6 +85,7 @@ class ShmArena {
   int local_rank_, local_size_;
   int64_t chunk_bytes_;
   std::atomic<double> timeout_s_;
+  int64_t spin_ns_;
   size_t total_bytes_ = 0;
   char* base_ = nullptr;
   bool unlinked_ = false;

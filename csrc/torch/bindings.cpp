@@ -44,6 +44,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("shm_name"), py::arg("shm_create"), py::arg("shm_chunk_bytes"), py::arg("timeout_s"))
       .def("allreduce", &Communicator::allreduce, py::arg("tensor"), py::arg("algorithm"), py::arg("hierarchy"),
            py::arg("avg"), py::arg("validate"), py::arg("wire") = "", py::call_guard<py::gil_scoped_release>())
+      // Positional (tensor, avg): the latency path skips pybind's keyword matching.
+      .def("allreduce_fast", &Communicator::allreduce_fast, py::call_guard<py::gil_scoped_release>())
+      .def("set_latency_profile", &Communicator::set_latency_profile, py::arg("on"))
+      .def("latency_profile",
+           [](Communicator& c) {
+             const auto p = c.latency_profile();
+             py::dict d;
+             d["calls"] = p.calls;
+             d["checks_ns"] = p.checks_ns;
+             d["copy_in_ns"] = p.copy_in_ns;
+             d["wait_ns"] = p.wait_ns;
+             d["reduce_copy_out_ns"] = p.reduce_ns;
+             d["exit_ns"] = p.exit_ns;
+             return d;
+           })
       .def("allreduce_async", &Communicator::allreduce_async, py::arg("tensor"), py::arg("algorithm"),
            py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::arg("wire") = "",
            py::call_guard<py::gil_scoped_release>())
@@ -61,14 +76,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
       .def("set_timeout", &Communicator::set_timeout)
       .def("set_small_bytes", &Communicator::set_small_bytes)
+      .def("set_local_chunk_bytes", &Communicator::set_local_chunk_bytes, py::arg("bytes"))
       .def("has_shm", &Communicator::has_shm)
       .def("failed", [](Communicator& c) { return (bool)c.failure(); })
       .def("shm_name", &Communicator::shm_name)
       .def("last_op", [](Communicator& c) {
         auto r = c.last_op();
         py::dict d;
-        d["hierarchy"] = r.hierarchy;
-        d["algorithm"] = r.algorithm;
+        d["hierarchy"] = hierarchy_name(r.hierarchy);
+        d["algorithm"] = algorithm_name(r.algorithm);
         d["bytes"] = r.bytes;
         d["seconds"] = r.seconds;
         return d;

@@ -61,6 +61,7 @@ Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup>
                                         timeout_s);
     arena_->set_first_global_rank(topo.node * topo.local_size);
     hier_ = std::make_unique<Hierarchical>(arena_.get(), cross_.get(), topo.num_nodes);
+    fast_ok_ = topo.num_nodes == 1;
   }
   tensor_ = std::make_unique<TensorAllreduce>(topo, timeout_s);
   worker_ = std::thread([this] { worker_loop(); });
@@ -154,6 +155,12 @@ bool Communicator::has_tensor_groups(const std::string& device_type) {
 void Communicator::set_small_bytes(int64_t b) {
   std::lock_guard<std::mutex> g(exec_mu_);
   if (hier_) hier_->small_bytes = b;
+}
+
+void Communicator::set_local_chunk_bytes(int64_t b) {
+  TORCH_CHECK(b >= 4096, "fastar: the one-node chunk must be at least 4096 bytes");
+  std::lock_guard<std::mutex> g(exec_mu_);
+  if (hier_) hier_->local_chunk_bytes = b;
 }
 
 OpRecord Communicator::last_op() {
@@ -250,13 +257,81 @@ void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const s
     e = std::current_exception();
     fail(e);
   }
+  release_inline();
+  if (e) std::rethrow_exception(e);
+  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
+}
+
+void Communicator::release_inline() {
+  bool wake;
   {
     std::lock_guard<std::mutex> g(q_mu_);
     busy_ = false;
+    wake = !queue_.empty() || stop_;  // the worker sleeps otherwise: no wake-up (a system call)
   }
-  q_cv_.notify_all();
+  if (wake) q_cv_.notify_all();
+}
+
+bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
+  const auto entry = profile_.on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  if (!fast_ok_ || t.device().type() != c10::DeviceType::CPU || t.layout() != at::kStrided || !t.is_contiguous())
+    return false;
+  DType dt;
+  switch (t.scalar_type()) {
+    case at::kFloat: dt = DType::Float32; break;
+    case at::kDouble: dt = DType::Float64; break;
+    case at::kHalf: dt = DType::Float16; break;
+    case at::kBFloat16: dt = DType::BFloat16; break;
+    default: return false;
+  }
+  const int64_t count = t.numel();
+  const int64_t bytes = count * (int64_t)dtype_size(dt);
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    if (stop_ || failed_ || busy_ || !queue_.empty() || bytes > hier_->small_bytes) return false;
+    busy_ = true;
+  }
+  std::exception_ptr e;
+  {
+    std::lock_guard<std::mutex> g(exec_mu_);
+    const bool prof = profile_.on;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (prof) profile_.checks_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - entry).count();
+    void* data = t.data_ptr();
+    try {
+      // The route "auto" takes on one node (fastar/policy.py): leader, halving/doubling.
+      hier_->allreduce(Hierarchy::Leader, Algorithm::HalvingDoubling, data, count, dt, ++seq_);
+      if (avg) scale(dt, data, 1.0 / topo_.size, count);
+    } catch (...) {
+      e = std::current_exception();
+      graveyard_.push_back(t);
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    last_ = {Hierarchy::Leader, Algorithm::HalvingDoubling, bytes, std::chrono::duration<double>(t1 - t0).count()};
+    if (prof) {
+      ++profile_.calls;
+      exit_from_ = t1;
+    }
+  }
+  if (e) fail(e);
+  release_inline();
+  if (profile_.on)
+    profile_.exit_ns +=
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - exit_from_).count();
   if (e) std::rethrow_exception(e);
-  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
+  return true;
+}
+
+void Communicator::set_latency_profile(bool on) {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  profile_ = LatencyProfile{};
+  profile_.on = on;
+  if (hier_) hier_->profile = on ? &profile_ : nullptr;
+}
+
+LatencyProfile Communicator::latency_profile() {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  return profile_;
 }
 
 void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id) {
@@ -317,7 +392,7 @@ StreamWait Communicator::run_locked(at::Tensor t, const std::string& algorithm, 
     if (validate && topo_.size > 1 && world_->has_backend())
       validate_peers(*world_, algo, t, seq, 64 + wire_id * 256 + (int)h * 16 + (int)algo);
     StreamWait after = tensor_->run(t, algo, h, avg, wire, ready, seq);
-    last_ = {hierarchy_name(h), algorithm_name(algo), count * (int64_t)dtype_size(dt), now_s() - t0};
+    last_ = {h, algo, count * (int64_t)dtype_size(dt), now_s() - t0};
     return after;
   }
   TORCH_CHECK(t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported (CPU or CUDA only)");
@@ -342,7 +417,7 @@ StreamWait Communicator::run_locked(at::Tensor t, const std::string& algorithm, 
     hier_->allreduce(h, algo, data, count, dt, seq);
   }
   if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
-  last_ = {hierarchy_name(h), algorithm_name(algo), count * (int64_t)dtype_size(dt), now_s() - t0};
+  last_ = {h, algo, count * (int64_t)dtype_size(dt), now_s() - t0};
   return {};
 }
 

@@ -47,7 +47,8 @@ class AsyncWork {
 };
 
 struct OpRecord {
-  std::string hierarchy, algorithm;
+  Hierarchy hierarchy = Hierarchy::Flat;
+  Algorithm algorithm = Algorithm::HalvingDoubling;
   int64_t bytes = 0;
   double seconds = 0;
 };
@@ -66,6 +67,16 @@ class Communicator {
   // registered with set_tensor_groups); the rest the byte-level core (Gloo, shared memory).
   void allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate,
                  const std::string& wire = "");
+  // The latency path: a small CPU tensor on one node, auto route, run at once in shared memory.
+  // No allocation, no header exchange (the arena's descriptor check validates the call), no
+  // strings. Returns false, having done nothing, when the call is not for it (another device or
+  // dtype, too large, several nodes, queued work first, or a failed/closed communicator: the
+  // general path then runs it or raises the error).
+  bool allreduce_fast(const at::Tensor& t, bool avg);
+  // Stage timings of the latency path (LatencyProfile), reset when switched; for
+  // bench/latency_breakdown.py. Off by default (each stage costs a clock read when on).
+  void set_latency_profile(bool on);
+  LatencyProfile latency_profile();
   std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
                                              bool avg, bool validate, const std::string& wire = "");
   // Queues fn behind every collective submitted before it (fastar.wrap's shared-memory buckets).
@@ -82,6 +93,7 @@ class Communicator {
   void fail(std::exception_ptr e);
   void set_timeout(double s);
   void set_small_bytes(int64_t b);
+  void set_local_chunk_bytes(int64_t b);  // the one-node pipeline's chunk (tuning, tests)
   const Topology& topology() const { return topo_; }
   bool has_shm() const { return arena_ != nullptr; }
   std::string shm_name() const { return arena_ ? arena_->name() : ""; }
@@ -95,6 +107,7 @@ class Communicator {
                         bool validate, const std::string& wire, const StreamWait& ready);
   void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id);
   void worker_loop();
+  void release_inline();  // ends an inline call: lets queued work run
 
   // The error every operation gets once the communicator failed: the first cause, quoted.
   std::exception_ptr failed_error_locked();
@@ -110,6 +123,9 @@ class Communicator {
   std::unique_ptr<TensorAllreduce> tensor_;
   Executor exec_;
   uint64_t seq_ = 0;
+  bool fast_ok_ = false;
+  LatencyProfile profile_;
+  std::chrono::steady_clock::time_point exit_from_;  // one node, several local ranks: allreduce_fast may run
   OpRecord last_;
   std::vector<at::Tensor> graveyard_;  // tensors of failed operations (see close())
 
