@@ -247,6 +247,8 @@ class Runner:
 
     def measure_size(self, nbytes: int, impls: list[str], dtype) -> list[dict]:
         a = self.args
+        if not impls:  # only external peers (mpi:openmpi, deepspeed:shm) were asked for
+            return []
         esize = torch.empty((), dtype=dtype).element_size()
         numel = max(1, nbytes // esize)
         nbytes = numel * esize
@@ -295,7 +297,8 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                            "RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)  # the workers share the host's cores; the reductions are single-threaded
-    if bind_to(args, world) == "core":  # as mpirun binds its ranks (run_external passes the same policy)
+    args.bind = bind_to(args, world)  # resolved once: pinning changes what the auto rule would see
+    if args.bind == "core":  # as mpirun binds its ranks (run_external passes the same policy)
         os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", rank)) % len(os.sched_getaffinity(0))})
     timeout = timedelta(seconds=args.timeout_s)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
@@ -348,7 +351,7 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
             "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "wall_s": time.time() - t_start, "code": code_version(),
             "command": "python bench/allreduce_bw.py " + " ".join(args.argv),
-            "bind": bind_to(args, world),
+            "bind": args.bind,
             "external": {res["rows"][0]["impl"] if res["rows"] else str(i): {k: v for k, v in res.items() if k != "rows"}
                          for i, res in enumerate(args.external)},
         }
