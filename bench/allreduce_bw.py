@@ -34,7 +34,9 @@ Method, per size:
            the dtype: the number of elements that differ from the exact expected value, summed over ranks.
 memcpy_GBps: one process (before the workers start, or rank 0 alone under torchrun), torch copy_ of a
 64 MiB buffer: bytes / time, best of 10 copies with 1 thread and with one thread per core; the ceiling
-every allreduce is measured against (memcpy_detail has each setting's best and median).
+every allreduce is measured against (memcpy_detail has each setting's best and median, and, when the
+workers are spawned, concurrent_<k>_procs_GBps_each: the rate each of k single-threaded processes,
+one per core, gets while all copy their own 64 MiB buffer at once: the ceiling of one rank).
 """
 from __future__ import annotations
 
@@ -163,6 +165,37 @@ def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 10) -> dict:
         torch.set_num_threads(threads)
     out["GBps"] = max(v for k, v in out.items() if k.endswith("_best"))
     return out
+
+
+def _copy_rank(rank: int, nbytes: int, reps: int, barrier, q) -> None:
+    os.sched_setaffinity(0, {rank % len(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        barrier.wait()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    q.put(best)
+
+
+def concurrent_copy_gbps(nproc: int, nbytes: int = 64 << 20, reps: int = 10) -> float:
+    """What each of nproc single-threaded processes (one per core) gets when all copy their own
+    64 MiB buffer at once: bytes / time of the slowest rank's best copy. An allreduce rank with one
+    thread moves its input and output at no more than this rate (docs/results.md, "the large path")."""
+    import multiprocessing as mpc
+    ctx = mpc.get_context("spawn")
+    barrier, q = ctx.Barrier(nproc), ctx.Queue()
+    procs = [ctx.Process(target=_copy_rank, args=(r, nbytes, reps, barrier, q)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    worst = max(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return nbytes / worst / 1e9
 
 
 def loadavg():
@@ -485,6 +518,8 @@ def main(argv=None) -> int:
     if args.local_size and args.nproc % args.local_size:
         ap.error(f"--local-size {args.local_size} does not divide --nproc {args.nproc}")
     memcpy = memcpy_gbps()  # single process, before the workers exist
+    cores = len(os.sched_getaffinity(0))
+    memcpy[f"concurrent_{min(args.nproc, cores)}_procs_GBps_each"] = concurrent_copy_gbps(min(args.nproc, cores))
     args.external = [r for r in (run_external(i, args, args.nproc) for i in (MPI_IMPL, DS_IMPL)) if r]
     import torch.multiprocessing as mp
     mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
