@@ -34,7 +34,9 @@ Method, per size:
            the dtype: the number of elements that differ from the exact expected value, summed over ranks.
 memcpy_GBps: one process (before the workers start, or rank 0 alone under torchrun), torch copy_ of a
 64 MiB buffer: bytes / time, best of 10 copies with 1 thread and with one thread per core; the ceiling
-every allreduce is measured against (memcpy_detail has each setting's best and median).
+every allreduce is measured against (memcpy_detail has each setting's best and median, and, when the
+workers are spawned, concurrent_<k>_procs_GBps_each: the rate each of k single-threaded processes,
+one per core, gets while all copy their own 64 MiB buffer at once: the ceiling of one rank).
 """
 from __future__ import annotations
 
@@ -165,6 +167,40 @@ def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 10) -> dict:
     return out
 
 
+def _copy_rank(rank: int, nbytes: int, reps: int, start_at: float, conn) -> None:
+    os.sched_setaffinity(0, {rank % len(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    while time.time() < start_at:  # every rank starts copying at the same moment (no semaphores)
+        pass
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    conn.send(best)
+    conn.close()
+
+
+def concurrent_copy_gbps(nproc: int, nbytes: int = 64 << 20, reps: int = 10) -> float:
+    """What each of nproc single-threaded processes (one per core) gets when all copy their own
+    64 MiB buffer at once: bytes / time of the slowest rank's best copy. An allreduce rank with one
+    thread moves its input and output at no more than this rate (docs/results.md, "the large path")."""
+    import multiprocessing as mpc
+    ctx = mpc.get_context("spawn")
+    start_at = time.time() + 3.0  # after every process has started and filled its buffers
+    pipes = [ctx.Pipe(duplex=False) for _ in range(nproc)]
+    procs = [ctx.Process(target=_copy_rank, args=(r, nbytes, reps, start_at, w)) for r, (_, w) in enumerate(pipes)]
+    for p in procs:
+        p.start()
+    worst = max(r.recv() for r, _ in pipes)
+    for p in procs:
+        p.join(30)
+    return nbytes / worst / 1e9
+
+
 def loadavg():
     try:
         return list(os.getloadavg())
@@ -247,6 +283,8 @@ class Runner:
 
     def measure_size(self, nbytes: int, impls: list[str], dtype) -> list[dict]:
         a = self.args
+        if not impls:  # only external peers (mpi:openmpi, deepspeed:shm) were asked for
+            return []
         esize = torch.empty((), dtype=dtype).element_size()
         numel = max(1, nbytes // esize)
         nbytes = numel * esize
@@ -295,7 +333,8 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                            "RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)  # the workers share the host's cores; the reductions are single-threaded
-    if bind_to(args, world) == "core":  # as mpirun binds its ranks (run_external passes the same policy)
+    args.bind = bind_to(args, world)  # resolved once: pinning changes what the auto rule would see
+    if args.bind == "core":  # as mpirun binds its ranks (run_external passes the same policy)
         os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", rank)) % len(os.sched_getaffinity(0))})
     timeout = timedelta(seconds=args.timeout_s)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
@@ -332,40 +371,58 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
     if bar is not None:
         bar.close()
     if rank == 0:
-        ext_rows = [r for res in args.external for r in res["rows"]]
-        rows = sorted(rows + ext_rows, key=lambda r: r["bytes"])  # stable: each size's impls stay in order
-        print_table(rows, world)
         out = {
             "world_size": world, "local_size": topo.local_size, "memcpy_GBps": memcpy["GBps"],
-            "memcpy_detail": memcpy,
-            "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+            "memcpy_detail": memcpy, "rows": rows,
             "dtype": args.dtype, "num_nodes": topo.num_nodes, "compression": args.compression,
-            "iters": {f"{r['impl']}@{r['bytes']}": r["_iters"] for r in rows},
             "time_us_is": "per-rank mean over timed calls, max over ranks",
             "timed_with": "fastar.all_reduce(validate=False) for fastar:<h>:<a>; "
                           "fastar.all_reduce() defaults (auto, validate=True) for fastar:auto:auto",
             "host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "wall_s": time.time() - t_start, "code": code_version(),
-            "command": "python bench/allreduce_bw.py " + " ".join(args.argv),
-            "bind": bind_to(args, world),
-            "external": {res["rows"][0]["impl"] if res["rows"] else str(i): {k: v for k, v in res.items() if k != "rows"}
-                         for i, res in enumerate(args.external)},
+            "command": "python bench/allreduce_bw.py " + " ".join(args.argv), "bind": args.bind,
         }
-        print(f"# memcpy_GBps {memcpy['GBps']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in memcpy.items() if k != 'GBps')}); load average before {load_before}, after {out['loadavg_after']}; "
-              f"{out['wall_s']:.0f} s")
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-            print(f"# wrote {args.json}")
-        if args.plot:
-            from plot import plot_allreduce
-            plot_allreduce(out, args.plot)
-            print(f"# wrote {args.plot}")
+        if args.partial_out:  # main() adds the external peers' rows and writes the results
+            with open(args.partial_out, "w") as f:
+                json.dump(out, f)
+        else:
+            finish(out, args)
     dist.barrier(group=runner.ctl)
     fastar.shutdown()
     dist.destroy_process_group()
+
+
+def finish(out: dict, args) -> None:
+    """Joins the external peers' rows (args.external) to the workers', prints the table, writes the
+    JSON and the plot."""
+    rows = sorted(out["rows"] + [r for res in args.external for r in res["rows"]], key=lambda r: r["bytes"])
+    print_table(rows, out["world_size"])  # the sort is stable: each size's impls stay in order
+    out["rows"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    out["iters"] = {f"{r['impl']}@{r['bytes']}": r["_iters"] for r in rows}
+    out["external"] = {res["rows"][0]["impl"] if res["rows"] else str(i): {k: v for k, v in res.items() if k != "rows"}
+                       for i, res in enumerate(args.external)}
+    memcpy = out["memcpy_detail"]
+    print(f"# memcpy_GBps {memcpy['GBps']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in memcpy.items() if k != 'GBps')}); "
+          f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; {out['wall_s']:.0f} s")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"# wrote {args.json}")
+    if args.plot:
+        from plot import plot_allreduce
+        plot_allreduce(out, args.plot)
+        print(f"# wrote {args.plot}")
+
+
+def best_of_runs(before: dict, after: dict) -> dict:
+    """Open MPI timed before and after fastar's workers: per size, the faster of the two runs (the
+    load of a shared host drifts over the minutes between them; fastar is compared with the better)."""
+    rows = [min((a, b), key=lambda r: r["time_us"]) for a, b in zip(before["rows"], after["rows"])]
+    return dict(before, rows=rows, rule="per size, the faster of a run before and a run after fastar's workers",
+                time_us_before_after={str(a["bytes"]): [a["time_us"], b["time_us"]]
+                                      for a, b in zip(before["rows"], after["rows"])})
 
 
 def bind_to(args, nproc: int) -> str:
@@ -380,9 +437,10 @@ def bind_to(args, nproc: int) -> str:
 
 def run_external(impl: str, args, nproc: int) -> dict | None:
     """Runs another library's allreduce (mpi:openmpi under mpirun, deepspeed:shm with its own spawner)
-    with this invocation's sizes, timing rules and placement, on as many ranks, before fastar's
-    workers start (so that they never share the cores). Its rows join the same table and JSON. None
-    when not selected (or, unasked for by name, when it cannot run here: the reason is printed)."""
+    with this invocation's sizes, timing rules and placement, on as many ranks, while fastar's workers
+    do not run (so that they never share the cores): Open MPI before and after them (best_of_runs),
+    DeepSpeed before. Its rows join the same table and JSON. None when not selected (or, unasked for
+    by name, when it cannot run here: the reason is printed)."""
     if impl not in select_impls(args.impls, args.local_size or nproc):
         return None
     here = os.path.dirname(os.path.abspath(__file__))
@@ -469,7 +527,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv
-    args.external = []
+    args.external, args.partial_out = [], None
     if "WORLD_SIZE" in os.environ:  # torchrun (or any launcher that sets the env:// variables)
         for ext in (MPI_IMPL, DS_IMPL):
             if args.impls and ext in select_impls(args.impls, args.local_size or 1):
@@ -482,9 +540,19 @@ def main(argv=None) -> int:
     if args.local_size and args.nproc % args.local_size:
         ap.error(f"--local-size {args.local_size} does not divide --nproc {args.nproc}")
     memcpy = memcpy_gbps()  # single process, before the workers exist
-    args.external = [r for r in (run_external(i, args, args.nproc) for i in (MPI_IMPL, DS_IMPL)) if r]
+    cores = len(os.sched_getaffinity(0))
+    memcpy[f"concurrent_{min(args.nproc, cores)}_procs_GBps_each"] = concurrent_copy_gbps(min(args.nproc, cores))
+    mpi_before = run_external(MPI_IMPL, args, args.nproc)
+    ds = run_external(DS_IMPL, args, args.nproc)
     import torch.multiprocessing as mp
-    mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.partial_out = os.path.join(tmp, "workers.json")
+        mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
+        with open(args.partial_out) as f:
+            out = json.load(f)
+    mpi = mpi_before and best_of_runs(mpi_before, run_external(MPI_IMPL, args, args.nproc))
+    args.external = [r for r in (mpi, ds) if r]
+    finish(out, args)
     return 0
 
 

@@ -36,7 +36,8 @@ def adaptive_iters(warm_s: list[float], impls: list[str], args) -> dict:
 
 
 def timed_rounds(impls: list[str], iters: dict, rounds: int, block) -> list[float]:
-    """The timing rule of bench/allreduce_bw.py, shared by its other launchers (mpi_allreduce.py):
+    """The timing rule of bench/allreduce_bw.py, shared by its other launchers (mpi_allreduce.py,
+    deepspeed_allreduce.py):
     the calls are split into `rounds`; every round runs every impl once, in a rotated order, so that
     drift in the machine's load hits all impls alike. block(impl, n) runs n calls after a barrier
     and returns their seconds. Returns this rank's mean seconds per call, per impl."""
