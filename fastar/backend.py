@@ -38,7 +38,7 @@ from torch._C._distributed_c10d import Backend as _C10dBackend
 from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
 from torch._C._distributed_c10d import Work as _C10dWork
 
-from . import collectives, settings
+from . import collectives, diagnose, groups, settings
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
@@ -224,7 +224,7 @@ class FastarBackend(_C10dBackend):
         world_ranks = list(range(topo.size))  # the communicator's ranks are this group's ranks
 
         def make(shm_name: str, create: bool):
-            return collectives._C().Communicator(
+            return groups.extension().Communicator(
                 rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
                 node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
                 cross=cross, cross_ranks=cross_ranks, shm_name=shm_name, shm_create=create,
@@ -240,9 +240,9 @@ class FastarBackend(_C10dBackend):
         key = f"fastar/shm/{topo.node}"
         comm = None
         if topo.local_rank == 0:
-            collectives._C().remove_stale_shm("fastar_")
-            name = (f"/fastar_{os.getuid()}_{collectives._job_id()}_be_n{topo.node}_{secrets.token_hex(4)}"
-                    f"_ns{collectives._C().pid_namespace()}_p{os.getpid()}")
+            groups.extension().remove_stale_shm("fastar_")
+            name = (f"/fastar_{os.getuid()}_{groups.job_id()}_be_n{topo.node}_{secrets.token_hex(4)}"
+                    f"_ns{groups.extension().pid_namespace()}_p{os.getpid()}")
             try:
                 comm = make(name, True)
                 store.set(key, name)
@@ -297,7 +297,7 @@ class FastarBackend(_C10dBackend):
         """The error, with the reports other ranks published (the rank that failed is named there)."""
         try:
             if dist.is_initialized():
-                return collectives._with_cause(e)
+                return diagnose.with_cause(e)
         except Exception:  # noqa: BLE001 - the original error matters more than its annotation
             pass
         return e
@@ -360,7 +360,7 @@ class FastarBackend(_C10dBackend):
         """CUDA tensors: fastar's TensorAllreduce path over an NCCL backend of the same ranks."""
         if self._comm.has_tensor_groups("cuda"):
             return
-        collectives._check_cuda_path(torch.device("cuda"))
+        groups.check_cuda_path(torch.device("cuda"))
         nccl = self._nccl_backend()
         pg = ProcessGroup(PrefixStore("fastar/nccl_pg/", self._store), self._rank, self._size)
         pg._set_default_backend(ProcessGroup.BackendType.NCCL)

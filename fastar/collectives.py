@@ -23,11 +23,6 @@ from .groups import (ShmSpaceError, backend_of, check_cuda_path, ensure_device_g
 from .state import (LATENCY_PATH, SHM_FALLBACK_CHUNKS, State, current, get_state, init,  # noqa: F401
                     is_initialized, require_dist, set_timeout, shutdown, warn_once)
 
-# The names all_reduce's body calls (it keeps them while it is being reworked elsewhere), and the
-# ones fastar.backend still reads from this module; new code imports them from their own modules.
-_require_dist, _warn_once, _reraise, _backend_of, _group_comm = require_dist, warn_once, reraise, backend_of, group_comm
-_C, _job_id, _with_cause, _check_cuda_path = extension, job_id, with_cause, check_cuda_path
-_LATENCY_PATH = LATENCY_PATH  # also read by python_tests/test_latency_path.py
 
 log = logging.getLogger("fastar")
 
@@ -84,7 +79,7 @@ class Work:
         try:
             self._native.wait(t)
         except RuntimeError as e:
-            _reraise(e)
+            reraise(e)
         return True
 
     def is_completed(self) -> bool:
@@ -146,11 +141,11 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
         if avg is not None:
             try:
                 if st.comm.allreduce_fast(tensor, avg):
-                    st.choice_record = _LATENCY_PATH
+                    st.choice_record = LATENCY_PATH
                     return None
             except RuntimeError as e:
-                _reraise(e)
-    _require_dist()
+                reraise(e)
+    require_dist()
     check_tensor(tensor)
     wire = parse_compression(compression)
     if algorithm not in ALGORITHMS:
@@ -160,7 +155,7 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     avg = _parse_op(op)
     if avg is None or tensor.dtype not in SUPPORTED_DTYPES:
         what = f"op {op}" if avg is None else f"dtype {tensor.dtype}"
-        _warn_once(f"fallback:{what}", f"fastar reduces float32/float64/float16/bfloat16 with sum or avg; "
+        warn_once(f"fallback:{what}", f"fastar reduces float32/float64/float16/bfloat16 with sum or avg; "
                    f"{what} goes through torch.distributed.all_reduce instead")
         dop = op if avg is None else (dist.ReduceOp.SUM if not avg else dist.ReduceOp.AVG)
         if dop == dist.ReduceOp.AVG and dist.get_backend(group) == "gloo":
@@ -182,12 +177,12 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     comm, topo = st.comm, st.topo
     user_group = group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != topo.size
     if tensor.device.type == "cuda" and group is not None and group is not dist.group.WORLD \
-            and "nccl" not in _backend_of(group):
+            and "nccl" not in backend_of(group):
         raise ValueError(f"fastar.all_reduce: the tensor is on {tensor.device} but the group is a CPU-only "
-                         f"({_backend_of(group) or 'unknown'}) group; pass an NCCL group "
+                         f"({backend_of(group) or 'unknown'}) group; pass an NCCL group "
                          "(dist.new_group(ranks, backend='nccl')) or group=None, or move the tensor to the CPU")
     if user_group:
-        comm, topo, hierarchy = _group_comm(st, group, tensor.device, wire), None, "flat"
+        comm, topo, hierarchy = group_comm(st, group, tensor.device, wire), None, "flat"
     elif tensor.device.type == "cuda" or wire:
         ensure_device_groups(st, tensor.device)
     nbytes = tensor.numel() * tensor.element_size()
@@ -212,7 +207,7 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     try:
         comm.allreduce(tensor, algo, hier, avg, validate, wire)
     except RuntimeError as e:
-        _reraise(e)
+        reraise(e)
     return None
 
 

@@ -26,7 +26,7 @@ def _values(rank, n, numel, dtype):
 
 def _fast_worker(rank, n):
     import fastar
-    from fastar import collectives
+    from fastar import collectives, state
     fastar.init()
     st = collectives.get_state()
     out = []
@@ -38,7 +38,7 @@ def _fast_worker(rank, n):
                 if op in ("avg", torch.distributed.ReduceOp.AVG):
                     want = want / n
                 fastar.all_reduce(t, op=op)
-                assert st.choice_record is collectives._LATENCY_PATH, (dtype, numel, op)
+                assert st.choice_record is state.LATENCY_PATH, (dtype, numel, op)
                 tol = 0 if dtype in (torch.float32, torch.float64) else 1e-2
                 assert torch.allclose(t.double(), want, atol=tol, rtol=tol), (dtype, numel, op)
     out.append(st.last_choice["hierarchy"])
@@ -46,7 +46,7 @@ def _fast_worker(rank, n):
     # what the latency path does not take goes the general way, with the same answers
     big = torch.ones(1 << 20)  # 4 MiB: above the one-phase size
     fastar.all_reduce(big)
-    assert st.choice_record is not collectives._LATENCY_PATH and big[0].item() == n
+    assert st.choice_record is not state.LATENCY_PATH and big[0].item() == n
     strided = torch.ones(64, 2)[:, 0]
     with pytest.raises(ValueError, match="not contiguous"):
         fastar.all_reduce(strided)
