@@ -60,7 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import adaptive_iters, free_port, timed_rounds, warm_counts  # noqa: E402 - bench/common.py
+from common import (add_timing_args, adaptive_iters, free_port, result_row, timed_rounds,  # noqa: E402
+                    timing_argv, warm_counts)
 
 HIERARCHIES = ("flat", "leader", "rail")
 ALGORITHMS = ("halving_doubling", "ring")
@@ -301,10 +302,7 @@ class Runner:
         rows = []
         for impl, t in zip(impls, mean_s):
             wrong = self.correctness(impl, numel, dtype)
-            algbw = nbytes / t / 1e9
-            rows.append({"impl": impl, "bytes": nbytes, "dtype": a.dtype, "time_us": t * 1e6,
-                         "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (self.world - 1) / self.world,
-                         "wrong": wrong, "_iters": done[impl]})
+            rows.append(result_row(impl, nbytes, a.dtype, t, self.world, wrong, done[impl]))
         return rows
 
 
@@ -461,11 +459,7 @@ def run_external(impl: str, args, nproc: int) -> dict | None:
         print(f"# {impl} skipped: {why}", file=sys.stderr)
         return None
     sizes = ",".join(str(parse_size(s)) for s in args.sizes.split(",") if s.strip())
-    rules = ["--sizes", sizes, "--dtype", args.dtype, "--budget-s", str(args.budget_s), "--min-iters",
-             str(args.min_iters), "--max-iters", str(args.max_iters), "--rounds", str(args.rounds)]
-    for flag, v in (("--iters", args.iters), ("--warmup", args.warmup)):
-        if v is not None:
-            rules += [flag, str(v)]
+    rules = ["--sizes", sizes, "--dtype", args.dtype] + timing_argv(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         cmd = launch + rules + ["--json", out]
@@ -507,12 +501,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compression", default=None, choices=["fp16", "bf16"],
                     help="fastar's wire dtype (the fastar impls only; the data's sums stay exact: small integers)")
     ap.add_argument("--impls", default=None, help="comma-separated impl names or globs, e.g. 'torch:gloo,fastar:flat:*'")
-    ap.add_argument("--iters", type=int, default=None, help="timed calls per impl and size (default: adaptive)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl and size (default: adaptive)")
-    ap.add_argument("--budget-s", type=float, default=0.8, help="adaptive iters: seconds of timing per impl and size")
-    ap.add_argument("--min-iters", type=int, default=5)
-    ap.add_argument("--max-iters", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed calls are split into")
+    add_timing_args(ap)
     ap.add_argument("--auto-max", type=parse_size, default=256 << 10,
                     help="largest size timed for fastar:auto:auto (validate=True)")
     ap.add_argument("--json", default=None)

@@ -59,3 +59,42 @@ def warm_counts(nbytes: int, warmup: int | None) -> int:
     if warmup is not None:
         return warmup
     return 20 if nbytes <= 64 << 10 else 5 if nbytes <= 4 << 20 else 2
+
+
+def add_timing_args(ap) -> None:
+    """The timing rules' flags, the same in allreduce_bw.py and the peers it launches."""
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per impl and size (default: adaptive)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl and size (default: adaptive)")
+    ap.add_argument("--budget-s", type=float, default=0.8, help="adaptive iters: seconds of timing per impl and size")
+    ap.add_argument("--min-iters", type=int, default=5)
+    ap.add_argument("--max-iters", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed calls are split into")
+
+
+def timing_argv(args) -> list[str]:
+    """args' timing rules as the flags add_timing_args reads (to hand them to a launched peer)."""
+    out = ["--budget-s", str(args.budget_s), "--min-iters", str(args.min_iters), "--max-iters", str(args.max_iters),
+           "--rounds", str(args.rounds)]
+    for flag, v in (("--iters", args.iters), ("--warmup", args.warmup)):
+        if v is not None:
+            out += [flag, str(v)]
+    return out
+
+
+def result_row(impl: str, nbytes: int, dtype: str, seconds: float, world: int, wrong: int, iters: int) -> dict:
+    """One row of allreduce_bw's JSON (DESIGN.md's schema; _iters is dropped when written)."""
+    algbw = nbytes / seconds / 1e9
+    return {"impl": impl, "bytes": nbytes, "dtype": dtype, "time_us": seconds * 1e6, "algbw_GBps": algbw,
+            "busbw_GBps": algbw * 2 * (world - 1) / world, "wrong": wrong, "_iters": iters}
+
+
+def time_one(impl: str, nbytes: int, args, block, max_over_ranks) -> tuple[float, int]:
+    """One impl at one size by the rules above, for the peers' launchers: warm-up, adaptive
+    iterations, rounds. block(n) runs n calls after a barrier and returns their seconds;
+    max_over_ranks(x) is the max of x over the ranks. Returns (seconds per call, calls timed)."""
+    nwarm = warm_counts(nbytes, args.warmup)
+    block(1)  # first call: lazy set-up, not counted
+    warm = block(max(1, nwarm - 1)) / max(1, nwarm - 1)
+    iters = adaptive_iters([max_over_ranks(warm)], [impl], args)
+    mean_s, done = timed_rounds([impl], iters, args.rounds, lambda _, n: block(n))
+    return max_over_ranks(mean_s[0]), done[impl]

@@ -31,7 +31,7 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import adaptive_iters, free_port, timed_rounds, warm_counts  # noqa: E402
+from common import add_timing_args, free_port, result_row, time_one  # noqa: E402
 
 IMPL = "deepspeed:shm"
 # the dtypes the shm kernels reduce, and the vector_kernel_level() each needs: fp32 uses AVX2 (1),
@@ -105,12 +105,7 @@ def worker(rank: int, world: int, args) -> None:
             numel = max(1, nbytes // esize)
             nbytes = numel * esize
             buf = torch.zeros(numel, dtype=dtype)  # zeros: repeated in-place sums stay finite
-            nwarm = warm_counts(nbytes, args.warmup)
-            block(buf, 1)
-            warm = block(buf, max(1, nwarm - 1)) / max(1, nwarm - 1)
-            iters = adaptive_iters([max_over_ranks(warm)], [IMPL], args)
-            mean_s, done = timed_rounds([IMPL], iters, args.rounds, lambda impl, n: block(buf, n))
-            t = max_over_ranks(mean_s[0])
+            t, done = time_one(IMPL, nbytes, args, lambda n: block(buf, n), max_over_ranks)
             # exact-integer correctness pass, the values of allreduce_bw.fill_exact
             idx = torch.arange(numel, dtype=torch.int64)
             data = ((idx * 7 + rank) % 9 + rank).to(dtype)
@@ -119,10 +114,7 @@ def worker(rank: int, world: int, args) -> None:
             want = sum(((idx * 7 + r) % 9 + r) for r in range(world)).to(torch.float64)
             wrong = torch.tensor([int((data.to(torch.float64) != want).sum())], dtype=torch.int64)
             tdist.all_reduce(wrong)
-            algbw = nbytes / t / 1e9
-            rows.append({"impl": IMPL, "bytes": nbytes, "dtype": args.dtype, "time_us": t * 1e6,
-                         "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (world - 1) / world,
-                         "wrong": int(wrong.item()), "_iters": done[IMPL]})
+            rows.append(result_row(IMPL, nbytes, args.dtype, t, world, int(wrong.item()), done))
         tdist.barrier()  # every rank is done with every segment
     finally:
         try:
@@ -155,12 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn on this host (ignored when WORLD_SIZE is set)")
     ap.add_argument("--sizes", required=True, help="comma-separated sizes in bytes")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPE_LEVEL))
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=0.8)
-    ap.add_argument("--min-iters", type=int, default=5)
-    ap.add_argument("--max-iters", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=5)
+    add_timing_args(ap)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/torch threads per rank")
     ap.add_argument("--timeout-s", type=float, default=600)
     ap.add_argument("--json", default=None)

@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from common import adaptive_iters, timed_rounds, warm_counts  # noqa: E402
+from common import add_timing_args, result_row, time_one  # noqa: E402
 
 IMPL = "mpi:openmpi"
 NP_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -31,12 +31,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", required=True, help="comma-separated sizes in bytes")
     ap.add_argument("--dtype", default="float32", choices=sorted(NP_DTYPES))
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=0.8)
-    ap.add_argument("--min-iters", type=int, default=5)
-    ap.add_argument("--max-iters", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=5)
+    add_timing_args(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from mpi4py import MPI  # noqa: PLC0415 - only under mpirun
@@ -57,21 +52,14 @@ def main(argv=None) -> int:
         numel = max(1, nbytes // esize)
         nbytes = numel * esize
         buf = np.zeros(numel, dtype=dt)  # zeros: repeated in-place sums stay finite
-        nwarm = warm_counts(nbytes, args.warmup)
-        block(buf, 1)
-        warm = block(buf, max(1, nwarm - 1)) / max(1, nwarm - 1)
-        iters = adaptive_iters([comm.allreduce(warm, op=MPI.MAX)], [IMPL], args)
-        mean_s, done = timed_rounds([IMPL], iters, args.rounds, lambda impl, n: block(buf, n))
-        t = comm.allreduce(mean_s[0], op=MPI.MAX)
+        t, done = time_one(IMPL, nbytes, args, lambda n: block(buf, n), lambda x: comm.allreduce(x, op=MPI.MAX))
         # exact-integer correctness pass, the values of allreduce_bw.fill_exact
         idx = np.arange(numel, dtype=np.int64)
         data = ((idx * 7 + rank) % 9 + rank).astype(dt)
         comm.Allreduce(MPI.IN_PLACE, data, op=MPI.SUM)
         want = sum(((idx * 7 + r) % 9 + r) for r in range(world)).astype(np.float64)
         wrong = comm.allreduce(int((data.astype(np.float64) != want).sum()), op=MPI.SUM)
-        algbw = nbytes / t / 1e9
-        rows.append({"impl": IMPL, "bytes": nbytes, "dtype": args.dtype, "time_us": t * 1e6, "algbw_GBps": algbw,
-                     "busbw_GBps": algbw * 2 * (world - 1) / world, "wrong": wrong, "_iters": done[IMPL]})
+        rows.append(result_row(IMPL, nbytes, args.dtype, t, world, wrong, done))
     if rank == 0:
         out = {"world_size": world, "rows": rows, "library": MPI.Get_library_version().strip(),
                "mpi4py": __import__("mpi4py").__version__}
