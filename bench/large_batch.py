@@ -526,7 +526,8 @@ def fashion_main(argv) -> int:
     partial_path = os.path.join(a.out, f"{a.name}.partial.json")
     if a.report_only:
         merge = [os.path.join(a.out, f"{m}.partial.json") for m in a.merge.split(",") if m]
-        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name, merge=merge)
+        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name, merge=merge,
+                              err_last=a.err_last if "--err-last" in " ".join(argv) else None)
     build_datasets(a.data, a.image_size)  # fails now, with the package's name, if the data is missing
     common = ["--data", a.data, "--model", a.model, "--width", str(a.width), "--image-size", str(a.image_size),
               *(["--train-subset", str(a.train_subset)] if a.train_subset else []), "--epochs", str(a.epochs),
@@ -588,7 +589,7 @@ def fashion_main(argv) -> int:
 
 
 def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: str = "fashion_mnist_study",
-                   merge=()) -> int:
+                   merge=(), err_last: int | None = None) -> int:
     """Tables, analysis and plots from the runs in partial_path (and those of `merge`); writes
     json_path (the committed results), the PNGs next to it and the docs section. Every number comes
     from those runs."""
@@ -607,7 +608,22 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
         doc["wall_s"] = max(doc["wall_s"], other["wall_s"])
         doc["complete"] = doc.get("complete", False) and other.get("complete", False)
         doc["merged_from"].append({"path": os.path.relpath(m, REPO), "args": other["args"]})
+    if merge:  # merged cells next to those of their kind (the table's and the plots' order)
+        order = ["baseline", "gradual", "none", "constant", "noscale", "lars", "lamb"]
+        doc["cells"].sort(key=lambda c: (order.index(c["kind"]) if c["kind"] in order else len(order), c["factor"]))
     a = argparse.Namespace(**doc["args"])
+    planned = None
+    if err_last and err_last != getattr(a, "err_last", 5):
+        # the error re-read from each run's per-epoch validation history with another K; the
+        # decisions under the measure the study was run with are kept next to them (analysis_planned)
+        planned = {"err_last": getattr(a, "err_last", 5)}
+        for r in doc["runs"]:
+            if r["diverged"]:
+                continue
+            errs = [h["val_top1_err"] for h in r["history"] if h.get("val_top1_err") is not None]
+            r.setdefault("err_as_run", r["err"])
+            r["err"] = statistics.median(errs[-err_last:])
+        a.err_last = err_last
     cells, n = doc["cells"], a.batch
     results: dict = {c["key"]: [] for c in cells}
     extra: dict = {}
@@ -615,6 +631,9 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
         (results if r["key"] in results else extra).setdefault(r["key"], []).append(r)
     stats = {k: _stats(v) for k, v in results.items() if v}
     analysis = fashion_analysis(cells, stats, n)
+    if planned is not None:
+        as_run = {k: _stats([dict(r, err=r.get("err_as_run", r["err"])) for r in v]) for k, v in results.items() if v}
+        planned.update(stats=as_run, analysis=fashion_analysis(cells, as_run, n))
     out_dir = os.path.dirname(json_path)
     pngs = fashion_plots(cells, results, stats, a, out_dir, name) if len(stats) > 1 else []
     seeds_done = min((len(v) for v in results.values()), default=0)
@@ -633,8 +652,10 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
           f"(pad-{max(1, round(a.image_size / 7))} random crop + flip); n = {n} per (simulated) worker, kn = n x "
           f"--accum; lr {a.base_lr:g} at kn={n}, linear scaling; {a.epochs} epochs, lr /10 at epochs "
           f"{', '.join(map(str, ms))}; warmup {a.warmup_epochs:g} epochs; error = median of the last {err_last} epochs' "
-          f"val top-1 error; mean ± std over {seeds_done}{'+' if any(len(v) > seeds_done for v in results.values()) else ''} "
-          f"seeds. {len(doc['runs'])} runs, 2 at a time per process; the longest process ran "
+          f"val top-1 error" + (f" (re-read from each run's history; the study was run with the median of the last "
+                                f"{planned['err_last']}, kept in the JSON as as_run_measure)" if planned else "")
+          + f"; mean ± std over {seeds_done}{'+' if any(len(v) > seeds_done for v in results.values()) else ''} "
+          f"seeds. {len(doc['runs'])} runs, {a.jobs} at a time per process (one thread each); the last process ran "
           f"{doc['wall_s'] / 60:.0f} min" + (f" (runs merged from {len(doc['merged_from'])} more process(es))"
                                               if doc.get("merged_from") else "")
           + ("" if doc.get("complete") else " (INCOMPLETE: the study was cut short; cells list their runs)") + "."
@@ -643,7 +664,7 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
         f"Fashion-MNIST, {a.train_subset}-image training subset, {a.model} width {a.width} at {a.image_size}x"
         f"{a.image_size}, {a.epochs} epochs, kn={n}: the study's baseline cell. Measured by `python "
         f"bench/large_batch.py --dataset fashion-mnist --name {name} --only baseline --seeds 0 --bf16-seeds "
-        f"{getattr(a, 'bf16_seeds', 1)} ...` ({len(doc['runs'])} runs, 2 at a time, {doc['wall_s'] / 60:.0f} min wall)."]
+        f"{getattr(a, 'bf16_seeds', 1)} ...` ({len(doc['runs'])} runs, {a.jobs} at a time, {doc['wall_s'] / 60:.0f} min wall)."]
     bf = extra.get("bf16_baseline"), extra.get("fp32_baseline")
     if bf[0] and bf[1]:
         rows = []
@@ -660,6 +681,7 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
     final = {"args": doc["args"], "merged_from": doc["merged_from"], "common_argv": doc["common_argv"],
              "complete": doc.get("complete", False),
              "wall_s": doc["wall_s"], "cells": cells, "stats": stats, "analysis": analysis,
+             "err_last": getattr(a, "err_last", 5), "as_run_measure": planned,
              "extra_stats": {k: _stats(v) for k, v in extra.items()}, "runs": doc["runs"], "table_md": md}
     with open(json_path, "w") as f:
         json.dump(final, f, indent=1)
