@@ -631,6 +631,10 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
         (results if r["key"] in results else extra).setdefault(r["key"], []).append(r)
     stats = {k: _stats(v) for k, v in results.items() if v}
     analysis = fashion_analysis(cells, stats, n)
+    # complete when every cell has all its seeds, whichever process ran them (a process stopped
+    # after its last needed run, with duplicates still queued, never writes complete=True itself)
+    doc["complete"] = bool(doc.get("complete")) or (bool(cells) and all(
+        len(results.get(c["key"], [])) >= getattr(a, "seeds", 3) for c in cells))
     if planned is not None:
         as_run = {k: _stats([dict(r, err=r.get("err_as_run", r["err"])) for r in v]) for k, v in results.items() if v}
         planned.update(stats=as_run, analysis=fashion_analysis(cells, as_run, n))
