@@ -14,8 +14,10 @@ per setting: mean +- std over the seeds.
 writes bench/results/large_batch.json, bench/results/large_batch.png and the table in
 docs/training.md (between the large_batch markers).
 
-  python bench/large_batch.py --dataset fashion-mnist [--seeds 3 --epochs 14 --train-subset 4000 ...]
-runs the same study on Fashion-MNIST (Debian's dataset-fashion-mnist) with the paper's rows: the
+  python bench/large_batch.py --dataset fashion-mnist [--seeds 3 --epochs 5 --train-subset 0 ...]
+runs the same study on Fashion-MNIST (Debian's dataset-fashion-mnist; by default all 60,000 training
+images at 28x28, resnet8 width 8, n = 16, 5 epochs; see docs/training.md for the CPU-time budget
+behind that choice; each run's CPU seconds are recorded) with the paper's rows: the
 baseline kn; kn up to 64x with gradual warmup; no warmup; constant warmup; no lr scaling; LARS and
 LAMB (timm) at the largest kn; >= 3 seeds per cell, cells run seed by seed so that a study cut short
 still covers every cell. It writes bench/results/large_batch/fashion_mnist_study{.json,.partial.json,
@@ -257,22 +259,27 @@ def _ints(s: str) -> list[int]:
 
 
 def fashion_run(job) -> dict:
-    key, seed, argv, out = job
+    key, seed, argv, out, err_last = job if len(job) == 5 else (*job, 5)
     from fastar.train.cli import run
 
-    t0 = time.perf_counter()
-    rec = {"key": key, "seed": seed, "argv": argv}
+    import resource
+
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    rec = {"key": key, "seed": seed, "argv": argv, "err_last": err_last}
     try:
         s = run(argv + ["--out", out])
         hist = [{k: r[k] for k in ("epoch", "train_loss", "train_top1_err", "last_lr_used", "images_per_s",
                                    "epoch_time_s", "val_top1_err", "val_loss") if k in r} for r in s["history"]]
-        rec.update(diverged=False, err=s["median_last5_val_top1_err"], final_err=s["final_val_top1_err"],
+        errs = [r["val_top1_err"] for r in hist if r.get("val_top1_err") is not None]
+        rec.update(diverged=False, err=statistics.median(errs[-err_last:]), final_err=s["final_val_top1_err"],
                    final_train_err=hist[-1]["train_top1_err"], history=hist, target_lr=s["target_lr"],
                    iters_per_epoch=s["iters_per_epoch"], warmup_iters=s["warmup_iters"],
                    images_per_s=statistics.median(r["images_per_s"] for r in hist))
     except FloatingPointError as e:
         rec.update(diverged=True, err=None, error=str(e), history=[])
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
     rec["wall_s"] = time.perf_counter() - t0
+    rec["cpu_s"] = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)  # this process: the run alone
     return rec
 
 
@@ -430,7 +437,7 @@ def fashion_plots(cells, results, stats, a, out_dir, name) -> list[str]:
     L = a.lars_factor
     draw(axes[2], ["baseline"] + [k for k in (f"gradual_x{L}", f"lars_x{L}", f"lamb_x{L}") if k in stats],
          f"kn={n * L}: SGD, LARS, LAMB vs baseline")
-    fig.suptitle(f"Fashion-MNIST ({a.train_subset} train), resnet8 width {a.width} at {a.image_size}x{a.image_size}, "
+    fig.suptitle(f"Fashion-MNIST ({a.train_subset or 60000} train), {a.model} width {a.width} at {a.image_size}x{a.image_size}, "
                  f"{a.epochs} epochs", fontsize=10)
     fig.tight_layout()
     p1 = os.path.join(out_dir, f"{name}_train_error.png")
@@ -459,7 +466,7 @@ def fashion_plots(cells, results, stats, a, out_dir, name) -> list[str]:
         ax.axhline(b["mean"] + 1.0, color="gray", ls=":", lw=1, label="baseline + 1 point")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("minibatch size kn")
-    ax.set_ylabel("val top-1 error % (median of last 5 epochs)")
+    ax.set_ylabel(f"val top-1 error % (median of last {getattr(a, 'err_last', 5)} epochs)")
     ax.set_title(f"(Fig. 3) Fashion-MNIST: error vs minibatch, {len(results.get('baseline', []))} seeds", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -476,16 +483,20 @@ def fashion_parser() -> argparse.ArgumentParser:
     a("--dataset", choices=("fashion-mnist",), required=True)
     a("--data", default="fashion-mnist", help="--data of fastar-train (fashion-mnist[=PATH])")
     a("--seeds", type=int, default=3)
-    a("--epochs", type=int, default=16)
-    a("--train-subset", type=int, default=8000)
-    a("--image-size", type=int, default=16)
+    a("--epochs", type=int, default=4)
+    a("--train-subset", type=int, default=0, help="train on a fixed stratified subset of this many images (0: all 60,000)")
+    a("--err-last", type=int, default=3,
+      help="a run's error: the median of the last K epochs' val top-1 error (the paper: K = 5 of 90 epochs)")
+    a("--image-size", type=int, default=28)
     a("--width", type=int, default=8)
     a("--model", default="resnet8")
     a("--batch", type=int, default=16, help="n: BN group / micro-batch, and the baseline minibatch kn")
     a("--base-lr", type=float, default=0.1, help="lr of the baseline minibatch (the reference)")
-    a("--warmup-epochs", type=float, default=2)
+    a("--warmup-epochs", type=float, default=0.5)
+    a("--milestones", default="2,3", help="epochs at which lr /= 10 (fastar-train --milestones; '' for the paper's "
+                                          "30/60/80 of 90 scaled to --epochs)")
     a("--factors", default="4,8,16,32,64", help="kn/baseline for SGD + gradual warmup")
-    a("--none-factors", default="16,32,64", help="kn/baseline for SGD without warmup")
+    a("--none-factors", default="16,32", help="kn/baseline for SGD without warmup")
     a("--table-factor", type=int, default=32, help="kn/baseline of constant warmup and no lr scaling (paper: 8k/256)")
     a("--lars-factor", type=int, default=64, help="kn/baseline of the LARS and LAMB runs")
     a("--trust-coeff", type=float, default=0.001)
@@ -515,12 +526,14 @@ def fashion_main(argv) -> int:
     partial_path = os.path.join(a.out, f"{a.name}.partial.json")
     if a.report_only:
         merge = [os.path.join(a.out, f"{m}.partial.json") for m in a.merge.split(",") if m]
-        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name, merge=merge)
+        return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name, merge=merge,
+                              err_last=a.err_last if "--err-last" in " ".join(argv) else None)
     build_datasets(a.data, a.image_size)  # fails now, with the package's name, if the data is missing
     common = ["--data", a.data, "--model", a.model, "--width", str(a.width), "--image-size", str(a.image_size),
-              "--train-subset", str(a.train_subset), "--epochs", str(a.epochs),
-              "--warmup-epochs", str(a.warmup_epochs), "--threads", "1", "--eval-every", str(10 ** 6),
-              "--eval-last", "5", "--no-progress", "--no-plots", "--quiet"]
+              *(["--train-subset", str(a.train_subset)] if a.train_subset else []), "--epochs", str(a.epochs),
+              "--warmup-epochs", str(a.warmup_epochs), *(["--milestones", a.milestones] if a.milestones else []),
+              "--threads", "1", "--eval-every", str(10 ** 6),
+              "--eval-last", str(max(5, a.err_last)), "--no-progress", "--no-plots", "--quiet"]
     cells = fashion_cells(a)
     only = {k for k in a.only.split(",") if k}
     if only:
@@ -529,7 +542,7 @@ def fashion_main(argv) -> int:
     for seed in range(a.seeds):  # seed-major: a cut-short study still has every cell
         for c in cells:
             argv_ = common + c["argv"] + ["--seed", str(seed)]
-            jobs.append((c["key"], seed, argv_, os.path.join(a.runs_dir, f"{c['key']}_s{seed}")))
+            jobs.append((c["key"], seed, argv_, os.path.join(a.runs_dir, f"{c['key']}_s{seed}"), a.err_last))
     if a.bf16_seeds:
         bc = {"key": "bf16_baseline", "label": f"baseline kn={a.batch}, --amp bf16", "factor": 1,
               "kind": "bf16", "argv": cells[0]["argv"] + ["--amp", "bf16"]}
@@ -537,7 +550,7 @@ def fashion_main(argv) -> int:
             for c in (cells[0], bc):
                 argv_ = common + c["argv"] + ["--seed", str(seed)]
                 key = "fp32_baseline" if c is cells[0] else c["key"]
-                jobs.append((key, seed, argv_, os.path.join(a.runs_dir, f"{key}_s{seed}")))
+                jobs.append((key, seed, argv_, os.path.join(a.runs_dir, f"{key}_s{seed}"), a.err_last))
     done = []
     if a.resume and os.path.exists(partial_path):
         with open(partial_path) as f:
@@ -568,14 +581,15 @@ def fashion_main(argv) -> int:
             dump()
             print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {r['key']:16s} seed {r['seed']}: "
                   + ("diverged" if r["diverged"] else f"{r['err']:.2f}% (train {r['final_train_err']:.2f}%, "
-                                                      f"{r['images_per_s']:.0f} img/s, {r['wall_s']:.0f} s)"),
+                                                      f"{r['images_per_s']:.0f} img/s, {r['wall_s']:.0f} s, "
+                                                      f"{r.get('cpu_s', 0):.0f} CPU s)"),
                   flush=True)
     dump(final=True)
     return fashion_report(partial_path, json_path, docs=not a.no_docs, name=a.name)
 
 
 def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: str = "fashion_mnist_study",
-                   merge=()) -> int:
+                   merge=(), err_last: int | None = None) -> int:
     """Tables, analysis and plots from the runs in partial_path (and those of `merge`); writes
     json_path (the committed results), the PNGs next to it and the docs section. Every number comes
     from those runs."""
@@ -594,7 +608,22 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
         doc["wall_s"] = max(doc["wall_s"], other["wall_s"])
         doc["complete"] = doc.get("complete", False) and other.get("complete", False)
         doc["merged_from"].append({"path": os.path.relpath(m, REPO), "args": other["args"]})
+    if merge:  # merged cells next to those of their kind (the table's and the plots' order)
+        order = ["baseline", "gradual", "none", "constant", "noscale", "lars", "lamb"]
+        doc["cells"].sort(key=lambda c: (order.index(c["kind"]) if c["kind"] in order else len(order), c["factor"]))
     a = argparse.Namespace(**doc["args"])
+    planned = None
+    if err_last and err_last != getattr(a, "err_last", 5):
+        # the error re-read from each run's per-epoch validation history with another K; the
+        # decisions under the measure the study was run with are kept next to them (analysis_planned)
+        planned = {"err_last": getattr(a, "err_last", 5)}
+        for r in doc["runs"]:
+            if r["diverged"]:
+                continue
+            errs = [h["val_top1_err"] for h in r["history"] if h.get("val_top1_err") is not None]
+            r.setdefault("err_as_run", r["err"])
+            r["err"] = statistics.median(errs[-err_last:])
+        a.err_last = err_last
     cells, n = doc["cells"], a.batch
     results: dict = {c["key"]: [] for c in cells}
     extra: dict = {}
@@ -602,25 +631,44 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
         (results if r["key"] in results else extra).setdefault(r["key"], []).append(r)
     stats = {k: _stats(v) for k, v in results.items() if v}
     analysis = fashion_analysis(cells, stats, n)
+    # complete when every cell has all its seeds, whichever process ran them (a process stopped
+    # after its last needed run, with duplicates still queued, never writes complete=True itself)
+    doc["complete"] = bool(doc.get("complete")) or (bool(cells) and all(
+        len(results.get(c["key"], [])) >= getattr(a, "seeds", 3) for c in cells))
+    if planned is not None:
+        as_run = {k: _stats([dict(r, err=r.get("err_as_run", r["err"])) for r in v]) for k, v in results.items() if v}
+        planned.update(stats=as_run, analysis=fashion_analysis(cells, as_run, n))
     out_dir = os.path.dirname(json_path)
     pngs = fashion_plots(cells, results, stats, a, out_dir, name) if len(stats) > 1 else []
     seeds_done = min((len(v) for v in results.values()), default=0)
-    ms = default_milestones(a.epochs)
-    md = [f"Fashion-MNIST: a fixed stratified {a.train_subset}-image subset of the 60,000 training images, the "
+    ms = [float(m) for m in a.milestones.split(",") if m.strip()] if getattr(a, "milestones", "") else \
+        default_milestones(a.epochs)
+    ms = [f"{m:g}" for m in ms]
+    train_set = (f"a fixed stratified {a.train_subset}-image subset of the 60,000 training images"
+                 if a.train_subset else "all 60,000 training images")
+    err_last = getattr(a, "err_last", 5)
+    cpu = [r["cpu_s"] for r in doc["runs"] if "cpu_s" in r]
+    cpu_txt = (f" CPU time of the runs (getrusage, each run one thread): {sum(cpu) / 60:.0f} core-minutes in all, "
+               f"{statistics.median(cpu):.0f} s per run (median), {min(cpu):.0f}-{max(cpu):.0f} s."
+               if cpu and len(cpu) == len(doc["runs"]) else "")
+    md = [f"Fashion-MNIST: {train_set}, the "
           f"whole 10,000-image test set for validation; {a.model} width {a.width} at {a.image_size}x{a.image_size} "
           f"(pad-{max(1, round(a.image_size / 7))} random crop + flip); n = {n} per (simulated) worker, kn = n x "
           f"--accum; lr {a.base_lr:g} at kn={n}, linear scaling; {a.epochs} epochs, lr /10 at epochs "
-          f"{', '.join(map(str, ms))}; warmup {a.warmup_epochs:g} epochs; error = median of the last 5 epochs' "
-          f"val top-1 error; mean ± std over {seeds_done}{'+' if any(len(v) > seeds_done for v in results.values()) else ''} "
-          f"seeds. {len(doc['runs'])} runs, 2 at a time per process; the longest process ran "
+          f"{', '.join(map(str, ms))}; warmup {a.warmup_epochs:g} epochs; error = median of the last {err_last} epochs' "
+          f"val top-1 error" + (f" (re-read from each run's history; the study was run with the median of the last "
+                                f"{planned['err_last']}, kept in the JSON as as_run_measure)" if planned else "")
+          + f"; mean ± std over {seeds_done}{'+' if any(len(v) > seeds_done for v in results.values()) else ''} "
+          f"seeds. {len(doc['runs'])} runs, {a.jobs} at a time per process (one thread each); the last process ran "
           f"{doc['wall_s'] / 60:.0f} min" + (f" (runs merged from {len(doc['merged_from'])} more process(es))"
                                               if doc.get("merged_from") else "")
-          + ("" if doc.get("complete") else " (INCOMPLETE: the study was cut short; cells list their runs)") + ".",
+          + ("" if doc.get("complete") else " (INCOMPLETE: the study was cut short; cells list their runs)") + "."
+          + cpu_txt,
           "", fashion_table(cells, stats, results, n)] if stats else [
         f"Fashion-MNIST, {a.train_subset}-image training subset, {a.model} width {a.width} at {a.image_size}x"
         f"{a.image_size}, {a.epochs} epochs, kn={n}: the study's baseline cell. Measured by `python "
         f"bench/large_batch.py --dataset fashion-mnist --name {name} --only baseline --seeds 0 --bf16-seeds "
-        f"{getattr(a, 'bf16_seeds', 1)} ...` ({len(doc['runs'])} runs, 2 at a time, {doc['wall_s'] / 60:.0f} min wall)."]
+        f"{getattr(a, 'bf16_seeds', 1)} ...` ({len(doc['runs'])} runs, {a.jobs} at a time, {doc['wall_s'] / 60:.0f} min wall)."]
     bf = extra.get("bf16_baseline"), extra.get("fp32_baseline")
     if bf[0] and bf[1]:
         rows = []
@@ -637,6 +685,7 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
     final = {"args": doc["args"], "merged_from": doc["merged_from"], "common_argv": doc["common_argv"],
              "complete": doc.get("complete", False),
              "wall_s": doc["wall_s"], "cells": cells, "stats": stats, "analysis": analysis,
+             "err_last": getattr(a, "err_last", 5), "as_run_measure": planned,
              "extra_stats": {k: _stats(v) for k, v in extra.items()}, "runs": doc["runs"], "table_md": md}
     with open(json_path, "w") as f:
         json.dump(final, f, indent=1)

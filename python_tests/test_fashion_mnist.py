@@ -301,3 +301,30 @@ def test_training_error_logged_and_kept_across_a_mid_epoch_resume(fake_fashion, 
         assert 0 <= a["train_top1_err"] <= 100
         assert b["train_top1_err"] == pytest.approx(a["train_top1_err"], abs=1e-9)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+
+
+def test_study_report_rereads_the_error_and_keeps_the_measure_it_ran_with(tmp_path):
+    """--report-only --err-last K re-reads each run's error from its per-epoch validation history;
+    the errors and decisions of the measure the study ran with stay in the JSON (as_run_measure)."""
+    lb = _large_batch_module()
+    args = lb.fashion_parser().parse_args(["--dataset", "fashion-mnist", "--factors", "4", "--none-factors", "",
+                                           "--epochs", "4", "--err-last", "3"])
+    cells = [c for c in lb.fashion_cells(args) if c["key"] in ("baseline", "gradual_x4")]
+    runs = []
+    for key, vals in (("baseline", [(20, 17, 12, 11), (21, 18, 13, 10)]), ("gradual_x4", [(22, 19, 14, 12), (23, 20, 15, 13)])):
+        for seed, v in enumerate(vals):
+            hist = [{"epoch": e, "train_loss": 1.0, "train_top1_err": 10.0, "val_top1_err": float(x)} for e, x in enumerate(v)]
+            runs.append({"key": key, "seed": seed, "argv": [key, str(seed)], "diverged": False, "err_last": 3,
+                         "err": float(sorted(v[-3:])[1]), "final_err": float(v[-1]), "final_train_err": 10.0,
+                         "history": hist, "target_lr": 0.1, "iters_per_epoch": 10, "cpu_s": 1.0, "wall_s": 2.0})
+    partial = tmp_path / "s.partial.json"
+    partial.write_text(json.dumps({"args": vars(args), "common_argv": [], "cells": cells, "wall_s": 1.0,
+                                   "complete": True, "runs": runs}))
+    assert lb.fashion_parser().parse_args(["--dataset", "fashion-mnist"]).train_subset == 0  # the full set
+    lb.fashion_report(str(partial), str(tmp_path / "s.json"), docs=False, name="s", err_last=1)
+    out = json.loads((tmp_path / "s.json").read_text())
+    assert out["err_last"] == 1 and out["stats"]["baseline"]["errs"] == [11.0, 10.0]
+    assert out["as_run_measure"]["err_last"] == 3
+    assert out["as_run_measure"]["stats"]["baseline"]["errs"] == [12.0, 13.0]
+    assert out["stats"]["gradual_x4"]["mean"] == 12.5 and "analysis" in out["as_run_measure"]
+    assert "all 60,000 training images" in out["table_md"] and "CPU time of the runs" in out["table_md"]
