@@ -1,6 +1,7 @@
 """What the benchmark scripts share (they import it as `common`, from their own folder)."""
 from __future__ import annotations
 
+import json
 import socket
 
 
@@ -98,3 +99,13 @@ def time_one(impl: str, nbytes: int, args, block, max_over_ranks) -> tuple[float
     iters = adaptive_iters([max_over_ranks(warm)], [impl], args)
     mean_s, done = timed_rounds([impl], iters, args.rounds, lambda _, n: block(n))
     return max_over_ranks(mean_s[0]), done[impl]
+
+
+def emit_json(out: dict, path: str | None) -> None:
+    """A peer launcher's result: written to path (what allreduce_bw.py reads back), else printed."""
+    text = json.dumps(out, indent=1)
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    else:
+        print(text)

@@ -23,7 +23,6 @@ runs --threads OpenMP/torch threads (default 1, as allreduce_bw.py's workers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import add_timing_args, free_port, result_row, time_one  # noqa: E402
+from common import add_timing_args, emit_json, free_port, result_row, time_one  # noqa: E402
 
 IMPL = "deepspeed:shm"
 # the dtypes the shm kernels reduce, and the vector_kernel_level() each needs: fp32 uses AVX2 (1),
@@ -128,12 +127,7 @@ def worker(rank: int, world: int, args) -> None:
                "deepspeed": deepspeed.__version__, "torch": torch.__version__,
                "shm_op": getattr(op, "__file__", None), "vector_kernel_level": level,
                "process_group": tdist.get_backend(), "threads_per_rank": args.threads}
-        text = json.dumps(out, indent=1)
-        if args.json:
-            with open(args.json, "w") as f:
-                f.write(text)
-        else:
-            print(text)
+        emit_json(out, args.json)
     tdist.destroy_process_group()
 
 

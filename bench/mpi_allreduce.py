@@ -13,7 +13,6 @@ the same exact-integer correctness pass (bench/common.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from common import add_timing_args, result_row, time_one  # noqa: E402
+from common import add_timing_args, emit_json, result_row, time_one  # noqa: E402
 
 IMPL = "mpi:openmpi"
 NP_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -63,12 +62,7 @@ def main(argv=None) -> int:
     if rank == 0:
         out = {"world_size": world, "rows": rows, "library": MPI.Get_library_version().strip(),
                "mpi4py": __import__("mpi4py").__version__}
-        text = json.dumps(out, indent=1)
-        if args.json:
-            with open(args.json, "w") as f:
-                f.write(text)
-        else:
-            print(text)
+        emit_json(out, args.json)
     return 0
 
 
