@@ -277,13 +277,7 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
   if (!fast_ok_ || t.device().type() != c10::DeviceType::CPU || t.layout() != at::kStrided || !t.is_contiguous())
     return false;
   DType dt;
-  switch (t.scalar_type()) {
-    case at::kFloat: dt = DType::Float32; break;
-    case at::kDouble: dt = DType::Float64; break;
-    case at::kHalf: dt = DType::Float16; break;
-    case at::kBFloat16: dt = DType::BFloat16; break;
-    default: return false;
-  }
+  if (!try_dtype(t.scalar_type(), &dt)) return false;
   const int64_t count = t.numel();
   const int64_t bytes = count * (int64_t)dtype_size(dt);
   {
@@ -292,9 +286,11 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
     busy_ = true;
   }
   std::exception_ptr e;
+  std::chrono::steady_clock::time_point t1;
+  bool prof;
   {
     std::lock_guard<std::mutex> g(exec_mu_);
-    const bool prof = profile_.on;
+    prof = profile_.on;
     const auto t0 = std::chrono::steady_clock::now();
     if (prof) profile_.checks_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - entry).count();
     void* data = t.data_ptr();
@@ -306,18 +302,15 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
       e = std::current_exception();
       graveyard_.push_back(t);
     }
-    const auto t1 = std::chrono::steady_clock::now();
+    t1 = std::chrono::steady_clock::now();
     last_ = {Hierarchy::Leader, Algorithm::HalvingDoubling, bytes, std::chrono::duration<double>(t1 - t0).count()};
-    if (prof) {
-      ++profile_.calls;
-      exit_from_ = t1;
-    }
+    if (prof) ++profile_.calls;
   }
   if (e) fail(e);
   release_inline();
-  if (profile_.on)
+  if (prof)
     profile_.exit_ns +=
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - exit_from_).count();
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t1).count();
   if (e) std::rethrow_exception(e);
   return true;
 }

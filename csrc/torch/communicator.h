@@ -124,8 +124,7 @@ class Communicator {
   Executor exec_;
   uint64_t seq_ = 0;
   bool fast_ok_ = false;
-  LatencyProfile profile_;
-  std::chrono::steady_clock::time_point exit_from_;  // one node, several local ranks: allreduce_fast may run
+  LatencyProfile profile_;  // one node, several local ranks: allreduce_fast may run
   OpRecord last_;
   std::vector<at::Tensor> graveyard_;  // tensors of failed operations (see close())
 

@@ -8,16 +8,22 @@
 
 namespace fastar {
 
-inline DType to_dtype(at::ScalarType s) {
+// False for a dtype fastar does not reduce (the latency path then declines the call).
+inline bool try_dtype(at::ScalarType s, DType* out) {
   switch (s) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "fastar reduces float32, float64, float16 and bfloat16 tensors, not ", s,
-                  "; use torch.distributed.all_reduce for other dtypes");
+    case at::kFloat: *out = DType::Float32; return true;
+    case at::kDouble: *out = DType::Float64; return true;
+    case at::kHalf: *out = DType::Float16; return true;
+    case at::kBFloat16: *out = DType::BFloat16; return true;
+    default: return false;
   }
+}
+
+inline DType to_dtype(at::ScalarType s) {
+  DType d;
+  TORCH_CHECK(try_dtype(s, &d), "fastar reduces float32, float64, float16 and bfloat16 tensors, not ", s,
+              "; use torch.distributed.all_reduce for other dtypes");
+  return d;
 }
 
 }  // namespace fastar
