@@ -6,12 +6,14 @@ node's shared-memory arena for the world group. What runs where (docs/backend.md
 
   native     allreduce (sum, avg; fp32/fp64/fp16/bf16), allreduce_coalesced: fastar's hierarchical
              schedule, exactly the engine behind fastar.all_reduce.
-  composite  reduce_scatter (list and tensor forms): one fastar allreduce of the whole input, then
-             this rank's shard is copied out. Right answer, but it moves the bytes of a full
-             allreduce: it is NOT yet the native reduce-scatter half of the schedule.
-  delegated  allgather (list and tensor forms), broadcast, barrier, gather, scatter, reduce,
-             alltoall, send/recv, and allreduce with other ops or dtypes: an internal Gloo backend
-             (CPU tensors) or NCCL backend (CUDA tensors) of the same ranks.
+  native     reduce_scatter (list and tensor forms; sum, avg; the four float dtypes) and allgather
+             (list and into-tensor forms, any dtype) of CPU tensors: the two halves of fastar's
+             allreduce (Communicator.reduce_scatter / .allgather): every local rank sums or copies its
+             shard through the node's shared memory, and the rail runs the schedule's half between
+             nodes. They move the bytes of a reduce-scatter or an allgather, not of an allreduce.
+  delegated  broadcast, barrier, gather, scatter, reduce, alltoall, send/recv, the coalesced
+             allgathers, CUDA reduce-scatter and allgather, and allreduce with other ops or dtypes:
+             an internal Gloo backend (CPU tensors) or NCCL backend (CUDA tensors) of the same ranks.
 
 Every collective returns a Work whose future completes when the result is in place, so DDP's
 reducer and comm hooks chain on it. One completion thread per backend waits on fastar's native
@@ -331,24 +333,59 @@ class FastarBackend(_C10dBackend):
                 self._keep(rec)
                 fut.set_result(result)
                 return FastarWork(fut, result)
+        return self._launch(lambda: self._comm.allreduce_async(flat, algo, hier, avg, VALIDATE), name, fut, result,
+                            post, rec)
+
+    def _launch(self, start, name, fut, result, post, rec) -> FastarWork:
+        """Starts one native collective (`start()` returns fastar's work) and returns its Work; while
+        the profiler runs, a range named `name` lasts until the collective ends."""
         if not torch.autograd.profiler._is_profiler_enabled:
-            pending = self._submit(flat, algo, hier, avg, fut, result, post, rec)
+            pending = _Pending(self, start(), fut, result, post, rec)
         else:
             with torch.profiler.record_function(name) as rf:
-                pending = self._submit(flat, algo, hier, avg, fut, result, post, rec)
+                pending = _Pending(self, start(), fut, result, post, rec)
+                # The completion thread completes it (and so ends the range) without a wait().
+                self._enqueue(pending)
                 rf._call_end_callbacks_on_future(fut)  # the range lasts until the collective ends
+        # Otherwise the completion thread takes only the works whose future someone may chain on
+        # (get_future); the caller's wait() (or is_completed()) completes the others, post-step
+        # included: no second thread wakes for a plain dist.all_reduce (that hand-off cost ~60 us a
+        # call on 2 busy cores).
         return FastarWork(fut, result, pending)
 
-    def _submit(self, flat, algo, hier, avg, fut, result, post, rec) -> _Pending:
-        native = self._comm.allreduce_async(flat, algo, hier, avg, VALIDATE)
-        pending = _Pending(self, native, fut, result, post, rec)
-        # The completion thread takes the works whose future someone may chain on (get_future), or
-        # that end a profiler range. Otherwise the caller's wait() (or is_completed()) completes the
-        # work, post-step included: no second thread wakes for a plain dist.all_reduce (that
-        # hand-off cost ~60 us a call on 2 busy cores).
-        if torch.autograd.profiler._is_profiler_enabled:
-            self._enqueue(pending)
-        return pending
+    def _native_halves(self, scatter: bool, out: torch.Tensor, inp: torch.Tensor, avg: bool, what: str, result,
+                       post=None) -> FastarWork:
+        """fastar's reduce-scatter (scatter) or allgather of CPU tensors: the two halves of its
+        allreduce. In shared memory on each node; between nodes, the rail runs the schedule's half
+        (halving/doubling when the node count is a power of two, else ring)."""
+        if self._closed:
+            raise RuntimeError("fastar backend: the process group was shut down")
+        whole = inp if scatter else out
+        nbytes = whole.numel() * whole.element_size()
+        topo = self._topo
+        hops = topo.num_nodes if topo.local_size > 1 else topo.size
+        algo = "halving_doubling" if hops & (hops - 1) == 0 else "ring"
+        plan = f"{'shm+rail' if topo.local_size > 1 else 'flat'}:{algo}"
+        name = f"fastar::{what} {nbytes}B {plan} peers={self._size}"
+        rec = [name, nbytes, plan, 0.0, 0.0]
+        # Small calls run at once in the caller's thread (no hand-off); large ones are queued, so
+        # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run.
+        queued = nbytes > self.HALVES_INLINE_BYTES or torch.autograd.profiler._is_profiler_enabled
+        comm = self._comm
+        if scatter:
+            def start():
+                return comm.reduce_scatter(out, inp, "halving_doubling", avg, VALIDATE, queued)
+        else:
+            def start():
+                return comm.allgather(out, inp, "halving_doubling", VALIDATE, queued)
+        fut: torch.futures.Future = torch.futures.Future()
+        try:
+            return self._launch(start, name, fut, result, post, rec)
+        except RuntimeError as e:  # an inline call failed (or the communicator had): the Work says so
+            fut.set_exception(self._annotate(e))
+            return FastarWork(fut, result)
+
+    HALVES_INLINE_BYTES = 1 << 20
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._lock:
@@ -447,32 +484,47 @@ class FastarBackend(_C10dBackend):
             return list(tensors)
         return FastarWork(fut.then(divide), list(tensors))
 
+    def _halves_ok(self, *tensors) -> bool:
+        """CPU tensors the native halves take: dense, contiguous, one dtype."""
+        return (all(t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() for t in tensors)
+                and len({t.dtype for t in tensors}) == 1)
+
     def reduce_scatter_single(self, output, input, opts):  # noqa: A002 - torch's name
         avg = _op_kind(opts.reduceOp)
-        n = self._size
-        if avg is None or not self._native_ok(input) or input.numel() != output.numel() * n \
-                or input.dtype != output.dtype:
+        if avg is None or input.dtype not in collectives.SUPPORTED_DTYPES or not self._halves_ok(output, input) \
+                or input.numel() != output.numel() * self._size:
             return self._delegate([input]).reduce_scatter_single(output, input, opts)
-        flat = input.reshape(-1).clone()
-        r = self._rank
-
-        def shard():
-            output.copy_(flat.view(n, -1)[r].view_as(output))
-        return self._native(flat, avg, "reduce_scatter", [output], shard)
+        return self._native_halves(True, output, input, avg, "reduce_scatter", [output])
 
     def reduce_scatter(self, outputs, inputs, opts):
         avg = _op_kind(opts.reduceOp)
         n = self._size
         if avg is None or len(outputs) != 1 or len(inputs) != 1 or len(inputs[0]) != n \
-                or not all(self._native_ok(t) and t.dtype == outputs[0].dtype and t.shape == outputs[0].shape
-                           for t in inputs[0]):
+                or outputs[0].dtype not in collectives.SUPPORTED_DTYPES \
+                or not self._halves_ok(outputs[0], *inputs[0]) \
+                or not all(t.shape == outputs[0].shape for t in inputs[0]):
             return self._delegate(outputs).reduce_scatter(outputs, inputs, opts)
         flat = torch.cat([t.reshape(-1) for t in inputs[0]])
-        out, r = outputs[0], self._rank
+        return self._native_halves(True, outputs[0], flat, avg, "reduce_scatter", list(outputs))
 
-        def shard():
-            out.copy_(flat.view(n, -1)[r].view_as(out))
-        return self._native(flat, avg, "reduce_scatter", list(outputs), shard)
+    def all_gather_single(self, output, input, opts):  # noqa: A002 - torch's name
+        if not self._halves_ok(output, input) or output.numel() != input.numel() * self._size:
+            return self._delegate([input]).all_gather_single(output, input, opts)
+        return self._native_halves(False, output, input, False, "allgather", [output])
+
+    def allgather(self, outputs, inputs, opts):
+        n = self._size
+        if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0]) != n \
+                or not self._halves_ok(inputs[0], *outputs[0]) \
+                or not all(t.shape == inputs[0].shape for t in outputs[0]):
+            return self._delegate(inputs).allgather(outputs, inputs, opts)
+        inp, outs = inputs[0], outputs[0]
+        flat = torch.empty(n * inp.numel(), dtype=inp.dtype)
+
+        def unpack():
+            for i, t in enumerate(outs):
+                t.copy_(flat[i * inp.numel():(i + 1) * inp.numel()].view_as(t))
+        return self._native_halves(False, flat, inp, False, "allgather", list(outputs), unpack)
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts):
         return self._delegate(inputs).reduce_scatter_single_coalesced(outputs, inputs, opts)
@@ -536,7 +588,7 @@ def _delegated(name: str):
     return call
 
 
-DELEGATED = ("broadcast", "allgather", "all_gather_single", "allgather_coalesced", "all_gather_single_coalesced",
+DELEGATED = ("broadcast", "allgather_coalesced", "all_gather_single_coalesced",
              "gather", "scatter", "reduce", "alltoall", "all_to_all_single", "allreduce_sparse")
 for _n in DELEGATED:
     setattr(FastarBackend, _n, _delegated(_n))

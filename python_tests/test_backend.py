@@ -59,6 +59,8 @@ def _check_collectives(rank, n, big: bool = False, spec: str = "fastar"):
     assert dist.get_backend() == ("fastar" if spec.startswith("tcp://") else spec)
     checks = 0
     sizes = [1, 7, 4097] + ([(9 << 20) // 4 + 3] if big else [])  # > 8 MiB: "rail" on 2 nodes x 2
+    if os.environ.get("FASTAR_SHM_CHUNK_MB"):  # a small chunk: the halves go through the slots in pieces
+        sizes.append(20011)
     plans = set()
 
     def both(fn, make, what):
@@ -83,30 +85,44 @@ def _check_collectives(rank, n, big: bool = False, spec: str = "fastar"):
             dist.all_reduce(ref, group=gloo)
             _same_avg(t, ref, n, f"all_reduce avg {numel} {dtype}")
             checks += 1
-        # reduce_scatter: tensor and list forms, sum; avg against sum / n
-        mk_in = lambda: _ints((n * numel,), rank, 100 + i)  # noqa: E731
-        out_f, out_g = torch.zeros(numel), torch.zeros(numel)
-        dist.reduce_scatter_tensor(out_f, mk_in())
-        dist.reduce_scatter_tensor(out_g, mk_in(), group=gloo)
-        _same(out_f, out_g, f"reduce_scatter_tensor {numel}")
-        out_a = torch.zeros(numel)
-        dist.reduce_scatter_tensor(out_a, mk_in(), op=dist.ReduceOp.AVG)
-        _same_avg(out_a, out_g, n, f"reduce_scatter_tensor avg {numel}")
-        lst_f, lst_g = torch.zeros(numel), torch.zeros(numel)
-        dist.reduce_scatter(lst_f, list(mk_in().chunk(n)))
-        dist.reduce_scatter(lst_g, list(mk_in().chunk(n)), group=gloo)
-        _same(lst_f, lst_g, f"reduce_scatter list {numel}")
-        # allgather: list and into-tensor forms
-        x = _ints((numel,), rank, 200 + i)
-        for g in (None, gloo):
-            outs = [torch.zeros(numel) for _ in range(n)]
-            dist.all_gather(outs, x, group=g)
-            flat = torch.zeros(n * numel)
-            dist.all_gather_into_tensor(flat, x, group=g)
-            _same(torch.cat(outs), flat, f"all_gather forms {numel}")
-            if g is None:
-                mine = flat
-        _same(mine, flat, f"all_gather {numel}")
+        # reduce_scatter: tensor and list forms, sum; avg against sum / n (native: fastar's halves)
+        for dtype in (torch.float32, torch.bfloat16) if numel == 7 else (torch.float32,):
+            mk_in = lambda: _ints((n * numel,), rank, 100 + i, dtype)  # noqa: E731
+            out_f, out_g = torch.zeros(numel, dtype=dtype), torch.zeros(numel, dtype=dtype)
+            dist.reduce_scatter_tensor(out_f, mk_in())
+            assert be.records()[-1]["name"].startswith(f"fastar::reduce_scatter {n * numel * out_f.element_size()}B"), \
+                be.records()[-1]
+            dist.reduce_scatter_tensor(out_g, mk_in(), group=gloo)
+            _same(out_f, out_g, f"reduce_scatter_tensor {numel} {dtype}")
+            inp = mk_in()
+            kept = inp.clone()
+            out_a = torch.zeros(numel, dtype=dtype)
+            dist.reduce_scatter_tensor(out_a, inp, op=dist.ReduceOp.AVG)
+            _same(inp, kept, "reduce_scatter leaves its input as it was")
+            _same_avg(out_a, out_g, n, f"reduce_scatter_tensor avg {numel} {dtype}")
+            lst_f, lst_g = torch.zeros(numel, dtype=dtype), torch.zeros(numel, dtype=dtype)
+            dist.reduce_scatter(lst_f, list(mk_in().chunk(n)))
+            dist.reduce_scatter(lst_g, list(mk_in().chunk(n)), group=gloo)
+            _same(lst_f, lst_g, f"reduce_scatter list {numel} {dtype}")
+            # async: the Work's future carries the shard
+            out_w = torch.zeros(numel, dtype=dtype)
+            w = dist.reduce_scatter_tensor(out_w, mk_in(), async_op=True)
+            w.get_future().wait()
+            _same(out_w, out_g, f"reduce_scatter async {numel} {dtype}")
+        # allgather: list and into-tensor forms, any dtype (bytes are moved)
+        for dtype in (torch.float32, torch.int64, torch.bfloat16, torch.uint8) if numel == 7 else (torch.float32,):
+            x = _ints((numel,), rank, 200 + i, dtype if dtype != torch.uint8 else torch.int16).to(dtype)
+            for g in (None, gloo):
+                outs = [torch.zeros(numel, dtype=dtype) for _ in range(n)]
+                dist.all_gather(outs, x, group=g)
+                flat = torch.zeros(n * numel, dtype=dtype)
+                dist.all_gather_into_tensor(flat, x, group=g)
+                if g is None:
+                    assert be.records()[-1]["name"].startswith("fastar::allgather"), be.records()[-1]
+                _same(torch.cat(outs), flat, f"all_gather forms {numel} {dtype}")
+                if g is None:
+                    mine = flat
+            _same(mine, flat, f"all_gather {numel} {dtype}")
         checks += 4
     # the native path really ran, and the plan names the hierarchy the topology implies
     topo = be.topology
@@ -200,12 +216,17 @@ def _check_device_string(rank, n, spec):
 
 
 @pytest.mark.parametrize("n,local,spec", [(1, None, "cpu:fastar"), (2, None, "fastar"), (3, 1, "tcp://"),
-                                          (4, None, "fastar"), (5, None, "fastar"), (4, 2, "fastar")])
+                                          (4, None, "fastar"), (5, None, "fastar"), (4, 2, "fastar"),
+                                          (6, 3, "fastar")])
 def test_collectives_match_gloo(n, local, spec):
     """Worlds 1..5: on one host (shared-memory local phase), 3 nodes x 1 (flat, FASTAR_LOCAL_SIZE=1,
-    init_method tcp://) and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail")."""
+    init_method tcp://) and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail").
+    5 ranks and 2 nodes x 3 run with a 64 KiB shared-memory chunk, so that reduce-scatter and
+    allgather go through the slots in several pieces (and 2 x 3 crosses nodes with 3 local ranks)."""
     before = fastar_segments()
     env = {"FASTAR_LOCAL_SIZE": str(local)} if local else {}
+    if n in (5, 6):
+        env["FASTAR_SHM_CHUNK_MB"] = "0.0625"
     out = run_workers(_check_collectives, n, local == 2, spec, init_dist=False, env=env, timeout=150)
     assert all(c == out[0][0] and c > 30 for c, _, _ in out), out
     assert not leaked(before, {pid for _, _, pid in out})
@@ -310,6 +331,7 @@ def test_ddp_and_fsdp_fastar():
             assert d <= 1e-6, (hook, d)
         assert fsdp["moved"] > 1e-3 and fsdp["diff"] <= 1e-5, fsdp
         assert "fastar::reduce_scatter" in fsdp["native"], fsdp  # FSDP's gradient reduce-scatter ran on fastar
+        assert "fastar::allgather" in fsdp["native"], fsdp  # and its parameter all-gathers
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -317,6 +339,8 @@ def test_ddp_and_fsdp_fastar():
 def _error_worker(rank, n):
     dist, fastar = _init(rank, n, timeout_s=8)
     spare = dist.new_group(backend="fastar")  # for the dead rank, after the default group failed
+    # a failed group stays failed: one more for each of the halves' mismatches
+    halves = {k: dist.new_group(backend="fastar") for k in ("mismatch_rs", "mismatch_ag")}
     out = {}
     t0 = time.monotonic()
     try:  # rank 0 passes a different shape
@@ -325,6 +349,14 @@ def _error_worker(rank, n):
     except Exception as e:  # noqa: BLE001 - reported to the parent
         out["mismatch"] = str(e)
     out["mismatch_s"] = time.monotonic() - t0
+    k = 10 if rank == 0 else 12  # the same again for reduce-scatter and allgather
+    for key, call in (("mismatch_rs", lambda g: dist.reduce_scatter_tensor(torch.ones(k), torch.ones(n * k), group=g)),
+                      ("mismatch_ag", lambda g: dist.all_gather_into_tensor(torch.ones(n * k), torch.ones(k), group=g))):
+        try:
+            call(halves[key])
+            out[key] = None
+        except Exception as e:  # noqa: BLE001
+            out[key] = str(e)
     if rank == n - 1:
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -347,6 +379,8 @@ def test_errors_mismatch_and_dead_rank():
         assert out["mismatch"] is not None, f"rank {rank}: a mismatched shape gave no error"
         assert "disagree" in out["mismatch"] and "has 12" in out["mismatch"], out["mismatch"]
         assert out["mismatch_s"] < 30, out
+        for key in ("mismatch_rs", "mismatch_ag"):
+            assert out[key] is not None and "disagree" in out[key], (rank, key, out[key])
         assert out["dead"] is not None, f"rank {rank}: a dead peer gave no error"
         assert f"rank {n - 1}" in out["dead"] and "exited" in out["dead"], out["dead"]  # names the dead rank
         assert out["dead_s"] < 8 + 20, out

@@ -6,7 +6,8 @@
 
 namespace fastar {
 
-enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+// Bytes: data that is only moved, never summed (allgather of any dtype); the sum kernels refuse it.
+enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Bytes = 4 };
 
 inline size_t dtype_size(DType t) {
   switch (t) {
@@ -14,6 +15,7 @@ inline size_t dtype_size(DType t) {
     case DType::Float64: return 8;
     case DType::Float16: return 2;
     case DType::BFloat16: return 2;
+    case DType::Bytes: return 1;
   }
   return 0;
 }
@@ -24,6 +26,7 @@ inline const char* dtype_name(DType t) {
     case DType::Float64: return "float64";
     case DType::Float16: return "float16";
     case DType::BFloat16: return "bfloat16";
+    case DType::Bytes: return "bytes";
   }
   return "unknown";
 }

@@ -237,3 +237,129 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
 }
 
 }  // namespace fastar
+
+namespace fastar {
+
+int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
+  const int64_t w = arena_->chunk_bytes() / (pieces * (int64_t)dtype_size(t));
+  if (w < 1)
+    throw std::invalid_argument("fastar: the shared-memory chunk (" + std::to_string(arena_->chunk_bytes()) +
+                                " bytes) is too small for one element of each of " + std::to_string(pieces) +
+                                " ranks; raise FASTAR_SHM_CHUNK_MB");
+  return w;
+}
+
+void Hierarchical::check_first(uint32_t g, const uint64_t desc[4], const char* what) {
+  for (int r = 0; r < arena_->local_size(); ++r)
+    if (r != arena_->local_rank()) arena_->check_desc(r, desc, g, what);
+}
+
+// Slots hold, per chunk of w shard elements, one piece of w for each rank (piece i at i * w).
+// Every local rank copies in the pieces its peers sum (not its own: it reads those from `in`), and
+// sums, for each node n, piece n * L + l of every slot: on one node straight into `out`, else into
+// the rail buffer, whose N shards the rail then reduce-scatters. Two buffers alternate by
+// generation: a rank writes buffer g & 1 again only after every peer raised In for g - 1, which
+// each does after its last read of generation g - 2.
+HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+                                               uint64_t seq) {
+  HierarchicalStats stats;
+  const int L = arena_->local_size(), lr = arena_->local_rank(), N = num_nodes_;
+  const int64_t S = (int64_t)L * N;
+  const size_t es = dtype_size(t);
+  if (N > 1 && inter_ == nullptr) throw std::logic_error("fastar: reduce_scatter between nodes without a rail");
+  const int node = N > 1 ? inter_->rank() : 0;
+  const int64_t w = halves_chunk(S, t);
+  const int64_t nchunks = shard == 0 ? 1 : (shard + w - 1) / w;  // an empty call still meets its peers
+  const char* src = static_cast<const char*>(in);
+  char* dst = N > 1 ? nullptr : static_cast<char*>(out);
+  if (N > 1) {
+    rail_buf_.resize((size_t)(N * shard) * es);
+    dst = rail_buf_.data();
+  }
+  const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 512 + (uint64_t)algo};
+  const uint32_t first_gen = gen_ + 1;
+  arena_->publish_desc(desc, first_gen);
+  std::vector<const void*> srcs(L);
+  try {
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const uint32_t g = ++gen_;
+      const int buf = g & 1;
+      const int64_t e = c * w, n = std::min(w, shard - e);
+      char* slot = arena_->slot(lr, buf);
+      for (int64_t i = 0; i < S; ++i)
+        if (i % L != lr) std::memcpy(slot + i * w * es, src + (i * shard + e) * es, n * es);
+      arena_->signal(ShmFlag::In, g);
+      arena_->wait_all(ShmFlag::In, g, "copy-in of a reduce_scatter");
+      if (c == 0) check_first(first_gen, desc, "a reduce_scatter");
+      for (int nd = 0; nd < N; ++nd) {
+        const int64_t i = (int64_t)nd * L + lr;
+        for (int r = 0; r < L; ++r)
+          srcs[r] = r == lr ? src + (i * shard + e) * es : arena_->slot(r, buf) + i * w * es;
+        reduce_sum_many(t, dst + ((int64_t)nd * shard + e) * es, srcs.data(), L, n);
+      }
+    }
+    stats.chunks = nchunks;
+    if (N > 1) {
+      auto st = exec_.run(reduce_scatter_schedule(algo, node, N, N * shard), *inter_, dst, N * shard, t);
+      std::memcpy(out, dst + (int64_t)node * shard * es, shard * es);
+      stats.inter_bytes_sent = st.bytes_sent;
+    }
+    return stats;
+  } catch (...) {
+    arena_->mark_failed(what_of(std::current_exception()));
+    throw;
+  }
+}
+
+// Between nodes first: the rail gathers this local rank's shards of every node. Then per chunk of
+// w shard elements each local rank puts its N pieces in its slot and copies every peer's out.
+HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+                                          uint64_t seq) {
+  HierarchicalStats stats;
+  const int L = arena_->local_size(), lr = arena_->local_rank(), N = num_nodes_;
+  const size_t es = dtype_size(t);
+  if (N > 1 && inter_ == nullptr) throw std::logic_error("fastar: allgather between nodes without a rail");
+  const int node = N > 1 ? inter_->rank() : 0;
+  const int64_t w = halves_chunk(N, t);
+  const int64_t nchunks = shard == 0 ? 1 : (shard + w - 1) / w;
+  char* dst = static_cast<char*>(out);
+  const char* mine = static_cast<const char*>(in);
+  const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo};
+  const uint32_t first_gen = gen_ + 1;
+  arena_->publish_desc(desc, first_gen);
+  try {
+    if (N > 1) {
+      rail_buf_.resize((size_t)(N * shard) * es);
+      std::memcpy(rail_buf_.data() + (int64_t)node * shard * es, in, shard * es);
+      auto st = exec_.run(allgather_schedule(algo, node, N, N * shard), *inter_, rail_buf_.data(), N * shard, t);
+      stats.inter_bytes_sent = st.bytes_sent;
+      mine = rail_buf_.data();
+    }
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const uint32_t g = ++gen_;
+      const int buf = g & 1;
+      const int64_t e = c * w, n = std::min(w, shard - e);
+      char* slot = arena_->slot(lr, buf);
+      for (int nd = 0; nd < N; ++nd) {
+        const char* piece = mine + ((int64_t)(N > 1 ? nd : 0) * shard + e) * es;
+        std::memcpy(slot + (int64_t)nd * w * es, piece, n * es);
+        std::memcpy(dst + (((int64_t)nd * L + lr) * shard + e) * es, piece, n * es);
+      }
+      arena_->signal(ShmFlag::In, g);
+      arena_->wait_all(ShmFlag::In, g, "copy-in of an allgather");
+      if (c == 0) check_first(first_gen, desc, "an allgather");
+      for (int r = 0; r < L; ++r)
+        if (r != lr)
+          for (int nd = 0; nd < N; ++nd)
+            std::memcpy(dst + (((int64_t)nd * L + r) * shard + e) * es, arena_->slot(r, buf) + (int64_t)nd * w * es,
+                        n * es);
+    }
+    stats.chunks = nchunks;
+    return stats;
+  } catch (...) {
+    arena_->mark_failed(what_of(std::current_exception()));
+    throw;
+  }
+}
+
+}  // namespace fastar

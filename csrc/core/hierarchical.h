@@ -50,6 +50,14 @@ class Hierarchical {
   Hierarchical(ShmArena* arena, Transport* inter, int num_nodes);
   ~Hierarchical();
   HierarchicalStats allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq);
+  // The halves, over the node's ranks (local rank l of node n is global rank n * L + l) with `shard`
+  // elements per rank. reduce_scatter: `out` (shard elements) gets the sum over all ranks of shard
+  // `rank` of `in` (size * shard elements, left unchanged). allgather: `out` (size * shard) gets
+  // every rank's `in` (shard) at its place; t may be Bytes. Locally they go through the slots in
+  // chunks (every local rank sums its own shard from all slots, or copies all of them out);
+  // between nodes the rail (same local rank on every node) runs the schedule's half.
+  HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
+  HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
   int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
@@ -66,6 +74,10 @@ class Hierarchical {
     DType dtype;
   };
   void worker_loop();
+  // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
+  // when each slot holds `pieces` of them.
+  int64_t halves_chunk(int64_t pieces, DType t) const;
+  void check_first(uint32_t g, const uint64_t desc[4], const char* what);
   void submit(const Job& j);
   void wait_job(uint32_t gen);
 
@@ -74,6 +86,7 @@ class Hierarchical {
   int num_nodes_;
   uint32_t gen_ = 0;
   Executor exec_;
+  std::vector<char> rail_buf_;  // the halves' rail phase: this rank's shards of every node
   std::thread worker_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -128,6 +128,7 @@ void reduce_sum(DType t, void* dst, const void* src, int64_t n) {
       return sum_16<half_to_float, float_to_half>(static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(src), n);
     case DType::BFloat16:
       return sum_16<bf16_to_float, float_to_bf16>(static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(src), n);
+    case DType::Bytes: break;  // moved, never summed
   }
   throw std::invalid_argument("fastar: reduce_sum: unknown dtype");
 }
@@ -141,6 +142,7 @@ void reduce_sum_many(DType t, void* dst, const void* const* srcs, int nsrc, int6
       return sum_many_16<half_to_float, float_to_half>(static_cast<uint16_t*>(dst), srcs, nsrc, n);
     case DType::BFloat16:
       return sum_many_16<bf16_to_float, float_to_bf16>(static_cast<uint16_t*>(dst), srcs, nsrc, n);
+    case DType::Bytes: break;  // moved, never summed
   }
   throw std::invalid_argument("fastar: reduce_sum_many: unknown dtype");
 }
@@ -198,6 +200,7 @@ void scale(DType t, void* dst, double factor, int64_t n) {
       for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(bf16_to_float(d[i]) * (float)factor);
       return;
     }
+    case DType::Bytes: break;  // moved, never summed
   }
   throw std::invalid_argument("fastar: scale: unknown dtype");
 }

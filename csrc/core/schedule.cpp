@@ -204,6 +204,91 @@ std::vector<Step> make_schedule(Algorithm algo, int rank, int size, int64_t coun
   throw std::invalid_argument("fastar: unknown algorithm");
 }
 
+Algorithm halves_algorithm(Algorithm algo, int size) {
+  return algo == Algorithm::HalvingDoubling && (size & (size - 1)) == 0 ? algo : Algorithm::Ring;
+}
+
+namespace {
+
+void check_args(int rank, int size, int64_t count) {
+  if (size <= 0 || rank < 0 || rank >= size) throw std::invalid_argument("fastar: bad rank/size for schedule");
+  if (count < 0) throw std::invalid_argument("fastar: negative element count");
+}
+
+// Halving/doubling for the halves, over size = 2^k shards: the reduce-scatter exchanges with
+// rank ^ 2^s for s = k-1 .. 0, keeping the half of its range that holds its own shard (bit s of
+// the rank picks it), so that after k steps rank r holds exactly shard r. The allgather retraces it.
+std::vector<Step> hd_halves(int rank, int size, int64_t count, bool scatter) {
+  std::vector<Step> steps;
+  int k = 0;
+  while ((1 << k) < size) ++k;
+  auto elems = [&](int64_t lo, int64_t hi) { return Range{part_begin(count, size, lo), part_begin(count, size, hi)}; };
+  int64_t lo = 0, hi = size;
+  for (int s = k - 1; s >= 0; --s) {
+    const int64_t mid = (lo + hi) / 2;
+    Step st;
+    st.send_peer = st.recv_peer = rank ^ (1 << s);
+    st.reduce = true;
+    if (((rank >> s) & 1) == 0) {
+      st.send = elems(mid, hi);
+      st.recv = elems(lo, mid);
+      hi = mid;
+    } else {
+      st.send = elems(lo, mid);
+      st.recv = elems(mid, hi);
+      lo = mid;
+    }
+    steps.push_back(st);
+  }
+  if (scatter) return steps;
+  std::vector<Step> gather;
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    Step st = *it;  // the mirror: send what was kept, receive what was given away
+    std::swap(st.send, st.recv);
+    st.reduce = false;
+    gather.push_back(st);
+  }
+  return gather;
+}
+
+std::vector<Step> ring_halves(int rank, int size, int64_t count, bool scatter) {
+  std::vector<Step> steps;
+  const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
+  auto chunk = [&](int64_t c) {
+    c = ((c % size) + size) % size;
+    return Range{part_begin(count, size, c), part_begin(count, size, c + 1)};
+  };
+  // Reduce-scatter: at step s pass on the partial sum of shard rank-s-1 and add the one of shard
+  // rank-s-2 that arrives; the last arrival (s = size-2) is shard `rank`, summed over every rank.
+  // Allgather: pass on shard rank-s, receive shard rank-s-1.
+  for (int s = 0; s < size - 1; ++s) {
+    Step st;
+    st.send_peer = next;
+    st.recv_peer = prev;
+    st.send = scatter ? chunk(rank - s - 1) : chunk(rank - s);
+    st.recv = scatter ? chunk(rank - s - 2) : chunk(rank - s - 1);
+    st.reduce = scatter;
+    steps.push_back(st);
+  }
+  return steps;
+}
+
+}  // namespace
+
+std::vector<Step> reduce_scatter_schedule(Algorithm algo, int rank, int size, int64_t count) {
+  check_args(rank, size, count);
+  if (size == 1 || count == 0) return {};
+  return halves_algorithm(algo, size) == Algorithm::HalvingDoubling ? hd_halves(rank, size, count, true)
+                                                                    : ring_halves(rank, size, count, true);
+}
+
+std::vector<Step> allgather_schedule(Algorithm algo, int rank, int size, int64_t count) {
+  check_args(rank, size, count);
+  if (size == 1 || count == 0) return {};
+  return halves_algorithm(algo, size) == Algorithm::HalvingDoubling ? hd_halves(rank, size, count, false)
+                                                                    : ring_halves(rank, size, count, false);
+}
+
 const char* algorithm_name(Algorithm a) {
   return a == Algorithm::Ring ? "ring" : "halving_doubling";
 }

@@ -29,6 +29,16 @@ std::vector<Step> halving_doubling_schedule(int rank, int size, int64_t count);
 std::vector<Step> ring_schedule(int rank, int size, int64_t count);
 std::vector<Step> make_schedule(Algorithm algo, int rank, int size, int64_t count);
 
+// The two halves of an allreduce as collectives of their own. `count` elements are `size` balanced
+// shards (part_begin); rank r ends holding shard r, in place: reduce-scatter sums every rank's
+// shard r into rank r's buffer at shard r; allgather starts with each rank's shard at its place
+// and ends with all of them everywhere. HalvingDoubling here halves by distance (partner
+// rank ^ size/2 first), so that ranks end in natural order, and needs a power-of-two size: for
+// any other size these return the ring's steps (halves_algorithm says which ran).
+std::vector<Step> reduce_scatter_schedule(Algorithm algo, int rank, int size, int64_t count);
+std::vector<Step> allgather_schedule(Algorithm algo, int rank, int size, int64_t count);
+Algorithm halves_algorithm(Algorithm algo, int size);
+
 const char* algorithm_name(Algorithm a);
 Algorithm parse_algorithm(const std::string& s);  // throws std::invalid_argument
 

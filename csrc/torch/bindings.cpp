@@ -18,6 +18,20 @@ static c10::intrusive_ptr<c10d::ProcessGroup> as_pg(const py::object& o) {
   return o.cast<c10::intrusive_ptr<c10d::ProcessGroup>>();
 }
 
+static py::list steps_py(const std::vector<fastar::Step>& steps) {
+  py::list out;
+  for (const auto& s : steps) {
+    py::dict d;
+    d["send_peer"] = s.send_peer;
+    d["send"] = py::make_tuple(s.send.begin, s.send.end);
+    d["recv_peer"] = s.recv_peer;
+    d["recv"] = py::make_tuple(s.recv.begin, s.recv.end);
+    d["reduce"] = s.reduce;
+    out.append(d);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastar: hierarchical halving/doubling allreduce (compiled core)";
 
@@ -62,6 +76,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("allreduce_async", &Communicator::allreduce_async, py::arg("tensor"), py::arg("algorithm"),
            py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::arg("wire") = "",
            py::call_guard<py::gil_scoped_release>())
+      .def("reduce_scatter", &Communicator::reduce_scatter, py::arg("output"), py::arg("input"),
+           py::arg("algorithm"), py::arg("avg"), py::arg("validate"), py::arg("async_op"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("allgather", &Communicator::allgather, py::arg("output"), py::arg("input"), py::arg("algorithm"),
+           py::arg("validate"), py::arg("async_op"), py::call_guard<py::gil_scoped_release>())
       .def("set_tensor_groups",
            [](Communicator& c, const std::string& device_type, py::object world, py::object local, py::object cross,
               std::vector<int> world_ranks, std::vector<int> cross_ranks) {
@@ -116,18 +135,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("stats", &fastar::BucketEngine::stats);
 
   m.def("schedule", [](const std::string& algo, int rank, int size, int64_t count) {
-    py::list out;
-    for (const auto& s : fastar::make_schedule(fastar::parse_algorithm(algo), rank, size, count)) {
-      py::dict d;
-      d["send_peer"] = s.send_peer;
-      d["send"] = py::make_tuple(s.send.begin, s.send.end);
-      d["recv_peer"] = s.recv_peer;
-      d["recv"] = py::make_tuple(s.recv.begin, s.recv.end);
-      d["reduce"] = s.reduce;
-      out.append(d);
-    }
-    return out;
+    return steps_py(fastar::make_schedule(fastar::parse_algorithm(algo), rank, size, count));
   }, "The steps one rank performs (for tests and docs).");
+  m.def("schedule_halves", [](const std::string& kind, const std::string& algo, int rank, int size, int64_t count) {
+    if (kind != "reduce_scatter" && kind != "allgather")
+      throw std::invalid_argument("fastar.schedule_halves: kind must be reduce_scatter or allgather, not " + kind);
+    const auto a = fastar::parse_algorithm(algo);
+    const auto steps = kind == "reduce_scatter" ? fastar::reduce_scatter_schedule(a, rank, size, count)
+                                                : fastar::allgather_schedule(a, rank, size, count);
+    return steps_py(steps);
+  }, py::arg("kind"), py::arg("algorithm"), py::arg("rank"), py::arg("size"), py::arg("count"),
+     "The steps of one half (kind: reduce_scatter or allgather) one rank performs (tests and docs).");
   m.def("remove_stale_shm", &fastar::ShmArena::remove_stale, py::arg("prefix"));
   m.def("pid_namespace", &fastar::ShmArena::pid_namespace);
   m.def("_peer_alive", &fastar::ShmArena::peer_alive_for_test, py::arg("pid"), py::arg("start_ticks"),

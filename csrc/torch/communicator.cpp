@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <stdexcept>
 
 #include "core/reduce.h"
@@ -327,7 +328,8 @@ LatencyProfile Communicator::latency_profile() {
   return profile_;
 }
 
-void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id) {
+void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id,
+                                  const char* what) {
   // One 32-byte header to and from every peer of the schedule before any data moves, so that ranks
   // that disagree fail with a message instead of mismatched receives. The peers come from the
   // schedule of a non-empty buffer, so that a rank passing an empty tensor still takes part.
@@ -335,7 +337,7 @@ void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Ten
   for (const auto& s : make_schedule(algo, tr.rank(), tr.size(), 1))
     for (int p : {s.send_peer, s.recv_peer})
       if (p >= 0 && std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(p);
-  const uint64_t mine[4] = {seq, (uint64_t)t.numel(), (uint64_t)to_dtype(t.scalar_type()), (uint64_t)mode_algo_id};
+  const uint64_t mine[4] = {seq, (uint64_t)t.numel(), (uint64_t)t.scalar_type(), (uint64_t)mode_algo_id};
   std::vector<uint64_t> theirs(4 * peers.size());
   std::vector<Transport::Handle> hs;
   const uint32_t tag = 0x7F000000u | (uint32_t)(seq & 0xFFFF);
@@ -348,7 +350,7 @@ void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Ten
   for (size_t i = 0; i < peers.size(); ++i)
     for (int k = 0; k < 4; ++k)
       if (theirs[4 * i + k] != mine[k])
-        throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[k]) + " of an allreduce: rank " +
+        throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[k]) + " of " + what + ": rank " +
                                  std::to_string(topo_.rank) + " has " + std::to_string(mine[k]) + ", rank " +
                                  std::to_string(tr.global_rank(peers[i])) + " has " +
                                  std::to_string(theirs[4 * i + k]) +
@@ -412,6 +414,123 @@ StreamWait Communicator::run_locked(at::Tensor t, const std::string& algorithm, 
   if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
   last_ = {h, algo, count * (int64_t)dtype_size(dt), now_s() - t0};
   return {};
+}
+
+}  // namespace fastar
+
+namespace fastar {
+
+std::shared_ptr<AsyncWork> Communicator::reduce_scatter(at::Tensor out, at::Tensor in, const std::string& algorithm,
+                                                        bool avg, bool validate, bool async_op) {
+  return halves(true, std::move(out), std::move(in), algorithm, avg, validate, async_op);
+}
+
+std::shared_ptr<AsyncWork> Communicator::allgather(at::Tensor out, at::Tensor in, const std::string& algorithm,
+                                                   bool validate, bool async_op) {
+  return halves(false, std::move(out), std::move(in), algorithm, false, validate, async_op);
+}
+
+std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at::Tensor in,
+                                                const std::string& algorithm, bool avg, bool validate, bool async_op) {
+  const std::string label = std::string(scatter ? "reduce_scatter:" : "allgather:") + algorithm;
+  auto body = [this, scatter, out, in, algorithm, avg, validate] {
+    std::lock_guard<std::mutex> g(exec_mu_);
+    TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+    try {
+      run_halves_locked(scatter, out, in, algorithm, avg, validate);
+    } catch (...) {
+      graveyard_.push_back(out);  // receives may still be posted into them: keep their memory
+      graveyard_.push_back(in);
+      throw;
+    }
+  };
+  {
+    std::unique_lock<std::mutex> l(q_mu_);
+    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+    if (failed_) std::rethrow_exception(failed_error_locked());
+    if (async_op || !queue_.empty() || busy_) {
+      l.unlock();
+      return submit_work([body](AsyncWork&) { body(); }, label);
+    }
+    busy_ = true;
+  }
+  auto work = std::make_shared<AsyncWork>();
+  work->algorithm = label;
+  work->start_s = now_s();
+  std::exception_ptr e;
+  try {
+    body();
+  } catch (...) {
+    e = std::current_exception();
+    fail(e);
+  }
+  work->end_s = now_s();
+  release_inline();
+  if (e) std::rethrow_exception(e);
+  work->finish(nullptr);
+  return work;
+}
+
+void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in,
+                                     const std::string& algorithm, bool avg, bool validate) {
+  const char* what = scatter ? "a reduce_scatter" : "an allgather";
+  for (const at::Tensor* t : {&out, &in}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastar: ", what, " runs on CPU tensors (CUDA ones go to NCCL), not ",
+                t->device());
+    TORCH_CHECK(t->layout() == at::kStrided && t->is_contiguous(), "fastar: ", what,
+                " needs dense contiguous tensors (call .contiguous() first)");
+  }
+  TORCH_CHECK(in.scalar_type() == out.scalar_type(), "fastar: ", what, " needs one dtype for input and output, not ",
+              in.scalar_type(), " and ", out.scalar_type());
+  const int64_t S = topo_.size;
+  const at::Tensor& whole = scatter ? in : out;
+  const at::Tensor& part = scatter ? out : in;
+  TORCH_CHECK(whole.numel() == part.numel() * S, "fastar: ", what, ": the ", scatter ? "input" : "output",
+              " must hold world size (", S, ") x ", part.numel(), " elements (the ", scatter ? "output" : "input",
+              "'s), not ", whole.numel());
+  // A reduce-scatter sums (float dtypes); an allgather only moves bytes, of any dtype.
+  const DType dt = scatter ? to_dtype(in.scalar_type()) : DType::Bytes;
+  const int64_t shard = scatter ? part.numel() : part.numel() * (int64_t)part.element_size();
+  const Algorithm requested = parse_algorithm(algorithm);
+  const uint64_t seq = ++seq_;
+  const double t0 = now_s();
+  const int kind = (scatter ? 512 : 1024);
+  Algorithm algo;
+  if (hier_) {
+    algo = halves_algorithm(requested, topo_.num_nodes);
+    if (validate && cross_ && topo_.num_nodes > 1) {
+      try {
+        validate_peers(*cross_, algo, in, seq, kind + (int)algo, what);
+      } catch (const std::exception& e) {
+        arena_->mark_failed(e.what());  // local peers fail at once, with this reason
+        throw;
+      }
+    }
+    if (scatter)
+      hier_->reduce_scatter(requested, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+    else
+      hier_->allgather(requested, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+  } else {
+    algo = halves_algorithm(requested, (int)S);
+    if (validate && S > 1) validate_peers(*world_, algo, in, seq, kind + (int)algo, what);
+    exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
+    const int r = world_->rank();
+    const size_t es = dtype_size(dt);
+    if (scatter) {
+      at::Tensor work = in.clone();  // the schedule sums in place; the input stays as it was
+      graveyard_.push_back(work);
+      exec_.run(reduce_scatter_schedule(algo, r, (int)S, S * shard), *world_, work.data_ptr(), S * shard, dt);
+      graveyard_.pop_back();
+      std::memcpy(out.data_ptr(), static_cast<char*>(work.data_ptr()) + r * shard * es, shard * es);
+    } else {
+      char* o = static_cast<char*>(out.data_ptr());
+      std::memcpy(o + r * shard, in.data_ptr(), shard);
+      exec_.run(allgather_schedule(algo, r, (int)S, S * shard), *world_, o, S * shard, dt);
+    }
+  }
+  if (scatter && avg && S > 1) scale(dt, out.data_ptr(), 1.0 / S, shard);
+  last_ = {hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, whole.numel() * (int64_t)whole.element_size(),
+           now_s() - t0};
 }
 
 }  // namespace fastar

@@ -79,6 +79,17 @@ class Communicator {
   LatencyProfile latency_profile();
   std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
                                              bool avg, bool validate, const std::string& wire = "");
+  // The two halves of the allreduce as collectives (the torch.distributed backend's
+  // reduce_scatter_tensor and all_gather_into_tensor), CPU tensors only. reduce_scatter: `out` gets
+  // the sum (avg: mean) over all ranks of shard `rank` of `in` (size x out's elements, float dtypes).
+  // allgather: `out` (size x in's elements, any dtype: bytes are moved) gets every rank's `in` at
+  // its place. In shared memory on each node, the schedule's half between nodes (halving/doubling
+  // when the node count is a power of two, else ring). Run at once when nothing is queued and not
+  // async_op (the returned work is then complete), else queued in submission order.
+  std::shared_ptr<AsyncWork> reduce_scatter(at::Tensor out, at::Tensor in, const std::string& algorithm, bool avg,
+                                            bool validate, bool async_op);
+  std::shared_ptr<AsyncWork> allgather(at::Tensor out, at::Tensor in, const std::string& algorithm, bool validate,
+                                       bool async_op);
   // Queues fn behind every collective submitted before it (fastar.wrap's shared-memory buckets).
   std::shared_ptr<AsyncWork> submit(std::function<void()> fn, const std::string& label);
   void set_tensor_groups(const std::string& device_type, TensorGroups g);
@@ -105,7 +116,12 @@ class Communicator {
                  const std::string& wire, const StreamWait& ready);
   StreamWait run_locked(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
                         bool validate, const std::string& wire, const StreamWait& ready);
-  void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id);
+  void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id,
+                      const char* what = "an allreduce");
+  std::shared_ptr<AsyncWork> halves(bool scatter, at::Tensor out, at::Tensor in, const std::string& algorithm,
+                                    bool avg, bool validate, bool async_op);
+  void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, const std::string& algorithm,
+                         bool avg, bool validate);
   void worker_loop();
   void release_inline();  // ends an inline call: lets queued work run
 

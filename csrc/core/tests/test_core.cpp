@@ -168,6 +168,53 @@ static void executor_test(Algorithm algo, int p, int64_t count, int64_t chunk_by
   }
 }
 
+// The halves: reduce-scatter leaves rank r's shard summed over all ranks at shard r (and sends
+// (p-1)/p of the buffer); allgather then spreads every rank's shard to all.
+static void halves_test(Algorithm algo, int p, int64_t count) {
+  Hub hub;
+  std::vector<std::vector<float>> bufs(p, std::vector<float>(count));
+  for (int r = 0; r < p; ++r)
+    for (int64_t i = 0; i < count; ++i) bufs[r][i] = (float)((i % 97) * (r + 1));
+  std::vector<int64_t> sent(p, 0);
+  for (bool scatter : {true, false}) {
+    std::vector<std::thread> th;
+    for (int r = 0; r < p; ++r)
+      th.emplace_back([&, r] {
+        MemTransport tr(hub, r, p);
+        Executor ex;
+        try {
+          auto steps = scatter ? reduce_scatter_schedule(algo, r, p, count) : allgather_schedule(algo, r, p, count);
+          auto st = ex.run(steps, tr, bufs[r].data(), count, DType::Float32);
+          if (scatter) sent[r] = st.bytes_sent;
+        } catch (const std::exception& e) {
+          std::lock_guard<std::mutex> g(hub.mu);
+          CHECK(false, "halves %s p=%d: %s", algorithm_name(algo), p, e.what());
+        }
+      });
+    for (auto& t : th) t.join();
+    if (scatter)
+      for (int r = 0; r < p; ++r) {
+        const int64_t b = part_begin(count, p, r), e = part_begin(count, p, r + 1);
+        for (int64_t i = b; i < e; ++i)
+          if (bufs[r][i] != (float)(i % 97) * (float)(p * (p + 1) / 2)) {
+            CHECK(false, "reduce_scatter %s p=%d count=%lld rank %d element %lld = %f", algorithm_name(algo), p,
+                  (long long)count, r, (long long)i, bufs[r][i]);
+            break;
+          }
+        if (count % p == 0)
+          CHECK(sent[r] * p == (int64_t)(p - 1) * count * 4, "reduce_scatter %s p=%d sent %lld", algorithm_name(algo),
+                p, (long long)sent[r]);
+      }
+  }
+  for (int r = 0; r < p; ++r)
+    for (int64_t i = 0; i < count; ++i)
+      if (bufs[r][i] != (float)(i % 97) * (float)(p * (p + 1) / 2)) {
+        CHECK(false, "allgather %s p=%d count=%lld rank %d element %lld = %f", algorithm_name(algo), p,
+              (long long)count, r, (long long)i, bufs[r][i]);
+        break;
+      }
+}
+
 static void reduce_tests() {
   // half conversions round-trip every finite half exactly
   for (uint32_t h = 0; h < 0x10000; ++h) {
@@ -215,6 +262,13 @@ int main() {
       executor_test(Algorithm::HalvingDoubling, p, c, 4096);
       executor_test(Algorithm::Ring, p, c, 1 << 20);
     }
+  for (int p : {1, 2, 3, 4, 5, 8, 16})
+    for (int64_t c : {0, 1, 5, 64, 1000, 4099}) {
+      halves_test(Algorithm::HalvingDoubling, p, c);
+      halves_test(Algorithm::Ring, p, c);
+    }
+  CHECK(halves_algorithm(Algorithm::HalvingDoubling, 6) == Algorithm::Ring, "halves fall back to ring");
+  CHECK(halves_algorithm(Algorithm::HalvingDoubling, 8) == Algorithm::HalvingDoubling, "halves keep hd");
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);
     return 1;
