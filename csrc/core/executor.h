@@ -1,9 +1,11 @@
-// Runs a schedule over a transport. Receives that are reduced are cut into chunks and
+// The one step loop: runs a schedule over a transport, with a codec (codec.h) for what the bytes
+// are (host sums, a GPU, a compressed wire). Receives that are reduced are cut into chunks and
 // double-buffered, so that summing one chunk overlaps receiving the next.
 #pragma once
 #include <cstdint>
 #include <vector>
 
+#include "codec.h"
 #include "dtype.h"
 #include "schedule.h"
 #include "transport.h"
@@ -27,10 +29,11 @@ class Executor {
   // In-place allreduce (sum) of `count` elements of `t` at `data`, following `steps`.
   void set_tag_base(uint32_t t) { opts_.tag_base = t; }
   ExecutorStats run(const std::vector<Step>& steps, Transport& tr, void* data, int64_t count, DType t);
+  ExecutorStats run(const std::vector<Step>& steps, Transport& tr, void* data, int64_t count, Codec& codec);
 
  private:
   ExecutorOptions opts_;
-  std::vector<char> scratch_;
+  HostSum host_;
 };
 
 }  // namespace fastar

@@ -16,7 +16,14 @@ class Transport {
   virtual Handle isend(int peer, const void* data, size_t bytes, uint32_t tag) = 0;
   virtual Handle irecv(int peer, void* data, size_t bytes, uint32_t tag) = 0;
   // Blocks until the operation completed; throws (with the peer named) on error or timeout.
+  // (A stream-ordered transport, NCCL, makes the current stream wait instead of the CPU.)
   virtual void wait(Handle h) = 0;
+  // A step's sends and receives posted as one group: NCCL, where two ranks that each send to the
+  // other first would each wait for the other's receive. A grouped transport gets one message per
+  // direction and step (no chunks). No-ops elsewhere.
+  virtual bool grouped() const { return false; }
+  virtual void group_begin() {}
+  virtual void group_end() {}
 };
 
 }  // namespace fastar

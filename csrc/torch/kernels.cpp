@@ -191,26 +191,33 @@ void unpack(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::ve
 }
 
 at::Tensor compress(const at::Tensor& flat, at::ScalarType wire) {
+  TORCH_CHECK(wire == at::kHalf || wire == at::kBFloat16, "fastar compress: wire dtype must be float16 or bfloat16, got ",
+              wire);
+  at::Tensor out = at::empty(flat.sizes(), flat.options().dtype(wire));
+  compress_into(flat, out);
+  return out;
+}
+
+void compress_into(const at::Tensor& flat, at::Tensor& out) {
   check_backend("compress", "flat", flat);
   TORCH_CHECK(flat.scalar_type() == at::kFloat, "fastar compress: flat has dtype ", flat.scalar_type(),
               ", but compress takes a float32 bucket; pass a float32 tensor");
   check_contiguous("compress", "flat", flat);
-  TORCH_CHECK(wire == at::kHalf || wire == at::kBFloat16, "fastar compress: wire dtype must be float16 or bfloat16, got ",
-              wire);
-  at::Tensor out = at::empty(flat.sizes(), flat.options().dtype(wire));
+  check_contiguous("compress", "out", out);
+  check_same_device("compress", "flat", flat, "out", out);
+  TORCH_CHECK(out.scalar_type() == at::kHalf || out.scalar_type() == at::kBFloat16,
+              "fastar compress: wire dtype must be float16 or bfloat16, got ", out.scalar_type());
+  TORCH_CHECK(out.numel() == flat.numel(), "fastar compress: out has ", out.numel(), " elements but flat has ",
+              flat.numel());
 #ifdef FASTAR_WITH_CUDA
-  if (flat.is_cuda()) {
-    compress_cuda(flat, out);
-    return out;
-  }
+  if (flat.is_cuda()) return compress_cuda(flat, out);
 #endif
   const float* src = flat.data_ptr<float>();
-  if (wire == at::kHalf) {
+  if (out.scalar_type() == at::kHalf) {
     convert_cpu(src, out.data_ptr<at::Half>(), flat.numel());
   } else {
     convert_cpu(src, out.data_ptr<at::BFloat16>(), flat.numel());
   }
-  return out;
 }
 
 void decompress(const at::Tensor& wire, at::Tensor& flat) {

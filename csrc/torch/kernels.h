@@ -7,6 +7,7 @@ void pack(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vect
 void unpack(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets, double scale);
 // fp32 bucket -> fp16 or bf16 wire copy (wire dtype at::kHalf / at::kBFloat16), and back (decompress writes into an fp32 tensor, fp32 accumulation)
 at::Tensor compress(const at::Tensor& flat, at::ScalarType wire);
+void compress_into(const at::Tensor& flat, at::Tensor& out);  // into a wire tensor of flat's size (the step loop's codec)
 void decompress(const at::Tensor& wire, at::Tensor& flat);
 // dst += src elementwise (fp32, fp64, fp16, bf16; half types accumulate in float) — the sum the schedules use when buffers are on the GPU; CPU version too
 void sum_into(at::Tensor& dst, const at::Tensor& src);

@@ -1,22 +1,62 @@
 #include "torch/pg_transport.h"
 
+#include "torch/kernels.h"  // fault_active (test-only)
+
 #include <stdexcept>
 
 namespace fastar {
 
 PGTransport::PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks, double timeout_s,
-                         std::string name)
+                         std::string name, c10::Device device)
     : pg_(std::move(pg)), global_ranks_(std::move(global_ranks)),
-      timeout_((int64_t)(timeout_s * 1000)), name_(std::move(name)) {
+      timeout_((int64_t)(timeout_s * 1000)), name_(std::move(name)), device_(device) {
   rank_ = pg_->getRank();
   size_ = pg_->getSize();
   if ((int)global_ranks_.size() != size_) throw std::invalid_argument("fastar: global rank list does not match group");
   try {
-    backend_ = pg_->getBackend(c10::DeviceType::CPU);
+    backend_ = pg_->getBackend(device_.type());
   } catch (const std::exception&) {
-    // An NCCL-only group: fastar moves CUDA tensors over it with torch ops (TensorAllreduce) and
-    // never posts CPU bytes to it; post() says so if it ever tried.
+    // A group without a backend for this device (an NCCL-only group, asked for CPU bytes): post()
+    // says so if anything is ever posted.
   }
+}
+
+PGTransport::~PGTransport() {
+  try {
+    drain_skipped();
+  } catch (...) {  // a test's injected fault, at teardown: nothing to report to
+  }
+}
+
+void PGTransport::group_begin() {
+  if (!grouped() || !backend_) return;
+  backend_->startCoalescing();
+  grouping_ = true;
+}
+
+void PGTransport::group_end() {
+  if (!grouping_) return;
+  grouping_ = false;
+  c10::intrusive_ptr<c10d::Work> w;
+  try {
+    w = backend_->endCoalescing();
+  } catch (const std::exception& e) {
+    fail(true, rank_, 0, e);
+  }
+  if (!w) return;
+  if (fault_active(Fault::SkipWait)) {  // test-only: the stream order is lost
+    retired_.push_back(std::move(w));
+    return;
+  }
+  w->wait();  // NCCL: the current stream waits, the CPU does not; the group's watchdog enforces its timeout
+  retired_.push_back(std::move(w));
+  if (retired_.size() > 512) retired_.pop_front();
+}
+
+void PGTransport::drain_skipped() {
+  for (auto& op : skipped_)
+    if (op.work) op.work->wait(timeout_);
+  skipped_.clear();
 }
 
 Transport::Handle PGTransport::isend(int peer, const void* data, size_t bytes, uint32_t tag) {
@@ -33,8 +73,9 @@ Transport::Handle PGTransport::post(bool send, int peer, void* data, size_t byte
     done_ = 0;
   }
   if (!backend_)
-    throw std::runtime_error("fastar: " + name_ + " has no CPU backend (an NCCL-only group): it cannot carry CPU "
-                             "tensors; pass a Gloo group for CPU tensors");
+    throw std::runtime_error("fastar: " + name_ + " has no backend for " + device_.str() +
+                             " tensors (e.g. an NCCL-only group asked for CPU bytes): pass a Gloo group for CPU "
+                             "tensors, an NCCL one for CUDA tensors");
   at::Tensor t = at::from_blob(data, {(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device_));
   std::vector<at::Tensor> v{t};
   c10::intrusive_ptr<c10d::Work> w;
@@ -61,6 +102,16 @@ void PGTransport::fail(bool send, int peer, size_t bytes, const std::exception& 
 
 void PGTransport::wait(Handle h) {
   Op& op = ops_.at((size_t)h);
+  if (!op.work || device_.is_cuda()) {  // NCCL: grouped, group_end made the stream wait
+    op.tensor = at::Tensor();
+    ++done_;
+    return;
+  }
+  if (fault_active(Fault::SkipWait)) {  // test-only: the data is used before it arrived
+    skipped_.push_back(std::move(op));
+    ++done_;
+    return;
+  }
   try {
     op.work->wait(timeout_);
   } catch (const std::exception& e) {

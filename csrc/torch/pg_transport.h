@@ -14,16 +14,25 @@ namespace fastar {
 
 class PGTransport : public Transport {
  public:
-  // global_ranks[i]: the world rank of group rank i (for error messages).
+  // global_ranks[i]: the world rank of group rank i (for error messages). device: where the bytes
+  // are (the group's backend for that device type carries them: Gloo for CPU, NCCL for CUDA).
   PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks, double timeout_s,
-              std::string name);
+              std::string name, c10::Device device = c10::Device(c10::kCPU));
+  ~PGTransport() override;
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   Handle isend(int peer, const void* data, size_t bytes, uint32_t tag) override;
   Handle irecv(int peer, void* data, size_t bytes, uint32_t tag) override;
   void wait(Handle h) override;
+  // NCCL: a step's sends and receives are one group (startCoalescing .. endCoalescing), whose end
+  // makes the current stream wait for them; the CPU never waits for the GPU.
+  bool grouped() const override { return device_.is_cuda(); }
+  void group_begin() override;
+  void group_end() override;
+  // Test-only (Fault::SkipWait, kernels.h): waits skipped under the fault happen here, at the end
+  // of the caller's operation, so that no buffer goes away under them.
+  void drain_skipped();
   void set_timeout(double s) { timeout_ = std::chrono::milliseconds((int64_t)(s * 1000)); }
-  void set_device(c10::Device d) { device_ = d; }
   bool has_backend() const { return (bool)backend_; }
   int global_rank(int r) const { return global_ranks_.at(r); }
   const std::string& name() const { return name_; }
@@ -47,6 +56,8 @@ class PGTransport : public Transport {
   int rank_, size_;
   c10::Device device_ = c10::Device(c10::kCPU);
   std::vector<Op> ops_;
+  std::vector<Op> skipped_;
+  bool grouping_ = false;
   // Finished works are destroyed a few hundred operations later: Gloo's buffer destructor yields
   // until its I/O thread lets go of the buffer, which right after wait() costs milliseconds on a
   // loaded host (seen with strace in ~UnboundBuffer).

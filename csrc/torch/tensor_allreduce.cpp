@@ -8,7 +8,9 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "core/executor.h"
 #include "torch/kernels.h"  // fault_active (test-only)
+#include "torch/tensor_codec.h"
 
 #ifdef FASTAR_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -68,13 +70,6 @@ at::cuda::CUDAStream comm_stream(c10::DeviceIndex dev) {
 }
 #endif
 
-// Test-only (Fault::SkipWait, kernels.h): the Gloo works whose wait was skipped, waited for at the
-// end of run() so that no buffer goes away under them. Per thread: run() and its waits share one.
-std::vector<c10::intrusive_ptr<c10d::Work>>& skipped_waits() {
-  static thread_local std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  return works;
-}
-
 std::string first_line(const std::exception& e) {
   std::string msg = e.what();
   const auto nl = msg.find("\nException raised from");
@@ -116,8 +111,7 @@ StreamWait TensorAllreduce::run(const at::Tensor& t, Algorithm a, Hierarchy h, b
     OneAtenThread one;
     retired_.clear();  // the previous call's Gloo works (see guarded): their pairs are idle by now
     body(flat, a, h, avg, wire, seq);
-    for (auto& w : skipped_waits()) w->wait();  // empty unless a test injected Fault::SkipWait
-    skipped_waits().clear();
+    for (auto& kv : transports_) kv.second->drain_skipped();  // empty unless a test injected Fault::SkipWait
     return {};
   }
 #ifdef FASTAR_WITH_CUDA
@@ -143,10 +137,6 @@ void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
   try {
     const c10::intrusive_ptr<c10d::Work> w = start();  // Gloo throws here when a peer has closed its pair
     if (!w) return;
-    if (fault_active(Fault::SkipWait)) {  // test-only: the results are used before they arrive
-      if (!cuda) skipped_waits().push_back(w);
-      return;
-    }
     if (cuda) {
       w->wait();  // NCCL: the current stream waits, the CPU does not; the group's watchdog enforces its timeout
     } else {
@@ -168,84 +158,29 @@ void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
   }
 }
 
-at::Tensor TensorAllreduce::buffer(int i, int64_t n, const at::TensorOptions& o) {
-  if (o.device().is_cuda()) return at::empty({n}, o);  // the caching allocator keeps it cheap, stream-safe
-  at::Tensor& b = buffers_.at(i);
-  if (!b.defined() || b.scalar_type() != o.dtype().toScalarType() || b.numel() < n) b = at::empty({n}, o);
-  return b.narrow(0, 0, n);
+void TensorAllreduce::set_timeout(double s) {
+  timeout_s_ = s;
+  for (auto& kv : transports_) kv.second->set_timeout(s);
+}
+
+PGTransport& TensorAllreduce::transport(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+                                        const std::vector<int>& granks, const at::Tensor& t, const char* what) {
+  auto& tr = transports_[{pg.get(), t.device().type()}];
+  if (!tr) tr = std::make_unique<PGTransport>(pg, granks, timeout_s_, what, t.device());
+  return *tr;
 }
 
 void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks,
                           const at::Tensor& flat, Algorithm a, at::ScalarType wire, uint64_t seq, const char* what) {
   const int rank = pg->getRank(), size = pg->getSize();
   if (size == 1 || flat.numel() == 0) return;
-  const bool cuda = flat.is_cuda();
-  auto backend = pg->getBackend(flat.device().type());
-  const bool compress = wire != flat.scalar_type();
-  const auto steps = make_schedule(a, rank, size, flat.numel());
-  int64_t most = 0;
-  for (const auto& s : steps) most = std::max({most, s.recv.size(), s.send.size()});
-  // CPU: buffers kept across calls (a fresh one costs its page faults on every call) and plain
-  // same-dtype ops (ATen's mixed-dtype add_ runs at a third of the speed of a cast and an add).
-  const bool cpu_compress = compress && !cuda;
-  at::Tensor scratch = buffer(0, most, flat.options().dtype(wire));
-  at::Tensor wire_send = cpu_compress ? buffer(1, most, flat.options().dtype(wire)) : at::Tensor();
-  at::Tensor widened = cpu_compress ? buffer(2, most, flat.options()) : at::Tensor();
-  // Gloo matches messages by tag: a sender's n-th message to a peer is that peer's n-th receive
-  // from it (ranks of different blocks run different numbers of steps). NCCL ignores tags.
-  const int tag_base = (int)((seq & 0x3FF) << 16);
-  std::vector<int> sent_to(size, 0), recvd_from(size, 0);
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const Step& s = steps[i];
-    std::vector<at::Tensor> sv, rv;
-    if (s.send_peer >= 0 && !s.send.empty()) {
-      at::Tensor src = flat.slice(0, s.send.begin, s.send.end);
-      if (!compress)
-        sv.push_back(src);
-      else if (cpu_compress)  // the previous step's send has completed: its buffer is free
-        sv.push_back(wire_send.narrow(0, 0, src.numel()).copy_(src));
-      else
-        sv.push_back(src.to(wire));
-    }
-    const bool recv = s.recv_peer >= 0 && !s.recv.empty();
-    at::Tensor dst = recv ? flat.slice(0, s.recv.begin, s.recv.end) : at::Tensor();
-    if (recv) rv.push_back(!s.reduce && !compress ? dst : scratch.narrow(0, 0, s.recv.size()));
-    // Described only when a wait fails: this runs for every step of every bucket.
-    auto step_what = [&] {
-      return std::string("step ") + std::to_string(i) + " of " + algorithm_name(a) + " over " + what +
-             " (send to rank " + (sv.empty() ? std::string("-") : std::to_string(granks.at(s.send_peer))) +
-             ", receive from rank " + (rv.empty() ? std::string("-") : std::to_string(granks.at(s.recv_peer))) + ")";
-    };
-    c10::intrusive_ptr<c10d::Work> ws, wr;
-    auto post = [&] {
-      if (!sv.empty()) ws = backend->send(sv, s.send_peer, tag_base + sent_to[s.send_peer]++);
-      if (!rv.empty()) wr = backend->recv(rv, s.recv_peer, tag_base + recvd_from[s.recv_peer]++);
-    };
-    if (cuda) {
-      // NCCL: a step's send and receive are one group, or two ranks sending to each other first
-      // would each wait for the other's receive.
-      guarded(true, [&] { backend->startCoalescing(); post(); return backend->endCoalescing(); }, step_what);
-    } else {
-      guarded(false, [&] { post(); return ws; }, step_what);
-      guarded(false, [&] { return wr; }, step_what);
-    }
-    if (!recv) continue;
-    if (s.reduce)
-      // accumulates in flat's dtype (fp32 for a compressed fp32 bucket)
-      dst.add_(cpu_compress ? widened.narrow(0, 0, dst.numel()).copy_(rv[0]) : rv[0]);
-    else if (rv[0].data_ptr() != dst.data_ptr())
-      dst.copy_(rv[0]);
-  }
-  // Every rank holds the same sum in full precision, but the copies it received were rounded to
-  // the wire's dtype: round everything once, so that every rank ends with the same bits.
-  if (cuda && compress) {
-    flat.copy_(flat.to(wire));
-  } else if (compress) {
-    for (int64_t b = 0; b < flat.numel(); b += most) {
-      at::Tensor part = flat.slice(0, b, std::min(flat.numel(), b + most));
-      part.copy_(wire_send.narrow(0, 0, part.numel()).copy_(part));
-    }
-  }
+  PGTransport& tr = transport(pg, granks, flat, what);
+  TensorCodec codec(flat.options(), wire, &buffers_);
+  // Gloo matches messages by tag (the executor counts each pair's messages from tag_base); NCCL
+  // ignores tags.
+  ExecutorOptions o;
+  o.tag_base = (uint32_t)((seq & 0x3FF) << 16);
+  Executor(o).run(make_schedule(a, rank, size, flat.numel()), tr, flat.data_ptr(), flat.numel(), codec);
 }
 
 void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire,

@@ -1,11 +1,13 @@
-// The allreduce of a tensor through torch ops and c10d collectives, for what the byte-level core
-// (csrc/core, over Gloo and shared memory) does not move:
+// The allreduce of a tensor over c10d process groups, for what the byte-level core (csrc/core,
+// over Gloo and shared memory) does not move:
 //  - CUDA tensors: NCCL process groups, every step enqueued on fastar's own CUDA stream, which waits
 //    for the producer's stream through an event; the consumer's stream waits for fastar's through
 //    another event. The CPU never waits for the GPU.
 //  - a compressed wire (fp16/bf16 on the wire, accumulation in the tensor's own dtype), on either
 //    device: the schedules' sends are cast down, the received halves summed into the full-precision
 //    buffer.
+// The schedules run through the one step loop (core/executor) over a PGTransport of the device's
+// backend, with a TensorCodec (fastar's CUDA kernels on a GPU, the casts of a compressed wire).
 // Hierarchies: flat (halving/doubling or ring over send/recv of the whole group), leader (reduce
 // to local rank 0, the schedule between leaders, broadcast), rail (reduce-scatter inside the node,
 // the schedule over each rail, allgather). The intra-node phase is the group's own collective:
@@ -17,11 +19,13 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/hierarchical.h"
 #include "core/schedule.h"
+#include "torch/pg_transport.h"
 
 namespace fastar {
 
@@ -45,7 +49,7 @@ class TensorAllreduce {
   TensorAllreduce(Topology topo, double timeout_s) : topo_(topo), timeout_s_(timeout_s) {}
   void set_groups(c10::DeviceType type, TensorGroups g);
   bool has_groups(c10::DeviceType type) const { return groups_.count(type) > 0; }
-  void set_timeout(double s) { timeout_s_ = s; }
+  void set_timeout(double s);
 
   // An event on the current stream of t's device (the producer's): the returned function makes
   // the calling thread's current stream wait for it. Empty for CPU tensors.
@@ -67,14 +71,16 @@ class TensorAllreduce {
   template <class Start, class What>
   void guarded(bool cuda, const Start& start, const What& what);
   const TensorGroups& groups(const at::Tensor& t) const;
-  // Scratch i of n elements: on the CPU one of buffers_, grown as needed; on a GPU a fresh tensor.
-  at::Tensor buffer(int i, int64_t n, const at::TensorOptions& o);
+  // The transport over pg for t's device, made on first use and kept (with its retired works).
+  PGTransport& transport(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks,
+                         const at::Tensor& t, const char* what);
 
   Topology topo_;
   double timeout_s_;
   std::map<c10::DeviceType, TensorGroups> groups_;
   std::vector<c10::intrusive_ptr<c10d::Work>> retired_;  // CPU: the last call's finished works
-  std::array<at::Tensor, 3> buffers_;                       // CPU: p2p's receive, send and widening scratch
+  std::array<at::Tensor, 4> buffers_;                       // CPU: the codec's scratch (receive x2, send, widening)
+  std::map<std::pair<c10d::ProcessGroup*, c10::DeviceType>, std::unique_ptr<PGTransport>> transports_;
 };
 
 }  // namespace fastar
