@@ -44,9 +44,6 @@ from . import topology as _topology
 log = logging.getLogger("fastar")
 
 NAME = "fastar"
-# A header exchanged before each native collective so that ranks passing different shapes or dtypes
-# get an error instead of a wrong answer (as fastar.all_reduce does). FASTAR_BACKEND_VALIDATE=0 drops it.
-VALIDATE = os.environ.get("FASTAR_BACKEND_VALIDATE", "1") != "0"
 
 _SUM_AVG = {int(dist.ReduceOp.SUM): False, int(dist.ReduceOp.AVG): True}
 
@@ -160,6 +157,10 @@ class FastarBackend(_C10dBackend):
     def __init__(self, store, rank: int, size: int, timeout: timedelta, global_ranks: list[int],
                  group_id: str = ""):
         super().__init__(rank, size)
+        # A header exchanged before each native collective so that ranks passing different shapes or
+        # dtypes get an error instead of a wrong answer (as fastar.all_reduce does).
+        # FASTAR_BACKEND_VALIDATE=0 drops it; a bad value fails here, before any connection is made.
+        self._validate = settings.backend_validate()
         self._store, self._rank, self._size = store, rank, size
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._default = not global_ranks  # torch passes no ranks for the default (world) group
@@ -340,7 +341,7 @@ class FastarBackend(_C10dBackend):
         return FastarWork(fut, result, pending)
 
     def _submit(self, flat, algo, hier, avg, fut, result, post, rec) -> _Pending:
-        native = self._comm.allreduce_async(flat, algo, hier, avg, VALIDATE)
+        native = self._comm.allreduce_async(flat, algo, hier, avg, self._validate)
         pending = _Pending(self, native, fut, result, post, rec)
         # The completion thread takes the works whose future someone may chain on (get_future), or
         # that end a profiler range. Otherwise the caller's wait() (or is_completed()) completes the

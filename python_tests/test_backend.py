@@ -312,6 +312,34 @@ def test_ddp_and_fsdp_fastar():
         assert "fastar::reduce_scatter" in fsdp["native"], fsdp  # FSDP's gradient reduce-scatter ran on fastar
 
 
+# -- FASTAR_BACKEND_VALIDATE ------------------------------------------------------------------------
+
+def _validate_worker(rank, n):
+    """import fastar with a bad value is fine; creating a backend raises; 0 turns the check off."""
+    import torch.distributed as dist
+
+    import fastar
+    out = {}
+    for value in ("yes", "0", "1"):
+        os.environ["FASTAR_BACKEND_VALIDATE"] = value
+        try:
+            dist.init_process_group("fastar", store=dist.HashStore(), rank=0, world_size=1)
+        except ValueError as e:
+            out[value] = str(e)
+            continue
+        t = torch.ones(5)
+        dist.all_reduce(t)
+        out[value] = (fastar.backend.get_backend()._validate, torch.equal(t, torch.ones(5)))
+        dist.destroy_process_group()
+    return out
+
+
+def test_backend_validate_setting():
+    (out,) = run_workers(_validate_worker, 1, init_dist=False, env={"FASTAR_BACKEND_VALIDATE": "bad"}, timeout=60)
+    assert "FASTAR_BACKEND_VALIDATE='yes' is not valid: expected '0' or '1'" in out["yes"], out
+    assert out["0"] == (False, True) and out["1"] == (True, True), out  # (header exchange, result right)
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 def _error_worker(rank, n):
