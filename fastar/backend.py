@@ -38,7 +38,7 @@ from torch._C._distributed_c10d import Backend as _C10dBackend
 from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
 from torch._C._distributed_c10d import Work as _C10dWork
 
-from . import collectives, diagnose, groups, settings
+from . import collectives, diagnose, groups, settings, state
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
@@ -273,6 +273,26 @@ class FastarBackend(_C10dBackend):
     def communicator(self):
         return self._comm
 
+    # What fastar.init adopts when this is the default group's backend (fastar/state.py).
+    @property
+    def timeout(self) -> timedelta:
+        return self._timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def transport_groups(self) -> tuple:
+        """(world, rail): the c10d ProcessGroups the communicator sends over (rail: None on one node
+        or with one rank per node). Not registered with torch.distributed: no dist.* call takes them."""
+        return self._world_pg, self._cross_pg
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """The communicator's timeout from now on (fastar.set_timeout, when fastar.init adopted it)."""
+        self._comm.set_timeout(timeout.total_seconds())
+        self._wait_s = timeout.total_seconds() + 30
+
     def getBackendName(self) -> str:  # noqa: N802 - the trampoline's name
         return NAME
 
@@ -505,6 +525,7 @@ class FastarBackend(_C10dBackend):
         if self._closed:
             return
         self._closed = True
+        state.backend_closing(self)  # fastar.init's state over this communicator goes first
         self._queue.put(None)
         self._thread.join(self._timeout.total_seconds())
         try:

@@ -168,6 +168,12 @@ class FastarModule(nn.Module):
         if not self._sync:
             return
         if not self._callback_queued:
+            owner = self._state.owner
+            if owner is not None and owner.closed:
+                raise RuntimeError(
+                    "fastar.wrap: this model's gradients went through the communicator of the \"fastar\" "
+                    "default process group, which has been destroyed (dist.destroy_process_group()); "
+                    "after a new init_process_group, wrap the bare model again")
             self._callback_queued = True
             self._bwd_first = time.monotonic()
             self._ranges = _BucketRanges(self) if torch.autograd.profiler._is_profiler_enabled else None
@@ -365,7 +371,10 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     broadcast to every rank at the start of each forward that follows a synchronised one. False
     keeps every worker's own buffers (the paper's per-worker BN; fastar.train passes False).
     A model whose parameters already belong to a live wrapper is refused; a wrapper that is
-    dropped takes its gradient hooks with it."""
+    dropped takes its gradient hooks with it. Under torch.profiler each bucket of a synchronised
+    backward is a range `fastar::bucket <i> <bytes>B <plan> peers=<N>`, from its launch to the end
+    of backward's finalize (_BucketRanges says exactly what it spans); none without the profiler.
+    On a "fastar" default group the buckets go through the backend's communicator (fastar.init)."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
                         hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,
                         gradient_as_bucket_view=gradient_as_bucket_view, compression=compression,
