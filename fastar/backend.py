@@ -40,15 +40,12 @@ from torch._C._distributed_c10d import Backend as _C10dBackend
 from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
 from torch._C._distributed_c10d import Work as _C10dWork
 
-from . import collectives, diagnose, groups, settings
+from . import collectives, diagnose, groups, settings, state
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
 
 NAME = "fastar"
-# A header exchanged before each native collective so that ranks passing different shapes or dtypes
-# get an error instead of a wrong answer (as fastar.all_reduce does). FASTAR_BACKEND_VALIDATE=0 drops it.
-VALIDATE = os.environ.get("FASTAR_BACKEND_VALIDATE", "1") != "0"
 
 _SUM_AVG = {int(dist.ReduceOp.SUM): False, int(dist.ReduceOp.AVG): True}
 
@@ -162,6 +159,10 @@ class FastarBackend(_C10dBackend):
     def __init__(self, store, rank: int, size: int, timeout: timedelta, global_ranks: list[int],
                  group_id: str = ""):
         super().__init__(rank, size)
+        # A header exchanged before each native collective so that ranks passing different shapes or
+        # dtypes get an error instead of a wrong answer (as fastar.all_reduce does).
+        # FASTAR_BACKEND_VALIDATE=0 drops it; a bad value fails here, before any connection is made.
+        self._validate = settings.backend_validate()
         self._store, self._rank, self._size = store, rank, size
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._default = not global_ranks  # torch passes no ranks for the default (world) group
@@ -274,6 +275,26 @@ class FastarBackend(_C10dBackend):
     def communicator(self):
         return self._comm
 
+    # What fastar.init adopts when this is the default group's backend (fastar/state.py).
+    @property
+    def timeout(self) -> timedelta:
+        return self._timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def transport_groups(self) -> tuple:
+        """(world, rail): the c10d ProcessGroups the communicator sends over (rail: None on one node
+        or with one rank per node). Not registered with torch.distributed: no dist.* call takes them."""
+        return self._world_pg, self._cross_pg
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """The communicator's timeout from now on (fastar.set_timeout, when fastar.init adopted it)."""
+        self._comm.set_timeout(timeout.total_seconds())
+        self._wait_s = timeout.total_seconds() + 30
+
     def getBackendName(self) -> str:  # noqa: N802 - the trampoline's name
         return NAME
 
@@ -333,7 +354,7 @@ class FastarBackend(_C10dBackend):
                 self._keep(rec)
                 fut.set_result(result)
                 return FastarWork(fut, result)
-        return self._launch(lambda: self._comm.allreduce_async(flat, algo, hier, avg, VALIDATE), name, fut, result,
+        return self._launch(lambda: self._comm.allreduce_async(flat, algo, hier, avg, self._validate), name, fut, result,
                             post, rec)
 
     def _launch(self, start, name, fut, result, post, rec) -> FastarWork:
@@ -374,10 +395,10 @@ class FastarBackend(_C10dBackend):
         comm = self._comm
         if scatter:
             def start():
-                return comm.reduce_scatter(out, inp, "halving_doubling", avg, VALIDATE, queued)
+                return comm.reduce_scatter(out, inp, "halving_doubling", avg, self._validate, queued)
         else:
             def start():
-                return comm.allgather(out, inp, "halving_doubling", VALIDATE, queued)
+                return comm.allgather(out, inp, "halving_doubling", self._validate, queued)
         fut: torch.futures.Future = torch.futures.Future()
         try:
             return self._launch(start, name, fut, result, post, rec)
@@ -556,6 +577,7 @@ class FastarBackend(_C10dBackend):
         if self._closed:
             return
         self._closed = True
+        state.backend_closing(self)  # fastar.init's state over this communicator goes first
         self._queue.put(None)
         self._thread.join(self._timeout.total_seconds())
         try:

@@ -220,6 +220,8 @@ def explain() -> str:
     lines = [f"rank {t.rank} of {t.size}: node {t.node} of {t.num_nodes}, local rank {t.local_rank} of "
              f"{t.local_size} (local size from {t.source})",
              f"intra-node phase: {'shared memory arena' if st.comm.has_shm() else 'none (one rank per node)'}"]
+    if st.owner is not None:
+        lines.append('communicator: the "fastar" default group\'s, adopted by fastar.init (one per process)')
     for kind, g in st.device_groups.items():
         lines.append(f"{kind} tensor path: {g['desc']}")
     if st.last_choice:

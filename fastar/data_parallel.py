@@ -119,6 +119,7 @@ class FastarModule(nn.Module):
         self._sync = True
         self._rebuilt = False
         self._callback_queued = False
+        self._ranges = None  # this backward's torch.profiler ranges, only while the profiler is on
         self._iteration = 0
         self._bwd_first = self._bwd_end = 0.0
         self._last_stats: list = []
@@ -167,13 +168,37 @@ class FastarModule(nn.Module):
         if not self._sync:
             return
         if not self._callback_queued:
+            owner = self._state.owner
+            if owner is not None and owner.closed:
+                raise RuntimeError(
+                    "fastar.wrap: this model's gradients went through the communicator of the \"fastar\" "
+                    "default process group, which has been destroyed (dist.destroy_process_group()); "
+                    "after a new init_process_group, wrap the bare model again")
             self._callback_queued = True
             self._bwd_first = time.monotonic()
+            self._ranges = _BucketRanges(self) if torch.autograd.profiler._is_profiler_enabled else None
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
         self._engine.mark_ready(i, param.grad)
+        if self._ranges is not None:
+            self._ranges.ready(i)
 
     def _finalize(self):
         self._callback_queued = False
+        ranges, self._ranges = self._ranges, None
+        try:
+            self._finalize_buckets(ranges)
+        finally:
+            if ranges is not None:
+                ranges.close()
+        self._last_stats = self._engine.stats()
+        self._iteration += 1
+        if self.check_finite:
+            self._check_finite()
+        if not self._rebuilt:
+            self._rebuild_from_observed_order()
+
+    def _finalize_buckets(self, ranges):
+        """Waits for every bucket and points .grad at the averages (or raises for a missing gradient)."""
         missing = self._engine.missing()
         if missing and not self.find_unused_parameters:
             self._engine.abandon()  # the next backward starts clean
@@ -189,17 +214,13 @@ class FastarModule(nn.Module):
         # them until zero_grad: freed here, ~100 MB at once (ResNet-50) went back to the system and
         # were faulted in again every step (2 nodes x 1: 10-15k page faults a step, 6-7% slower).
         spare = [p.grad for p in self._params] if self._keep_spare else None
+        if ranges is not None and self.find_unused_parameters:
+            ranges.launch_rest()  # finalize launches the buckets that unused parameters held back
         try:
             self._engine.finalize(self.find_unused_parameters)
         except RuntimeError as e:  # a dead or disagreeing peer: name it, with the others' reports
             reraise(e)
         self._spare = spare
-        self._last_stats = self._engine.stats()
-        self._iteration += 1
-        if self.check_finite:
-            self._check_finite()
-        if not self._rebuilt:
-            self._rebuild_from_observed_order()
 
     def _rebuild_from_observed_order(self):
         # After the first iteration, lay buckets out in the order gradients really became ready, so
@@ -240,6 +261,59 @@ class FastarModule(nn.Module):
                 "bucket_params": [[self._names[i] for i in self._engine.bucket_params(b)]
                                   for b in range(self._engine.num_buckets())]}
 
+
+
+class _BucketRanges:
+    """torch.profiler ranges for one synchronised backward of fastar.wrap, one per bucket, named
+    `fastar::bucket <i> <bytes>B <hierarchy>:<algorithm> peers=<world size>` (as the backend names
+    its collectives). Made only when the profiler is on as the backward's first gradient arrives:
+    without it, fastar.wrap pays one flag test per backward and one `is None` per gradient.
+
+    A range opens at the bucket's launch: the engine queues a bucket on the communicator inside
+    the mark_ready call that brings its last gradient, once every earlier bucket has gone (buckets
+    launch strictly in order); this class keeps the same count in Python and opens the range as
+    that mark_ready returns. The range closes when finalize returns, i.e. when fastar.wrap has
+    waited for every bucket at the end of backward: the engine does not report a single bucket's
+    completion to Python, so a bucket that finished earlier still shows until then. Its own start
+    and end on the communicator's thread are in comm_stats()["buckets"] (and fastar.trace)."""
+
+    __slots__ = ("bucket_of", "pending", "names", "next", "open")
+
+    def __init__(self, module: FastarModule):
+        engine = module._engine
+        self.bucket_of: dict = {}
+        self.pending: list = []
+        for b in range(engine.num_buckets()):
+            params = engine.bucket_params(b)
+            for p in params:
+                self.bucket_of[p] = b
+            self.pending.append(len(params))
+        peers = module._state.topo.size
+        self.names = [f"fastar::bucket {b} {nbytes}B {plan} peers={peers}"
+                      for b, (nbytes, _, _, _, plan) in enumerate(engine.stats())]
+        self.next = 0
+        self.open: list = []
+
+    def ready(self, param: int) -> None:
+        """After mark_ready(param): opens the ranges of the buckets the engine has just launched."""
+        self.pending[self.bucket_of[param]] -= 1
+        while self.next < len(self.pending) and self.pending[self.next] == 0:
+            self._open()
+
+    def launch_rest(self) -> None:
+        while self.next < len(self.pending):
+            self._open()
+
+    def _open(self) -> None:
+        rf = torch.autograd.profiler.record_function(self.names[self.next])
+        rf.__enter__()
+        self.open.append(rf)
+        self.next += 1
+
+    def close(self) -> None:
+        for rf in self.open:
+            rf.__exit__(None, None, None)
+        self.open = []
 
 
 def _grad_hook(wrapper_ref, i: int):
@@ -297,7 +371,10 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     broadcast to every rank at the start of each forward that follows a synchronised one. False
     keeps every worker's own buffers (the paper's per-worker BN; fastar.train passes False).
     A model whose parameters already belong to a live wrapper is refused; a wrapper that is
-    dropped takes its gradient hooks with it."""
+    dropped takes its gradient hooks with it. Under torch.profiler each bucket of a synchronised
+    backward is a range `fastar::bucket <i> <bytes>B <plan> peers=<N>`, from its launch to the end
+    of backward's finalize (_BucketRanges says exactly what it spans); none without the profiler.
+    On a "fastar" default group the buckets go through the backend's communicator (fastar.init)."""
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
                         hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,
                         gradient_as_bucket_view=gradient_as_bucket_view, compression=compression,

@@ -121,7 +121,7 @@ def ensure_device_groups(st: State, device: torch.device) -> None:
                  if topo.num_nodes > 1 else None for lr in range(topo.local_size)]
         cross = rails[topo.local_rank]
     else:
-        world, cross = st.world_group, st.cross_group
+        world, cross = st.transport()  # the communicator's own groups (the backend's, when adopted)
     local = None
     if topo.local_size > 1:
         locals_ = [dist.new_group(ranks=topo.node_ranks(n), backend=backend, timeout=timeout)

@@ -10,6 +10,9 @@ VARIABLES = {
     "FASTAR_SHM_CHUNK_MB": "chunk size of the staged shared-memory path, MiB (default 4)",
     "FASTAR_LOCAL_SIZE": "ranks per node, overriding torchrun's LOCAL_WORLD_SIZE",
     "FASTAR_TRAIN_WRAP": "fastar.train's gradient averaging: fastar or ddp",
+    "FASTAR_BACKEND_VALIDATE": "the \"fastar\" torch.distributed backend's shape and dtype check (a header "
+                               "exchanged before each native collective): 1 (default) or 0 (off); read when a "
+                               "backend's process group is created",
 }
 
 
@@ -53,3 +56,8 @@ def local_size() -> int | None:
 
 def train_wrap() -> str | None:
     return env_choice("FASTAR_TRAIN_WRAP", ("fastar", "ddp"))
+
+
+def backend_validate() -> bool:
+    """FASTAR_BACKEND_VALIDATE: "1" (default) or "0"; read by each FastarBackend as it is created."""
+    return env_choice("FASTAR_BACKEND_VALIDATE", ("0", "1"), "1") == "1"

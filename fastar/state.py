@@ -1,6 +1,7 @@
 """fastar's per-process state: the communicator that fastar.init makes over its own process groups
-and the node's arena, its timeout, and its end (fastar.shutdown, and the hooks that call it before
-torch tears its process groups down or the interpreter exits)."""
+and the node's arena (or adopts from the "fastar" torch.distributed backend of the default group),
+its timeout, and its end (fastar.shutdown, and the hooks that call it before torch tears its process
+groups down or the interpreter exits)."""
 from __future__ import annotations
 
 import atexit
@@ -25,13 +26,23 @@ SHM_FALLBACK_CHUNKS = (1 << 20, 256 << 10)
 class State:
     topo: topology.Topology
     comm: object  # fastar._C.Communicator
-    world_group: object
-    cross_group: object
+    world_group: object  # for torch.distributed calls (broadcasts, object gathers, node_segment)
+    cross_group: object  # this rank's rail group (None on one node, or when adopted: see comm_groups)
     timeout: timedelta
     choice_record: object = None  # a dict, or LATENCY_PATH (see last_choice)
     group_comms: dict = field(default_factory=dict)
     device_groups: dict = field(default_factory=dict)  # "cuda"/"cpu" -> {"world": group, "desc": str}
     processes: list = field(default_factory=list)  # per rank: (host name, pid, start time) at init
+    # The FastarBackend whose communicator this is (fastar.init adopted the "fastar" default group's):
+    # fastar.shutdown() leaves it open, and the backend's shutdown ends this state. None: fastar's own.
+    owner: object = None
+    # (world, rail) the communicator sends over, when they are not world_group/cross_group (the
+    # backend's, which torch.distributed does not know): the CPU tensor path's groups.
+    comm_groups: tuple | None = None
+
+    def transport(self) -> tuple:
+        """(world, rail): the process groups the communicator sends over."""
+        return self.comm_groups or (self.world_group, self.cross_group)
 
     @property
     def last_choice(self) -> dict:
@@ -76,10 +87,19 @@ def require_dist() -> None:
             "(or 'nccl' on GPUs) first, e.g. under torchrun, then fastar.init() or fastar.all_reduce(...).")
 
 
-def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5)):
+def init(local_size: int | None = None, timeout: timedelta | None = None):
     """Creates fastar's own process groups (so its traffic never interleaves with the user's
     collectives) and the node's shared-memory arena. Collective: every rank calls it. Optional:
-    all_reduce and wrap call it with defaults. Returns the topology."""
+    all_reduce and wrap call it with defaults. Returns the topology.
+
+    When the default process group is "fastar" (dist.init_process_group("fastar"), or a CPU half
+    "cpu:fastar"), its backend already owns a communicator, Gloo transport and arena for the whole
+    job: fastar.init adopts them instead of building a second set (fastar.all_reduce, fastar.wrap
+    and the group's dist.* calls then share one communicator, in one submission order), and uses
+    the default group itself for its broadcasts. Unless local_size asks for another node size than
+    the backend's: then fastar builds its own, as beside any other default group (a log line says
+    so). timeout: default 5 minutes; an adopted communicator keeps the group's timeout
+    (init_process_group(timeout=...)); fastar.set_timeout changes it for both."""
     global _state
     require_dist()
     with _lock:
@@ -90,6 +110,17 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
             return _state.topo
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
+        be = _default_fastar_backend()
+        if be is not None:
+            if local_size is None or local_size == be.topology.local_size:
+                _state = _adopt(be, timeout)
+                _install_exit_hooks()
+                return _state.topo
+            log.info("fastar.init(local_size=%d): the \"fastar\" default group's communicator has local_size %d; "
+                     "fastar makes its own process groups, arena and communicator beside it", local_size,
+                     be.topology.local_size)
+        if timeout is None:
+            timeout = timedelta(minutes=5)
         chunk = settings.shm_chunk_bytes()  # a bad FASTAR_SHM_CHUNK_MB fails here, on every rank alike
         topo = topology.detect(local_size)
         world_ranks = list(range(topo.size))
@@ -126,6 +157,42 @@ def init(local_size: int | None = None, timeout: timedelta = timedelta(minutes=5
         _install_exit_hooks()
         log.debug("fastar.init: %s", topo)
         return topo
+
+
+def _default_fastar_backend():
+    """The default group's FastarBackend (its CPU backend), if it is one and still open; else None."""
+    from . import backend  # noqa: PLC0415 - fastar.backend imports this module
+    try:
+        be = backend.get_backend()
+    except Exception:  # noqa: BLE001 - another backend, or none for CPU tensors: not ours to adopt
+        return None
+    return None if be.closed else be
+
+
+def _adopt(be, timeout: timedelta | None) -> State:
+    """fastar's state over the backend's communicator: no process group, arena or communicator of its own."""
+    if timeout is not None and timeout != be.timeout:
+        log.info("fastar.init(timeout=%s): the \"fastar\" default group's communicator keeps the group's "
+                 "timeout (%s); fastar.set_timeout changes it for both", timeout, be.timeout)
+    world = dist.distributed_c10d._get_default_group()
+    processes: list = [None] * be.topology.size
+    dist.all_gather_object(processes, diagnose.this_process(), group=world)
+    log.debug("fastar.init: adopted the \"fastar\" default group's communicator: %s", be.topology)
+    return State(topo=be.topology, comm=be.communicator, world_group=world, cross_group=None,
+                 timeout=be.timeout, processes=processes, owner=be, comm_groups=be.transport_groups)
+
+
+def backend_closing(be) -> None:
+    """The backend `be` shuts down (dist.destroy_process_group, abort, exit): if fastar adopted its
+    communicator, fastar's state ends first, so that later fastar calls meet "not initialised"
+    (or a new init) rather than a closed communicator."""
+    global _state
+    with _lock:
+        st = _state
+        if st is not None and st.owner is be:
+            _state = None
+            for c in st.group_comms.values():
+                c.close()
 
 
 def _install_exit_hooks() -> None:
@@ -172,11 +239,13 @@ def _forget_group(group) -> None:
 def shutdown() -> None:
     """Closes fastar's communicator (not torch.distributed). fastar.init may be called again.
     Call it before dist.destroy_process_group(), which shuts down the process groups that the
-    communicator's threads use."""
+    communicator's threads use. A communicator adopted from the "fastar" default group stays open
+    (the backend owns it; destroying the group closes it): only fastar's state is dropped."""
     global _state
     with _lock:
         if _state is not None:
-            _state.comm.close()
+            if _state.owner is None:  # an adopted communicator stays with its backend
+                _state.comm.close()
             for c in _state.group_comms.values():
                 c.close()
             _state = None
@@ -203,6 +272,9 @@ def set_timeout(timeout: timedelta) -> None:
         timeout = timedelta(seconds=timeout)
     st = get_state()
     st.timeout = timeout
-    st.comm.set_timeout(timeout.total_seconds())
+    if st.owner is not None:
+        st.owner.set_timeout(timeout)  # the backend's own waits follow the communicator's
+    else:
+        st.comm.set_timeout(timeout.total_seconds())
     for c in st.group_comms.values():
         c.set_timeout(timeout.total_seconds())

@@ -334,6 +334,200 @@ def test_ddp_and_fsdp_fastar():
         assert "fastar::allgather" in fsdp["native"], fsdp  # and its parameter all-gathers
 
 
+# -- fastar.init on a "fastar" default group: one communicator -------------------------------------
+
+def _shared_worker(rank, n):
+    """fastar.init() adopts the backend's communicator: fastar.all_reduce and fastar.wrap on it match
+    Gloo, no process group is added, fastar.shutdown() leaves it open; another local_size builds
+    fastar's own beside it."""
+    import copy
+    import logging
+
+    dist, fastar = _init(rank, n)
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastar import collectives
+    be = fastar.backend.get_backend()
+    gloo = dist.new_group(backend="gloo")
+    pg_map = dist.distributed_c10d._world.pg_map
+    groups_before = len(pg_map)
+    topo = fastar.init()
+    st = collectives.get_state()
+    out = {"same_comm": st.comm is be.communicator, "owner": st.owner is be, "topo": topo == be.topology,
+           "new_groups": len(pg_map) - groups_before, "local_size": topo.local_size, "shm": st.comm.has_shm(),
+           "explain": "adopted by fastar.init" in fastar.explain()}
+    # fastar.all_reduce (latency path, general path, avg, async) between dist calls on the same communicator
+    for i, (numel, op) in enumerate(((64, "sum"), (100_000, "sum"), (1000, "avg"))):
+        ref = _ints((numel,), rank, 30 + i)
+        dist.all_reduce(ref, group=gloo)
+        a = _ints((numel,), rank, 30 + i)
+        fastar.all_reduce(a, op=op)
+        if op == "avg":
+            _same_avg(a, ref, n, f"fastar.all_reduce avg {numel}")
+        else:
+            _same(a, ref, f"fastar.all_reduce {numel}")
+        b = _ints((numel,), rank, 30 + i)
+        dist.all_reduce(b)
+        _same(b, ref, f"dist.all_reduce after fastar.all_reduce {numel}")
+    a = _ints((5000,), rank, 40)
+    w = fastar.all_reduce(a, async_op=True)
+    b = _ints((5000,), rank, 40)
+    dist.all_reduce(b)  # queued behind fastar's on the one communicator
+    w.wait()
+    _same(a, b, "async fastar.all_reduce, then dist.all_reduce")
+    # the tensor path (a bf16 wire, flat) over the backend's transport groups; integer sums are exact in bf16
+    a, b = _ints((3000,), rank, 41), _ints((3000,), rank, 41)
+    fastar.all_reduce(a, hierarchy="flat", compression="bf16")
+    dist.all_reduce(b, group=gloo)
+    _same(a, b, "fastar.all_reduce bf16 wire")
+    out["tensor_path"] = st.comm.has_tensor_groups("cpu")
+    # fastar.wrap vs DDP on Gloo: 2 SGD steps, several buckets
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).double()
+    ref, got = DDP(copy.deepcopy(base), process_group=gloo), fastar.wrap(copy.deepcopy(base), bucket_cap_mb=0.004,
+                                                                         first_bucket_mb=0.001)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, got)]
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x, y = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+        for m, opt in zip((ref, got), opts):
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    out["buckets"], out["wrap_shm"] = got._engine.num_buckets(), got._engine.has_arena()
+    out["wrap_diff"] = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), got.parameters()))
+    out["moved"] = (next(got.parameters()) - next(base.parameters())).abs().max().item()
+    # fastar.shutdown() drops fastar's state, not the backend's communicator
+    fastar.shutdown()
+    t = torch.ones(10)
+    dist.all_reduce(t)
+    out["open_after_shutdown"] = torch.equal(t, torch.full((10,), float(n))) and not be.closed
+    # another local_size than the backend's: fastar's own communicator beside it, and a log line
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda r: lines.append(r.getMessage())
+    log = logging.getLogger("fastar")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        fastar.init(local_size=1 if topo.local_size == 2 else 2)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    own = collectives.get_state()
+    out["own"] = own.owner is None and own.comm is not be.communicator and own.topo.local_size != topo.local_size
+    out["log"] = lines
+    a, b = _ints((3000,), rank, 50), _ints((3000,), rank, 50)
+    fastar.all_reduce(a)
+    dist.all_reduce(b, group=gloo)
+    _same(a, b, "fastar.all_reduce on fastar's own communicator")
+    fastar.shutdown()  # closes fastar's own only
+    t = torch.ones(10)
+    dist.all_reduce(t)
+    out["open_after_own_shutdown"] = torch.equal(t, torch.full((10,), float(n)))
+    fastar.init()  # adopts again; destroying the group ends fastar's state with it
+    out["adopted_again"] = collectives.get_state().comm is be.communicator
+    dist.destroy_process_group()
+    out["ended_with_group"] = not fastar.is_initialized() and be.closed
+    return out, os.getpid()
+
+
+@pytest.mark.parametrize("local", [1, 2])
+def test_fastar_init_shares_the_backend_communicator(local):
+    """2 ranks as 2 nodes x 1 (flat) and as 1 node x 2 (shared memory)."""
+    before = fastar_segments()
+    res = run_workers(_shared_worker, 2, init_dist=False, env={"FASTAR_LOCAL_SIZE": str(local)}, timeout=120)
+    for out, _ in res:
+        assert out["same_comm"] and out["owner"] and out["topo"] and out["explain"], out
+        assert out["new_groups"] == 0, out  # no Gloo group, arena or communicator of fastar's own
+        assert out["local_size"] == local and out["shm"] == (local == 2) and out["tensor_path"], out
+        assert out["buckets"] >= 3 and out["wrap_shm"] == (local == 2), out
+        assert out["wrap_diff"] < 1e-9 and out["moved"] > 1e-3, out
+        assert out["open_after_shutdown"] and out["open_after_own_shutdown"], out
+        assert out["own"] and any("makes its own" in line for line in out["log"]), out
+        assert out["adopted_again"] and out["ended_with_group"], out
+    assert not leaked(before, {pid for _, pid in res})
+
+
+# Both shutdown orders, and neither, in real 2-rank jobs (bench/exit_stress.py's runner): every
+# process exits with 0.
+SHARED_EXIT_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import fastar
+from fastar import collectives
+dist.init_process_group("fastar")
+be = fastar.backend.get_backend()
+model = fastar.wrap(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)), bucket_cap_mb=0.01)
+assert collectives.get_state().comm is be.communicator
+model(torch.randn(8, 64)).sum().backward()
+fastar.all_reduce(torch.ones(1000))
+dist.all_reduce(torch.ones(10))
+if sys.argv[1] == "fastar-first":
+    fastar.shutdown()
+    model(torch.randn(8, 64)).sum().backward()  # the backend's communicator is still open
+    t = torch.ones(10)
+    dist.all_reduce(t)
+    assert t[0].item() == 2, t
+    dist.destroy_process_group()
+    assert be.closed
+elif sys.argv[1] == "dist-first":
+    dist.destroy_process_group()
+    assert be.closed and not fastar.is_initialized()
+    for what, call in (("not initialised", lambda: fastar.all_reduce(torch.ones(4))),
+                       ("has been destroyed", lambda: model(torch.randn(8, 64)).sum().backward())):
+        try:
+            call()
+        except RuntimeError as e:
+            assert what in str(e), str(e)
+        else:
+            raise AssertionError(f"no error after destroy_process_group ({what})")
+    fastar.shutdown()
+# "plain-exit": neither; fastar's exit hook and then the backend's release the communicator
+"""
+
+
+@pytest.mark.parametrize("order,local", [("fastar-first", 2), ("dist-first", 2), ("plain-exit", 2),
+                                         ("fastar-first", 1), ("dist-first", 1)])
+def test_shared_communicator_shutdown_orders(order, local):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from exit_stress import run_exit_script
+    before = fastar_segments()
+    codes, errors = run_exit_script(order, local_size=local, timeout=60, script=SHARED_EXIT_SCRIPT)
+    assert codes == [0, 0], errors
+    assert not leaked(before, set())
+
+
+# -- FASTAR_BACKEND_VALIDATE ------------------------------------------------------------------------
+
+def _validate_worker(rank, n):
+    """import fastar with a bad value is fine; creating a backend raises; 0 turns the check off."""
+    import torch.distributed as dist
+
+    import fastar
+    out = {}
+    for value in ("yes", "0", "1"):
+        os.environ["FASTAR_BACKEND_VALIDATE"] = value
+        try:
+            dist.init_process_group("fastar", store=dist.HashStore(), rank=0, world_size=1)
+        except ValueError as e:
+            out[value] = str(e)
+            continue
+        t = torch.ones(5)
+        dist.all_reduce(t)
+        out[value] = (fastar.backend.get_backend()._validate, torch.equal(t, torch.ones(5)))
+        dist.destroy_process_group()
+    return out
+
+
+def test_backend_validate_setting():
+    (out,) = run_workers(_validate_worker, 1, init_dist=False, env={"FASTAR_BACKEND_VALIDATE": "bad"}, timeout=60)
+    assert "FASTAR_BACKEND_VALIDATE='yes' is not valid: expected '0' or '1'" in out["yes"], out
+    assert out["0"] == (False, True) and out["1"] == (True, True), out  # (header exchange, result right)
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 def _error_worker(rank, n):

@@ -286,13 +286,14 @@ def test_peer_liveness_uses_pid_start_time_and_namespace():
 @pytest.mark.parametrize("name,value", [("FASTAR_SHM_CHUNK_MB", "0"), ("FASTAR_SHM_CHUNK_MB", "-4"),
                                         ("FASTAR_SHM_CHUNK_MB", "four"), ("FASTAR_SHM_CHUNK_MB", "nan"),
                                         ("FASTAR_LOCAL_SIZE", "0"), ("FASTAR_LOCAL_SIZE", "2.5"),
-                                        ("FASTAR_TRAIN_WRAP", "horovod")])
+                                        ("FASTAR_TRAIN_WRAP", "horovod"), ("FASTAR_BACKEND_VALIDATE", "yes"),
+                                        ("FASTAR_BACKEND_VALIDATE", "2")])
 def test_bad_environment_values_are_clear_errors(monkeypatch, name, value):
     from fastar import settings
 
     monkeypatch.setenv(name, value)
     fn = {"FASTAR_SHM_CHUNK_MB": settings.shm_chunk_bytes, "FASTAR_LOCAL_SIZE": settings.local_size,
-          "FASTAR_TRAIN_WRAP": settings.train_wrap}[name]
+          "FASTAR_TRAIN_WRAP": settings.train_wrap, "FASTAR_BACKEND_VALIDATE": settings.backend_validate}[name]
     with pytest.raises(ValueError, match=f"{name}='{value}' is not valid"):
         fn()
 

@@ -233,3 +233,52 @@ def test_fresh_gradients_live_until_the_next_forward():
             assert views, ".grad should be the bucket's view, not autograd's tensor"
             assert alive_after_step == 4, "autograd's gradients were freed before the next forward"
             assert alive_after_forward == 0, "autograd's gradients outlived the next forward"
+
+
+def _profiler_worker(rank, n):
+    """One step without the profiler (no range is made), then one under torch.profiler: one
+    `fastar::bucket` range per bucket, with the bucket's bytes, plan and peers."""
+    import torch.autograd.profiler as autograd_profiler
+
+    import fastar
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = fastar.wrap(net, bucket_cap_mb=0.002, first_bucket_mb=0.001)  # ~2 KB per bucket
+    made = []
+    real = autograd_profiler.record_function
+
+    def counting(name, *a, **kw):
+        if name.startswith("fastar::"):
+            made.append(name)
+        return real(name, *a, **kw)
+    autograd_profiler.record_function = counting  # what fastar.wrap calls to open a range
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()  # first step: buckets are re-laid after it
+        nn.functional.cross_entropy(model(x), y).backward()
+        unprofiled = list(made)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x), y).backward()  # after the profiler: none again
+        after = made[len(unprofiled):]
+    finally:
+        autograd_profiler.record_function = real
+    st = model.comm_stats()
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.name.startswith("fastar::bucket")]
+    return {"unprofiled": unprofiled, "made": after, "events": events, "ranges_left": model._ranges,
+            "buckets": [(b["bytes"], b["algorithm"]) for b in st["buckets"]]}
+
+
+def test_profiler_range_per_bucket():
+    for out in run_workers(_profiler_worker, 2, timeout=120):
+        buckets = out["buckets"]
+        assert len(buckets) >= 3, buckets
+        assert out["unprofiled"] == [], "ranges were made without the profiler"
+        expect = [f"fastar::bucket {i} {nbytes}B {plan} peers=2" for i, (nbytes, plan) in enumerate(buckets)]
+        assert out["made"] == expect, (out["made"], expect)  # one per bucket, in launch order; none after
+        names = sorted(name for name, _, _ in out["events"])
+        assert names == sorted(expect), (names, expect)
+        assert sum(int(name.split()[2][:-1]) for name in names) == sum(b for b, _ in buckets)
+        assert all(end >= start for _, start, end in out["events"])
+        assert out["ranges_left"] is None
