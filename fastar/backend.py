@@ -354,7 +354,8 @@ class FastarBackend(_C10dBackend):
                 self._keep(rec)
                 fut.set_result(result)
                 return FastarWork(fut, result)
-        return self._launch(lambda: self._comm.allreduce_async(flat, algo, hier, avg, self._validate), name, fut, result,
+        a, h, _ = groups.route(algo, hier)
+        return self._launch(lambda: self._comm.allreduce_async(flat, a, h, avg, self._validate), name, fut, result,
                             post, rec)
 
     def _launch(self, start, name, fut, result, post, rec) -> FastarWork:
@@ -393,12 +394,13 @@ class FastarBackend(_C10dBackend):
         # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run.
         queued = nbytes > self.HALVES_INLINE_BYTES or torch.autograd.profiler._is_profiler_enabled
         comm = self._comm
+        hd = groups.route("halving_doubling", "flat")[0]  # the halves fall back to ring themselves
         if scatter:
             def start():
-                return comm.reduce_scatter(out, inp, "halving_doubling", avg, self._validate, queued)
+                return comm.reduce_scatter(out, inp, hd, avg, self._validate, queued)
         else:
             def start():
-                return comm.allgather(out, inp, "halving_doubling", self._validate, queued)
+                return comm.allgather(out, inp, hd, self._validate, queued)
         fut: torch.futures.Future = torch.futures.Future()
         try:
             return self._launch(start, name, fut, result, post, rec)

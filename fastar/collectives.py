@@ -19,7 +19,7 @@ from . import topology as _topology
 # Re-exported (noqa: F401): the names other modules, tests and docs import from fastar.collectives.
 from .diagnose import EARLIER_FAILURE, reraise, with_cause  # noqa: F401
 from .groups import (ShmSpaceError, backend_of, check_cuda_path, ensure_device_groups, extension,  # noqa: F401
-                     group_comm, job_id, node_segment)
+                     group_comm, job_id, node_segment, route)
 from .state import (LATENCY_PATH, SHM_FALLBACK_CHUNKS, State, current, get_state, init,  # noqa: F401
                     is_initialized, require_dist, set_timeout, shutdown, warn_once)
 
@@ -201,11 +201,11 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
                       "requested": (algorithm, hierarchy), "device": str(tensor.device), "compression": wire}
     if log.isEnabledFor(logging.DEBUG):
         log.debug("fastar.all_reduce %d B: %s:%s (%s)", nbytes, hier, algo, why)
+    a, h, w = route(algo, hier, wire)
     if async_op:
-        return Work(comm.allreduce_async(tensor, algo, hier, avg, validate, wire), tensor,
-                    st.timeout.total_seconds() + 30)
+        return Work(comm.allreduce_async(tensor, a, h, avg, validate, w), tensor, st.timeout.total_seconds() + 30)
     try:
-        comm.allreduce(tensor, algo, hier, avg, validate, wire)
+        comm.allreduce(tensor, a, h, avg, validate, w)
     except RuntimeError as e:
         reraise(e)
     return None

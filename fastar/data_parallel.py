@@ -16,7 +16,7 @@ from torch import nn
 
 from . import collectives
 from .diagnose import reraise
-from .groups import extension
+from .groups import extension, route
 from .state import require_dist, warn_once
 
 log = logging.getLogger("fastar")
@@ -104,7 +104,7 @@ class FastarModule(nn.Module):
         self._engine = extension().BucketEngine(
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
             int(first_bucket_mb * (1 << 20)), gradient_as_bucket_view)  # waits read the communicator's timeout
-        self._engine.set_wire(wire)
+        self._engine.set_wire(route("halving_doubling", "flat", wire)[2])
         self._apply_choices()
         if st.topo.local_size > 1 and shm_buckets and device.type == "cpu" and not wire:
             # Buckets live in the node's shared memory: the local phase reads them where they are.
@@ -136,7 +136,7 @@ class FastarModule(nn.Module):
         topo = self._state.topo
         for b in range(self._engine.num_buckets()):
             algo, hier, _ = collectives.choose(self._engine.bucket_bytes(b), self._algorithm, self._hierarchy, topo)
-            self._engine.set_choice(b, algo, hier)
+            self._engine.set_choice(b, *route(algo, hier)[:2])
 
     def forward(self, *args, **kwargs):
         self._spare = None  # last backward's own gradients: their memory now serves this forward

@@ -24,6 +24,20 @@ def extension():
     return _C
 
 
+_ROUTE_ENUMS: dict = {}
+
+
+def route(algorithm: str, hierarchy: str, wire: str | None = None) -> tuple:
+    """A resolved route (fastar.policy's names) as the binding's enums: _C.Algorithm, _C.Hierarchy,
+    _C.Wire. The route crosses into C++ as these, never as strings."""
+    if not _ROUTE_ENUMS:
+        ext = extension()
+        for kind in (ext.Algorithm, ext.Hierarchy, ext.Wire):
+            _ROUTE_ENUMS.update({(kind.__name__, n): v for n, v in kind.__members__.items()})
+    return (_ROUTE_ENUMS[("Algorithm", algorithm)], _ROUTE_ENUMS[("Hierarchy", hierarchy)],
+            _ROUTE_ENUMS[("Wire", wire or "none")])
+
+
 class ShmSpaceError(RuntimeError):
     """/dev/shm cannot hold a segment fastar needs (raised on every rank of the job alike)."""
 

@@ -14,14 +14,17 @@ from mp_utils import run_workers
 ALGOS = ("halving_doubling", "ring")
 
 
-def simulate(algo: str, size: int, count: int):
+def simulate(algo: str, size: int, count: int, kind: str = "allreduce"):
     """Runs every rank's schedule against FIFO channels per (sender, receiver), as the executor does
     over a transport whose sends complete without the receiver. An element's value is an interned
     sum expression: leaves are ranks, a reduce makes (dst, src) in the order the kernel adds them.
     Returns the final expression id of every element on every rank, the expression table, and the
-    elements each rank sent."""
+    elements each rank sent. kind: "allreduce", or one of its halves ("reduce_scatter", "allgather")."""
     from fastar import _C
-    scheds = [_C.schedule(algo, r, size, count) for r in range(size)]
+    if kind == "allreduce":
+        scheds = [_C.schedule(algo, r, size, count) for r in range(size)]
+    else:
+        scheds = [_C.schedule_halves(kind, algo, r, size, count) for r in range(size)]
     exprs = {}          # id -> (mask, left id, right id)
     intern = {}
 
@@ -93,6 +96,63 @@ def test_schedule_reduces_every_element_exactly_once(algo, size, count):
         for r in range(1, size):
             # same expression = same additions in the same order: bitwise identical on every rank
             assert bufs[r][i] == e, f"element {i}: rank {r} summed differently from rank 0"
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(algo=st.sampled_from(ALGOS), size=st.integers(1, 40), count=st.integers(0, 150))
+def test_halves_reduce_scatter_then_allgather(algo, size, count):
+    """The halves (the backend's reduce_scatter and allgather): after the reduce-scatter rank r's
+    shard r holds every rank's contribution exactly once, and each rank sends (p-1)/p of the buffer
+    when the count divides; the allgather then carries each shard, unchanged, to every rank."""
+    from fastar import _C
+    bufs, exprs, sent = simulate(algo, size, count, "reduce_scatter")
+    full = (1 << size) - 1
+    q, rem = divmod(count, size)
+    bounds = [i * q + min(i, rem) for i in range(size + 1)]  # part_begin: balanced shards
+    for r in range(size):
+        for i in range(bounds[r], bounds[r + 1]):
+            assert exprs[bufs[r][i]][0] == full, f"rank {r} element {i} misses {bin(full & ~exprs[bufs[r][i]][0])}"
+    if count % size == 0:
+        assert sent == [(size - 1) * (count // size)] * size
+    # the allgather, simulated on its own: every rank starts with only its shard "known"
+    scheds = [_C.schedule_halves("allgather", algo, r, size, count) for r in range(size)]
+    have = [[r if bounds[r] <= i < bounds[r + 1] else None for i in range(count)] for r in range(size)]
+    chans, pc = defaultdict(deque), [0] * size
+    while not all(pc[r] == len(scheds[r]) for r in range(size)):
+        progress = False
+        for r in range(size):
+            if pc[r] == len(scheds[r]):
+                continue
+            s = scheds[r][pc[r]]
+            (sb, se), (rb, re_) = s["send"], s["recv"]
+            assert not s["reduce"], "an allgather step sums"
+            if s.get("_posted") is None and s["send_peer"] >= 0 and se > sb:
+                assert all(v is not None for v in have[r][sb:se]), f"rank {r} sends shards it does not have yet"
+                chans[(r, s["send_peer"])].append(have[r][sb:se])
+            s["_posted"] = True
+            if s["recv_peer"] >= 0 and re_ > rb:
+                q_ = chans[(s["recv_peer"], r)]
+                if not q_:
+                    continue
+                have[r][rb:re_] = q_.popleft()
+            pc[r] += 1
+            progress = True
+        assert progress, f"allgather deadlock at steps {pc}"
+    owner = [next(o for o in range(size) if bounds[o] <= i < bounds[o + 1]) for i in range(count)]
+    assert all(have[r] == owner for r in range(size)), "a rank ends without every shard from its owner"
+    assert _C.schedule_halves("reduce_scatter", "halving_doubling", 0, 6, 12) == \
+        _C.schedule_halves("reduce_scatter", "ring", 0, 6, 12), "6 ranks: halving/doubling halves fall back to ring"
+
+
+def test_route_enums_match_the_policy_names():
+    """The route crosses the binding as _C's enums, named as fastar.policy names the choices."""
+    from fastar import _C, groups, policy
+    assert tuple(_C.Algorithm.__members__) == policy.ALGORITHMS[1:]
+    assert tuple(_C.Hierarchy.__members__) == policy.HIERARCHIES[1:]
+    assert tuple(_C.Wire.__members__) == ("none", "fp16", "bf16")
+    a, h, w = groups.route("ring", "rail", "bf16")
+    assert (a, h, w) == (_C.Algorithm.ring, _C.Hierarchy.rail, _C.Wire.bf16)
+    assert groups.route("halving_doubling", "flat")[2] == _C.Wire.none
 
 
 @settings(max_examples=60, deadline=None)

@@ -35,6 +35,20 @@ static py::list steps_py(const std::vector<fastar::Step>& steps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastar: hierarchical halving/doubling allreduce (compiled core)";
 
+  // The route crosses the binding as these enums (fastar/policy.py mirrors their values, and a test
+  // checks that they agree); their names are the ones fastar's API and records use.
+  py::enum_<fastar::Algorithm>(m, "Algorithm")
+      .value("halving_doubling", fastar::Algorithm::HalvingDoubling)
+      .value("ring", fastar::Algorithm::Ring);
+  py::enum_<fastar::Hierarchy>(m, "Hierarchy")
+      .value("flat", fastar::Hierarchy::Flat)
+      .value("leader", fastar::Hierarchy::Leader)
+      .value("rail", fastar::Hierarchy::Rail);
+  py::enum_<fastar::Wire>(m, "Wire")
+      .value("none", fastar::Wire::None)
+      .value("fp16", fastar::Wire::Fp16)
+      .value("bf16", fastar::Wire::Bf16);
+
   py::class_<fastar::AsyncWork, std::shared_ptr<fastar::AsyncWork>>(m, "AsyncWork")
       .def("wait", &fastar::AsyncWork::wait, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def("is_completed", &fastar::AsyncWork::is_completed)
@@ -57,7 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("num_nodes"), py::arg("world"), py::arg("world_ranks"), py::arg("cross"), py::arg("cross_ranks"),
            py::arg("shm_name"), py::arg("shm_create"), py::arg("shm_chunk_bytes"), py::arg("timeout_s"))
       .def("allreduce", &Communicator::allreduce, py::arg("tensor"), py::arg("algorithm"), py::arg("hierarchy"),
-           py::arg("avg"), py::arg("validate"), py::arg("wire") = "", py::call_guard<py::gil_scoped_release>())
+           py::arg("avg"), py::arg("validate"), py::arg("wire") = fastar::Wire::None,
+           py::call_guard<py::gil_scoped_release>())
       // Positional (tensor, avg): the latency path skips pybind's keyword matching.
       .def("allreduce_fast", &Communicator::allreduce_fast, py::call_guard<py::gil_scoped_release>())
       .def("set_latency_profile", &Communicator::set_latency_profile, py::arg("on"))
@@ -74,7 +89,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return d;
            })
       .def("allreduce_async", &Communicator::allreduce_async, py::arg("tensor"), py::arg("algorithm"),
-           py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::arg("wire") = "",
+           py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::arg("wire") = fastar::Wire::None,
            py::call_guard<py::gil_scoped_release>())
       .def("reduce_scatter", &Communicator::reduce_scatter, py::arg("output"), py::arg("input"),
            py::arg("algorithm"), py::arg("avg"), py::arg("validate"), py::arg("async_op"),

@@ -122,7 +122,7 @@ int64_t BucketEngine::bucket_bytes(int64_t b) const {
   return bk.flat.numel() * (int64_t)bk.flat.element_size();
 }
 
-void BucketEngine::set_choice(int64_t b, const std::string& algorithm, const std::string& hierarchy) {
+void BucketEngine::set_choice(int64_t b, Algorithm algorithm, Hierarchy hierarchy) {
   buckets_.at(b).algorithm = algorithm;
   buckets_.at(b).hierarchy = hierarchy;
 }
@@ -131,9 +131,9 @@ void BucketEngine::launch_ready_locked() {
   // Strictly in bucket order, so that every rank issues the same sequence of collectives.
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& b = buckets_[next_launch_++];
-    if (arena_ && b.hierarchy != "flat") {
-      const Hierarchy h = parse_hierarchy(b.hierarchy);
-      const Algorithm a = parse_algorithm(b.algorithm);
+    if (arena_ && b.hierarchy != Hierarchy::Flat) {
+      const Hierarchy h = b.hierarchy;
+      const Algorithm a = b.algorithm;
       const int64_t off = b.region_offset, n = b.flat.numel();
       const DType dt = to_dtype(b.flat.scalar_type());
       const uint64_t seq = ++seq_;
@@ -145,7 +145,7 @@ void BucketEngine::launch_ready_locked() {
             arena->set_timeout(comm->timeout_s());  // fastar.set_timeout reaches wrap's buckets at once
             ar->allreduce(h, a, off, n, dt, seq);
           },
-          b.hierarchy + ":" + b.algorithm);
+          route_label(h, a));
     } else {
       b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false, wire_);
     }
@@ -288,9 +288,9 @@ std::vector<std::tuple<int64_t, double, double, double, std::string>> BucketEngi
   std::lock_guard<std::mutex> g(mu_);
   std::vector<std::tuple<int64_t, double, double, double, std::string>> out;
   for (const auto& b : buckets_) {
-    const bool compressed = !wire_.empty() && (b.flat.scalar_type() == at::kFloat || b.flat.scalar_type() == at::kDouble);
+    const bool compressed = wire_ != Wire::None && (b.flat.scalar_type() == at::kFloat || b.flat.scalar_type() == at::kDouble);
     out.emplace_back(b.flat.numel() * (int64_t)b.flat.element_size(), b.ready_s, b.work ? b.work->start_s : 0.0,
-                     b.work ? b.work->end_s : 0.0, b.hierarchy + ":" + b.algorithm + (compressed ? ":" + wire_ : ""));
+                     b.work ? b.work->end_s : 0.0, route_label(b.hierarchy, b.algorithm, compressed ? wire_ : Wire::None));
   }
   return out;
 }

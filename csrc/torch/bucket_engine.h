@@ -20,7 +20,8 @@ struct Bucket {
   std::vector<int64_t> offsets;  // element offset of each parameter in flat
   at::Tensor flat;
   int64_t pending = 0;
-  std::string algorithm = "halving_doubling", hierarchy = "flat";
+  Algorithm algorithm = Algorithm::HalvingDoubling;
+  Hierarchy hierarchy = Hierarchy::Flat;
   std::shared_ptr<AsyncWork> work;
   double ready_s = 0;  // when its last gradient arrived
   int64_t region_offset = 0;  // byte offset in the shared region, when buckets live there
@@ -48,9 +49,9 @@ class BucketEngine {
   int64_t num_buckets() const { return (int64_t)buckets_.size(); }
   int64_t bucket_bytes(int64_t b) const;
   std::vector<int64_t> bucket_params(int64_t b) const { return buckets_.at(b).params; }
-  void set_choice(int64_t b, const std::string& algorithm, const std::string& hierarchy);
-  // "" (none), "fp16" or "bf16": the dtype of gradients on the wire (accumulation stays fp32).
-  void set_wire(const std::string& wire) { wire_ = wire; }
+  void set_choice(int64_t b, Algorithm algorithm, Hierarchy hierarchy);
+  // The dtype of gradients on the wire (accumulation stays fp32).
+  void set_wire(Wire wire) { wire_ = wire; }
 
   void mark_ready(int64_t param, const at::Tensor& grad);
   // Parameters that got no gradient this iteration (finalize then launches nothing for them).
@@ -87,7 +88,7 @@ class BucketEngine {
   int64_t cap_bytes_, first_cap_bytes_;
   bool as_view_;
   double scale_;
-  std::string wire_;
+  Wire wire_ = Wire::None;
   size_t next_launch_ = 0;
   bool started_ = false;
   mutable std::mutex mu_;

@@ -11,21 +11,16 @@
 namespace fastar {
 namespace {
 
-at::ScalarType parse_wire(const std::string& w, at::ScalarType own) {
+at::ScalarType wire_dtype(Wire w, at::ScalarType own) {
   // Only fp32/fp64 tensors are compressed; 16-bit ones already are.
-  if (w.empty() || w == "none" || (own != at::kFloat && own != at::kDouble)) return own;
-  if (w == "fp16" || w == "float16" || w == "half") return at::kHalf;
-  if (w == "bf16" || w == "bfloat16") return at::kBFloat16;
-  throw std::invalid_argument("fastar: unknown wire compression '" + w + "' (expected none, fp16 or bf16)");
+  if (w == Wire::None || (own != at::kFloat && own != at::kDouble)) return own;
+  return w == Wire::Fp16 ? at::kHalf : at::kBFloat16;
 }
 
 }  // namespace
 
-Hierarchy parse_hierarchy(const std::string& h) {
-  if (h == "flat") return Hierarchy::Flat;
-  if (h == "leader") return Hierarchy::Leader;
-  if (h == "rail") return Hierarchy::Rail;
-  throw std::invalid_argument("fastar: unknown hierarchy '" + h + "' (expected flat, leader or rail)");
+std::string route_label(Hierarchy h, Algorithm a, Wire w) {
+  return std::string(hierarchy_name(h)) + ":" + algorithm_name(a) + (w == Wire::None ? "" : std::string(":") + wire_name(w));
 }
 
 void AsyncWork::wait(double timeout_s) {
@@ -190,16 +185,15 @@ void Communicator::worker_loop() {
   }
 }
 
-std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, const std::string& algorithm,
-                                                         const std::string& hierarchy, bool avg, bool validate,
-                                                         const std::string& wire) {
+std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy,
+                                                         bool avg, bool validate, Wire wire) {
   // A GPU tensor's producer is whatever the caller's stream has queued so far: mark that point now.
   StreamWait ready = TensorAllreduce::producer_event(t);
   return submit_work(
       [this, t, algorithm, hierarchy, avg, validate, wire, ready](AsyncWork& w) {
         w.stream_wait = run(t, algorithm, hierarchy, avg, validate, wire, ready);
       },
-      hierarchy + ":" + algorithm + (wire.empty() ? "" : ":" + wire));
+      route_label(hierarchy, algorithm, wire));
 }
 
 std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const std::string& label) {
@@ -236,8 +230,8 @@ std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWor
   return work;
 }
 
-void Communicator::allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
-                             bool validate, const std::string& wire) {
+void Communicator::allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
+                             Wire wire) {
   {
     // Run inline unless queued work must go first: same order on every rank, no thread hop.
     std::unique_lock<std::mutex> l(q_mu_);
@@ -357,8 +351,8 @@ void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Ten
                                  ". Every rank must call the same collectives with tensors of the same shape and dtype.");
 }
 
-StreamWait Communicator::run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
-                             bool validate, const std::string& wire_name, const StreamWait& ready) {
+StreamWait Communicator::run(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
+                             Wire wire_name, const StreamWait& ready) {
   std::lock_guard<std::mutex> g(exec_mu_);
   TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
   try {
@@ -369,13 +363,13 @@ StreamWait Communicator::run(at::Tensor t, const std::string& algorithm, const s
   }
 }
 
-StreamWait Communicator::run_locked(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
-                                    bool avg, bool validate, const std::string& wire_name, const StreamWait& ready) {
+StreamWait Communicator::run_locked(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
+                                    Wire wire_name, const StreamWait& ready) {
   TORCH_CHECK(t.is_contiguous() && t.layout() == at::kStrided, "fastar: allreduce needs a dense contiguous tensor");
   const DType dt = to_dtype(t.scalar_type());
-  const Algorithm algo = parse_algorithm(algorithm);
-  Hierarchy h = parse_hierarchy(hierarchy);
-  const at::ScalarType wire = parse_wire(wire_name, t.scalar_type());
+  const Algorithm algo = algorithm;
+  Hierarchy h = hierarchy;
+  const at::ScalarType wire = wire_dtype(wire_name, t.scalar_type());
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
   const int64_t count = t.numel();
@@ -420,19 +414,19 @@ StreamWait Communicator::run_locked(at::Tensor t, const std::string& algorithm, 
 
 namespace fastar {
 
-std::shared_ptr<AsyncWork> Communicator::reduce_scatter(at::Tensor out, at::Tensor in, const std::string& algorithm,
+std::shared_ptr<AsyncWork> Communicator::reduce_scatter(at::Tensor out, at::Tensor in, Algorithm algorithm,
                                                         bool avg, bool validate, bool async_op) {
   return halves(true, std::move(out), std::move(in), algorithm, avg, validate, async_op);
 }
 
-std::shared_ptr<AsyncWork> Communicator::allgather(at::Tensor out, at::Tensor in, const std::string& algorithm,
+std::shared_ptr<AsyncWork> Communicator::allgather(at::Tensor out, at::Tensor in, Algorithm algorithm,
                                                    bool validate, bool async_op) {
   return halves(false, std::move(out), std::move(in), algorithm, false, validate, async_op);
 }
 
-std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at::Tensor in,
-                                                const std::string& algorithm, bool avg, bool validate, bool async_op) {
-  const std::string label = std::string(scatter ? "reduce_scatter:" : "allgather:") + algorithm;
+std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at::Tensor in, Algorithm algorithm,
+                                                bool avg, bool validate, bool async_op) {
+  const std::string label = std::string(scatter ? "reduce_scatter:" : "allgather:") + algorithm_name(algorithm);
   auto body = [this, scatter, out, in, algorithm, avg, validate] {
     std::lock_guard<std::mutex> g(exec_mu_);
     TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
@@ -471,8 +465,8 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
   return work;
 }
 
-void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in,
-                                     const std::string& algorithm, bool avg, bool validate) {
+void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm,
+                                     bool avg, bool validate) {
   const char* what = scatter ? "a reduce_scatter" : "an allgather";
   for (const at::Tensor* t : {&out, &in}) {
     TORCH_CHECK(t->device().is_cpu(), "fastar: ", what, " runs on CPU tensors (CUDA ones go to NCCL), not ",
@@ -491,7 +485,7 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
   // A reduce-scatter sums (float dtypes); an allgather only moves bytes, of any dtype.
   const DType dt = scatter ? to_dtype(in.scalar_type()) : DType::Bytes;
   const int64_t shard = scatter ? part.numel() : part.numel() * (int64_t)part.element_size();
-  const Algorithm requested = parse_algorithm(algorithm);
+  const Algorithm requested = algorithm;
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
   const int kind = (scatter ? 512 : 1024);

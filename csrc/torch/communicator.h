@@ -25,8 +25,8 @@ inline double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// "flat" | "leader" | "rail"; throws std::invalid_argument naming the choices.
-Hierarchy parse_hierarchy(const std::string& h);
+// A route's name, as records and AsyncWork labels show it: "leader:halving_doubling[:bf16]".
+std::string route_label(Hierarchy h, Algorithm a, Wire w = Wire::None);
 
 // A handle for an allreduce in flight (async_op=True, or a bucket of fastar.wrap).
 class AsyncWork {
@@ -61,12 +61,12 @@ class Communicator {
   ~Communicator();
   void close();
   void unlink_shm();
-  // In-place sum (avg: then divided by the world size). algorithm/hierarchy are resolved names.
-  // wire: "" (the tensor's dtype), "fp16" or "bf16": the dtype on the wire, accumulation in the
+  // In-place sum (avg: then divided by the world size) over a resolved route (fastar/policy.py
+  // decides it; the enums cross the binding). wire: the dtype on the wire, accumulation in the
   // tensor's. CUDA tensors and compressed wires take the TensorAllreduce path (process groups
   // registered with set_tensor_groups); the rest the byte-level core (Gloo, shared memory).
-  void allreduce(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate,
-                 const std::string& wire = "");
+  void allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
+                 Wire wire = Wire::None);
   // The latency path: a small CPU tensor on one node, auto route, run at once in shared memory.
   // No allocation, no header exchange (the arena's descriptor check validates the call), no
   // strings. Returns false, having done nothing, when the call is not for it (another device or
@@ -77,8 +77,8 @@ class Communicator {
   // bench/latency_breakdown.py. Off by default (each stage costs a clock read when on).
   void set_latency_profile(bool on);
   LatencyProfile latency_profile();
-  std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, const std::string& algorithm, const std::string& hierarchy,
-                                             bool avg, bool validate, const std::string& wire = "");
+  std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg,
+                                             bool validate, Wire wire = Wire::None);
   // The two halves of the allreduce as collectives (the torch.distributed backend's
   // reduce_scatter_tensor and all_gather_into_tensor), CPU tensors only. reduce_scatter: `out` gets
   // the sum (avg: mean) over all ranks of shard `rank` of `in` (size x out's elements, float dtypes).
@@ -86,9 +86,9 @@ class Communicator {
   // its place. In shared memory on each node, the schedule's half between nodes (halving/doubling
   // when the node count is a power of two, else ring). Run at once when nothing is queued and not
   // async_op (the returned work is then complete), else queued in submission order.
-  std::shared_ptr<AsyncWork> reduce_scatter(at::Tensor out, at::Tensor in, const std::string& algorithm, bool avg,
+  std::shared_ptr<AsyncWork> reduce_scatter(at::Tensor out, at::Tensor in, Algorithm algorithm, bool avg,
                                             bool validate, bool async_op);
-  std::shared_ptr<AsyncWork> allgather(at::Tensor out, at::Tensor in, const std::string& algorithm, bool validate,
+  std::shared_ptr<AsyncWork> allgather(at::Tensor out, at::Tensor in, Algorithm algorithm, bool validate,
                                        bool async_op);
   // Queues fn behind every collective submitted before it (fastar.wrap's shared-memory buckets).
   std::shared_ptr<AsyncWork> submit(std::function<void()> fn, const std::string& label);
@@ -112,16 +112,16 @@ class Communicator {
 
  private:
   std::shared_ptr<AsyncWork> submit_work(std::function<void(AsyncWork&)> fn, const std::string& label);
-  StreamWait run(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg, bool validate,
-                 const std::string& wire, const StreamWait& ready);
-  StreamWait run_locked(at::Tensor t, const std::string& algorithm, const std::string& hierarchy, bool avg,
-                        bool validate, const std::string& wire, const StreamWait& ready);
+  StreamWait run(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate, Wire wire,
+                 const StreamWait& ready);
+  StreamWait run_locked(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate, Wire wire,
+                        const StreamWait& ready);
   void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id,
                       const char* what = "an allreduce");
-  std::shared_ptr<AsyncWork> halves(bool scatter, at::Tensor out, at::Tensor in, const std::string& algorithm,
-                                    bool avg, bool validate, bool async_op);
-  void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, const std::string& algorithm,
-                         bool avg, bool validate);
+  std::shared_ptr<AsyncWork> halves(bool scatter, at::Tensor out, at::Tensor in, Algorithm algorithm, bool avg,
+                                    bool validate, bool async_op);
+  void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm, bool avg,
+                         bool validate);
   void worker_loop();
   void release_inline();  // ends an inline call: lets queued work run
 
