@@ -241,7 +241,10 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
 namespace fastar {
 
 int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
-  const int64_t w = arena_->chunk_bytes() / (pieces * (int64_t)dtype_size(t));
+  // One node: chunks that stay in cache between the copy-in and the peers' reads (as the
+  // allreduce's one-node pipeline); between nodes the arena's.
+  const int64_t chunk = num_nodes_ > 1 ? arena_->chunk_bytes() : std::min(arena_->chunk_bytes(), local_chunk_bytes);
+  const int64_t w = chunk / (pieces * (int64_t)dtype_size(t));
   if (w < 1)
     throw std::invalid_argument("fastar: the shared-memory chunk (" + std::to_string(arena_->chunk_bytes()) +
                                 " bytes) is too small for one element of each of " + std::to_string(pieces) +
@@ -325,6 +328,9 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
   char* dst = static_cast<char*>(out);
   const char* mine = static_cast<const char*>(in);
   const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo};
+  // A large result is written with streaming stores (no read for ownership of lines about to be
+  // overwritten; the slots stay cached).
+  const bool streaming = (int64_t)L * N * shard * (int64_t)es >= kStreamAboveBytes;
   const uint32_t first_gen = gen_ + 1;
   arena_->publish_desc(desc, first_gen);
   try {
@@ -343,7 +349,7 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
       for (int nd = 0; nd < N; ++nd) {
         const char* piece = mine + ((int64_t)(N > 1 ? nd : 0) * shard + e) * es;
         std::memcpy(slot + (int64_t)nd * w * es, piece, n * es);
-        std::memcpy(dst + (((int64_t)nd * L + lr) * shard + e) * es, piece, n * es);
+        copy_out_stream(dst + (((int64_t)nd * L + lr) * shard + e) * es, piece, n * es, streaming);
       }
       arena_->signal(ShmFlag::In, g);
       arena_->wait_all(ShmFlag::In, g, "copy-in of an allgather");
@@ -351,8 +357,8 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
       for (int r = 0; r < L; ++r)
         if (r != lr)
           for (int nd = 0; nd < N; ++nd)
-            std::memcpy(dst + (((int64_t)nd * L + r) * shard + e) * es, arena_->slot(r, buf) + (int64_t)nd * w * es,
-                        n * es);
+            copy_out_stream(dst + (((int64_t)nd * L + r) * shard + e) * es,
+                            arena_->slot(r, buf) + (int64_t)nd * w * es, n * es, streaming);
     }
     stats.chunks = nchunks;
     return stats;
