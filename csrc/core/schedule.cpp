@@ -58,6 +58,26 @@ ChunkSpan held_chunks(int j, int k, int K) {
   return {int64_t(bit_reverse(j, k)) * n, n};
 }
 
+// One recursive-halving step with `peer` over the chunk range [lo, hi): keep (and sum into) the
+// lower half when keep_low, else the upper one; send the other. Narrows [lo, hi) to the kept half.
+template <class Elems>
+Step halving_step(int peer, bool keep_low, int64_t& lo, int64_t& hi, const Elems& elems) {
+  const int64_t mid = (lo + hi) / 2;
+  Step st;
+  st.send_peer = st.recv_peer = peer;
+  st.reduce = true;
+  if (keep_low) {
+    st.send = elems(mid, hi);
+    st.recv = elems(lo, mid);
+    hi = mid;
+  } else {
+    st.send = elems(lo, mid);
+    st.recv = elems(mid, hi);
+    lo = mid;
+  }
+  return st;
+}
+
 }  // namespace
 
 std::vector<Step> halving_doubling_schedule(int rank, int size, int64_t count) {
@@ -82,23 +102,7 @@ std::vector<Step> halving_doubling_schedule(int rank, int size, int64_t count) {
 
   // Intra-block reduce-scatter by recursive halving.
   int64_t lo = 0, hi = P;
-  for (int s = 0; s < k; ++s) {
-    const int peer = blk.offset + (j ^ (1 << s));
-    const int64_t mid = (lo + hi) / 2;
-    Step st;
-    st.send_peer = st.recv_peer = peer;
-    st.reduce = true;
-    if (((j >> s) & 1) == 0) {
-      st.send = elems(mid, hi);
-      st.recv = elems(lo, mid);
-      hi = mid;
-    } else {
-      st.send = elems(lo, mid);
-      st.recv = elems(mid, hi);
-      lo = mid;
-    }
-    steps.push_back(st);
-  }
+  for (int s = 0; s < k; ++s) steps.push_back(halving_step(blk.offset + (j ^ (1 << s)), ((j >> s) & 1) == 0, lo, hi, elems));
 
   // Owner in block 0 of chunk c, and the holder of chunk c in block b.
   auto block0_owner = [&](int64_t c) { return bit_reverse((int)c, K); };
@@ -224,22 +228,7 @@ std::vector<Step> hd_halves(int rank, int size, int64_t count, bool scatter) {
   while ((1 << k) < size) ++k;
   auto elems = [&](int64_t lo, int64_t hi) { return Range{part_begin(count, size, lo), part_begin(count, size, hi)}; };
   int64_t lo = 0, hi = size;
-  for (int s = k - 1; s >= 0; --s) {
-    const int64_t mid = (lo + hi) / 2;
-    Step st;
-    st.send_peer = st.recv_peer = rank ^ (1 << s);
-    st.reduce = true;
-    if (((rank >> s) & 1) == 0) {
-      st.send = elems(mid, hi);
-      st.recv = elems(lo, mid);
-      hi = mid;
-    } else {
-      st.send = elems(lo, mid);
-      st.recv = elems(mid, hi);
-      lo = mid;
-    }
-    steps.push_back(st);
-  }
+  for (int s = k - 1; s >= 0; --s) steps.push_back(halving_step(rank ^ (1 << s), ((rank >> s) & 1) == 0, lo, hi, elems));
   if (scatter) return steps;
   std::vector<Step> gather;
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
