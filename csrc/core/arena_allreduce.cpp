@@ -8,56 +8,97 @@
 
 namespace fastar {
 
-void ArenaAllreduce::allreduce(Hierarchy mode, Algorithm algo, int64_t offset, int64_t count, DType t,
-                               uint64_t seq) {
-  const int L = arena_->local_size();
-  const int lr = arena_->local_rank();
-  const size_t esize = dtype_size(t);
-  if (offset < 0 || offset + count * (int64_t)esize > region_bytes())
-    throw std::logic_error("fastar: bucket outside the shared-memory region");
-  const bool multi = num_nodes_ > 1 && inter_ != nullptr;
-  const bool leader = multi && mode != Hierarchy::Rail;
-  const uint32_t g = ++gen_;
-  const uint64_t desc[4] = {seq, (uint64_t)count, (uint64_t)t, (uint64_t)mode * 16 + (uint64_t)algo};
-  try {
-    arena_->publish_desc(desc, g);
-    arena_->signal(ShmFlag::In, g);  // my bucket is complete in my region
-    arena_->wait_all(ShmFlag::In, g, "bucket ready on every local rank");
-    for (int r = 0; r < L; ++r)
-      if (r != lr) arena_->check_desc(r, desc, g, "a bucket allreduce");
-    const int64_t s0 = part_begin(count, L, lr), s1 = part_begin(count, L, lr + 1);
-    const int64_t sb = offset + s0 * (int64_t)esize, sn = s1 - s0;
-    std::vector<const void*> srcs(L);
-    for (int r = 0; r < L; ++r) srcs[r] = region(r) + sb;
-    // In place in my own region for "rail" (nobody else reads my slice of my region), into the
-    // leader's region for "leader".
-    char* dst = (leader ? region(0) : region(lr)) + sb;
-    reduce_sum_many(t, dst, srcs.data(), L, sn);
-    if (leader) {
-      arena_->signal(ShmFlag::Reduced, g);
-      if (lr == 0) {
-        arena_->wait_all(ShmFlag::Reduced, g, "local reduce into the leader's bucket");
-        exec_.run(make_schedule(algo, inter_->rank(), inter_->size(), count), *inter_, region(0) + offset, count, t);
-        arena_->signal(ShmFlag::Done, g);
-      } else {
-        arena_->wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
-        std::memcpy(region(lr) + offset, region(0) + offset, count * esize);
+namespace {
+
+// In place in the bucket regions. reduce: every local rank's bucket is complete in its region;
+// each sums its 1/L slice from all regions, in place in its own region ("rail": nobody else reads
+// my slice of my region; between nodes this rank carries that slice) or into the leader's region
+// ("leader": local rank 0 carries the whole bucket). distribute: the finished slices (or the
+// leader's bucket) are written into every region.
+class ArenaPhase final : public LocalPhase {
+ public:
+  ArenaPhase(ArenaAllreduce& ar, ShmArena& a, uint32_t& gen, Hierarchy mode, Algorithm algo, int64_t offset,
+             int64_t count, DType t, uint64_t seq, bool multi)
+      : ar_(ar), a_(a), gen_(gen), offset_(offset), count_(count), t_(t), es_(dtype_size(t)),
+        L_(a.local_size()), lr_(a.local_rank()), multi_(multi), leader_(multi && mode != Hierarchy::Rail) {
+    desc_[0] = seq;
+    desc_[1] = (uint64_t)count;
+    desc_[2] = (uint64_t)t;
+    desc_[3] = (uint64_t)mode * 16 + (uint64_t)algo;
+  }
+  int64_t chunks() const override { return 1; }
+  void failed(const std::string& why) override { a_.mark_failed(why); }
+
+  Part reduce(int64_t) override {
+    g_ = ++gen_;
+    a_.publish_desc(desc_, g_);
+    a_.signal(ShmFlag::In, g_);  // my bucket is complete in my region
+    a_.wait_all(ShmFlag::In, g_, "bucket ready on every local rank");
+    for (int r = 0; r < L_; ++r)
+      if (r != lr_) a_.check_desc(r, desc_, g_, "a bucket allreduce");
+    const int64_t s0 = part_begin(count_, L_, lr_), s1 = part_begin(count_, L_, lr_ + 1);
+    sb_ = offset_ + s0 * (int64_t)es_;
+    sn_ = s1 - s0;
+    std::vector<const void*> srcs(L_);
+    for (int r = 0; r < L_; ++r) srcs[r] = ar_.region(r) + sb_;
+    dst_ = (leader_ ? ar_.region(0) : ar_.region(lr_)) + sb_;
+    reduce_sum_many(t_, dst_, srcs.data(), L_, sn_);
+    if (leader_) {
+      a_.signal(ShmFlag::Reduced, g_);
+      return lr_ == 0 ? Part{ar_.region(0) + offset_, count_} : Part{};
+    }
+    return multi_ ? Part{dst_, sn_} : Part{};
+  }
+
+  void before_inter(int64_t) override {
+    if (leader_) a_.wait_all(ShmFlag::Reduced, g_, "local reduce into the leader's bucket");
+  }
+  void after_inter(int64_t) override {
+    if (leader_) a_.signal(ShmFlag::Done, g_);
+  }
+
+  void distribute(int64_t) override {
+    if (leader_) {
+      if (lr_ != 0) {
+        a_.wait_rank(ShmFlag::Done, 0, g_, "the leader's inter-node allreduce");
+        std::memcpy(ar_.region(lr_) + offset_, ar_.region(0) + offset_, count_ * es_);
       }
       // The leader must not refill its bucket (next iteration) while a peer still copies from it.
       const uint32_t g2 = ++gen_;
-      arena_->signal(ShmFlag::In, g2);
-      arena_->wait_all(ShmFlag::In, g2, "copies from the leader's bucket");
+      a_.signal(ShmFlag::In, g2);
+      a_.wait_all(ShmFlag::In, g2, "copies from the leader's bucket");
       return;
     }
-    if (multi) exec_.run(make_schedule(algo, inter_->rank(), inter_->size(), sn), *inter_, dst, sn, t);
-    for (int r = 0; r < L; ++r)
-      if (r != lr) std::memcpy(region(r) + sb, dst, sn * esize);
-    arena_->signal(ShmFlag::Done, g);
-    arena_->wait_all(ShmFlag::Done, g, "finished slices written back");
-  } catch (const std::exception& e) {
-    arena_->mark_failed(e.what());  // local peers fail at once, with this reason
-    throw;
+    for (int r = 0; r < L_; ++r)
+      if (r != lr_) std::memcpy(ar_.region(r) + sb_, dst_, sn_ * es_);
+    a_.signal(ShmFlag::Done, g_);
+    a_.wait_all(ShmFlag::Done, g_, "finished slices written back");
   }
+
+ private:
+  ArenaAllreduce& ar_;
+  ShmArena& a_;
+  uint32_t& gen_;
+  int64_t offset_, count_;
+  DType t_;
+  size_t es_;
+  int L_, lr_;
+  bool multi_, leader_;
+  uint64_t desc_[4];
+  uint32_t g_ = 0;
+  int64_t sb_ = 0, sn_ = 0;
+  char* dst_ = nullptr;
+};
+
+}  // namespace
+
+void ArenaAllreduce::allreduce(Hierarchy mode, Algorithm algo, int64_t offset, int64_t count, DType t,
+                               uint64_t seq) {
+  if (offset < 0 || offset + count * (int64_t)dtype_size(t) > region_bytes())
+    throw std::logic_error("fastar: bucket outside the shared-memory region");
+  ArenaPhase ph(*this, *arena_, gen_, mode, algo, offset, count, t, seq, num_nodes_ > 1 && inter_ != nullptr);
+  codec_.set_dtype(t);
+  driver_.run(ph, algo, codec_);
 }
 
 }  // namespace fastar

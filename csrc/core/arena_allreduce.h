@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "executor.h"
+#include "hier_driver.h"
 #include "hierarchical.h"
 #include "shm.h"
 
@@ -17,11 +18,12 @@ namespace fastar {
 class ArenaAllreduce {
  public:
   // arena: a segment whose slot(r, 0) is local rank r's region.
-  ArenaAllreduce(ShmArena* arena, Transport* inter, int num_nodes) : arena_(arena), inter_(inter), num_nodes_(num_nodes) {}
+  ArenaAllreduce(ShmArena* arena, Transport* inter, int num_nodes)
+      : arena_(arena), inter_(inter), num_nodes_(num_nodes), driver_(inter, /*worker=*/false) {}
   char* region(int local_rank) const { return arena_->slot(local_rank, 0); }
   int64_t region_bytes() const { return arena_->chunk_bytes(); }
   // Sums the `count` elements at byte `offset` of every rank's region (across all nodes) into every
-  // region.
+  // region: the one driver (hier_driver.h) with the in-place phase (one chunk: the bucket).
   void allreduce(Hierarchy mode, Algorithm algo, int64_t offset, int64_t count, DType t, uint64_t seq);
 
  private:
@@ -29,7 +31,8 @@ class ArenaAllreduce {
   Transport* inter_;
   int num_nodes_;
   uint32_t gen_ = 0;
-  Executor exec_;
+  HostSum codec_;
+  HierarchicalDriver driver_;
 };
 
 }  // namespace fastar

@@ -31,209 +31,183 @@ const char* hierarchy_name(Hierarchy h) {
 }
 
 Hierarchical::Hierarchical(ShmArena* arena, Transport* inter, int num_nodes)
-    : arena_(arena), inter_(inter), num_nodes_(num_nodes) {
-  if (inter_) worker_ = std::thread([this] { worker_loop(); });
-}
+    : arena_(arena), inter_(inter), num_nodes_(num_nodes), driver_(inter, /*worker=*/inter != nullptr) {}
 
-Hierarchical::~Hierarchical() {
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    stop_ = true;
+// The staged local phase: every local rank copies its chunk into its slot; each sums its 1/L slice
+// of all slots (a reduce-scatter, every core busy); the part a rank carries between nodes is the
+// whole chunk's result area (leader, local rank 0) or its own slice of it (rail); then every local
+// rank copies the result back. On one node the slice is summed in place in the rank's own buffer.
+// Small single-chunk buffers take one barrier: every rank sums all slots itself.
+class StagedPhase final : public LocalPhase {
+ public:
+  StagedPhase(Hierarchical& h, Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq)
+      : h_(h), a_(*h.arena_), mode_(mode), base_(static_cast<char*>(data)), count_(count), t_(t),
+        L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)), multi_(h.num_nodes_ > 1) {
+    // One node: chunks small enough that the slots and the result area stay in cache between the
+    // copy-in, the reduce and the copy-out (the user's buffers stream through memory once each
+    // way). Between nodes: the arena's chunk, the unit of the network phase's pipeline.
+    const int64_t chunk_bytes = multi_ ? a_.chunk_bytes() : std::min(a_.chunk_bytes(), h.local_chunk_bytes);
+    chunk_elems_ = chunk_bytes / (int64_t)es_;
+    nchunks_ = count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
+    if (multi_ && mode == Hierarchy::Rail && h.inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
+    carries_ = multi_ && h.inter_ != nullptr && (mode == Hierarchy::Rail || lr_ == 0);
+    small_ = count == 0 ||
+             (nchunks_ == 1 && count * (int64_t)es_ <= h.small_bytes && (!multi_ || mode == Hierarchy::Leader));
+    desc_[0] = seq;
+    desc_[1] = (uint64_t)count;
+    desc_[2] = (uint64_t)t;
+    desc_[3] = (uint64_t)mode * 16 + (uint64_t)algo;
+    streaming_ = count * (int64_t)es_ >= Hierarchical::kStreamAboveBytes;
   }
-  cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
-}
+  void publish() {
+    first_gen_ = h_.gen_ + 1;
+    a_.publish_desc(desc_, first_gen_);
+  }
+  int64_t chunks() const override { return small_ ? 1 : nchunks_; }
+  bool pipelined() const override { return !small_; }
+  void failed(const std::string& why) override { a_.mark_failed(why); }
+  LatencyProfile* prof = nullptr;
 
-void Hierarchical::worker_loop() {
-  while (true) {
-    Job j;
-    {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;
-      j = queue_.front();
-      queue_.pop_front();
+  Part reduce(int64_t c) override { return small_ ? reduce_small() : reduce_chunk(c); }
+
+  void before_inter(int64_t c) override {
+    if (!small_ && mode_ != Hierarchy::Rail && L_ > 1)
+      a_.wait_all(ShmFlag::Reduced, gen(c), "local reduce, before the inter-node phase");
+  }
+  void after_inter(int64_t c) override {
+    if (!small_) a_.signal(ShmFlag::Done, gen(c));
+  }
+  void distribute(int64_t c) override {
+    if (small_) return distribute_small();
+    const uint32_t g = gen(c);
+    const int buf = g & 1;
+    const int64_t b = c * chunk_elems_, n = std::min(chunk_elems_, count_ - b);
+    if (!multi_) {
+      a_.wait_all(ShmFlag::Reduced, g, "local reduce-scatter");
+    } else if (mode_ == Hierarchy::Rail) {
+      a_.wait_all(ShmFlag::Done, g, "inter-node allreduce of a peer's slice");
+    } else if (lr_ != 0) {
+      a_.wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
     }
-    try {
-      if (!error_) {
-        if (j.wait_reduced) arena_->wait_all(ShmFlag::Reduced, j.gen, "local reduce, before the inter-node phase");
-        auto steps = make_schedule(j.algo, inter_->rank(), inter_->size(), j.count);
-        auto st = exec_.run(steps, *inter_, j.data, j.count, j.dtype);
-        std::lock_guard<std::mutex> g(mu_);
-        inter_bytes_ += st.bytes_sent;
-      }
-    } catch (...) {
-      std::lock_guard<std::mutex> g(mu_);
-      if (!error_) error_ = std::current_exception();
-      arena_->mark_failed(what_of(std::current_exception()));
+    if (!multi_) {  // this rank's slice is in its buffer already (see reduce_chunk)
+      const int64_t s0 = part_begin(n, L_, lr_), s1 = part_begin(n, L_, lr_ + 1);
+      copy_out_stream(base_ + b * es_, a_.result(buf), s0 * es_, streaming_);
+      copy_out_stream(base_ + (b + s1) * es_, a_.result(buf) + s1 * es_, (n - s1) * es_, streaming_);
+    } else {
+      copy_out_stream(base_ + b * es_, a_.result(buf), n * es_, streaming_);
     }
-    if (!error_) arena_->signal(ShmFlag::Done, j.gen);
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      done_gen_ = j.gen;
+  }
+
+ private:
+  uint32_t gen(int64_t c) const { return first_gen_ + (uint32_t)c; }
+
+  void check_peers() {
+    for (int r = 0; r < L_; ++r)
+      if (r != lr_) a_.check_desc(r, desc_, first_gen_, "an allreduce");
+  }
+
+  Part reduce_small() {
+    const uint32_t g = ++h_.gen_;
+    const int buf = g & 1;
+    auto stamp = [](int64_t& into, std::chrono::steady_clock::time_point& since) {
+      const auto now = std::chrono::steady_clock::now();
+      into += std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count();
+      since = now;
+    };
+    LatencyProfile* p = prof && !multi_ ? prof : nullptr;
+    std::chrono::steady_clock::time_point tp;
+    if (p) tp = std::chrono::steady_clock::now();
+    std::memcpy(a_.slot(lr_, buf), base_, count_ * es_);
+    a_.signal(ShmFlag::In, g);
+    if (p) stamp(p->copy_in_ns, tp);
+    a_.wait_all(ShmFlag::In, g, "copy-in");
+    check_peers();
+    if (p) stamp(p->wait_ns, tp);
+    const void* srcs_small[Hierarchical::kMaxSmallRanks];
+    std::vector<const void*> srcs_big(L_ > Hierarchical::kMaxSmallRanks ? L_ : 0);
+    const void** srcs = L_ > Hierarchical::kMaxSmallRanks ? srcs_big.data() : srcs_small;
+    for (int r = 0; r < L_; ++r) srcs[r] = a_.slot(r, buf);
+    if (!multi_) {
+      reduce_sum_many(t_, base_, srcs, L_, count_);
+      if (p) stamp(p->reduce_ns, tp);
+      return {};
     }
-    cv_.notify_all();
+    if (lr_ != 0) return {};
+    char* res = a_.result(buf);
+    reduce_sum_many(t_, res, srcs, L_, count_);
+    return {res, count_};
   }
-}
 
-void Hierarchical::submit(const Job& j) {
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    queue_.push_back(j);
+  void distribute_small() {
+    if (!multi_) return;
+    const uint32_t g = first_gen_;
+    char* res = a_.result(g & 1);
+    if (lr_ == 0) {
+      a_.signal(ShmFlag::Done, g);  // after the leaders' allreduce (the driver ran it before this)
+    } else {
+      a_.wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
+    }
+    std::memcpy(base_, res, count_ * es_);
   }
-  cv_.notify_all();
-}
 
-void Hierarchical::wait_job(uint32_t gen) {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait(l, [&] { return (int32_t)(done_gen_ - gen) >= 0 || error_; });
-  if (error_) {
-    auto e = error_;
-    error_ = nullptr;
-    std::rethrow_exception(e);
+  Part reduce_chunk(int64_t c) {
+    const uint32_t g = ++h_.gen_;
+    const int buf = g & 1;
+    const int64_t b = c * chunk_elems_, n = std::min(chunk_elems_, count_ - b);
+    const int64_t s0 = part_begin(n, L_, lr_), s1 = part_begin(n, L_, lr_ + 1);
+    char* mine = base_ + b * es_;
+    char* res = a_.result(buf);
+    if (!multi_) {
+      // One node: the slice this rank reduces never leaves its buffer. Copy in only what the
+      // peers read, sum the slice in place (sources in rank order, this rank's own bytes read
+      // from its buffer), and publish it in the result area for the peers' copy-out.
+      std::memcpy(a_.slot(lr_, buf), mine, s0 * es_);
+      std::memcpy(a_.slot(lr_, buf) + s1 * es_, mine + s1 * es_, (n - s1) * es_);
+    } else {
+      std::memcpy(a_.slot(lr_, buf), mine, n * es_);
+    }
+    a_.signal(ShmFlag::In, g);
+    a_.wait_all(ShmFlag::In, g, "copy-in");
+    if (c == 0) check_peers();
+    srcs_.resize(L_);
+    for (int r = 0; r < L_; ++r) srcs_[r] = (!multi_ && r == lr_ ? mine : a_.slot(r, buf)) + s0 * es_;
+    if (!multi_) {
+      reduce_sum_many(t_, mine + s0 * es_, srcs_.data(), L_, s1 - s0);
+      std::memcpy(res + s0 * es_, mine + s0 * es_, (s1 - s0) * es_);
+    } else {
+      reduce_sum_many(t_, res + s0 * es_, srcs_.data(), L_, s1 - s0);
+    }
+    a_.signal(ShmFlag::Reduced, g);
+    if (!carries_) return {};
+    if (mode_ == Hierarchy::Rail) return {res + s0 * es_, s1 - s0};
+    return {res, n};
   }
-}
+
+  Hierarchical& h_;
+  ShmArena& a_;
+  Hierarchy mode_;
+  char* base_;
+  int64_t count_;
+  DType t_;
+  int L_, lr_;
+  size_t es_;
+  bool multi_, carries_ = false, small_ = false, streaming_ = false;
+  int64_t chunk_elems_ = 1, nchunks_ = 0;
+  uint64_t desc_[4];
+  uint32_t first_gen_ = 0;
+  std::vector<const void*> srcs_;
+};
 
 HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t,
                                           uint64_t seq) {
+  StagedPhase ph(*this, mode, algo, data, count, t, seq);
+  ph.prof = profile && profile->on ? profile : nullptr;
+  ph.publish();
+  codec_.set_dtype(t);
   HierarchicalStats stats;
-  const int L = arena_->local_size();
-  const int lr = arena_->local_rank();
-  const size_t esize = dtype_size(t);
-  // One node: chunks small enough that the slots and the result area stay in cache between the
-  // copy-in, the reduce and the copy-out (the user's buffers stream through memory once each way).
-  // Between nodes: the arena's chunk, the unit of the network phase's pipeline.
-  const int64_t chunk_bytes = num_nodes_ > 1 ? arena_->chunk_bytes() : std::min(arena_->chunk_bytes(), local_chunk_bytes);
-  const int64_t chunk_elems = chunk_bytes / (int64_t)esize;
-  const int64_t nchunks = count == 0 ? 0 : (count + chunk_elems - 1) / chunk_elems;
-  char* base = static_cast<char*>(data);
-  const bool multi = num_nodes_ > 1;
-  const bool i_run_inter = multi && inter_ != nullptr && (mode == Hierarchy::Rail || lr == 0);
-  if (multi && mode == Hierarchy::Rail && inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
-  const uint64_t desc[4] = {seq, (uint64_t)count, (uint64_t)t, (uint64_t)mode * 16 + (uint64_t)algo};
-  arena_->publish_desc(desc, gen_ + 1);
-  const uint32_t first_gen = gen_ + 1;
-  const uint64_t inter_before = inter_bytes_;
-
-  try {
-    // Small single-chunk buffers: one barrier, every rank sums all slots itself. An empty buffer
-    // takes this path too, so that its peers still check that they agree on the call.
-    if (count == 0 ||
-        (nchunks == 1 && count * (int64_t)esize <= small_bytes && (!multi || mode == Hierarchy::Leader))) {
-      const uint32_t g = ++gen_;
-      const int buf = g & 1;
-      LatencyProfile* prof = profile && profile->on && !multi ? profile : nullptr;
-      auto stamp = [](int64_t& into, std::chrono::steady_clock::time_point& since) {
-        const auto now = std::chrono::steady_clock::now();
-        into += std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count();
-        since = now;
-      };
-      std::chrono::steady_clock::time_point tp;
-      if (prof) tp = std::chrono::steady_clock::now();
-      std::memcpy(arena_->slot(lr, buf), base, count * esize);
-      arena_->signal(ShmFlag::In, g);
-      if (prof) stamp(prof->copy_in_ns, tp);
-      arena_->wait_all(ShmFlag::In, g, "copy-in");
-      for (int r = 0; r < L; ++r)
-        if (r != lr) arena_->check_desc(r, desc, first_gen, "an allreduce");
-      if (prof) stamp(prof->wait_ns, tp);
-      const void* srcs_small[kMaxSmallRanks];
-      std::vector<const void*> srcs_big(L > kMaxSmallRanks ? L : 0);
-      const void** srcs = L > kMaxSmallRanks ? srcs_big.data() : srcs_small;
-      for (int r = 0; r < L; ++r) srcs[r] = arena_->slot(r, buf);
-      if (!multi) {
-        reduce_sum_many(t, base, srcs, L, count);
-        if (prof) stamp(prof->reduce_ns, tp);
-      } else if (lr == 0) {
-        char* res = arena_->result(buf);
-        reduce_sum_many(t, res, srcs, L, count);
-        if (inter_) {
-          auto st = exec_.run(make_schedule(algo, inter_->rank(), inter_->size(), count), *inter_, res, count, t);
-          inter_bytes_ += st.bytes_sent;
-        }
-        arena_->signal(ShmFlag::Done, g);
-        std::memcpy(base, res, count * esize);
-      } else {
-        arena_->wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
-        std::memcpy(base, arena_->result(buf), count * esize);
-      }
-      stats.chunks = 1;
-      stats.inter_bytes_sent = inter_bytes_ - inter_before;
-      return stats;
-    }
-
-    std::vector<const void*> srcs(L);
-    // A buffer larger than the cache is written with streaming stores: no read for ownership of
-    // lines that are about to be overwritten, and the arena's lines stay cached.
-    const bool streaming = count * (int64_t)esize >= kStreamAboveBytes;
-    auto copy_out = [&](int64_t c, uint32_t g) {
-      const int buf = g & 1;
-      const int64_t b = c * chunk_elems;
-      const int64_t n = std::min(chunk_elems, count - b);
-      if (i_run_inter) wait_job(g);
-      if (!multi) {
-        arena_->wait_all(ShmFlag::Reduced, g, "local reduce-scatter");
-      } else if (mode == Hierarchy::Rail) {
-        arena_->wait_all(ShmFlag::Done, g, "inter-node allreduce of a peer's slice");
-      } else if (lr != 0) {
-        arena_->wait_rank(ShmFlag::Done, 0, g, "the leader's inter-node allreduce");
-      }
-      if (!multi) {  // this rank's slice is in its buffer already (see the loop)
-        const int64_t s0 = part_begin(n, L, lr), s1 = part_begin(n, L, lr + 1);
-        copy_out_stream(base + b * esize, arena_->result(buf), s0 * esize, streaming);
-        copy_out_stream(base + (b + s1) * esize, arena_->result(buf) + s1 * esize, (n - s1) * esize, streaming);
-      } else {
-        copy_out_stream(base + b * esize, arena_->result(buf), n * esize, streaming);
-      }
-    };
-    uint32_t prev_gen = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const uint32_t g = ++gen_;
-      const int buf = g & 1;
-      const int64_t b = c * chunk_elems;
-      const int64_t n = std::min(chunk_elems, count - b);
-      const int64_t s0 = part_begin(n, L, lr), s1 = part_begin(n, L, lr + 1);
-      char* mine = base + b * esize;
-      char* res = arena_->result(buf);
-      if (!multi) {
-        // One node: the slice this rank reduces never leaves its buffer. Copy in only what the
-        // peers read, sum the slice in place (sources in rank order, this rank's own bytes read
-        // from its buffer), and publish it in the result area for the peers' copy-out.
-        std::memcpy(arena_->slot(lr, buf), mine, s0 * esize);
-        std::memcpy(arena_->slot(lr, buf) + s1 * esize, mine + s1 * esize, (n - s1) * esize);
-      } else {
-        std::memcpy(arena_->slot(lr, buf), mine, n * esize);
-      }
-      arena_->signal(ShmFlag::In, g);
-      arena_->wait_all(ShmFlag::In, g, "copy-in");
-      if (c == 0)
-        for (int r = 0; r < L; ++r)
-          if (r != lr) arena_->check_desc(r, desc, first_gen, "an allreduce");
-      for (int r = 0; r < L; ++r) srcs[r] = (!multi && r == lr ? mine : arena_->slot(r, buf)) + s0 * esize;
-      if (!multi) {
-        reduce_sum_many(t, mine + s0 * esize, srcs.data(), L, s1 - s0);
-        std::memcpy(res + s0 * esize, mine + s0 * esize, (s1 - s0) * esize);
-      } else {
-        reduce_sum_many(t, res + s0 * esize, srcs.data(), L, s1 - s0);
-      }
-      arena_->signal(ShmFlag::Reduced, g);
-      if (i_run_inter) {
-        if (mode == Hierarchy::Rail)
-          submit({res + s0 * esize, s1 - s0, g, false, algo, t});
-        else
-          submit({res, n, g, L > 1, algo, t});
-      }
-      if (c > 0) copy_out(c - 1, prev_gen);  // the previous chunk's network phase overlapped this one
-      prev_gen = g;
-    }
-    if (nchunks > 0) copy_out(nchunks - 1, prev_gen);
-    stats.chunks = nchunks;
-    stats.inter_bytes_sent = inter_bytes_ - inter_before;
-    return stats;
-  } catch (...) {
-    arena_->mark_failed(what_of(std::current_exception()));
-    throw;
-  }
+  stats.inter_bytes_sent = driver_.run(ph, algo, codec_);
+  stats.chunks = ph.chunks();
+  return stats;
 }
 
 }  // namespace fastar

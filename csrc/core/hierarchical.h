@@ -6,8 +6,8 @@
 // ("leader": local rank 0 runs the schedule on the whole chunk with the other nodes' leaders, as in
 // the paper; "rail": every local rank runs it on its own slice with the ranks of the same local
 // rank on the other nodes, so that every NIC works); every local rank copies the result back.
-// The inter-node phase runs on a worker thread while the caller already copies and reduces the
-// next chunk, so local phases overlap the network. Small single-chunk buffers skip the second
+// The inter-node phase runs on the driver's worker thread while the caller already copies and
+// reduces the next chunk, so local phases overlap the network (hier_driver.h). Small single-chunk buffers skip the second
 // barrier: every rank sums all slots straight into its own tensor.
 #pragma once
 #include <condition_variable>
@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "executor.h"
+#include "hier_driver.h"
 #include "shm.h"
 
 namespace fastar {
@@ -48,7 +49,7 @@ class Hierarchical {
   // inter: the transport among this rank's inter-node peers (leaders for Leader, same local rank for
   // Rail); nullptr when there is one node, or for non-leaders in Leader mode.
   Hierarchical(ShmArena* arena, Transport* inter, int num_nodes);
-  ~Hierarchical();
+  // fastar.all_reduce's hierarchy: the one driver (hier_driver.h) with the staged phase (slots).
   HierarchicalStats allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq);
   // The halves, over the node's ranks (local rank l of node n is global rank n * L + l) with `shard`
   // elements per rank. reduce_scatter: `out` (shard elements) gets the sum over all ranks of shard
@@ -65,36 +66,20 @@ class Hierarchical {
   static constexpr int64_t kStreamAboveBytes = 16 << 20;
 
  private:
-  struct Job {
-    char* data;
-    int64_t count;
-    uint32_t gen;
-    bool wait_reduced;  // leader: wait for every local rank's slice first
-    Algorithm algo;
-    DType dtype;
-  };
-  void worker_loop();
+  friend class StagedPhase;
   // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
   // when each slot holds `pieces` of them.
   int64_t halves_chunk(int64_t pieces, DType t) const;
   void check_first(uint32_t g, const uint64_t desc[4], const char* what);
-  void submit(const Job& j);
-  void wait_job(uint32_t gen);
 
   ShmArena* arena_;
   Transport* inter_;
   int num_nodes_;
   uint32_t gen_ = 0;
-  Executor exec_;
+  Executor exec_;  // the halves' rail phase
   std::vector<char> rail_buf_;  // the halves' rail phase: this rank's shards of every node
-  std::thread worker_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Job> queue_;
-  uint32_t done_gen_ = 0;
-  int64_t inter_bytes_ = 0;
-  std::exception_ptr error_;
-  bool stop_ = false;
+  HostSum codec_;
+  HierarchicalDriver driver_;  // last: its worker stops before the rest goes
 };
 
 }  // namespace fastar

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "core/executor.h"
+#include "core/hier_driver.h"
 #include "torch/kernels.h"  // fault_active (test-only)
 #include "torch/tensor_codec.h"
 
@@ -183,66 +184,108 @@ void TensorAllreduce::p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, cons
   Executor(o).run(make_schedule(a, rank, size, flat.numel()), tr, flat.data_ptr(), flat.numel(), codec);
 }
 
+// The local phase over the device's local group: "leader" reduces to local rank 0 (which carries
+// the whole buffer between nodes) and broadcasts back; "rail" reduce-scatters (every local rank
+// carries its shard, the buffer padded to a multiple of L) and allgathers. One node with "leader":
+// the group's own allreduce (NCCL's ring/tree over NVLink) is the whole job.
+class TensorAllreduce::C10dPhase final : public LocalPhase {
+ public:
+  C10dPhase(TensorAllreduce& ta, const TensorGroups& g, const at::Tensor& flat, Hierarchy h)
+      : ta_(ta), flat_(flat), h_(h), cuda_(flat.is_cuda()), local_(g.local->getBackend(flat.device().type())),
+        carry_(g.cross != nullptr) {}
+  int64_t chunks() const override { return 1; }
+
+  Part reduce(int64_t) override {
+    const Topology& topo = ta_.topo_;
+    if (h_ == Hierarchy::Leader) {
+      std::vector<at::Tensor> v{flat_};
+      if (topo.num_nodes == 1) {
+        ta_.guarded(cuda_, [&] { return local_->allreduce(v); }, on_node("the intra-node allreduce"));
+        return {};
+      }
+      c10d::ReduceOptions ro;
+      ro.rootRank = 0;
+      ta_.guarded(cuda_, [&] { return local_->reduce(v, ro); }, on_node("the intra-node reduce to local rank 0"));
+      return topo.local_rank == 0 && carry_ ? Part{flat_.data_ptr(), flat_.numel()} : Part{};
+    }
+    // Rail: each local rank owns 1/L of the buffer (padded to a multiple of L) between nodes.
+    const int64_t L = topo.local_size, n = flat_.numel();
+    const int64_t padded = (n + L - 1) / L * L, shard_n = padded / L;
+    buf_ = flat_;
+    if (padded != n) {
+      buf_ = at::zeros({padded}, flat_.options());
+      buf_.narrow(0, 0, n).copy_(flat_);
+    }
+    shard_ = at::empty({shard_n}, flat_.options());
+    for (int64_t i = 0; i < L; ++i) parts_.push_back(buf_.narrow(0, i * shard_n, shard_n));
+    std::vector<at::Tensor> sv{shard_};
+    if (local_->getBackendName() == "nccl") {
+      ta_.guarded(cuda_, [&] { return local_->_reduce_scatter_base(shard_, buf_); },
+                  on_node("the intra-node reduce-scatter"));
+    } else {
+      std::vector<std::vector<at::Tensor>> in{parts_};
+      ta_.guarded(cuda_, [&] { return local_->reduce_scatter(sv, in); }, on_node("the intra-node reduce-scatter"));
+    }
+    return carry_ ? Part{shard_.data_ptr(), shard_n} : Part{};
+  }
+
+  void distribute(int64_t) override {
+    const Topology& topo = ta_.topo_;
+    if (h_ == Hierarchy::Leader) {
+      if (topo.num_nodes == 1) return;
+      std::vector<at::Tensor> v{flat_};
+      c10d::BroadcastOptions bo;
+      bo.rootRank = 0;
+      ta_.guarded(cuda_, [&] { return local_->broadcast(v, bo); }, on_node("the intra-node broadcast from local rank 0"));
+      return;
+    }
+    std::vector<at::Tensor> sv{shard_};
+    if (local_->getBackendName() == "nccl") {
+      ta_.guarded(cuda_, [&] { return local_->_allgather_base(buf_, shard_); }, on_node("the intra-node allgather"));
+    } else {
+      std::vector<std::vector<at::Tensor>> out{parts_};
+      ta_.guarded(cuda_, [&] { return local_->allgather(out, sv); }, on_node("the intra-node allgather"));
+    }
+    if (buf_.data_ptr() != flat_.data_ptr()) flat_.copy_(buf_.narrow(0, 0, flat_.numel()));
+  }
+
+ private:
+  // For the error of a failed intra-node collective (built only then): a collective cannot say
+  // which member broke it, so name them all; on a two-rank node there is only one.
+  std::function<std::string()> on_node(const char* op) const {
+    const Topology topo = ta_.topo_;
+    return [topo, op] {
+      std::string s;
+      for (int i = 0; i < topo.local_size; ++i)
+        if (i != topo.local_rank) s += (s.empty() ? "" : ", ") + std::to_string(topo.node * topo.local_size + i);
+      return op + std::string(topo.local_size == 2 ? " with rank " : " with ranks ") + s;
+    };
+  }
+
+  TensorAllreduce& ta_;
+  at::Tensor flat_;
+  Hierarchy h_;
+  bool cuda_;
+  c10::intrusive_ptr<c10d::Backend> local_;
+  bool carry_;
+  at::Tensor buf_, shard_;
+  std::vector<at::Tensor> parts_;
+};
+
 void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire,
                            uint64_t seq) {
   const TensorGroups& g = groups(flat);
-  const bool cuda = flat.is_cuda();
-  const c10::DeviceType type = flat.device().type();
-  // For the error of a failed intra-node collective (built only then): a collective cannot say
-  // which member broke it, so name them all; on a two-rank node there is only one.
-  auto on_node = [this](const char* op) {
-    return [this, op] {
-      std::string s;
-      for (int i = 0; i < topo_.local_size; ++i)
-        if (i != topo_.local_rank) s += (s.empty() ? "" : ", ") + std::to_string(topo_.node * topo_.local_size + i);
-      return op + std::string(topo_.local_size == 2 ? " with rank " : " with ranks ") + s;
-    };
-  };
   if (h == Hierarchy::Flat || topo_.local_size == 1 || !g.local) {
     p2p(g.world, g.world_ranks, flat, a, wire, seq, "fastar's world group");
-  } else if (h == Hierarchy::Leader) {
-    auto local = g.local->getBackend(type);
-    std::vector<at::Tensor> v{flat};
-    if (topo_.num_nodes == 1) {
-      // One node: the node's own allreduce (NCCL's ring/tree over NVLink) is the whole job.
-      guarded(cuda, [&] { return local->allreduce(v); }, on_node("the intra-node allreduce"));
-    } else {
-      c10d::ReduceOptions ro;
-      ro.rootRank = 0;
-      guarded(cuda, [&] { return local->reduce(v, ro); }, on_node("the intra-node reduce to local rank 0"));
-      if (topo_.local_rank == 0) p2p(g.cross, g.cross_ranks, flat, a, wire, seq, "the leaders' group");
-      c10d::BroadcastOptions bo;
-      bo.rootRank = 0;
-      guarded(cuda, [&] { return local->broadcast(v, bo); }, on_node("the intra-node broadcast from local rank 0"));
-    }
   } else {
-    // Rail: each local rank owns 1/L of the buffer (padded to a multiple of L) between nodes.
-    auto local = g.local->getBackend(type);
-    const int64_t L = topo_.local_size, n = flat.numel();
-    const int64_t padded = (n + L - 1) / L * L, shard_n = padded / L;
-    at::Tensor buf = flat;
-    if (padded != n) {
-      buf = at::zeros({padded}, flat.options());
-      buf.narrow(0, 0, n).copy_(flat);
-    }
-    at::Tensor shard = at::empty({shard_n}, flat.options());
-    std::vector<at::Tensor> parts;
-    for (int64_t i = 0; i < L; ++i) parts.push_back(buf.narrow(0, i * shard_n, shard_n));
-    std::vector<at::Tensor> sv{shard};
-    if (local->getBackendName() == "nccl") {
-      guarded(cuda, [&] { return local->_reduce_scatter_base(shard, buf); }, on_node("the intra-node reduce-scatter"));
-    } else {
-      std::vector<std::vector<at::Tensor>> in{parts};
-      guarded(cuda, [&] { return local->reduce_scatter(sv, in); }, on_node("the intra-node reduce-scatter"));
-    }
-    if (g.cross) p2p(g.cross, g.cross_ranks, shard, a, wire, seq, "this rank's rail");
-    if (local->getBackendName() == "nccl") {
-      guarded(cuda, [&] { return local->_allgather_base(buf, shard); }, on_node("the intra-node allgather"));
-    } else {
-      std::vector<std::vector<at::Tensor>> out{parts};
-      guarded(cuda, [&] { return local->allgather(out, sv); }, on_node("the intra-node allgather"));
-    }
-    if (padded != n) flat.copy_(buf.narrow(0, 0, n));
+    C10dPhase ph(*this, g, flat, h);
+    Transport* inter = g.cross ? &transport(g.cross, g.cross_ranks, flat,
+                                            h == Hierarchy::Leader ? "the leaders' group" : "this rank's rail")
+                               : nullptr;
+    TensorCodec codec(flat.options(), wire, &buffers_);
+    HierarchicalDriver driver(inter, /*worker=*/false);
+    driver.set_tag_base((uint32_t)((seq & 0x3FF) << 16));
+    driver.run(ph, a, codec);
   }
   if (avg && topo_.size > 1) flat.div_(topo_.size);
 }

@@ -7,7 +7,8 @@
 //    device: the schedules' sends are cast down, the received halves summed into the full-precision
 //    buffer.
 // The schedules run through the one step loop (core/executor) over a PGTransport of the device's
-// backend, with a TensorCodec (fastar's CUDA kernels on a GPU, the casts of a compressed wire).
+// backend, with a TensorCodec (fastar's CUDA kernels on a GPU, the casts of a compressed wire); the
+// hierarchy through the one driver (core/hier_driver) with a c10d local group as its local phase.
 // Hierarchies: flat (halving/doubling or ring over send/recv of the whole group), leader (reduce
 // to local rank 0, the schedule between leaders, broadcast), rail (reduce-scatter inside the node,
 // the schedule over each rail, allgather). The intra-node phase is the group's own collective:
@@ -62,6 +63,7 @@ class TensorAllreduce {
                  const StreamWait& ready, uint64_t seq);
 
  private:
+  class C10dPhase;  // the local phase over a c10d local group (tensor_allreduce.cpp)
   void body(const at::Tensor& flat, Algorithm a, Hierarchy h, bool avg, at::ScalarType wire, uint64_t seq);
   void p2p(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<int>& granks, const at::Tensor& flat,
            Algorithm a, at::ScalarType wire, uint64_t seq, const char* what);
