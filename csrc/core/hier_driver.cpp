@@ -1,7 +1,7 @@
 #include "hier_driver.h"
 
 namespace fastar {
-namespace {
+
 std::string what_of(std::exception_ptr e) {
   try {
     std::rethrow_exception(e);
@@ -11,7 +11,6 @@ std::string what_of(std::exception_ptr e) {
     return "unknown error";
   }
 }
-}  // namespace
 
 HierarchicalDriver::HierarchicalDriver(Transport* inter, bool worker) : inter_(inter) {
   if (inter_ && worker) worker_ = std::thread([this] { worker_loop(); });

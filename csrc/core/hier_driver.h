@@ -24,6 +24,9 @@
 
 namespace fastar {
 
+// The message of an exception (for the failure flag local peers read).
+std::string what_of(std::exception_ptr e);
+
 struct Part {
   void* data = nullptr;  // nullptr: this rank carries nothing between nodes for this chunk
   int64_t count = 0;

@@ -9,17 +9,6 @@
 #include "reduce.h"
 
 namespace fastar {
-namespace {
-std::string what_of(std::exception_ptr e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  } catch (...) {
-    return "unknown error";
-  }
-}
-}  // namespace
 
 const char* hierarchy_name(Hierarchy h) {
   switch (h) {
