@@ -40,7 +40,7 @@ from torch._C._distributed_c10d import Backend as _C10dBackend
 from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
 from torch._C._distributed_c10d import Work as _C10dWork
 
-from . import collectives, diagnose, groups, settings, state
+from . import collectives, diagnose, groups, policy, settings, state
 from . import topology as _topology
 
 log = logging.getLogger("fastar")
@@ -386,7 +386,7 @@ class FastarBackend(_C10dBackend):
         nbytes = whole.numel() * whole.element_size()
         topo = self._topo
         hops = topo.num_nodes if topo.local_size > 1 else topo.size
-        algo = "halving_doubling" if hops & (hops - 1) == 0 else "ring"
+        algo = "halving_doubling" if policy.is_pow2(hops) else "ring"  # as the C++ halves_algorithm
         plan = f"{'shm+rail' if topo.local_size > 1 else 'flat'}:{algo}"
         name = f"fastar::{what} {nbytes}B {plan} peers={self._size}"
         rec = [name, nbytes, plan, 0.0, 0.0]

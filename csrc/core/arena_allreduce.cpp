@@ -34,8 +34,7 @@ class ArenaPhase final : public LocalPhase {
     a_.publish_desc(desc_, g_);
     a_.signal(ShmFlag::In, g_);  // my bucket is complete in my region
     a_.wait_all(ShmFlag::In, g_, "bucket ready on every local rank");
-    for (int r = 0; r < L_; ++r)
-      if (r != lr_) a_.check_desc(r, desc_, g_, "a bucket allreduce");
+    a_.check_peers(desc_, g_, "a bucket allreduce");
     const int64_t s0 = part_begin(count_, L_, lr_), s1 = part_begin(count_, L_, lr_ + 1);
     sb_ = offset_ + s0 * (int64_t)es_;
     sn_ = s1 - s0;

@@ -32,11 +32,7 @@ class StagedPhase final : public LocalPhase {
   StagedPhase(Hierarchical& h, Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq)
       : h_(h), a_(*h.arena_), mode_(mode), base_(static_cast<char*>(data)), count_(count), t_(t),
         L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)), multi_(h.num_nodes_ > 1) {
-    // One node: chunks small enough that the slots and the result area stay in cache between the
-    // copy-in, the reduce and the copy-out (the user's buffers stream through memory once each
-    // way). Between nodes: the arena's chunk, the unit of the network phase's pipeline.
-    const int64_t chunk_bytes = multi_ ? a_.chunk_bytes() : std::min(a_.chunk_bytes(), h.local_chunk_bytes);
-    chunk_elems_ = chunk_bytes / (int64_t)es_;
+    chunk_elems_ = h.pipeline_chunk_bytes() / (int64_t)es_;
     nchunks_ = count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
     if (multi_ && mode == Hierarchy::Rail && h.inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
     carries_ = multi_ && h.inter_ != nullptr && (mode == Hierarchy::Rail || lr_ == 0);
@@ -90,10 +86,7 @@ class StagedPhase final : public LocalPhase {
  private:
   uint32_t gen(int64_t c) const { return first_gen_ + (uint32_t)c; }
 
-  void check_peers() {
-    for (int r = 0; r < L_; ++r)
-      if (r != lr_) a_.check_desc(r, desc_, first_gen_, "an allreduce");
-  }
+  void check_peers() { a_.check_peers(desc_, first_gen_, "an allreduce"); }
 
   Part reduce_small() {
     const uint32_t g = ++h_.gen_;
@@ -199,25 +192,17 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
   return stats;
 }
 
-}  // namespace fastar
-
-namespace fastar {
+int64_t Hierarchical::pipeline_chunk_bytes() const {
+  return num_nodes_ > 1 ? arena_->chunk_bytes() : std::min(arena_->chunk_bytes(), local_chunk_bytes);
+}
 
 int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
-  // One node: chunks that stay in cache between the copy-in and the peers' reads (as the
-  // allreduce's one-node pipeline); between nodes the arena's.
-  const int64_t chunk = num_nodes_ > 1 ? arena_->chunk_bytes() : std::min(arena_->chunk_bytes(), local_chunk_bytes);
-  const int64_t w = chunk / (pieces * (int64_t)dtype_size(t));
+  const int64_t w = pipeline_chunk_bytes() / (pieces * (int64_t)dtype_size(t));
   if (w < 1)
     throw std::invalid_argument("fastar: the shared-memory chunk (" + std::to_string(arena_->chunk_bytes()) +
                                 " bytes) is too small for one element of each of " + std::to_string(pieces) +
                                 " ranks; raise FASTAR_SHM_CHUNK_MB");
   return w;
-}
-
-void Hierarchical::check_first(uint32_t g, const uint64_t desc[4], const char* what) {
-  for (int r = 0; r < arena_->local_size(); ++r)
-    if (r != arena_->local_rank()) arena_->check_desc(r, desc, g, what);
 }
 
 // Slots hold, per chunk of w shard elements, one piece of w for each rank (piece i at i * w).
@@ -256,7 +241,7 @@ HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, const void* in, v
         if (i % L != lr) std::memcpy(slot + i * w * es, src + (i * shard + e) * es, n * es);
       arena_->signal(ShmFlag::In, g);
       arena_->wait_all(ShmFlag::In, g, "copy-in of a reduce_scatter");
-      if (c == 0) check_first(first_gen, desc, "a reduce_scatter");
+      if (c == 0) arena_->check_peers(desc, first_gen, "a reduce_scatter");
       for (int nd = 0; nd < N; ++nd) {
         const int64_t i = (int64_t)nd * L + lr;
         for (int r = 0; r < L; ++r)
@@ -316,7 +301,7 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
       }
       arena_->signal(ShmFlag::In, g);
       arena_->wait_all(ShmFlag::In, g, "copy-in of an allgather");
-      if (c == 0) check_first(first_gen, desc, "an allgather");
+      if (c == 0) arena_->check_peers(desc, first_gen, "an allgather");
       for (int r = 0; r < L; ++r)
         if (r != lr)
           for (int nd = 0; nd < N; ++nd)

@@ -70,7 +70,10 @@ class Hierarchical {
   // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
   // when each slot holds `pieces` of them.
   int64_t halves_chunk(int64_t pieces, DType t) const;
-  void check_first(uint32_t g, const uint64_t desc[4], const char* what);
+  // One node: chunks small enough that the slots and the result area stay in cache between the
+  // copy-in, the reduce and the copy-out (the user's buffers stream through memory once each
+  // way). Between nodes: the arena's chunk, the unit of the network phase's pipeline.
+  int64_t pipeline_chunk_bytes() const;
 
   ShmArena* arena_;
   Transport* inter_;

@@ -322,6 +322,11 @@ void ShmArena::check_desc(int rank, const uint64_t desc[4], uint32_t gen, const 
   }
 }
 
+void ShmArena::check_peers(const uint64_t desc[4], uint32_t gen, const char* what) {
+  for (int r = 0; r < local_size_; ++r)
+    if (r != local_rank_) check_desc(r, desc, gen, what);
+}
+
 int ShmArena::remove_stale(const std::string& prefix) {
   // Names are <prefix>..._p<creator pid>; a segment whose creator is gone was never unlinked.
   int removed = 0;

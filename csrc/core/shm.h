@@ -61,6 +61,8 @@ class ShmArena {
   // Published before signalling In for generation gen, checked after waiting for it.
   void publish_desc(const uint64_t desc[4], uint32_t gen);
   void check_desc(int rank, const uint64_t desc[4], uint32_t gen, const char* what);
+  // check_desc against every other local rank.
+  void check_peers(const uint64_t desc[4], uint32_t gen, const char* what);
 
   // Removes fastar segments of this user whose creating process is gone (crash during init).
   // Names end in _ns<pid namespace inode>_p<pid>; segments of another pid namespace are left alone.

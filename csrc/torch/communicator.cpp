@@ -232,29 +232,35 @@ std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWor
 
 void Communicator::allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
                              Wire wire) {
-  {
-    // Run inline unless queued work must go first: same order on every rank, no thread hop.
-    std::unique_lock<std::mutex> l(q_mu_);
-    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-    if (failed_) std::rethrow_exception(failed_error_locked());
-    if (!queue_.empty() || busy_) {
-      l.unlock();
-      allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s() * 2 + 60);
-      return;
-    }
-    busy_ = true;
+  // Run inline unless queued work must go first: same order on every rank, no thread hop.
+  if (!enter_inline()) {
+    allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s() * 2 + 60);
+    return;
   }
-  std::exception_ptr e;
   StreamWait after;
+  run_inline([&] { after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t)); });
+  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
+}
+
+bool Communicator::enter_inline() {
+  std::lock_guard<std::mutex> l(q_mu_);
+  TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
+  if (failed_) std::rethrow_exception(failed_error_locked());
+  if (!queue_.empty() || busy_) return false;
+  busy_ = true;
+  return true;
+}
+
+void Communicator::run_inline(const std::function<void()>& fn) {
+  std::exception_ptr e;
   try {
-    after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t));
+    fn();
   } catch (...) {
     e = std::current_exception();
     fail(e);
   }
   release_inline();
   if (e) std::rethrow_exception(e);
-  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
 }
 
 void Communicator::release_inline() {
@@ -363,12 +369,10 @@ StreamWait Communicator::run(at::Tensor t, Algorithm algorithm, Hierarchy hierar
   }
 }
 
-StreamWait Communicator::run_locked(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
+StreamWait Communicator::run_locked(at::Tensor t, Algorithm algo, Hierarchy h, bool avg, bool validate,
                                     Wire wire_name, const StreamWait& ready) {
   TORCH_CHECK(t.is_contiguous() && t.layout() == at::kStrided, "fastar: allreduce needs a dense contiguous tensor");
   const DType dt = to_dtype(t.scalar_type());
-  const Algorithm algo = algorithm;
-  Hierarchy h = hierarchy;
   const at::ScalarType wire = wire_dtype(wire_name, t.scalar_type());
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
@@ -410,10 +414,6 @@ StreamWait Communicator::run_locked(at::Tensor t, Algorithm algorithm, Hierarchy
   return {};
 }
 
-}  // namespace fastar
-
-namespace fastar {
-
 std::shared_ptr<AsyncWork> Communicator::reduce_scatter(at::Tensor out, at::Tensor in, Algorithm algorithm,
                                                         bool avg, bool validate, bool async_op) {
   return halves(true, std::move(out), std::move(in), algorithm, avg, validate, async_op);
@@ -438,29 +438,12 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
       throw;
     }
   };
-  {
-    std::unique_lock<std::mutex> l(q_mu_);
-    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-    if (failed_) std::rethrow_exception(failed_error_locked());
-    if (async_op || !queue_.empty() || busy_) {
-      l.unlock();
-      return submit_work([body](AsyncWork&) { body(); }, label);
-    }
-    busy_ = true;
-  }
+  if (async_op || !enter_inline()) return submit_work([body](AsyncWork&) { body(); }, label);
   auto work = std::make_shared<AsyncWork>();
   work->algorithm = label;
   work->start_s = now_s();
-  std::exception_ptr e;
-  try {
-    body();
-  } catch (...) {
-    e = std::current_exception();
-    fail(e);
-  }
+  run_inline([&] { body(); });
   work->end_s = now_s();
-  release_inline();
-  if (e) std::rethrow_exception(e);
   work->finish(nullptr);
   return work;
 }
@@ -485,13 +468,12 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
   // A reduce-scatter sums (float dtypes); an allgather only moves bytes, of any dtype.
   const DType dt = scatter ? to_dtype(in.scalar_type()) : DType::Bytes;
   const int64_t shard = scatter ? part.numel() : part.numel() * (int64_t)part.element_size();
-  const Algorithm requested = algorithm;
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
   const int kind = (scatter ? 512 : 1024);
   Algorithm algo;
   if (hier_) {
-    algo = halves_algorithm(requested, topo_.num_nodes);
+    algo = halves_algorithm(algorithm, topo_.num_nodes);
     if (validate && cross_ && topo_.num_nodes > 1) {
       try {
         validate_peers(*cross_, algo, in, seq, kind + (int)algo, what);
@@ -501,11 +483,11 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
       }
     }
     if (scatter)
-      hier_->reduce_scatter(requested, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->reduce_scatter(algorithm, in.data_ptr(), out.data_ptr(), shard, dt, seq);
     else
-      hier_->allgather(requested, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->allgather(algorithm, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   } else {
-    algo = halves_algorithm(requested, (int)S);
+    algo = halves_algorithm(algorithm, (int)S);
     if (validate && S > 1) validate_peers(*world_, algo, in, seq, kind + (int)algo, what);
     exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
     const int r = world_->rank();

@@ -114,7 +114,7 @@ class Communicator {
   std::shared_ptr<AsyncWork> submit_work(std::function<void(AsyncWork&)> fn, const std::string& label);
   StreamWait run(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate, Wire wire,
                  const StreamWait& ready);
-  StreamWait run_locked(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate, Wire wire,
+  StreamWait run_locked(at::Tensor t, Algorithm algo, Hierarchy h, bool avg, bool validate, Wire wire,
                         const StreamWait& ready);
   void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id,
                       const char* what = "an allreduce");
@@ -123,6 +123,13 @@ class Communicator {
   void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm, bool avg,
                          bool validate);
   void worker_loop();
+  // An inline call (no thread hop) when nothing is queued: takes the communicator (busy_) and
+  // returns true, or returns false when queued work must go first (the caller queues instead);
+  // throws when the communicator is closed or failed.
+  bool enter_inline();
+  // Runs fn as the inline call enter_inline began: its error fails the communicator; then
+  // release_inline.
+  void run_inline(const std::function<void()>& fn);
   void release_inline();  // ends an inline call: lets queued work run
 
   // The error every operation gets once the communicator failed: the first cause, quoted.
