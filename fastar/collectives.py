@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import policy
+from . import state as _state_mod
 from . import topology as _topology
 # Re-exported (noqa: F401): the names other modules, tests and docs import from fastar.collectives.
 from .diagnose import EARLIER_FAILURE, reraise, with_cause  # noqa: F401
@@ -128,23 +129,20 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     CUDA tensors go over NCCL groups fastar creates on first use, ordered on fastar's own CUDA
     stream against the caller's stream (the call returns without waiting for the GPU, like NCCL).
     """
-    st = current()
+    st = _state_mod._state  # current(), without the call: this is the latency path's entry
     if st is not None and group is None and algorithm == "auto" and hierarchy == "auto" and not async_op \
             and compression is None and isinstance(tensor, torch.Tensor):
         # The latency path: the C++ side takes the call only if it is a small dense CPU tensor of a
         # supported dtype on one node with nothing queued; otherwise it does nothing and returns
         # False, and the general path below runs it (with its checks and messages).
         try:
-            avg = _FAST_OPS.get(op)
-        except TypeError:  # an unhashable op
-            avg = None
-        if avg is not None:
-            try:
-                if st.comm.allreduce_fast(tensor, avg):
-                    st.choice_record = LATENCY_PATH
-                    return None
-            except RuntimeError as e:
-                reraise(e)
+            if st.comm.allreduce_fast(tensor, _FAST_OPS[op]):
+                st.choice_record = LATENCY_PATH
+                return None
+        except (KeyError, TypeError):  # an op the latency path does not take (or an unhashable one)
+            pass
+        except RuntimeError as e:
+            reraise(e)
     require_dist()
     check_tensor(tensor)
     wire = parse_compression(compression)

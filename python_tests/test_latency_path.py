@@ -31,7 +31,10 @@ def _fast_worker(rank, n):
     st = collectives.get_state()
     out = []
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        for numel in (0, 1, 5, 1000, 4096):
+        es = torch.empty((), dtype=dtype).element_size()
+        # the block edges of the small region: 1 KiB blocks up to 16 KiB, then 16 blocks of a size
+        # rounded up to a cache line (32 KiB + one element: 16 blocks of 2112 B, the last short)
+        for numel in (0, 1, 5, 1000, 4096, (32 << 10) // es + 1, (64 << 10) // es):
             for op in ("sum", "avg", torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.AVG):
                 t = _values(rank, n, numel, dtype)
                 want = sum(_values(r, n, numel, torch.float64) for r in range(n))
@@ -73,6 +76,8 @@ def _disagree_worker(rank, n, what):
     fastar.all_reduce(torch.ones(4))  # a good call first
     if what == "count":
         t = torch.ones(10 + rank)
+    elif what == "path":  # rank 0 on the latency path, rank 1 on the staged one (4 MiB)
+        t = torch.ones(10 if rank == 0 else 1 << 20)
     else:
         t = torch.ones(10, dtype=torch.float32 if rank == 0 else torch.float64)
     t0 = time.monotonic()
@@ -83,7 +88,7 @@ def _disagree_worker(rank, n, what):
     return None, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("what", ["count", "dtype"])
+@pytest.mark.parametrize("what", ["count", "dtype", "path"])
 def test_latency_path_disagreeing_ranks_error(what):
     res = run_workers(_disagree_worker, 2, what, timeout=120, env={"FASTAR_LOCAL_SIZE": "2"})
     for rank, (err, secs) in enumerate(res):

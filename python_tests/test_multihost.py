@@ -117,6 +117,11 @@ def test_bad_arguments_touch_nothing(netns_ok):
     assert set(_namespaces()) == before
 
 
+def _default_signals():
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.02):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
@@ -139,7 +144,11 @@ def test_signal_removes_namespaces_links_and_processes(netns_ok, tmp_path, sig, 
     cmd = [SCRIPT, "--hosts", "2", "--procs-per-host", "1", "--rate", "1gbit", "--delay", "1ms",
            "--sizes", "64K", "--train-steps", "0", "--rounds", "1", "--timeout", "60", "--out", str(out)]
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        # A signal ignored when bash starts cannot be trapped: a test run from a background job
+        # (`cmd &` in a script ignores SIGINT) would hand that on. The script's user sends it from a
+        # terminal, where INT and TERM have their default action: start it that way.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True,
+                                preexec_fn=_default_signals)
     prefix = None
     try:
         def new_run():

@@ -403,7 +403,8 @@ def test_cuda_tensor_on_an_nccl_subgroup():
 # --- segments that are not fastar's ----------------------------------------------------------------------
 
 def _segment_bytes(local_size, chunk):
-    return 4096 * local_size + 2 * (local_size + 1) * chunk
+    # control pages, two buffers of slots and a result area, the latency path's small regions (shm.h)
+    return 4096 * local_size + 2 * (local_size + 1) * chunk + 2 * local_size * (16 * 64 + (64 << 10))
 
 
 @pytest.mark.parametrize("case", ["mode", "magic", "size"])

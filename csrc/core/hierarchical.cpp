@@ -88,14 +88,63 @@ class StagedPhase final : public LocalPhase {
 
   void check_peers() { a_.check_peers(desc_, first_gen_, "an allreduce"); }
 
-  Part reduce_small() {
+  // One node, at most the arena's small region: block by block (ShmArena::small_data). Every rank
+  // copies its blocks in, raising each block's flag; then, block by block, waits for its peers'
+  // block and sums all of them (rank order, the same on every rank) into its tensor. A peer starts
+  // summing the first block while this rank still copies the last one.
+  void reduce_small_blocks() {
     const uint32_t g = ++h_.gen_;
     const int buf = g & 1;
-    auto stamp = [](int64_t& into, std::chrono::steady_clock::time_point& since) {
-      const auto now = std::chrono::steady_clock::now();
-      into += std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count();
-      since = now;
-    };
+    const int64_t bytes = count_ * (int64_t)es_;
+    const int64_t per_block = (bytes + ShmArena::kSmallBlocks - 1) / ShmArena::kSmallBlocks;  // at most 16 blocks
+    const int64_t blk = std::max(h_.small_block_bytes, (per_block + 63) / 64 * 64);
+    const int nb = bytes == 0 ? 1 : (int)((bytes + blk - 1) / blk);
+    if (nb > ShmArena::kSmallBlocks) throw std::logic_error("fastar: small allreduce in too many blocks");
+    LatencyProfile* p = prof;
+    std::chrono::steady_clock::time_point tp;
+    if (p) tp = std::chrono::steady_clock::now();
+    char* mine = a_.small_data(lr_, buf);
+    a_.small_publish_desc(buf, desc_);
+    for (int b = 0; b < nb; ++b) {
+      const int64_t o = b * blk;
+      if (o < bytes) std::memcpy(mine + o, base_ + o, std::min(blk, bytes - o));
+      a_.small_signal(b, buf, g);
+    }
+    // For a peer that runs the staged path for this call (the ranks disagree): it sees In and fails
+    // on the descriptor instead of waiting for slots that never fill.
+    a_.signal(ShmFlag::In, g);
+    if (p) stamp(p->copy_in_ns, tp);
+    const void* srcs_small[Hierarchical::kMaxSmallRanks];
+    std::vector<const void*> srcs_big(L_ > Hierarchical::kMaxSmallRanks ? L_ : 0);
+    const void** srcs = L_ > Hierarchical::kMaxSmallRanks ? srcs_big.data() : srcs_small;
+    for (int b = 0; b < nb; ++b) {
+      for (int r = 0; r < L_; ++r) {
+        if (r == lr_) continue;
+        a_.small_wait(r, b, buf, g, "copy-in");
+        if (b == 0) a_.small_check_desc(r, buf, desc_, "an allreduce");
+      }
+      if (p) stamp(p->wait_ns, tp);
+      const int64_t o = b * blk;
+      if (o >= bytes) continue;
+      for (int r = 0; r < L_; ++r) srcs[r] = a_.small_data(r, buf) + o;
+      reduce_sum_many(t_, base_ + o, srcs, L_, std::min(blk, bytes - o) / (int64_t)es_);
+      if (p) stamp(p->reduce_ns, tp);
+    }
+  }
+
+  static void stamp(int64_t& into, std::chrono::steady_clock::time_point& since) {
+    const auto now = std::chrono::steady_clock::now();
+    into += std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count();
+    since = now;
+  }
+
+  Part reduce_small() {
+    if (!multi_ && a_.has_small() && count_ * (int64_t)es_ <= ShmArena::kSmallBytes) {
+      reduce_small_blocks();
+      return {};
+    }
+    const uint32_t g = ++h_.gen_;
+    const int buf = g & 1;
     LatencyProfile* p = prof && !multi_ ? prof : nullptr;
     std::chrono::steady_clock::time_point tp;
     if (p) tp = std::chrono::steady_clock::now();

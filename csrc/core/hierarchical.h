@@ -60,6 +60,7 @@ class Hierarchical {
   HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
+  int64_t small_block_bytes = 1024;  // the latency path's smallest block (ShmArena::small_data)
   int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path

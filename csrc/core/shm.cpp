@@ -27,6 +27,8 @@ constexpr size_t kCtlBytes = 4096;  // per local rank
 constexpr size_t kLine = 64;
 constexpr size_t kErrOffset = 1024;  // in a rank's control page: its error text, NUL-terminated
 constexpr uint64_t kMagic = 0x66617374617231ull;  // "fastar1"
+// A small region: a flag line per block (line 0 also holds the descriptor), then the data.
+constexpr size_t kSmallRegion = ShmArena::kSmallBlocks * kLine + ShmArena::kSmallBytes;
 
 struct Header {
   std::atomic<uint64_t> magic;
@@ -112,7 +114,8 @@ ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int loc
                                 " bytes): check FASTAR_SHM_CHUNK_MB");
   chunk_bytes_ = (int64_t)align_up((size_t)chunk_bytes, 4096);
   total_bytes_ = kCtlBytes * local_size +
-                 (regions_only ? (size_t)local_size : 2 * (size_t)(local_size + 1)) * chunk_bytes_;
+                 (regions_only ? (size_t)local_size : 2 * (size_t)(local_size + 1)) * chunk_bytes_ +
+                 (regions_only ? 0 : 2 * (size_t)local_size * kSmallRegion);
   int fd = -1;
   if (create) {
     fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -158,6 +161,7 @@ ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int loc
     throw std::runtime_error("fastar shm: cannot map " + name + ": " + errno_str());
   }
   base_ = static_cast<char*>(p);
+  if (!regions_only) small_base_ = base_ + kCtlBytes * local_size + 2 * (size_t)(local_size + 1) * chunk_bytes_;
   if (!create && reinterpret_cast<Header*>(base_)->magic.load() != kMagic) {
     ::munmap(base_, total_bytes_);
     base_ = nullptr;
@@ -225,8 +229,11 @@ void ShmArena::signal(ShmFlag f, uint32_t gen) {
 
 void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
   auto* a = flag(rank, f);
-  uint32_t v = a->load(std::memory_order_acquire);
-  if (reached(v, gen)) return;
+  if (reached(a->load(std::memory_order_acquire), gen)) return;
+  wait_word(a, rank, gen, what, false);
+}
+
+void ShmArena::wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const char* what, bool small) {
   // Spin first: with a core per local rank the peer is usually well under a microsecond away, and
   // a yield or futex costs more than that. Oversubscribed (more local ranks than cores), spin_ns_
   // is short, so that the core goes to the rank we wait for.
@@ -241,13 +248,13 @@ void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
   auto last_check = start;
   int yields = 0;
   while (true) {
-    v = a->load(std::memory_order_acquire);
+    uint32_t v = a->load(std::memory_order_acquire);
     if (reached(v, gen)) return;
     if (yields < 64) {  // give the core to the rank we wait for (ranks may outnumber cores)
       ++yields;
       sched_yield();
     } else {
-      auto* sl = sleepers(rank, f);
+      auto* sl = a + 1;  // the sleepers word, on the flag's line
       sl->fetch_add(1, std::memory_order_seq_cst);
       v = a->load(std::memory_order_seq_cst);
       if (!reached(v, gen)) futex_wait(a, v, 2000);
@@ -259,6 +266,13 @@ void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
       const char* err = base_ + kCtlBytes * rank + kErrOffset;
       throw std::runtime_error("fastar shm: " + who(rank) + " failed while " + who(local_rank_) + " waited for it (" +
                                what + "); its error: " + (err[0] ? std::string(err) : std::string("(none given)")));
+    }
+    if (small && reached(flag(rank, ShmFlag::In)->load(std::memory_order_seq_cst), gen)) {
+      // A peer on the latency path raises In after all its blocks: then this block is in too.
+      if (reached(a->load(std::memory_order_seq_cst), gen)) return;
+      // Otherwise it runs the staged path for this call: its descriptor on the control page says why.
+      const uint64_t* mine = reinterpret_cast<const uint64_t*>(small_flag(local_rank_, 0, gen & 1) + 2);
+      throw_mismatch(rank, mine, desc_slot(rank, gen), what);
     }
     if (now - last_check > std::chrono::milliseconds(100)) {
       last_check = now;
@@ -295,6 +309,10 @@ void ShmArena::mark_failed(const std::string& why) {
   }
   hdr->failed.store(1, std::memory_order_release);
   for (int f = 0; f < (int)ShmFlag::Count; ++f) futex_wake(flag(local_rank_, (ShmFlag)f));
+  if (small_base_)
+    for (int buf = 0; buf < 2; ++buf)
+      for (int b = 0; b < kSmallBlocks; ++b)
+        if (small_flag(local_rank_, b, buf)[1].load() != 0) futex_wake(small_flag(local_rank_, b, buf));
 }
 
 // Two descriptor slots by parity of the collective's first generation: a peer can be at most one
@@ -311,15 +329,56 @@ void ShmArena::publish_desc(const uint64_t desc[4], uint32_t gen) {
 
 void ShmArena::check_desc(int rank, const uint64_t desc[4], uint32_t gen, const char* what) {
   auto* d = desc_slot(rank, gen);
+  for (int i = 0; i < 4; ++i)
+    if (d[i].load(std::memory_order_relaxed) != desc[i]) throw_mismatch(rank, desc, d, what);
+}
+
+void ShmArena::throw_mismatch(int rank, const uint64_t mine[4], const std::atomic<uint64_t>* theirs,
+                              const char* what) const {
   static const char* names[4] = {"call number", "element count", "dtype", "hierarchy/algorithm"};
   for (int i = 0; i < 4; ++i) {
-    const uint64_t theirs = d[i].load(std::memory_order_relaxed);
-    if (theirs != desc[i])
+    const uint64_t t = theirs[i].load(std::memory_order_relaxed);
+    if (t != mine[i])
       throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[i]) + " of " + what + ": " +
-                               who(local_rank_) + " has " + std::to_string(desc[i]) + ", " + who(rank) + " has " +
-                               std::to_string(theirs) +
+                               who(local_rank_) + " has " + std::to_string(mine[i]) + ", " + who(rank) + " has " +
+                               std::to_string(t) +
                                ". Every rank must call the same collectives with tensors of the same shape and dtype.");
   }
+  throw std::runtime_error("fastar: " + who(rank) + " runs the staged path for " + std::string(what) + " while " +
+                           who(local_rank_) + " runs the latency path: the ranks disagree on the latency path's "
+                           "threshold (Communicator.set_small_bytes)");
+}
+
+std::atomic<uint32_t>* ShmArena::small_flag(int rank, int block, int buf) const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion +
+                                                  (size_t)block * kLine);
+}
+
+char* ShmArena::small_data(int rank, int buf) const {
+  return small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion + kSmallBlocks * kLine;
+}
+
+void ShmArena::small_publish_desc(int buf, const uint64_t desc[4]) {
+  auto* d = reinterpret_cast<std::atomic<uint64_t>*>(small_flag(local_rank_, 0, buf) + 2);
+  for (int i = 0; i < 4; ++i) d[i].store(desc[i], std::memory_order_relaxed);
+}
+
+void ShmArena::small_signal(int block, int buf, uint32_t gen) {
+  auto* a = small_flag(local_rank_, block, buf);
+  a->store(gen, std::memory_order_seq_cst);  // after the block's bytes (and block 0's descriptor)
+  if (a[1].load(std::memory_order_seq_cst) != 0) futex_wake(a);
+}
+
+void ShmArena::small_wait(int rank, int block, int buf, uint32_t gen, const char* what) {
+  auto* a = small_flag(rank, block, buf);
+  if (reached(a->load(std::memory_order_acquire), gen)) return;
+  wait_word(a, rank, gen, what, true);
+}
+
+void ShmArena::small_check_desc(int rank, int buf, const uint64_t desc[4], const char* what) {
+  auto* d = reinterpret_cast<std::atomic<uint64_t>*>(small_flag(rank, 0, buf) + 2);
+  for (int i = 0; i < 4; ++i)
+    if (d[i].load(std::memory_order_relaxed) != desc[i]) throw_mismatch(rank, desc, d, what);
 }
 
 void ShmArena::check_peers(const uint64_t desc[4], uint32_t gen, const char* what) {

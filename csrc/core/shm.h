@@ -8,7 +8,9 @@
 //
 // Layout: a control page per local rank (its pid and monotonically increasing flags, each on its
 // own cache line), then for each of two pipeline buffers: one input slot per local rank and one
-// result area, each chunk_bytes long.
+// result area, each chunk_bytes long; then the latency path's small regions (one per local rank and
+// buffer: a flag line per block, then kSmallBytes of data), apart from the slots so that no data
+// ever lands on a flag.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -44,6 +46,21 @@ class ShmArena {
 
   char* slot(int rank, int buf) const;
   char* result(int buf) const;
+
+  // The latency path (one node, at most kSmallBytes per rank): a rank copies its data into its small
+  // region block by block and raises each block's flag as soon as that block is in, so that its
+  // peers read (and sum) the first blocks while it still writes the last ones. Block 0's flag line
+  // also carries the call's descriptor, so that the check costs no extra cache line.
+  static constexpr int64_t kSmallBytes = 64 << 10;
+  static constexpr int kSmallBlocks = 16;
+  bool has_small() const { return small_base_ != nullptr; }
+  char* small_data(int rank, int buf) const;
+  void small_publish_desc(int buf, const uint64_t desc[4]);
+  void small_signal(int block, int buf, uint32_t gen);
+  // Waits for local rank `rank`'s block. A peer whose In flag reaches gen instead runs the staged
+  // path for the same call (the ranks disagree on the call): that fails at once, with the reason.
+  void small_wait(int rank, int block, int buf, uint32_t gen, const char* what);
+  void small_check_desc(int rank, int buf, const uint64_t desc[4], const char* what);
 
   // Flags are generation counters: signal sets this rank's flag to gen; waits return once the
   // flag reached gen. Waits spin briefly, then yield the core, then sleep on a futex, and throw a
@@ -81,6 +98,13 @@ class ShmArena {
   std::atomic<uint32_t>* flag(int rank, ShmFlag f) const;
   std::atomic<uint32_t>* sleepers(int rank, ShmFlag f) const;
   std::atomic<uint64_t>* desc_slot(int rank, uint32_t gen) const;
+  std::atomic<uint32_t>* small_flag(int rank, int block, int buf) const;
+  // The one wait: until *a reaches gen (spin, yield, futex on the sleepers word next to it), failing
+  // when local rank `rank` failed, died or timed out; `small`: a wait of the latency path, which
+  // also fails when that rank's In flag reaches gen (it runs the staged path for this call).
+  void wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const char* what, bool small);
+  void throw_mismatch(int rank, const uint64_t mine[4], const std::atomic<uint64_t>* theirs, const char* what) const;
+  char* small_base_ = nullptr;
   std::string who(int local_rank) const;  // "local rank 1 (rank 3)"
   int first_global_rank_ = -1;
   std::string name_;
