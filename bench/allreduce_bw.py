@@ -37,6 +37,8 @@ memcpy_GBps: one process (before the workers start, or rank 0 alone under torchr
 every allreduce is measured against (memcpy_detail has each setting's best and median, and, when the
 workers are spawned, concurrent_<k>_procs_GBps_each: the rate each of k single-threaded processes,
 one per core, gets while all copy their own 64 MiB buffer at once: the ceiling of one rank).
+core_round_trip_ns: a cache line's round trip between the first two cores, before and after the run
+(core_round_trip_ns() below): whether the host placed its cores where they share a cache.
 """
 from __future__ import annotations
 
@@ -184,6 +186,19 @@ def _copy_rank(rank: int, nbytes: int, reps: int, start_at: float, conn) -> None
         best = min(best, time.perf_counter() - t0)
     conn.send(best)
     conn.close()
+
+
+def core_round_trip_ns() -> float | None:
+    """A cache line's round trip between the first two cores this process may run on (ns), or None
+    with fewer than two. This host moves its two vCPUs between a placement where they share a cache
+    (about 60-100 ns) and one where they do not (about 500 ns): every flag and slot line fastar (and
+    any shared-memory collective) passes between ranks costs that much more in the second."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    from fastar import _C  # noqa: PLC0415
+    ns = _C.core_round_trip_ns(cpus[0], cpus[1], 100000)
+    return round(ns, 1) if ns >= 0 else None
 
 
 def concurrent_copy_gbps(nproc: int, nbytes: int = 64 << 20, reps: int = 10) -> float:
@@ -412,6 +427,9 @@ def finish(out: dict, args) -> None:
     memcpy = out["memcpy_detail"]
     print(f"# memcpy_GBps {memcpy['GBps']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in memcpy.items() if k != 'GBps')}); "
           f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; {out['wall_s']:.0f} s")
+    if out.get("core_round_trip_ns"):
+        rt = out["core_round_trip_ns"]
+        print(f"# core-to-core round trip of a cache line: {rt['before']} ns before the run, {rt['after']} ns after")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -540,6 +558,7 @@ def main(argv=None) -> int:
     memcpy = memcpy_gbps()  # single process, before the workers exist
     cores = len(os.sched_getaffinity(0))
     memcpy[f"concurrent_{min(args.nproc, cores)}_procs_GBps_each"] = concurrent_copy_gbps(min(args.nproc, cores))
+    round_trip_before = core_round_trip_ns()
     mpi_before = run_external(MPI_IMPL, args, args.nproc)
     ds = run_external(DS_IMPL, args, args.nproc)
     import torch.multiprocessing as mp
@@ -550,6 +569,7 @@ def main(argv=None) -> int:
             out = json.load(f)
     mpi = mpi_before and best_of_runs(mpi_before, run_external(MPI_IMPL, args, args.nproc))
     args.external = [r for r in (mpi, ds) if r]
+    out["core_round_trip_ns"] = {"before": round_trip_before, "after": core_round_trip_ns()}
     finish(out, args)
     return 0
 

@@ -1,6 +1,7 @@
 #include "shm.h"
 
 #include <dirent.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <sched.h>
@@ -19,6 +20,7 @@
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
 
 namespace fastar {
 namespace {
@@ -100,6 +102,12 @@ void futex_wake(std::atomic<uint32_t>* addr) {
 }
 
 inline bool reached(uint32_t v, uint32_t gen) { return (int32_t)(v - gen) >= 0; }
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
 
 }  // namespace
 
@@ -185,6 +193,52 @@ uint64_t ShmArena::start_ticks(int pid) { return start_ticks_of(pid); }
 
 uint64_t ShmArena::pid_namespace() { return own_pid_ns(); }
 
+double ShmArena::core_round_trip_ns(int cpu_a, int cpu_b, int iters) {
+  alignas(64) static std::atomic<int> ping;
+  alignas(64) static std::atomic<int> pong;
+  auto pin = [](int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
+  };
+  std::atomic<bool> ok{true};
+  double ns = -1;
+  ping = 0;
+  pong = 0;
+  std::thread other([&] {
+    if (!pin(cpu_b)) {
+      ok = false;
+      return;
+    }
+    for (int i = 1; i <= iters; ++i) {
+      int v;
+      while ((v = ping.load(std::memory_order_acquire)) != i && v >= 0) cpu_relax();
+      if (v < 0) return;
+      pong.store(i, std::memory_order_release);
+    }
+  });
+  std::thread self([&] {
+    if (!pin(cpu_a) || !ok) {
+      ok = false;
+      ping.store(-1);
+      return;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 1; i <= iters; ++i) {
+      ping.store(i, std::memory_order_release);
+      while (pong.load(std::memory_order_acquire) != i) {
+        if (!ok.load(std::memory_order_relaxed)) return;  // the other thread could not be pinned
+        cpu_relax();
+      }
+    }
+    ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() / iters;
+  });
+  self.join();
+  other.join();
+  return ok ? ns : -1;
+}
+
 ShmArena::~ShmArena() {
   if (creator_ && !unlinked_) ::shm_unlink(name_.c_str());
   if (base_) ::munmap(base_, total_bytes_);
@@ -239,9 +293,7 @@ void ShmArena::wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const
   // is short, so that the core goes to the rank we wait for.
   const auto start = std::chrono::steady_clock::now();
   for (uint32_t i = 1;; ++i) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
+    cpu_relax();
     if (reached(a->load(std::memory_order_acquire), gen)) return;
     if ((i & 63) == 0 && std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spin_ns_)) break;
   }

@@ -92,6 +92,11 @@ class ShmArena {
   // Test hook: is the process a header would describe alive, as the waits judge it?
   static bool peer_alive_for_test(int pid, uint64_t start_ticks, uint64_t pid_ns);
   static uint64_t start_ticks(int pid);
+  // The host's cost of passing a cache line between two cores: two threads pinned to cpu_a and
+  // cpu_b bounce a flag `iters` times; the mean round trip in ns (bench figures: whether the two
+  // cores share a cache, which decides what every flag and slot of the arena costs). -1 if a
+  // thread cannot be pinned there.
+  static double core_round_trip_ns(int cpu_a, int cpu_b, int iters);
 
  private:
   struct Control;
