@@ -130,16 +130,32 @@ def test_latency_path_dead_peer():
 
 def _pipeline_worker(rank, n, numel):
     import fastar
+    from fastar import collectives
     fastar.init()
-    t = _values(rank, n, numel, torch.float32)
-    fastar.all_reduce(t, hierarchy="leader", algorithm="halving_doubling")
-    want = sum(_values(r, n, numel, torch.float64) for r in range(n)).float()
-    return int((t != want).sum())
+    wrong = []
+    for stream_above in (16 << 20, 0):  # the default, then streaming stores at every size
+        collectives.get_state().comm.set_stream_above_bytes(stream_above)
+        t = _values(rank, n, numel, torch.float32)
+        fastar.all_reduce(t, hierarchy="leader", algorithm="halving_doubling")
+        want = sum(_values(r, n, numel, torch.float64) for r in range(n)).float()
+        wrong.append(int((t != want).sum()))
+    return wrong
 
 
 @pytest.mark.parametrize("n,numel", [(2, (5 << 20) + 3), (3, (512 << 10) * 3 + 1)])
 def test_one_node_pipeline_exact(n, numel):
-    """Several 512 KiB chunks, uneven slices, and (at 20 MiB) the streaming copy-out: every element
-    equals the exact sum on every rank."""
+    """Several 512 KiB chunks, uneven slices, with and without the streaming copy-out: every
+    element equals the exact sum on every rank."""
     res = run_workers(_pipeline_worker, n, numel, timeout=240, env={"FASTAR_LOCAL_SIZE": str(n)})
-    assert all(v == 0 for v in res), res
+    assert all(v == [0, 0] for v in res), res
+
+
+def test_core_round_trip():
+    """The bench's host figure: a positive round trip between two cores, -1 for a core that does
+    not exist (no hang)."""
+    from fastar import _C
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one core: no round trip between two cores to measure")
+    assert 0 < _C.core_round_trip_ns(cpus[0], cpus[1], 2000) < 1e6
+    assert _C.core_round_trip_ns(cpus[0], 4096, 10) == -1

@@ -42,7 +42,7 @@ class StagedPhase final : public LocalPhase {
     desc_[1] = (uint64_t)count;
     desc_[2] = (uint64_t)t;
     desc_[3] = (uint64_t)mode * 16 + (uint64_t)algo;
-    streaming_ = count * (int64_t)es_ >= Hierarchical::kStreamAboveBytes;
+    streaming_ = count * (int64_t)es_ >= h.stream_above_bytes;
   }
   void publish() {
     first_gen_ = h_.gen_ + 1;
@@ -327,7 +327,7 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
   const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo};
   // A large result is written with streaming stores (no read for ownership of lines about to be
   // overwritten; the slots stay cached).
-  const bool streaming = (int64_t)L * N * shard * (int64_t)es >= kStreamAboveBytes;
+  const bool streaming = (int64_t)L * N * shard * (int64_t)es >= stream_above_bytes;
   const uint32_t first_gen = gen_ + 1;
   arena_->publish_desc(desc, first_gen);
   try {

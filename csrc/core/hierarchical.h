@@ -64,7 +64,7 @@ class Hierarchical {
   int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
-  static constexpr int64_t kStreamAboveBytes = 16 << 20;
+  int64_t stream_above_bytes = 16 << 20;  // write the result back with streaming stores from this size
 
  private:
   friend class StagedPhase;

@@ -111,6 +111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_timeout", &Communicator::set_timeout)
       .def("set_small_bytes", &Communicator::set_small_bytes)
       .def("set_local_chunk_bytes", &Communicator::set_local_chunk_bytes, py::arg("bytes"))
+      .def("set_stream_above_bytes", &Communicator::set_stream_above_bytes, py::arg("bytes"))
       .def("has_shm", &Communicator::has_shm)
       .def("failed", [](Communicator& c) { return (bool)c.failure(); })
       .def("shm_name", &Communicator::shm_name)

@@ -159,6 +159,11 @@ void Communicator::set_local_chunk_bytes(int64_t b) {
   if (hier_) hier_->local_chunk_bytes = b;
 }
 
+void Communicator::set_stream_above_bytes(int64_t b) {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  if (hier_) hier_->stream_above_bytes = b;
+}
+
 OpRecord Communicator::last_op() {
   std::lock_guard<std::mutex> g(exec_mu_);
   return last_;

@@ -105,6 +105,7 @@ class Communicator {
   void set_timeout(double s);
   void set_small_bytes(int64_t b);
   void set_local_chunk_bytes(int64_t b);  // the one-node pipeline's chunk (tuning, tests)
+  void set_stream_above_bytes(int64_t b);  // streaming stores for results from this size (tuning)
   const Topology& topology() const { return topo_; }
   bool has_shm() const { return arena_ != nullptr; }
   std::string shm_name() const { return arena_ ? arena_->name() : ""; }
