@@ -416,9 +416,20 @@ void ShmArena::small_publish_desc(int buf, const uint64_t desc[4]) {
 }
 
 void ShmArena::small_signal(int block, int buf, uint32_t gen) {
-  auto* a = small_flag(local_rank_, block, buf);
-  a->store(gen, std::memory_order_seq_cst);  // after the block's bytes (and block 0's descriptor)
-  if (a[1].load(std::memory_order_seq_cst) != 0) futex_wake(a);
+  small_flag(local_rank_, block, buf)->store(gen, std::memory_order_release);  // after the block's bytes
+}
+
+void ShmArena::raise_in(uint32_t gen) { flag(local_rank_, ShmFlag::In)->store(gen, std::memory_order_release); }
+
+void ShmArena::small_wake(int nblocks, int buf) {
+  // The flags' stores before the sleepers' loads (a waiter counts itself in, seq_cst, then re-checks
+  // its flag): it sees the flag or is woken here.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  for (int b = 0; b < nblocks; ++b) {
+    auto* a = small_flag(local_rank_, b, buf);
+    if (a[1].load(std::memory_order_relaxed) != 0) futex_wake(a);
+  }
+  if (sleepers(local_rank_, ShmFlag::In)->load(std::memory_order_relaxed) != 0) futex_wake(flag(local_rank_, ShmFlag::In));
 }
 
 void ShmArena::small_wait(int rank, int block, int buf, uint32_t gen, const char* what) {

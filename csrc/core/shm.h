@@ -56,7 +56,13 @@ class ShmArena {
   bool has_small() const { return small_base_ != nullptr; }
   char* small_data(int rank, int buf) const;
   void small_publish_desc(int buf, const uint64_t desc[4]);
+  // A block is in: a plain release store, no fence (a seq_cst store waits until the line is taken
+  // from the peer polling it: on a host whose cores share no cache, a cross-die round trip per
+  // block). small_wake then fences once and wakes the peers that sleep on any of the blocks or on
+  // the In flag (raise_in: the staged-path twin of signal(In), for ranks that disagree).
   void small_signal(int block, int buf, uint32_t gen);
+  void raise_in(uint32_t gen);
+  void small_wake(int nblocks, int buf);
   // Waits for local rank `rank`'s block. A peer whose In flag reaches gen instead runs the staged
   // path for the same call (the ranks disagree on the call): that fails at once, with the reason.
   void small_wait(int rank, int block, int buf, uint32_t gen, const char* what);
