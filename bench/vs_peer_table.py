@@ -5,7 +5,9 @@ impl over repeated bench/allreduce_bw.py runs (each run times both in the same i
         [--peer mpi:openmpi]
 
 Prints a markdown table: per size, each run's time of both and the ratio peer time / fastar time
-(above 1: fastar takes less time), and the median ratio over the runs.
+(above 1: fastar takes less time), and the median ratio over the runs; and, where the runs recorded
+it, the host's core-to-core round trip before and after each run (about 60-100 ns: the two cores
+share a cache; about 500 ns: they do not).
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ def fmt_size(b: int) -> str:
 
 
 def table(paths: list[str], impl: str, peer: str) -> str:
-    runs = []
+    runs, hosts = [], []
     for p in paths:
         with open(p) as f:
-            rows = json.load(f)["rows"]
-        runs.append({(r["impl"], r["bytes"]): r["time_us"] for r in rows})
+            out = json.load(f)
+        runs.append({(r["impl"], r["bytes"]): r["time_us"] for r in out["rows"]})
+        hosts.append(out.get("core_round_trip_ns"))
     sizes = sorted({b for run in runs for (i, b) in run if i == impl and (peer, b) in run})
     head = ["size"] + [f"run {k + 1}: {impl} / {peer} µs (ratio)" for k in range(len(runs))] + ["median ratio"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
@@ -39,6 +42,10 @@ def table(paths: list[str], impl: str, peer: str) -> str:
         med = statistics.median(ratios)
         cells.append(f"**{med:.2f}**" if med >= 1 else f"**{med:.2f}** (slower)")
         lines.append("| " + " | ".join(cells) + " |")
+    if any(hosts):  # allreduce_bw records it from session 8 on
+        cells = ["core round trip, ns (before / after)"] + [
+            f"{h['before']:.0f} / {h['after']:.0f}" if h and h.get("before") and h.get("after") else "-" for h in hosts]
+        lines.append("| " + " | ".join(cells + [""]) + " |")
     return "\n".join(lines)
 
 

@@ -404,7 +404,7 @@ def test_cuda_tensor_on_an_nccl_subgroup():
 
 def _segment_bytes(local_size, chunk):
     # control pages, two buffers of slots and a result area, the latency path's small regions (shm.h)
-    return 4096 * local_size + 2 * (local_size + 1) * chunk + 2 * local_size * (16 * 64 + (64 << 10))
+    return 4096 * local_size + 2 * (local_size + 1) * chunk + 2 * local_size * (17 * 64 + (64 << 10))
 
 
 @pytest.mark.parametrize("case", ["mode", "magic", "size"])

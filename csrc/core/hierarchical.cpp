@@ -105,10 +105,11 @@ class StagedPhase final : public LocalPhase {
     if (p) tp = std::chrono::steady_clock::now();
     char* mine = a_.small_data(lr_, buf);
     a_.small_publish_desc(buf, desc_);
+    const uint32_t check = ShmArena::desc_check(desc_);
     for (int b = 0; b < nb; ++b) {
       const int64_t o = b * blk;
       if (o < bytes) std::memcpy(mine + o, base_ + o, std::min(blk, bytes - o));
-      a_.small_signal(b, buf, g);
+      a_.small_signal(b, buf, g, check);
     }
     // For a peer that runs the staged path for this call (the ranks disagree): it sees In and fails
     // on the descriptor instead of waiting for slots that never fill.
@@ -122,7 +123,7 @@ class StagedPhase final : public LocalPhase {
       for (int r = 0; r < L_; ++r) {
         if (r == lr_) continue;
         a_.small_wait(r, b, buf, g, "copy-in");
-        if (b == 0) a_.small_check_desc(r, buf, desc_, "an allreduce");
+        if (b == 0) a_.small_check_desc(r, buf, desc_, check, "an allreduce");
       }
     };
     auto sum = [&](int64_t o, int64_t n) {

@@ -29,8 +29,10 @@ constexpr size_t kCtlBytes = 4096;  // per local rank
 constexpr size_t kLine = 64;
 constexpr size_t kErrOffset = 1024;  // in a rank's control page: its error text, NUL-terminated
 constexpr uint64_t kMagic = 0x66617374617231ull;  // "fastar1"
-// A small region: a flag line per block (line 0 also holds the descriptor), then the data.
-constexpr size_t kSmallRegion = ShmArena::kSmallBlocks * kLine + ShmArena::kSmallBytes;
+// A small region: the descriptor's line, a flag line per block, then the data. A flag line holds
+// the generation (u32), block 0's descriptor check (u32), and the sleepers count (u32).
+constexpr size_t kSmallRegion = (1 + ShmArena::kSmallBlocks) * kLine + ShmArena::kSmallBytes;
+constexpr int kSmallSleepers = 2;  // the sleepers word's index on a small flag line
 
 struct Header {
   std::atomic<uint64_t> magic;
@@ -284,10 +286,11 @@ void ShmArena::signal(ShmFlag f, uint32_t gen) {
 void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
   auto* a = flag(rank, f);
   if (reached(a->load(std::memory_order_acquire), gen)) return;
-  wait_word(a, rank, gen, what, false);
+  wait_word(a, a + 1, rank, gen, what, false);
 }
 
-void ShmArena::wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const char* what, bool small) {
+void ShmArena::wait_word(std::atomic<uint32_t>* a, std::atomic<uint32_t>* sl, int rank, uint32_t gen,
+                         const char* what, bool small) {
   // Spin first: with a core per local rank the peer is usually well under a microsecond away, and
   // a yield or futex costs more than that. Oversubscribed (more local ranks than cores), spin_ns_
   // is short, so that the core goes to the rank we wait for.
@@ -306,7 +309,6 @@ void ShmArena::wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const
       ++yields;
       sched_yield();
     } else {
-      auto* sl = a + 1;  // the sleepers word, on the flag's line
       sl->fetch_add(1, std::memory_order_seq_cst);
       v = a->load(std::memory_order_seq_cst);
       if (!reached(v, gen)) futex_wait(a, v, 2000);
@@ -323,7 +325,8 @@ void ShmArena::wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const
       // A peer on the latency path raises In after all its blocks: then this block is in too.
       if (reached(a->load(std::memory_order_seq_cst), gen)) return;
       // Otherwise it runs the staged path for this call: its descriptor on the control page says why.
-      const uint64_t* mine = reinterpret_cast<const uint64_t*>(small_flag(local_rank_, 0, gen & 1) + 2);
+      uint64_t mine[4];
+      for (int i = 0; i < 4; ++i) mine[i] = small_desc(local_rank_, gen & 1)[i].load(std::memory_order_relaxed);
       throw_mismatch(rank, mine, desc_slot(rank, gen), what);
     }
     if (now - last_check > std::chrono::milliseconds(100)) {
@@ -364,7 +367,7 @@ void ShmArena::mark_failed(const std::string& why) {
   if (small_base_)
     for (int buf = 0; buf < 2; ++buf)
       for (int b = 0; b < kSmallBlocks; ++b)
-        if (small_flag(local_rank_, b, buf)[1].load() != 0) futex_wake(small_flag(local_rank_, b, buf));
+        if (small_flag(local_rank_, b, buf)[kSmallSleepers].load() != 0) futex_wake(small_flag(local_rank_, b, buf));
 }
 
 // Two descriptor slots by parity of the collective's first generation: a peer can be at most one
@@ -403,20 +406,39 @@ void ShmArena::throw_mismatch(int rank, const uint64_t mine[4], const std::atomi
 
 std::atomic<uint32_t>* ShmArena::small_flag(int rank, int block, int buf) const {
   return reinterpret_cast<std::atomic<uint32_t>*>(small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion +
-                                                  (size_t)block * kLine);
+                                                  (size_t)(1 + block) * kLine);
+}
+
+std::atomic<uint64_t>* ShmArena::small_desc(int rank, int buf) const {
+  return reinterpret_cast<std::atomic<uint64_t>*>(small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion);
 }
 
 char* ShmArena::small_data(int rank, int buf) const {
-  return small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion + kSmallBlocks * kLine;
+  return small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion + (1 + kSmallBlocks) * kLine;
+}
+
+uint32_t ShmArena::desc_check(const uint64_t desc[4]) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < 4; ++i) {  // splitmix64's finaliser over the words
+    h ^= desc[i] + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+    h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
+    h ^= h >> 31;
+  }
+  return (uint32_t)(h ^ (h >> 32));
 }
 
 void ShmArena::small_publish_desc(int buf, const uint64_t desc[4]) {
-  auto* d = reinterpret_cast<std::atomic<uint64_t>*>(small_flag(local_rank_, 0, buf) + 2);
+  auto* d = small_desc(local_rank_, buf);
   for (int i = 0; i < 4; ++i) d[i].store(desc[i], std::memory_order_relaxed);
 }
 
-void ShmArena::small_signal(int block, int buf, uint32_t gen) {
-  small_flag(local_rank_, block, buf)->store(gen, std::memory_order_release);  // after the block's bytes
+void ShmArena::small_signal(int block, int buf, uint32_t gen, uint32_t check) {
+  auto* a = small_flag(local_rank_, block, buf);
+  if (block == 0)  // generation and check in one store: one transfer of the line its peers poll
+    reinterpret_cast<std::atomic<uint64_t>*>(a)->store((uint64_t)check << 32 | gen, std::memory_order_release);
+  else
+    a->store(gen, std::memory_order_release);  // after the block's bytes
 }
 
 void ShmArena::raise_in(uint32_t gen) { flag(local_rank_, ShmFlag::In)->store(gen, std::memory_order_release); }
@@ -427,7 +449,7 @@ void ShmArena::small_wake(int nblocks, int buf) {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   for (int b = 0; b < nblocks; ++b) {
     auto* a = small_flag(local_rank_, b, buf);
-    if (a[1].load(std::memory_order_relaxed) != 0) futex_wake(a);
+    if (a[kSmallSleepers].load(std::memory_order_relaxed) != 0) futex_wake(a);
   }
   if (sleepers(local_rank_, ShmFlag::In)->load(std::memory_order_relaxed) != 0) futex_wake(flag(local_rank_, ShmFlag::In));
 }
@@ -435,13 +457,13 @@ void ShmArena::small_wake(int nblocks, int buf) {
 void ShmArena::small_wait(int rank, int block, int buf, uint32_t gen, const char* what) {
   auto* a = small_flag(rank, block, buf);
   if (reached(a->load(std::memory_order_acquire), gen)) return;
-  wait_word(a, rank, gen, what, true);
+  wait_word(a, a + kSmallSleepers, rank, gen, what, true);
 }
 
-void ShmArena::small_check_desc(int rank, int buf, const uint64_t desc[4], const char* what) {
-  auto* d = reinterpret_cast<std::atomic<uint64_t>*>(small_flag(rank, 0, buf) + 2);
-  for (int i = 0; i < 4; ++i)
-    if (d[i].load(std::memory_order_relaxed) != desc[i]) throw_mismatch(rank, desc, d, what);
+void ShmArena::small_check_desc(int rank, int buf, const uint64_t desc[4], uint32_t check, const char* what) {
+  const uint64_t w = reinterpret_cast<std::atomic<uint64_t>*>(small_flag(rank, 0, buf))->load(std::memory_order_acquire);
+  if ((uint32_t)(w >> 32) == check) return;
+  throw_mismatch(rank, desc, small_desc(rank, buf), what);  // the descriptor was stored before the flag
 }
 
 void ShmArena::check_peers(const uint64_t desc[4], uint32_t gen, const char* what) {

@@ -49,24 +49,28 @@ class ShmArena {
 
   // The latency path (one node, at most kSmallBytes per rank): a rank copies its data into its small
   // region block by block and raises each block's flag as soon as that block is in, so that its
-  // peers read (and sum) the first blocks while it still writes the last ones. Block 0's flag line
-  // also carries the call's descriptor, so that the check costs no extra cache line.
+  // peers read (and sum) the first blocks while it still writes the last ones. Block 0's flag word
+  // carries a 32-bit check of the call's descriptor next to the generation, written in one store:
+  // the peers poll that line, and every further store to it would cost them (and us) another
+  // transfer of the line. The descriptor itself sits on a line of its own, read only on a mismatch.
   static constexpr int64_t kSmallBytes = 64 << 10;
   static constexpr int kSmallBlocks = 16;
   bool has_small() const { return small_base_ != nullptr; }
   char* small_data(int rank, int buf) const;
   void small_publish_desc(int buf, const uint64_t desc[4]);
+  static uint32_t desc_check(const uint64_t desc[4]);
   // A block is in: a plain release store, no fence (a seq_cst store waits until the line is taken
   // from the peer polling it: on a host whose cores share no cache, a cross-die round trip per
   // block). small_wake then fences once and wakes the peers that sleep on any of the blocks or on
   // the In flag (raise_in: the staged-path twin of signal(In), for ranks that disagree).
-  void small_signal(int block, int buf, uint32_t gen);
+  void small_signal(int block, int buf, uint32_t gen, uint32_t check);
   void raise_in(uint32_t gen);
   void small_wake(int nblocks, int buf);
   // Waits for local rank `rank`'s block. A peer whose In flag reaches gen instead runs the staged
   // path for the same call (the ranks disagree on the call): that fails at once, with the reason.
+  // Block 0: its descriptor check must equal ours (else the error names what differs).
   void small_wait(int rank, int block, int buf, uint32_t gen, const char* what);
-  void small_check_desc(int rank, int buf, const uint64_t desc[4], const char* what);
+  void small_check_desc(int rank, int buf, const uint64_t desc[4], uint32_t check, const char* what);
 
   // Flags are generation counters: signal sets this rank's flag to gen; waits return once the
   // flag reached gen. Waits spin briefly, then yield the core, then sleep on a futex, and throw a
@@ -113,7 +117,9 @@ class ShmArena {
   // The one wait: until *a reaches gen (spin, yield, futex on the sleepers word next to it), failing
   // when local rank `rank` failed, died or timed out; `small`: a wait of the latency path, which
   // also fails when that rank's In flag reaches gen (it runs the staged path for this call).
-  void wait_word(std::atomic<uint32_t>* a, int rank, uint32_t gen, const char* what, bool small);
+  void wait_word(std::atomic<uint32_t>* a, std::atomic<uint32_t>* sleepers, int rank, uint32_t gen, const char* what,
+                 bool small);
+  std::atomic<uint64_t>* small_desc(int rank, int buf) const;
   void throw_mismatch(int rank, const uint64_t mine[4], const std::atomic<uint64_t>* theirs, const char* what) const;
   char* small_base_ = nullptr;
   std::string who(int local_rank) const;  // "local rank 1 (rank 3)"
