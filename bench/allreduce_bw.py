@@ -37,8 +37,10 @@ memcpy_GBps: one process (before the workers start, or rank 0 alone under torchr
 every allreduce is measured against (memcpy_detail has each setting's best and median, and, when the
 workers are spawned, concurrent_<k>_procs_GBps_each: the rate each of k single-threaded processes,
 one per core, gets while all copy their own 64 MiB buffer at once: the ceiling of one rank).
-core_round_trip_ns: a cache line's round trip between the first two cores, before and after the run
-(core_round_trip_ns() below): whether the host placed its cores where they share a cache.
+core_round_trip_ns: a cache line's round trip between the first two cores (core_round_trip_ns()
+below) before and after each phase (Open MPI before, fastar's workers, Open MPI after): whether the
+host placed its cores where they share a cache. host_states classifies each phase; Open MPI's run in
+the workers' placement is the one compared (best_of_runs).
 """
 from __future__ import annotations
 
@@ -429,7 +431,8 @@ def finish(out: dict, args) -> None:
           f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; {out['wall_s']:.0f} s")
     if out.get("core_round_trip_ns"):
         rt = out["core_round_trip_ns"]
-        print(f"# core-to-core round trip of a cache line: {rt['before']} ns before the run, {rt['after']} ns after")
+        print(f"# core-to-core round trip of a cache line: {rt['before']} ns before fastar's workers, {rt['after']} ns "
+              f"after; host placement: {out.get('host_states')}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -441,11 +444,33 @@ def finish(out: dict, args) -> None:
         print(f"# wrote {args.plot}")
 
 
-def best_of_runs(before: dict, after: dict) -> dict:
-    """Open MPI timed before and after fastar's workers: per size, the faster of the two runs (the
-    load of a shared host drifts over the minutes between them; fastar is compared with the better)."""
-    rows = [min((a, b), key=lambda r: r["time_us"]) for a, b in zip(before["rows"], after["rows"])]
-    return dict(before, rows=rows, rule="per size, the faster of a run before and a run after fastar's workers",
+SHARED_CACHE_NS = 250  # a core round trip below this: the two cores share a cache (core_round_trip_ns)
+
+
+def host_state(start_ns, end_ns) -> str:
+    """The host's placement over a phase, from the round trips at its start and end: "shared" (the
+    cores share a cache throughout), "apart" (they do not) or "mixed" (it moved, or unknown)."""
+    if start_ns is None or end_ns is None:
+        return "mixed"
+    a, b = start_ns < SHARED_CACHE_NS, end_ns < SHARED_CACHE_NS
+    return "mixed" if a != b else ("shared" if a else "apart")
+
+
+def best_of_runs(before: dict, after: dict, states: dict | None = None) -> dict:
+    """Open MPI timed before and after fastar's workers. This host moves its cores between two
+    placements for minutes at a time, and each placement changes every shared-memory collective's
+    times (both libraries' alike): the run in the same placement as fastar's workers is the one
+    compared. Per size, the faster of the two when both (or neither) match; when neither matches,
+    the JSON says so (same_state: false)."""
+    states = states or {}
+    workers = states.get("workers", "mixed")
+    runs = {"before": before, "after": after}
+    same = [k for k in runs if workers != "mixed" and states.get(k) == workers]
+    chosen = same if same else list(runs)
+    rows = [min((runs[k]["rows"][i] for k in chosen), key=lambda r: r["time_us"]) for i in range(len(before["rows"]))]
+    rule = ("per size, the faster of the runs " + " and ".join(chosen) + " fastar's workers"
+            + (f", in the workers' placement ({workers})" if same else ""))
+    return dict(before, rows=rows, rule=rule, same_state=bool(same), states=states,
                 time_us_before_after={str(a["bytes"]): [a["time_us"], b["time_us"]]
                                       for a, b in zip(before["rows"], after["rows"])})
 
@@ -558,8 +583,9 @@ def main(argv=None) -> int:
     memcpy = memcpy_gbps()  # single process, before the workers exist
     cores = len(os.sched_getaffinity(0))
     memcpy[f"concurrent_{min(args.nproc, cores)}_procs_GBps_each"] = concurrent_copy_gbps(min(args.nproc, cores))
-    round_trip_before = core_round_trip_ns()
+    rt = {"before_peer": core_round_trip_ns()}
     mpi_before = run_external(MPI_IMPL, args, args.nproc)
+    rt["before"] = core_round_trip_ns()
     ds = run_external(DS_IMPL, args, args.nproc)
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
@@ -567,9 +593,15 @@ def main(argv=None) -> int:
         mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
         with open(args.partial_out) as f:
             out = json.load(f)
-    mpi = mpi_before and best_of_runs(mpi_before, run_external(MPI_IMPL, args, args.nproc))
+    rt["after"] = core_round_trip_ns()
+    mpi_after = mpi_before and run_external(MPI_IMPL, args, args.nproc)
+    rt["after_peer"] = core_round_trip_ns()
+    states = {"before": host_state(rt["before_peer"], rt["before"]), "workers": host_state(rt["before"], rt["after"]),
+              "after": host_state(rt["after"], rt["after_peer"])}
+    mpi = mpi_before and best_of_runs(mpi_before, mpi_after, states)
     args.external = [r for r in (mpi, ds) if r]
-    out["core_round_trip_ns"] = {"before": round_trip_before, "after": core_round_trip_ns()}
+    out["core_round_trip_ns"] = rt
+    out["host_states"] = states
     finish(out, args)
     return 0
 

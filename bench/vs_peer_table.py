@@ -29,7 +29,10 @@ def table(paths: list[str], impl: str, peer: str) -> str:
         with open(p) as f:
             out = json.load(f)
         runs.append({(r["impl"], r["bytes"]): r["time_us"] for r in out["rows"]})
-        hosts.append(out.get("core_round_trip_ns"))
+        ext = out.get("external", {}).get(peer, {})
+        hosts.append(out.get("core_round_trip_ns") and dict(out["core_round_trip_ns"],
+                                                           state=out.get("host_states", {}).get("workers"),
+                                                           same=ext.get("same_state")))
     sizes = sorted({b for run in runs for (i, b) in run if i == impl and (peer, b) in run})
     head = ["size"] + [f"run {k + 1}: {impl} / {peer} µs (ratio)" for k in range(len(runs))] + ["median ratio"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
@@ -43,8 +46,14 @@ def table(paths: list[str], impl: str, peer: str) -> str:
         cells.append(f"**{med:.2f}**" if med >= 1 else f"**{med:.2f}** (slower)")
         lines.append("| " + " | ".join(cells) + " |")
     if any(hosts):  # allreduce_bw records it from session 8 on
-        cells = ["core round trip, ns (before / after)"] + [
-            f"{h['before']:.0f} / {h['after']:.0f}" if h and h.get("before") and h.get("after") else "-" for h in hosts]
+        def cell(h):
+            if not (h and h.get("before") and h.get("after")):
+                return "-"
+            s = f"{h['before']:.0f} / {h['after']:.0f}"
+            if h.get("state"):
+                s += f" ({h['state']}" + ("" if h.get("same") in (True, None) else "; peer: other placement") + ")"
+            return s
+        cells = ["fastar's phase: core round trip, ns (before / after)"] + [cell(h) for h in hosts]
         lines.append("| " + " | ".join(cells + [""]) + " |")
     return "\n".join(lines)
 

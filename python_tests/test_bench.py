@@ -62,3 +62,20 @@ def test_impl_selection():
     assert [bw.parse_size(s) for s in ("4K", "64M", "1G", "100", "256KiB")] == [4096, 64 << 20, 1 << 30, 100, 256 << 10]
     with pytest.raises(SystemExit):
         bw.select_impls("fastar:rail:*", 1)
+
+
+def test_peer_run_in_the_workers_placement():
+    """Open MPI's before/after runs: the one in the same host placement as fastar's workers is
+    compared, even when the other is faster; with both (or neither) in it, the faster per size."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import allreduce_bw as bw
+    assert bw.host_state(60, 90) == "shared" and bw.host_state(500, 510) == "apart"
+    assert bw.host_state(60, 500) == "mixed" and bw.host_state(None, 60) == "mixed"
+    row = lambda us: {"impl": "mpi:openmpi", "bytes": 4096, "time_us": us}  # noqa: E731
+    before, after = {"rows": [row(1.3)]}, {"rows": [row(3.2)]}
+    picked = bw.best_of_runs(before, after, {"before": "shared", "workers": "apart", "after": "apart"})
+    assert picked["rows"][0]["time_us"] == 3.2 and picked["same_state"]
+    picked = bw.best_of_runs(before, after, {"before": "shared", "workers": "shared", "after": "shared"})
+    assert picked["rows"][0]["time_us"] == 1.3 and picked["same_state"]
+    picked = bw.best_of_runs(before, after, {"before": "shared", "workers": "mixed", "after": "apart"})
+    assert picked["rows"][0]["time_us"] == 1.3 and not picked["same_state"]
