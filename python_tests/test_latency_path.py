@@ -32,8 +32,8 @@ def _fast_worker(rank, n):
     out = []
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         es = torch.empty((), dtype=dtype).element_size()
-        # the block edges of the small region: 1 KiB blocks up to 16 KiB, then 16 blocks of a size
-        # rounded up to a cache line (32 KiB + one element: 16 blocks of 2112 B, the last short)
+        # the block edges of the small region: one block up to 4 KiB, 4 KiB blocks up to 64 KiB
+        # (32 KiB + one element: 9 blocks, the last short; 64 KiB: all 16 blocks)
         for numel in (0, 1, 5, 1000, 4096, (32 << 10) // es + 1, (64 << 10) // es):
             for op in ("sum", "avg", torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.AVG):
                 t = _values(rank, n, numel, dtype)

@@ -60,7 +60,10 @@ class Hierarchical {
   HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
-  int64_t small_block_bytes = 1024;  // the latency path's smallest block (ShmArena::small_data)
+  // The latency path's smallest block (ShmArena::small_data): each block costs the peers one more
+  // flag line to fetch. 1 KiB blocks took 0.95 us at 4 KiB when the cores shared a cache and 2.3 us
+  // when they did not; one 4 KiB block 1.07 and 1.8 (docs/results.md, session 8).
+  int64_t small_block_bytes = 4096;
   int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
