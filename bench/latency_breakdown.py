@@ -8,9 +8,12 @@ Per rank, in one run:
   profiled_us    the same with the stage clocks on (each stage adds a clock read);
   stages         the C++ side's stage means with the clocks on (LatencyProfile in
                  csrc/core/hierarchical.h): checks (entry to the C++ side, tensor checks, the queue
-                 and executor locks), copy_in (bytes into this rank's slot, flag raised), wait
-                 (every local peer's flag, their descriptors checked), reduce_copy_out (the sum of
-                 all slots, written into the tensor), exit (bookkeeping, releasing the locks);
+                 and executor locks), copy_in (bytes into this rank's small region, block by
+                 block, each block's flag raised), wait (every local peer's blocks, their
+                 descriptor checks compared), reduce_copy_out (the sum of all regions, written into
+                 the tensor), exit (bookkeeping, releasing the locks). With the clocks on, the
+                 blocks are all waited for and then summed at once (three clock reads per call);
+                 with them off, a peer's first blocks are summed while it writes its last;
   python_entry   profiled_us minus the C++ stages: the Python function, the pybind11 call and
                  the release of the GIL;
   floor_us       a pybind11 call that does nothing (Communicator.has_shm) from the same loop, and

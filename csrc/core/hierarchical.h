@@ -38,9 +38,9 @@ struct LatencyProfile {
   bool on = false;
   int64_t calls = 0;
   int64_t checks_ns = 0;  // entry to the C++ side: tensor checks, the queue and executor locks
-  int64_t copy_in_ns = 0;  // this rank's bytes into its slot, descriptor published, flag raised
+  int64_t copy_in_ns = 0;  // this rank's bytes into its small region, descriptor and block flags raised
   int64_t wait_ns = 0;  // until every local peer's flag is up, and their descriptors checked
-  int64_t reduce_ns = 0;  // sum of all slots into this rank's tensor (the copy-out)
+  int64_t reduce_ns = 0;  // sum of all regions into this rank's tensor (the copy-out)
   int64_t exit_ns = 0;  // avg scaling, bookkeeping, releasing the locks
 };
 
