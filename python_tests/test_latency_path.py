@@ -133,7 +133,7 @@ def _pipeline_worker(rank, n, numel):
     from fastar import collectives
     fastar.init()
     wrong = []
-    for stream_above in (16 << 20, 0):  # the default, then streaming stores at every size
+    for stream_above in (1 << 62, 0):  # cached stores (the default), then streaming stores at every size
         collectives.get_state().comm.set_stream_above_bytes(stream_above)
         t = _values(rank, n, numel, torch.float32)
         fastar.all_reduce(t, hierarchy="leader", algorithm="halving_doubling")

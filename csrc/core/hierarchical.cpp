@@ -341,7 +341,7 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
   const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo};
   // A large result is written with streaming stores (no read for ownership of lines about to be
   // overwritten; the slots stay cached).
-  const bool streaming = (int64_t)L * N * shard * (int64_t)es >= stream_above_bytes;
+  const bool streaming = (int64_t)L * N * shard * (int64_t)es >= kHalvesStreamAboveBytes;
   const uint32_t first_gen = gen_ + 1;
   arena_->publish_desc(desc, first_gen);
   try {

@@ -11,6 +11,7 @@
 // barrier: every rank sums all slots straight into its own tensor.
 #pragma once
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -67,7 +68,11 @@ class Hierarchical {
   int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
-  int64_t stream_above_bytes = 16 << 20;  // write the result back with streaming stores from this size
+  // The allreduce writes its result back with streaming stores from this size: off by default. On
+  // this host cached stores measured 10-20 % faster at 16 MiB and no slower at 64 and 256 MiB, with
+  // the cores sharing a cache or not (docs/results.md, session 8). Communicator.set_stream_above_bytes.
+  int64_t stream_above_bytes = INT64_MAX;
+  static constexpr int64_t kHalvesStreamAboveBytes = 16 << 20;  // the allgather's output (session 7)
 
  private:
   friend class StagedPhase;
