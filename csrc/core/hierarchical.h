@@ -8,7 +8,8 @@
 // rank on the other nodes, so that every NIC works); every local rank copies the result back.
 // The inter-node phase runs on the driver's worker thread while the caller already copies and
 // reduces the next chunk, so local phases overlap the network (hier_driver.h). Small single-chunk buffers skip the second
-// barrier: every rank sums all slots straight into its own tensor.
+// barrier: every rank sums all slots straight into its own tensor; on one node they go through the
+// arena's small regions in blocks instead (the latency path: ShmArena::small_data).
 #pragma once
 #include <condition_variable>
 #include <cstdint>
