@@ -283,9 +283,6 @@ class Runner:
         return functools.partial(self.fastar.all_reduce, hierarchy=h, algorithm=a, validate=False,
                                  compression=self.args.compression)
 
-    def call(self, impl: str, t: torch.Tensor) -> None:
-        self.caller(impl)(t)
-
     def max_over_ranks(self, values: list[float]) -> list[float]:
         v = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.ctl)
@@ -302,7 +299,7 @@ class Runner:
     def correctness(self, impl: str, numel: int, dtype) -> int:
         t = torch.empty(numel, dtype=dtype)
         fill_exact(t, self.rank)
-        self.call(impl, t)
+        self.caller(impl)(t)
         wrong = int((t.to(torch.float64) != expected_exact(numel, self.world)).sum())
         w = torch.tensor([wrong], dtype=torch.int64)
         dist.all_reduce(w, group=self.ctl)

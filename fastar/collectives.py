@@ -136,13 +136,16 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
         # supported dtype on one node with nothing queued; otherwise it does nothing and returns
         # False, and the general path below runs it (with its checks and messages).
         try:
-            if st.comm.allreduce_fast(tensor, _FAST_OPS[op]):
-                st.choice_record = LATENCY_PATH
-                return None
-        except (KeyError, TypeError):  # an op the latency path does not take (or an unhashable one)
-            pass
-        except RuntimeError as e:
-            reraise(e)
+            avg = _FAST_OPS.get(op)
+        except TypeError:  # an unhashable op
+            avg = None
+        if avg is not None:
+            try:
+                if st.comm.allreduce_fast(tensor, avg):
+                    st.choice_record = LATENCY_PATH
+                    return None
+            except RuntimeError as e:
+                reraise(e)
     require_dist()
     check_tensor(tensor)
     wire = parse_compression(compression)

@@ -88,6 +88,13 @@ class StagedPhase final : public LocalPhase {
 
   void check_peers() { a_.check_peers(desc_, first_gen_, "an allreduce"); }
 
+  // One source pointer per local rank for a sum, without an allocation up to kMaxSmallRanks.
+  const void** src_array() {
+    if (L_ <= Hierarchical::kMaxSmallRanks) return srcs_small_;
+    srcs_.resize(L_);
+    return srcs_.data();
+  }
+
   // One node, at most the arena's small region: block by block (ShmArena::small_data). Every rank
   // copies its blocks in, raising each block's flag; then, block by block, waits for its peers'
   // block and sums all of them (rank order, the same on every rank) into its tensor. A peer starts
@@ -116,9 +123,7 @@ class StagedPhase final : public LocalPhase {
     a_.raise_in(g);
     a_.small_wake(nb, buf);
     if (p) stamp(p->copy_in_ns, tp);
-    const void* srcs_small[Hierarchical::kMaxSmallRanks];
-    std::vector<const void*> srcs_big(L_ > Hierarchical::kMaxSmallRanks ? L_ : 0);
-    const void** srcs = L_ > Hierarchical::kMaxSmallRanks ? srcs_big.data() : srcs_small;
+    const void** srcs = src_array();
     auto wait_block = [&](int b) {
       for (int r = 0; r < L_; ++r) {
         if (r == lr_) continue;
@@ -168,9 +173,7 @@ class StagedPhase final : public LocalPhase {
     a_.wait_all(ShmFlag::In, g, "copy-in");
     check_peers();
     if (p) stamp(p->wait_ns, tp);
-    const void* srcs_small[Hierarchical::kMaxSmallRanks];
-    std::vector<const void*> srcs_big(L_ > Hierarchical::kMaxSmallRanks ? L_ : 0);
-    const void** srcs = L_ > Hierarchical::kMaxSmallRanks ? srcs_big.data() : srcs_small;
+    const void** srcs = src_array();
     for (int r = 0; r < L_; ++r) srcs[r] = a_.slot(r, buf);
     if (!multi_) {
       reduce_sum_many(t_, base_, srcs, L_, count_);
@@ -214,13 +217,13 @@ class StagedPhase final : public LocalPhase {
     a_.signal(ShmFlag::In, g);
     a_.wait_all(ShmFlag::In, g, "copy-in");
     if (c == 0) check_peers();
-    srcs_.resize(L_);
-    for (int r = 0; r < L_; ++r) srcs_[r] = (!multi_ && r == lr_ ? mine : a_.slot(r, buf)) + s0 * es_;
+    const void** srcs = src_array();
+    for (int r = 0; r < L_; ++r) srcs[r] = (!multi_ && r == lr_ ? mine : a_.slot(r, buf)) + s0 * es_;
     if (!multi_) {
-      reduce_sum_many(t_, mine + s0 * es_, srcs_.data(), L_, s1 - s0);
+      reduce_sum_many(t_, mine + s0 * es_, srcs, L_, s1 - s0);
       std::memcpy(res + s0 * es_, mine + s0 * es_, (s1 - s0) * es_);
     } else {
-      reduce_sum_many(t_, res + s0 * es_, srcs_.data(), L_, s1 - s0);
+      reduce_sum_many(t_, res + s0 * es_, srcs, L_, s1 - s0);
     }
     a_.signal(ShmFlag::Reduced, g);
     if (!carries_) return {};
@@ -240,6 +243,7 @@ class StagedPhase final : public LocalPhase {
   int64_t chunk_elems_ = 1, nchunks_ = 0;
   uint64_t desc_[4];
   uint32_t first_gen_ = 0;
+  const void* srcs_small_[Hierarchical::kMaxSmallRanks];
   std::vector<const void*> srcs_;
 };
 

@@ -123,9 +123,9 @@ ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int loc
     throw std::invalid_argument("fastar shm: chunk size must be positive (got " + std::to_string(chunk_bytes) +
                                 " bytes): check FASTAR_SHM_CHUNK_MB");
   chunk_bytes_ = (int64_t)align_up((size_t)chunk_bytes, 4096);
-  total_bytes_ = kCtlBytes * local_size +
-                 (regions_only ? (size_t)local_size : 2 * (size_t)(local_size + 1)) * chunk_bytes_ +
-                 (regions_only ? 0 : 2 * (size_t)local_size * kSmallRegion);
+  const size_t slots_end =
+      kCtlBytes * local_size + (regions_only ? (size_t)local_size : 2 * (size_t)(local_size + 1)) * chunk_bytes_;
+  total_bytes_ = slots_end + (regions_only ? 0 : 2 * (size_t)local_size * kSmallRegion);
   int fd = -1;
   if (create) {
     fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -171,7 +171,7 @@ ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int loc
     throw std::runtime_error("fastar shm: cannot map " + name + ": " + errno_str());
   }
   base_ = static_cast<char*>(p);
-  if (!regions_only) small_base_ = base_ + kCtlBytes * local_size + 2 * (size_t)(local_size + 1) * chunk_bytes_;
+  if (!regions_only) small_base_ = base_ + slots_end;
   if (!create && reinterpret_cast<Header*>(base_)->magic.load() != kMagic) {
     ::munmap(base_, total_bytes_);
     base_ = nullptr;
@@ -404,18 +404,19 @@ void ShmArena::throw_mismatch(int rank, const uint64_t mine[4], const std::atomi
                            "threshold (Communicator.set_small_bytes)");
 }
 
+char* ShmArena::small_region(int rank, int buf) const {
+  return small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion;
+}
+
 std::atomic<uint32_t>* ShmArena::small_flag(int rank, int block, int buf) const {
-  return reinterpret_cast<std::atomic<uint32_t>*>(small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion +
-                                                  (size_t)(1 + block) * kLine);
+  return reinterpret_cast<std::atomic<uint32_t>*>(small_region(rank, buf) + (size_t)(1 + block) * kLine);
 }
 
 std::atomic<uint64_t>* ShmArena::small_desc(int rank, int buf) const {
-  return reinterpret_cast<std::atomic<uint64_t>*>(small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion);
+  return reinterpret_cast<std::atomic<uint64_t>*>(small_region(rank, buf));
 }
 
-char* ShmArena::small_data(int rank, int buf) const {
-  return small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion + (1 + kSmallBlocks) * kLine;
-}
+char* ShmArena::small_data(int rank, int buf) const { return small_region(rank, buf) + (1 + kSmallBlocks) * kLine; }
 
 uint32_t ShmArena::desc_check(const uint64_t desc[4]) {
   uint64_t h = 0x9E3779B97F4A7C15ull;

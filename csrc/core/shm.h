@@ -113,6 +113,7 @@ class ShmArena {
   std::atomic<uint32_t>* flag(int rank, ShmFlag f) const;
   std::atomic<uint32_t>* sleepers(int rank, ShmFlag f) const;
   std::atomic<uint64_t>* desc_slot(int rank, uint32_t gen) const;
+  char* small_region(int rank, int buf) const;  // its descriptor line, then its flag lines, then its data
   std::atomic<uint32_t>* small_flag(int rank, int block, int buf) const;
   // The one wait: until *a reaches gen (spin, yield, futex on the sleepers word next to it), failing
   // when local rank `rank` failed, died or timed out; `small`: a wait of the latency path, which
