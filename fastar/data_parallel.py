@@ -105,7 +105,6 @@ class FastarModule(nn.Module):
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
             int(first_bucket_mb * (1 << 20)), gradient_as_bucket_view)  # waits read the communicator's timeout
         self._engine.set_wire(route("halving_doubling", "flat", wire)[2])
-        self._apply_choices()
         if st.topo.local_size > 1 and shm_buckets and device.type == "cpu" and not wire:
             # Buckets live in the node's shared memory: the local phase reads them where they are.
             engine = self._engine
@@ -116,6 +115,7 @@ class FastarModule(nn.Module):
                 warn_once("wrap:shm-buckets", f"fastar.wrap: {e}\nThe buckets stay in private "
                           "memory and go through the staged shared-memory path instead (slower "
                           "local phase; same results).")
+        self._apply_choices()  # after the buckets found their memory: moving them lays them out anew
         self._sync = True
         self._rebuilt = False
         self._callback_queued = False
@@ -139,6 +139,13 @@ class FastarModule(nn.Module):
             self._engine.set_choice(b, *route(algo, hier)[:2])
 
     def forward(self, *args, **kwargs):
+        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+            # The last backward raised (autograd then drops its callbacks, so _finalize never ran):
+            # its iteration is over. Wait for the buckets it launched and start clean, or the next
+            # backward's gradients would meet the old ones ("arrived twice").
+            self._callback_queued = False
+            self._ranges = None
+            self._engine.abandon()
         self._spare = None  # last backward's own gradients: their memory now serves this forward
         if self.broadcast_buffers and self._require_forward_sync:
             self._sync_buffers()

@@ -266,10 +266,25 @@ def get_state() -> State:
     return _state
 
 
+MAX_TIMEOUT_S = 365 * 24 * 3600  # the C++ side's limit (core/failure.h, Timeout::kMaxSeconds)
+
+
+def check_timeout(seconds: float, where: str) -> None:
+    """A timeout must be a positive, finite number of seconds, at most 365 days."""
+    if not (0 < seconds <= MAX_TIMEOUT_S):  # also rejects NaN
+        raise ValueError(f"{where}: the timeout must be more than 0 s and at most 365 days, got {seconds!r} s")
+
+
 def set_timeout(timeout: timedelta) -> None:
-    """The timeout of every fastar wait from now on, queued work and fastar.wrap's buckets included."""
+    """The timeout of every fastar wait from now on, queued work and fastar.wrap's buckets included.
+    It reaches a collective already waiting: one stuck under a longer timeout then raises within
+    the new one (measured from the start of its wait). Never waits for a running collective."""
     if isinstance(timeout, (int, float)):
+        check_timeout(float(timeout), "fastar.set_timeout")
         timeout = timedelta(seconds=timeout)
+    if not isinstance(timeout, timedelta):
+        raise TypeError(f"fastar.set_timeout: expected a datetime.timedelta or seconds, got {type(timeout).__name__}")
+    check_timeout(timeout.total_seconds(), "fastar.set_timeout")
     st = get_state()
     st.timeout = timeout
     if st.owner is not None:

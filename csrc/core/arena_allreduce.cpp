@@ -21,16 +21,19 @@ class ArenaPhase final : public LocalPhase {
              int64_t count, DType t, uint64_t seq, bool multi)
       : ar_(ar), a_(a), gen_(gen), offset_(offset), count_(count), t_(t), es_(dtype_size(t)),
         L_(a.local_size()), lr_(a.local_rank()), multi_(multi), leader_(multi && mode != Hierarchy::Rail) {
-    desc_[0] = seq;
-    desc_[1] = (uint64_t)count;
-    desc_[2] = (uint64_t)t;
-    desc_[3] = (uint64_t)mode * 16 + (uint64_t)algo;
+    desc_[kSeq] = seq;
+    desc_[kCount] = (uint64_t)count;
+    desc_[kDType] = (uint64_t)t;
+    desc_[kRoute] = (uint64_t)mode * 16 + (uint64_t)algo;
+    desc_[kProtocol] = (uint64_t)Protocol::InPlace;
+    desc_[kChunk] = (uint64_t)offset;  // where the bucket lies in every rank's region
   }
   int64_t chunks() const override { return 1; }
   void failed(const std::string& why) override { a_.mark_failed(why); }
 
   Part reduce(int64_t) override {
     g_ = ++gen_;
+    a_.begin_call(g_);
     a_.publish_desc(desc_, g_);
     a_.signal(ShmFlag::In, g_);  // my bucket is complete in my region
     a_.wait_all(ShmFlag::In, g_, "bucket ready on every local rank");
@@ -83,7 +86,7 @@ class ArenaPhase final : public LocalPhase {
   size_t es_;
   int L_, lr_;
   bool multi_, leader_;
-  uint64_t desc_[4];
+  uint64_t desc_[kDescWords];
   uint32_t g_ = 0;
   int64_t sb_ = 0, sn_ = 0;
   char* dst_ = nullptr;

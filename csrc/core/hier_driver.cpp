@@ -2,16 +2,6 @@
 
 namespace fastar {
 
-std::string what_of(std::exception_ptr e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  } catch (...) {
-    return "unknown error";
-  }
-}
-
 HierarchicalDriver::HierarchicalDriver(Transport* inter, bool worker) : inter_(inter) {
   if (inter_ && worker) worker_ = std::thread([this] { worker_loop(); });
 }

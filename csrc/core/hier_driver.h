@@ -21,11 +21,9 @@
 #include <vector>
 
 #include "executor.h"
+#include "failure.h"
 
 namespace fastar {
-
-// The message of an exception (for the failure flag local peers read).
-std::string what_of(std::exception_ptr e);
 
 struct Part {
   void* data = nullptr;  // nullptr: this rank carries nothing between nodes for this chunk

@@ -36,17 +36,23 @@ class StagedPhase final : public LocalPhase {
     nchunks_ = count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
     if (multi_ && mode == Hierarchy::Rail && h.inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
     carries_ = multi_ && h.inter_ != nullptr && (mode == Hierarchy::Rail || lr_ == 0);
-    small_ = count == 0 ||
-             (nchunks_ == 1 && count * (int64_t)es_ <= h.small_bytes && (!multi_ || mode == Hierarchy::Leader));
-    desc_[0] = seq;
-    desc_[1] = (uint64_t)count;
-    desc_[2] = (uint64_t)t;
-    desc_[3] = (uint64_t)mode * 16 + (uint64_t)algo;
-    streaming_ = count * (int64_t)es_ >= h.stream_above_bytes;
+    const int64_t bytes = count * (int64_t)es_;
+    small_ = count == 0 || (nchunks_ == 1 && bytes <= h.small_bytes.load(std::memory_order_relaxed) &&
+                            (!multi_ || mode == Hierarchy::Leader));
+    latency_ = small_ && !multi_ && a_.has_small() && bytes <= ShmArena::kSmallBytes;
+    // What the ranks must agree on (call_check.h): the call, and how this rank runs it.
+    desc_[kSeq] = seq;
+    desc_[kCount] = (uint64_t)count;
+    desc_[kDType] = (uint64_t)t;
+    desc_[kRoute] = (uint64_t)mode * 16 + (uint64_t)algo;
+    desc_[kProtocol] = (uint64_t)(latency_ ? Protocol::Latency : small_ ? Protocol::OneBarrier : Protocol::Chunked);
+    desc_[kChunk] = latency_ ? (uint64_t)h.small_block_bytes : small_ ? 0 : (uint64_t)(chunk_elems_ * (int64_t)es_);
+    streaming_ = bytes >= h.stream_above_bytes.load(std::memory_order_relaxed);
   }
   void publish() {
     first_gen_ = h_.gen_ + 1;
-    a_.publish_desc(desc_, first_gen_);
+    a_.begin_call(first_gen_);
+    a_.publish_desc(desc_, first_gen_);  // read by a peer on another protocol, to say why
   }
   int64_t chunks() const override { return small_ ? 1 : nchunks_; }
   bool pipelined() const override { return !small_; }
@@ -112,7 +118,7 @@ class StagedPhase final : public LocalPhase {
     if (p) tp = std::chrono::steady_clock::now();
     char* mine = a_.small_data(lr_, buf);
     a_.small_publish_desc(buf, desc_);
-    const uint32_t check = ShmArena::desc_check(desc_);
+    const uint32_t check = latency_check_word(desc_);
     for (int b = 0; b < nb; ++b) {
       const int64_t o = b * blk;
       if (o < bytes) std::memcpy(mine + o, base_ + o, std::min(blk, bytes - o));
@@ -158,7 +164,7 @@ class StagedPhase final : public LocalPhase {
   }
 
   Part reduce_small() {
-    if (!multi_ && a_.has_small() && count_ * (int64_t)es_ <= ShmArena::kSmallBytes) {
+    if (latency_) {
       reduce_small_blocks();
       return {};
     }
@@ -239,9 +245,9 @@ class StagedPhase final : public LocalPhase {
   DType t_;
   int L_, lr_;
   size_t es_;
-  bool multi_, carries_ = false, small_ = false, streaming_ = false;
+  bool multi_, carries_ = false, small_ = false, latency_ = false, streaming_ = false;
   int64_t chunk_elems_ = 1, nchunks_ = 0;
-  uint64_t desc_[4];
+  uint64_t desc_[kDescWords];
   uint32_t first_gen_ = 0;
   const void* srcs_small_[Hierarchical::kMaxSmallRanks];
   std::vector<const void*> srcs_;
@@ -260,7 +266,8 @@ HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* 
 }
 
 int64_t Hierarchical::pipeline_chunk_bytes() const {
-  return num_nodes_ > 1 ? arena_->chunk_bytes() : std::min(arena_->chunk_bytes(), local_chunk_bytes);
+  return num_nodes_ > 1 ? arena_->chunk_bytes()
+                        : std::min(arena_->chunk_bytes(), local_chunk_bytes.load(std::memory_order_relaxed));
 }
 
 int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
@@ -294,8 +301,10 @@ HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, const void* in, v
     rail_buf_.resize((size_t)(N * shard) * es);
     dst = rail_buf_.data();
   }
-  const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 512 + (uint64_t)algo};
+  const uint64_t desc[kDescWords] = {seq, (uint64_t)shard, (uint64_t)t, 512 + (uint64_t)algo,
+                                     (uint64_t)Protocol::Halves, (uint64_t)(w * (int64_t)es)};
   const uint32_t first_gen = gen_ + 1;
+  arena_->begin_call(first_gen);
   arena_->publish_desc(desc, first_gen);
   std::vector<const void*> srcs(L);
   try {
@@ -342,11 +351,13 @@ HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* 
   const int64_t nchunks = shard == 0 ? 1 : (shard + w - 1) / w;
   char* dst = static_cast<char*>(out);
   const char* mine = static_cast<const char*>(in);
-  const uint64_t desc[4] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo};
+  const uint64_t desc[kDescWords] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo,
+                                     (uint64_t)Protocol::Halves, (uint64_t)(w * (int64_t)es)};
   // A large result is written with streaming stores (no read for ownership of lines about to be
   // overwritten; the slots stay cached).
   const bool streaming = (int64_t)L * N * shard * (int64_t)es >= kHalvesStreamAboveBytes;
   const uint32_t first_gen = gen_ + 1;
+  arena_->begin_call(first_gen);
   arena_->publish_desc(desc, first_gen);
   try {
     if (N > 1) {

@@ -11,6 +11,7 @@
 // barrier: every rank sums all slots straight into its own tensor; on one node they go through the
 // arena's small regions in blocks instead (the latency path: ShmArena::small_data).
 #pragma once
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -61,18 +62,19 @@ class Hierarchical {
   // between nodes the rail (same local rank on every node) runs the schedule's half.
   HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
-  int64_t small_bytes = 64 << 10;  // one-phase path below this (per rank)
+  // Tuning, set from any thread at any time (Communicator.set_*): a call reads each once.
+  std::atomic<int64_t> small_bytes{64 << 10};  // one-phase path below this (per rank)
   // The latency path's smallest block (ShmArena::small_data): each block costs the peers one more
   // flag line to fetch. 1 KiB blocks took 0.95 us at 4 KiB when the cores shared a cache and 2.3 us
   // when they did not; one 4 KiB block 1.07 and 1.8 (docs/results.md, session 8).
   int64_t small_block_bytes = 4096;
-  int64_t local_chunk_bytes = 512 << 10;  // chunk of the one-node pipeline (at most the arena's)
+  std::atomic<int64_t> local_chunk_bytes{512 << 10};  // chunk of the one-node pipeline (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
   // The allreduce writes its result back with streaming stores from this size: off by default. On
   // this host cached stores measured 10-20 % faster at 16 MiB and no slower at 64 and 256 MiB, with
   // the cores sharing a cache or not (docs/results.md, session 8). Communicator.set_stream_above_bytes.
-  int64_t stream_above_bytes = INT64_MAX;
+  std::atomic<int64_t> stream_above_bytes{INT64_MAX};
   static constexpr int64_t kHalvesStreamAboveBytes = 16 << 20;  // the allgather's output (session 7)
 
  private:

@@ -32,7 +32,13 @@ constexpr uint64_t kMagic = 0x66617374617231ull;  // "fastar1"
 // A small region: the descriptor's line, a flag line per block, then the data. A flag line holds
 // the generation (u32), block 0's descriptor check (u32), and the sleepers count (u32).
 constexpr size_t kSmallRegion = (1 + ShmArena::kSmallBlocks) * kLine + ShmArena::kSmallBytes;
-constexpr int kSmallSleepers = 2;  // the sleepers word's index on a small flag line
+// A small flag line: the flag (one 64-bit atomic: the generation in its low word, where a futex
+// sleeps, so the layout must be little-endian; block 0's descriptor check in its high word), then
+// the sleepers count at byte 8.
+constexpr size_t kSmallSleepersOffset = 8;
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a small flag's futex word is its low half");
+static_assert(sizeof(std::atomic<uint64_t>) == 8 && sizeof(std::atomic<uint32_t>) == 4, "lock-free flag words");
+static_assert(kDescWords * sizeof(uint64_t) <= kLine, "a descriptor fits its line");
 
 struct Header {
   std::atomic<uint64_t> magic;
@@ -94,14 +100,17 @@ std::string mib(uint64_t b) {
   return buf;
 }
 
-void futex_wait(std::atomic<uint32_t>* addr, uint32_t val, long usec) {
+// The futex word of a flag: the flag itself, or the low half of a 64-bit one.
+void futex_wait(const void* addr, uint32_t val, long usec) {
   struct timespec ts{usec / 1000000, (usec % 1000000) * 1000};
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAIT, val, &ts, nullptr, 0);
+  syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, nullptr, 0);
 }
 
-void futex_wake(std::atomic<uint32_t>* addr) {
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
-}
+void futex_wake(const void* addr) { syscall(SYS_futex, addr, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0); }
+
+// A flag's generation, read at the flag's own width.
+inline uint32_t gen_of(const std::atomic<uint32_t>* a, std::memory_order o) { return a->load(o); }
+inline uint32_t gen_of(const std::atomic<uint64_t>* a, std::memory_order o) { return (uint32_t)a->load(o); }
 
 inline bool reached(uint32_t v, uint32_t gen) { return (int32_t)(v - gen) >= 0; }
 
@@ -116,7 +125,7 @@ inline void cpu_relax() {
 ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int local_size, int64_t chunk_bytes,
                    double timeout_s, bool regions_only)
     : name_(name), local_rank_(local_rank), local_size_(local_size), chunk_bytes_(chunk_bytes),
-      timeout_s_(timeout_s), spin_ns_(default_spin_ns(local_size)), creator_(create) {
+      timeout_(std::make_shared<Timeout>(timeout_s)), spin_ns_(default_spin_ns(local_size)), creator_(create) {
   if (local_size <= 0 || local_rank < 0 || local_rank >= local_size)
     throw std::invalid_argument("fastar shm: bad local rank/size");
   if (chunk_bytes <= 0 || chunk_bytes > (int64_t(1) << 40))
@@ -136,7 +145,10 @@ ShmArena::ShmArena(const std::string& name, bool create, int local_rank, int loc
     int err = 0;
     if (::ftruncate(fd, (off_t)total_bytes_) != 0) err = errno;
     if (!err && reserve_limit >= 0 && (int64_t)total_bytes_ > reserve_limit) err = ENOSPC;
-    if (!err) err = ::posix_fallocate(fd, 0, (off_t)total_bytes_);
+    if (!err) {
+      do err = ::posix_fallocate(fd, 0, (off_t)total_bytes_);
+      while (err == EINTR);  // a signal during a large reservation: try again
+    }
     if (err) {
       ::close(fd);
       ::shm_unlink(name.c_str());
@@ -289,28 +301,28 @@ void ShmArena::wait_rank(ShmFlag f, int rank, uint32_t gen, const char* what) {
   wait_word(a, a + 1, rank, gen, what, false);
 }
 
-void ShmArena::wait_word(std::atomic<uint32_t>* a, std::atomic<uint32_t>* sl, int rank, uint32_t gen,
-                         const char* what, bool small) {
+template <class Word>
+void ShmArena::wait_word(Word* a, std::atomic<uint32_t>* sl, int rank, uint32_t gen, const char* what, bool small) {
   // Spin first: with a core per local rank the peer is usually well under a microsecond away, and
   // a yield or futex costs more than that. Oversubscribed (more local ranks than cores), spin_ns_
   // is short, so that the core goes to the rank we wait for.
   const auto start = std::chrono::steady_clock::now();
   for (uint32_t i = 1;; ++i) {
     cpu_relax();
-    if (reached(a->load(std::memory_order_acquire), gen)) return;
+    if (reached(gen_of(a, std::memory_order_acquire), gen)) return;
     if ((i & 63) == 0 && std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spin_ns_)) break;
   }
   auto last_check = start;
   int yields = 0;
   while (true) {
-    uint32_t v = a->load(std::memory_order_acquire);
+    uint32_t v = gen_of(a, std::memory_order_acquire);
     if (reached(v, gen)) return;
     if (yields < 64) {  // give the core to the rank we wait for (ranks may outnumber cores)
       ++yields;
       sched_yield();
     } else {
       sl->fetch_add(1, std::memory_order_seq_cst);
-      v = a->load(std::memory_order_seq_cst);
+      v = gen_of(a, std::memory_order_seq_cst);
       if (!reached(v, gen)) futex_wait(a, v, 2000);
       sl->fetch_sub(1, std::memory_order_seq_cst);
     }
@@ -323,10 +335,10 @@ void ShmArena::wait_word(std::atomic<uint32_t>* a, std::atomic<uint32_t>* sl, in
     }
     if (small && reached(flag(rank, ShmFlag::In)->load(std::memory_order_seq_cst), gen)) {
       // A peer on the latency path raises In after all its blocks: then this block is in too.
-      if (reached(a->load(std::memory_order_seq_cst), gen)) return;
+      if (reached(gen_of(a, std::memory_order_seq_cst), gen)) return;
       // Otherwise it runs the staged path for this call: its descriptor on the control page says why.
-      uint64_t mine[4];
-      for (int i = 0; i < 4; ++i) mine[i] = small_desc(local_rank_, gen & 1)[i].load(std::memory_order_relaxed);
+      uint64_t mine[kDescWords];
+      for (int i = 0; i < kDescWords; ++i) mine[i] = small_desc(local_rank_, gen & 1)[i].load(std::memory_order_relaxed);
       throw_mismatch(rank, mine, desc_slot(rank, gen), what);
     }
     if (now - last_check > std::chrono::milliseconds(100)) {
@@ -367,7 +379,7 @@ void ShmArena::mark_failed(const std::string& why) {
   if (small_base_)
     for (int buf = 0; buf < 2; ++buf)
       for (int b = 0; b < kSmallBlocks; ++b)
-        if (small_flag(local_rank_, b, buf)[kSmallSleepers].load() != 0) futex_wake(small_flag(local_rank_, b, buf));
+        if (small_sleepers(local_rank_, b, buf)->load() != 0) futex_wake(small_flag(local_rank_, b, buf));
 }
 
 // Two descriptor slots by parity of the collective's first generation: a peer can be at most one
@@ -377,28 +389,23 @@ std::atomic<uint64_t>* ShmArena::desc_slot(int rank, uint32_t gen) const {
   return reinterpret_cast<std::atomic<uint64_t>*>(base_ + kCtlBytes * rank + kLine * (8 + (gen & 1)));
 }
 
-void ShmArena::publish_desc(const uint64_t desc[4], uint32_t gen) {
+void ShmArena::publish_desc(const uint64_t desc[kDescWords], uint32_t gen) {
   auto* d = desc_slot(local_rank_, gen);
-  for (int i = 0; i < 4; ++i) d[i].store(desc[i], std::memory_order_relaxed);
+  for (int i = 0; i < kDescWords; ++i) d[i].store(desc[i], std::memory_order_relaxed);
 }
 
-void ShmArena::check_desc(int rank, const uint64_t desc[4], uint32_t gen, const char* what) {
+void ShmArena::check_desc(int rank, const uint64_t desc[kDescWords], uint32_t gen, const char* what) {
   auto* d = desc_slot(rank, gen);
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kDescWords; ++i)
     if (d[i].load(std::memory_order_relaxed) != desc[i]) throw_mismatch(rank, desc, d, what);
 }
 
-void ShmArena::throw_mismatch(int rank, const uint64_t mine[4], const std::atomic<uint64_t>* theirs,
+void ShmArena::throw_mismatch(int rank, const uint64_t mine[kDescWords], const std::atomic<uint64_t>* theirs,
                               const char* what) const {
-  static const char* names[4] = {"call number", "element count", "dtype", "hierarchy/algorithm"};
-  for (int i = 0; i < 4; ++i) {
-    const uint64_t t = theirs[i].load(std::memory_order_relaxed);
-    if (t != mine[i])
-      throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[i]) + " of " + what + ": " +
-                               who(local_rank_) + " has " + std::to_string(mine[i]) + ", " + who(rank) + " has " +
-                               std::to_string(t) +
-                               ". Every rank must call the same collectives with tensors of the same shape and dtype.");
-  }
+  uint64_t t[kDescWords];
+  for (int i = 0; i < kDescWords; ++i) t[i] = theirs[i].load(std::memory_order_relaxed);
+  const std::string m = desc_mismatch(mine, t, what, who(local_rank_), who(rank));
+  if (!m.empty()) throw std::runtime_error(m);
   throw std::runtime_error("fastar: " + who(rank) + " runs the staged path for " + std::string(what) + " while " +
                            who(local_rank_) + " runs the latency path: the ranks disagree on the latency path's "
                            "threshold (Communicator.set_small_bytes)");
@@ -408,8 +415,13 @@ char* ShmArena::small_region(int rank, int buf) const {
   return small_base_ + ((size_t)buf * local_size_ + rank) * kSmallRegion;
 }
 
-std::atomic<uint32_t>* ShmArena::small_flag(int rank, int block, int buf) const {
-  return reinterpret_cast<std::atomic<uint32_t>*>(small_region(rank, buf) + (size_t)(1 + block) * kLine);
+std::atomic<uint64_t>* ShmArena::small_flag(int rank, int block, int buf) const {
+  return reinterpret_cast<std::atomic<uint64_t>*>(small_region(rank, buf) + (size_t)(1 + block) * kLine);
+}
+
+std::atomic<uint32_t>* ShmArena::small_sleepers(int rank, int block, int buf) const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(small_region(rank, buf) + (size_t)(1 + block) * kLine +
+                                                  kSmallSleepersOffset);
 }
 
 std::atomic<uint64_t>* ShmArena::small_desc(int rank, int buf) const {
@@ -418,28 +430,16 @@ std::atomic<uint64_t>* ShmArena::small_desc(int rank, int buf) const {
 
 char* ShmArena::small_data(int rank, int buf) const { return small_region(rank, buf) + (1 + kSmallBlocks) * kLine; }
 
-uint32_t ShmArena::desc_check(const uint64_t desc[4]) {
-  uint64_t h = 0x9E3779B97F4A7C15ull;
-  for (int i = 0; i < 4; ++i) {  // splitmix64's finaliser over the words
-    h ^= desc[i] + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
-    h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
-    h ^= h >> 31;
-  }
-  return (uint32_t)(h ^ (h >> 32));
-}
-
-void ShmArena::small_publish_desc(int buf, const uint64_t desc[4]) {
+void ShmArena::small_publish_desc(int buf, const uint64_t desc[kDescWords]) {
   auto* d = small_desc(local_rank_, buf);
-  for (int i = 0; i < 4; ++i) d[i].store(desc[i], std::memory_order_relaxed);
+  for (int i = 0; i < kDescWords; ++i) d[i].store(desc[i], std::memory_order_relaxed);
 }
 
 void ShmArena::small_signal(int block, int buf, uint32_t gen, uint32_t check) {
-  auto* a = small_flag(local_rank_, block, buf);
-  if (block == 0)  // generation and check in one store: one transfer of the line its peers poll
-    reinterpret_cast<std::atomic<uint64_t>*>(a)->store((uint64_t)check << 32 | gen, std::memory_order_release);
-  else
-    a->store(gen, std::memory_order_release);  // after the block's bytes
+  // After the block's bytes; block 0: generation and check in one store, one transfer of the line
+  // its peers poll.
+  small_flag(local_rank_, block, buf)->store((block == 0 ? (uint64_t)check << 32 : 0) | gen, std::memory_order_release);
+  if (block == 0) last_small_gen_ = gen;
 }
 
 void ShmArena::raise_in(uint32_t gen) { flag(local_rank_, ShmFlag::In)->store(gen, std::memory_order_release); }
@@ -449,25 +449,46 @@ void ShmArena::small_wake(int nblocks, int buf) {
   // its flag): it sees the flag or is woken here.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   for (int b = 0; b < nblocks; ++b) {
-    auto* a = small_flag(local_rank_, b, buf);
-    if (a[kSmallSleepers].load(std::memory_order_relaxed) != 0) futex_wake(a);
+    if (small_sleepers(local_rank_, b, buf)->load(std::memory_order_relaxed) != 0)
+      futex_wake(small_flag(local_rank_, b, buf));
   }
   if (sleepers(local_rank_, ShmFlag::In)->load(std::memory_order_relaxed) != 0) futex_wake(flag(local_rank_, ShmFlag::In));
 }
 
 void ShmArena::small_wait(int rank, int block, int buf, uint32_t gen, const char* what) {
   auto* a = small_flag(rank, block, buf);
-  if (reached(a->load(std::memory_order_acquire), gen)) return;
-  wait_word(a, a + kSmallSleepers, rank, gen, what, true);
+  if (reached(gen_of(a, std::memory_order_acquire), gen)) return;
+  wait_word(a, small_sleepers(rank, block, buf), rank, gen, what, true);
 }
 
-void ShmArena::small_check_desc(int rank, int buf, const uint64_t desc[4], uint32_t check, const char* what) {
-  const uint64_t w = reinterpret_cast<std::atomic<uint64_t>*>(small_flag(rank, 0, buf))->load(std::memory_order_acquire);
+void ShmArena::small_check_desc(int rank, int buf, const uint64_t desc[kDescWords], uint32_t check,
+                                const char* what) {
+  const uint64_t w = small_flag(rank, 0, buf)->load(std::memory_order_acquire);
   if ((uint32_t)(w >> 32) == check) return;
   throw_mismatch(rank, desc, small_desc(rank, buf), what);  // the descriptor was stored before the flag
 }
 
-void ShmArena::check_peers(const uint64_t desc[4], uint32_t gen, const char* what) {
+void ShmArena::begin_call(uint32_t first_gen) {
+  if (first_gen - refreshed_at_ < kRefreshEvery) return;
+  const uint32_t old = first_gen - 1;  // every wait on this rank's flags is for old + 1 or later
+  for (ShmFlag f : {ShmFlag::In, ShmFlag::Reduced, ShmFlag::Done}) {
+    auto* a = flag(local_rank_, f);
+    if (!reached(a->load(std::memory_order_relaxed), old)) a->store(old, std::memory_order_release);
+  }
+  bool all = true;
+  if (small_base_)
+    for (int buf = 0; buf < 2; ++buf) {
+      // The last call's blocks may still be read by a peer one call behind: leave them this time.
+      if (last_small_gen_ == old && (int)(old & 1) == buf) {
+        all = false;
+        continue;
+      }
+      for (int b = 0; b < kSmallBlocks; ++b) small_flag(local_rank_, b, buf)->store(old, std::memory_order_release);
+    }
+  if (all) refreshed_at_ = first_gen;
+}
+
+void ShmArena::check_peers(const uint64_t desc[kDescWords], uint32_t gen, const char* what) {
   for (int r = 0; r < local_size_; ++r)
     if (r != local_rank_) check_desc(r, desc, gen, what);
 }

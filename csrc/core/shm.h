@@ -17,6 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "call_check.h"
+#include "failure.h"
+
 namespace fastar {
 
 enum class ShmFlag : int { In = 0, Reduced = 1, Done = 2, Count = 3 };
@@ -37,12 +40,14 @@ class ShmArena {
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
   int64_t chunk_bytes() const { return chunk_bytes_; }
-  double timeout_s() const { return timeout_s_.load(); }
+  double timeout_s() const { return timeout_->seconds(); }
   // How long a wait spins before it yields the core (default_spin_ns; FASTAR_SPIN_US overrides).
   void set_spin_ns(int64_t ns) { spin_ns_ = ns; }
   int64_t spin_ns() const { return spin_ns_; }
   static int64_t default_spin_ns(int local_size);
-  void set_timeout(double s) { timeout_s_ = s; }
+  void set_timeout(double s) { timeout_->set(s); }
+  // Every wait reads this timeout at each check (a communicator's, shared by all its arenas).
+  void share_timeout(SharedTimeout t) { timeout_ = std::move(t); }
 
   char* slot(int rank, int buf) const;
   char* result(int buf) const;
@@ -52,13 +57,14 @@ class ShmArena {
   // peers read (and sum) the first blocks while it still writes the last ones. Block 0's flag word
   // carries a 32-bit check of the call's descriptor next to the generation, written in one store:
   // the peers poll that line, and every further store to it would cost them (and us) another
-  // transfer of the line. The descriptor itself sits on a line of its own, read only on a mismatch.
+  // transfer of the line. The check (latency_check_word) is exact in count, dtype and route; the
+  // descriptor itself sits on a line of its own, read only on a mismatch. Each block's flag is one
+  // 64-bit atomic (generation in the low word, where the futex sleeps; block 0's check above it).
   static constexpr int64_t kSmallBytes = 64 << 10;
   static constexpr int kSmallBlocks = 16;
   bool has_small() const { return small_base_ != nullptr; }
   char* small_data(int rank, int buf) const;
-  void small_publish_desc(int buf, const uint64_t desc[4]);
-  static uint32_t desc_check(const uint64_t desc[4]);
+  void small_publish_desc(int buf, const uint64_t desc[kDescWords]);
   // A block is in: a plain release store, no fence (a seq_cst store waits until the line is taken
   // from the peer polling it: on a host whose cores share no cache, a cross-die round trip per
   // block). small_wake then fences once and wakes the peers that sleep on any of the blocks or on
@@ -70,7 +76,16 @@ class ShmArena {
   // path for the same call (the ranks disagree on the call): that fails at once, with the reason.
   // Block 0: its descriptor check must equal ours (else the error names what differs).
   void small_wait(int rank, int block, int buf, uint32_t gen, const char* what);
-  void small_check_desc(int rank, int buf, const uint64_t desc[4], uint32_t check, const char* what);
+  void small_check_desc(int rank, int buf, const uint64_t desc[kDescWords], uint32_t check, const char* what);
+
+  // Generations are 32-bit counters compared by signed difference, so a flag may lag the current
+  // generation by less than 2^31. Flags that are not advanced every generation (Reduced, Done, the
+  // small blocks) are raised to first_gen - 1 when this rank starts the call at first_gen, once
+  // every 2^28 generations: nothing waits on an old generation of this rank by then (a peer is at
+  // most one call behind, and the last call's latency blocks are left alone), so raising them
+  // changes no wait's outcome and keeps every flag within 2^29 of the present.
+  void begin_call(uint32_t first_gen);
+  static constexpr uint32_t kRefreshEvery = 1u << 28;
 
   // Flags are generation counters: signal sets this rank's flag to gen; waits return once the
   // flag reached gen. Waits spin briefly, then yield the core, then sleep on a futex, and throw a
@@ -84,12 +99,12 @@ class ShmArena {
   void mark_failed(const std::string& why = "");
   // Global rank of local rank 0 (ranks are laid out node by node), so errors name global ranks too.
   void set_first_global_rank(int r) { first_global_rank_ = r; }
-  // Header describing this rank's current collective, checked by peers (count, dtype, mode, seq).
-  // Published before signalling In for generation gen, checked after waiting for it.
-  void publish_desc(const uint64_t desc[4], uint32_t gen);
-  void check_desc(int rank, const uint64_t desc[4], uint32_t gen, const char* what);
+  // The descriptor of this rank's current collective (call_check.h), checked by peers. Published
+  // before signalling In for generation gen, checked after waiting for it.
+  void publish_desc(const uint64_t desc[kDescWords], uint32_t gen);
+  void check_desc(int rank, const uint64_t desc[kDescWords], uint32_t gen, const char* what);
   // check_desc against every other local rank.
-  void check_peers(const uint64_t desc[4], uint32_t gen, const char* what);
+  void check_peers(const uint64_t desc[kDescWords], uint32_t gen, const char* what);
 
   // Removes fastar segments of this user whose creating process is gone (crash during init).
   // Names end in _ns<pid namespace inode>_p<pid>; segments of another pid namespace are left alone.
@@ -114,21 +129,25 @@ class ShmArena {
   std::atomic<uint32_t>* sleepers(int rank, ShmFlag f) const;
   std::atomic<uint64_t>* desc_slot(int rank, uint32_t gen) const;
   char* small_region(int rank, int buf) const;  // its descriptor line, then its flag lines, then its data
-  std::atomic<uint32_t>* small_flag(int rank, int block, int buf) const;
+  std::atomic<uint64_t>* small_flag(int rank, int block, int buf) const;
+  std::atomic<uint32_t>* small_sleepers(int rank, int block, int buf) const;
   // The one wait: until *a reaches gen (spin, yield, futex on the sleepers word next to it), failing
   // when local rank `rank` failed, died or timed out; `small`: a wait of the latency path, which
   // also fails when that rank's In flag reaches gen (it runs the staged path for this call).
-  void wait_word(std::atomic<uint32_t>* a, std::atomic<uint32_t>* sleepers, int rank, uint32_t gen, const char* what,
-                 bool small);
+  template <class Word>
+  void wait_word(Word* a, std::atomic<uint32_t>* sleepers, int rank, uint32_t gen, const char* what, bool small);
   std::atomic<uint64_t>* small_desc(int rank, int buf) const;
-  void throw_mismatch(int rank, const uint64_t mine[4], const std::atomic<uint64_t>* theirs, const char* what) const;
+  [[noreturn]] void throw_mismatch(int rank, const uint64_t mine[kDescWords], const std::atomic<uint64_t>* theirs,
+                                   const char* what) const;
   char* small_base_ = nullptr;
   std::string who(int local_rank) const;  // "local rank 1 (rank 3)"
   int first_global_rank_ = -1;
   std::string name_;
   int local_rank_, local_size_;
   int64_t chunk_bytes_;
-  std::atomic<double> timeout_s_;
+  SharedTimeout timeout_;
+  uint32_t refreshed_at_ = 0;  // begin_call: the first generation of the last refresh
+  uint32_t last_small_gen_ = 0;  // the generation of this rank's last latency-path call
   int64_t spin_ns_;
   size_t total_bytes_ = 0;
   char* base_ = nullptr;

@@ -75,10 +75,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::call_guard<py::gil_scoped_release>())
       // Positional (tensor, avg): the latency path skips pybind's keyword matching.
       .def("allreduce_fast", &Communicator::allreduce_fast, py::call_guard<py::gil_scoped_release>())
-      .def("set_latency_profile", &Communicator::set_latency_profile, py::arg("on"))
+      .def("set_latency_profile", &Communicator::set_latency_profile, py::arg("on"),
+           py::call_guard<py::gil_scoped_release>())
       .def("latency_profile",
            [](Communicator& c) {
-             const auto p = c.latency_profile();
+             fastar::LatencyProfile p;
+             {
+               py::gil_scoped_release nogil;  // waits for a running collective
+               p = c.latency_profile();
+             }
              py::dict d;
              d["calls"] = p.calls;
              d["checks_ns"] = p.checks_ns;
@@ -101,14 +106,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
               std::vector<int> world_ranks, std::vector<int> cross_ranks) {
              fastar::TensorGroups g{as_pg(world), as_pg(local), as_pg(cross), std::move(world_ranks),
                                     std::move(cross_ranks)};
+             py::gil_scoped_release nogil;  // waits for a running collective
              c.set_tensor_groups(device_type, std::move(g));
            },
            py::arg("device_type"), py::arg("world"), py::arg("local"), py::arg("cross"), py::arg("world_ranks"),
            py::arg("cross_ranks"))
-      .def("has_tensor_groups", &Communicator::has_tensor_groups, py::arg("device_type"))
+      .def("has_tensor_groups", &Communicator::has_tensor_groups, py::arg("device_type"),
+           py::call_guard<py::gil_scoped_release>())
       .def("unlink_shm", &Communicator::unlink_shm)
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
-      .def("set_timeout", &Communicator::set_timeout)
+      // None of these waits for a running collective (fastar.set_timeout while a collective hangs).
+      .def("set_timeout", &Communicator::set_timeout, py::arg("seconds"))
+      .def("_fail_for_test", &Communicator::fail_for_test, py::arg("why"),
+           "Test hook: fails the communicator (and marks its arenas) as a first error would.")
       .def("set_small_bytes", &Communicator::set_small_bytes)
       .def("set_local_chunk_bytes", &Communicator::set_local_chunk_bytes, py::arg("bytes"))
       .def("set_stream_above_bytes", &Communicator::set_stream_above_bytes, py::arg("bytes"))

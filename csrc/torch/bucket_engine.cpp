@@ -89,8 +89,10 @@ void BucketEngine::attach_arena(const std::string& name, bool create) {
   const int64_t bytes = (arena_bytes_needed() + 4095) / 4096 * 4096;
   arena_ = std::make_shared<ShmArena>(name, create, t.local_rank, t.local_size, bytes, comm_->timeout_s(),
                                       /*regions_only=*/true);
+  arena_->share_timeout(comm_->timeout());  // fastar.set_timeout reaches wrap's buckets at once
   arena_->set_first_global_rank(t.node * t.local_size);
-  arena_ar_ = std::make_unique<ArenaAllreduce>(arena_.get(), comm_->cross_transport(), t.num_nodes);
+  comm_->failure_state()->watch(arena_);  // a first failure marks this arena too: peers raise at once
+  arena_ar_ = std::make_shared<ArenaAllreduce>(arena_.get(), comm_->cross_transport(), t.num_nodes);
   // The mapping lives as long as any tensor over it: gradients that are bucket views may outlive
   // the wrapper (and this engine).
   std::shared_ptr<ShmArena> keep = arena_;
@@ -137,15 +139,11 @@ void BucketEngine::launch_ready_locked() {
       const int64_t off = b.region_offset, n = b.flat.numel();
       const DType dt = to_dtype(b.flat.scalar_type());
       const uint64_t seq = ++seq_;
-      ArenaAllreduce* ar = arena_ar_.get();
-      ShmArena* arena = arena_.get();
-      Communicator* comm = comm_.get();
-      b.work = comm_->submit(
-          [ar, arena, comm, h, a, off, n, dt, seq] {
-            arena->set_timeout(comm->timeout_s());  // fastar.set_timeout reaches wrap's buckets at once
-            ar->allreduce(h, a, off, n, dt, seq);
-          },
-          route_label(h, a));
+      // The task owns what it uses: the engine may be gone before it runs (a dropped wrapper).
+      std::shared_ptr<ArenaAllreduce> ar = arena_ar_;
+      std::shared_ptr<ShmArena> arena = arena_;
+      b.work = comm_->submit([ar, arena, h, a, off, n, dt, seq] { ar->allreduce(h, a, off, n, dt, seq); },
+                             route_label(h, a));
     } else {
       b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false, wire_);
     }
@@ -272,15 +270,22 @@ void BucketEngine::reset_iteration() {
 void BucketEngine::abandon() {
   wait_launched();  // the buckets' memory must not change under a collective still running
   reset_iteration();
+  // Ranks may have launched different buckets before giving up: later calls must not match a
+  // call of this iteration that a peer still runs.
+  seq_ = (seq_ | ((uint64_t(1) << 20) - 1)) + 1;
+  comm_->skip_sequence();
 }
 
 BucketEngine::~BucketEngine() {
-  if (comm_ && comm_->failure()) {
-    // Receives of a failed collective may still be posted into the buckets: keep their memory.
-    arena_ar_.release();
-    new std::shared_ptr<ShmArena>(std::move(arena_));
-    new std::vector<Bucket>(std::move(buckets_));
-    new at::Tensor(std::move(region_));
+  // Buckets still in flight (a wrapper dropped after a backward that raised, or after a wait that
+  // timed out): their tasks own the arena allreduce and the mapping. Receives of a failed
+  // collective may still be posted into the buckets: keep their memory.
+  bool in_flight = false;
+  for (const auto& b : buckets_)
+    if (b.work && !b.work->is_completed()) in_flight = true;
+  if (in_flight || (comm_ && comm_->failure())) {
+    keep_forever(std::make_shared<std::vector<Bucket>>(std::move(buckets_)));
+    keep_forever(std::make_shared<at::Tensor>(std::move(region_)));
   }
 }
 

@@ -77,7 +77,9 @@ class BucketEngine {
 
   std::shared_ptr<Communicator> comm_;
   std::shared_ptr<ShmArena> arena_;  // also held by region_'s tensors: .grad views outlive the engine
-  std::unique_ptr<ArenaAllreduce> arena_ar_;
+  // Shared with the queued bucket tasks, which may outlive this engine (a wrapper dropped with
+  // buckets in flight): they hold the allreduce and the mapping until they have run.
+  std::shared_ptr<ArenaAllreduce> arena_ar_;
   at::Tensor region_;  // this rank's region of the segment, as bytes
   uint64_t seq_ = 0;
   std::vector<at::Tensor> params_;

@@ -24,10 +24,19 @@ std::string route_label(Hierarchy h, Algorithm a, Wire w) {
 }
 
 void AsyncWork::wait(double timeout_s) {
+  if (!(timeout_s > 0))
+    throw std::invalid_argument("fastar: a wait's timeout must be a positive number of seconds, got " +
+                                std::to_string(timeout_s));
+  timeout_s = std::min(timeout_s, 10 * Timeout::kMaxSeconds);  // no overflow in the clock's arithmetic
   std::unique_lock<std::mutex> l(mu_);
-  if (!cv_.wait_for(l, std::chrono::duration<double>(timeout_s), [&] { return done_; }))
-    throw std::runtime_error("fastar: allreduce did not complete within " + std::to_string((int)timeout_s) +
-                             " s (a peer rank is stuck or dead)");
+  if (!cv_.wait_for(l, std::chrono::duration<double>(timeout_s), [&] { return done_; })) {
+    l.unlock();
+    auto e = std::make_exception_ptr(std::runtime_error(
+        "fastar: " + (algorithm.empty() ? std::string("a collective") : algorithm) + " did not complete within " +
+        std::to_string((int64_t)timeout_s) + " s (a peer rank is stuck or dead)"));
+    if (fails) fails->fail(e);  // the work may still run: nothing after it may
+    std::rethrow_exception(e);
+  }
   if (error_) std::rethrow_exception(error_);
   if (stream_wait) stream_wait();
 }
@@ -49,17 +58,19 @@ void AsyncWork::finish(std::exception_ptr e) {
 Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup> world, std::vector<int> world_ranks,
                            c10::intrusive_ptr<c10d::ProcessGroup> cross, std::vector<int> cross_ranks,
                            std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s)
-    : topo_(topo), timeout_s_(timeout_s) {
-  world_ = std::make_unique<PGTransport>(world, world_ranks, timeout_s, "fastar's world group");
-  if (cross) cross_ = std::make_unique<PGTransport>(cross, cross_ranks, timeout_s, "fastar's inter-node group");
+    : topo_(topo), timeout_(std::make_shared<Timeout>(timeout_s)), failure_(std::make_shared<FailureState>()) {
+  world_ = std::make_unique<PGTransport>(world, world_ranks, timeout_, "fastar's world group");
+  if (cross) cross_ = std::make_unique<PGTransport>(cross, cross_ranks, timeout_, "fastar's inter-node group");
   if (!shm_name.empty()) {
-    arena_ = std::make_unique<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
+    arena_ = std::make_shared<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
                                         timeout_s);
+    arena_->share_timeout(timeout_);
     arena_->set_first_global_rank(topo.node * topo.local_size);
+    failure_->watch(arena_);
     hier_ = std::make_unique<Hierarchical>(arena_.get(), cross_.get(), topo.num_nodes);
     fast_ok_ = topo.num_nodes == 1;
   }
-  tensor_ = std::make_unique<TensorAllreduce>(topo, timeout_s);
+  tensor_ = std::make_unique<TensorAllreduce>(topo, timeout_);
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -74,18 +85,19 @@ void Communicator::close() {
   q_cv_.notify_all();
   if (worker_.joinable()) worker_.join();  // runs what was queued before the close
   std::lock_guard<std::mutex> g(exec_mu_);
+  std::lock_guard<std::mutex> life(life_mu_);
   // Release the transports now, not at interpreter exit (a wrapped model can keep this object
   // alive until then), so that retained Gloo works die while their process groups still exist.
   // After a failure, operations may still be posted on them, reading or writing buffers that this
   // object owns (scratch) or holds (tensors): those stay allocated for the life of the process.
   if (failure()) {
-    hier_.release();
-    arena_.release();
-    world_.release();
-    cross_.release();
-    tensor_.release();
-    new Executor(std::move(exec_));
-    new std::vector<at::Tensor>(std::move(graveyard_));
+    keep_forever(std::shared_ptr<Hierarchical>(hier_.release()));
+    keep_forever(std::move(arena_));
+    keep_forever(std::shared_ptr<PGTransport>(world_.release()));
+    keep_forever(std::shared_ptr<PGTransport>(cross_.release()));
+    keep_forever(std::shared_ptr<TensorAllreduce>(tensor_.release()));
+    keep_forever(std::make_shared<Executor>(std::move(exec_)));
+    keep_forever(std::make_shared<std::vector<at::Tensor>>(std::move(graveyard_)));
   } else {
     hier_.reset();
     arena_.reset();
@@ -95,46 +107,27 @@ void Communicator::close() {
   }
 }
 
-std::exception_ptr Communicator::failure() {
-  std::lock_guard<std::mutex> g(q_mu_);
-  return failed_;
-}
+std::exception_ptr Communicator::failure() { return failure_->cause(); }
 
-void Communicator::fail(std::exception_ptr e) {
-  std::string why;
-  {
-    std::lock_guard<std::mutex> g(q_mu_);
-    if (failed_ || !e) return;
-    failed_ = e;
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-      why = x.what();
-    } catch (...) {
-      why = "unknown error";
-    }
-    failed_as_ = std::make_exception_ptr(std::runtime_error(
-        "fastar: an earlier collective failed, so this one was not run (call fastar.shutdown() and then "
-        "fastar.init() to start again). The first error:\n" + why));
-  }
-  // Local peers waiting on this rank in shared memory fail at once, with this rank's reason.
-  if (arena_) arena_->mark_failed(why);
-}
+// Local peers waiting on this rank in any arena it drives fail at once, with this rank's reason.
+void Communicator::fail(std::exception_ptr e) { failure_->fail(e); }
 
-std::exception_ptr Communicator::failed_error_locked() { return failed_as_; }
+void Communicator::fail_for_test(const std::string& why) {
+  fail(std::make_exception_ptr(std::runtime_error(why)));
+}
 
 void Communicator::unlink_shm() {
   if (arena_) arena_->unlink();
 }
 
 void Communicator::set_timeout(double s) {
-  timeout_s_ = s;  // read by wrap's bucket tasks and waits before each use
+  // Every wait reads the shared timeout at each check; Gloo waits in progress are woken to re-read it.
+  timeout_->set(s);
+}
+
+void Communicator::skip_sequence() {
   std::lock_guard<std::mutex> g(exec_mu_);
-  if (!world_) return;  // closed
-  world_->set_timeout(s);
-  if (cross_) cross_->set_timeout(s);
-  if (arena_) arena_->set_timeout(s);
-  tensor_->set_timeout(s);
+  seq_ = (seq_ | ((uint64_t(1) << 20) - 1)) + 1;
 }
 
 void Communicator::set_tensor_groups(const std::string& device_type, TensorGroups g) {
@@ -148,25 +141,32 @@ bool Communicator::has_tensor_groups(const std::string& device_type) {
   return tensor_ && tensor_->has_groups(c10::Device(device_type).type());
 }
 
+// The tuning setters never wait for a running collective: the next call reads the new value.
 void Communicator::set_small_bytes(int64_t b) {
-  std::lock_guard<std::mutex> g(exec_mu_);
+  TORCH_CHECK(b >= 0, "fastar: the latency-path threshold must be at least 0 bytes, not ", b);
+  std::lock_guard<std::mutex> g(life_mu_);
   if (hier_) hier_->small_bytes = b;
 }
 
 void Communicator::set_local_chunk_bytes(int64_t b) {
   TORCH_CHECK(b >= 4096, "fastar: the one-node chunk must be at least 4096 bytes");
-  std::lock_guard<std::mutex> g(exec_mu_);
+  std::lock_guard<std::mutex> g(life_mu_);
   if (hier_) hier_->local_chunk_bytes = b;
 }
 
 void Communicator::set_stream_above_bytes(int64_t b) {
-  std::lock_guard<std::mutex> g(exec_mu_);
+  std::lock_guard<std::mutex> g(life_mu_);
   if (hier_) hier_->stream_above_bytes = b;
 }
 
 OpRecord Communicator::last_op() {
-  std::lock_guard<std::mutex> g(exec_mu_);
+  std::lock_guard<std::mutex> g(rec_mu_);
   return last_;
+}
+
+void Communicator::record(const OpRecord& r) {
+  std::lock_guard<std::mutex> g(rec_mu_);
+  last_ = r;
 }
 
 void Communicator::worker_loop() {
@@ -209,16 +209,13 @@ std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWor
   // Queued tasks run one at a time on the worker; busy_ keeps inline allreduce() calls out meanwhile.
   auto work = std::make_shared<AsyncWork>();
   work->algorithm = label;
+  work->fails = failure_;
   {
     std::lock_guard<std::mutex> g(q_mu_);
     TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
     queue_.push_back([this, fn, work] {
       work->start_s = now_s();
-      std::exception_ptr e;
-      {
-        std::lock_guard<std::mutex> g(q_mu_);
-        e = failed_error_locked();
-      }
+      std::exception_ptr e = failure_->later();
       if (!e) {
         try {
           fn(*work);
@@ -250,7 +247,7 @@ void Communicator::allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierar
 bool Communicator::enter_inline() {
   std::lock_guard<std::mutex> l(q_mu_);
   TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-  if (failed_) std::rethrow_exception(failed_error_locked());
+  if (failure_->failed()) std::rethrow_exception(failure_->later());
   if (!queue_.empty() || busy_) return false;
   busy_ = true;
   return true;
@@ -288,7 +285,9 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
   const int64_t bytes = count * (int64_t)dtype_size(dt);
   {
     std::lock_guard<std::mutex> g(q_mu_);
-    if (stop_ || failed_ || busy_ || !queue_.empty() || bytes > hier_->small_bytes) return false;
+    if (stop_ || failure_->failed() || busy_ || !queue_.empty() ||
+        bytes > hier_->small_bytes.load(std::memory_order_relaxed))
+      return false;
     busy_ = true;
   }
   std::exception_ptr e;
@@ -309,7 +308,7 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
       graveyard_.push_back(t);
     }
     t1 = std::chrono::steady_clock::now();
-    last_ = {Hierarchy::Leader, Algorithm::HalvingDoubling, bytes, std::chrono::duration<double>(t1 - t0).count()};
+    record({Hierarchy::Leader, Algorithm::HalvingDoubling, bytes, std::chrono::duration<double>(t1 - t0).count()});
     if (prof) ++profile_.calls;
   }
   if (e) fail(e);
@@ -333,33 +332,19 @@ LatencyProfile Communicator::latency_profile() {
   return profile_;
 }
 
-void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id,
+void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const uint64_t desc[kDescWords],
                                   const char* what) {
-  // One 32-byte header to and from every peer of the schedule before any data moves, so that ranks
-  // that disagree fail with a message instead of mismatched receives. The peers come from the
-  // schedule of a non-empty buffer, so that a rank passing an empty tensor still takes part.
+  // One header to and from every peer of the schedule before any data moves, so that ranks that
+  // disagree fail with a message instead of mismatched receives. The peers come from the schedule
+  // of a non-empty buffer, so that a rank passing an empty tensor still takes part.
   std::vector<int> peers;
   for (const auto& s : make_schedule(algo, tr.rank(), tr.size(), 1))
     for (int p : {s.send_peer, s.recv_peer})
       if (p >= 0 && std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(p);
-  const uint64_t mine[4] = {seq, (uint64_t)t.numel(), (uint64_t)t.scalar_type(), (uint64_t)mode_algo_id};
-  std::vector<uint64_t> theirs(4 * peers.size());
-  std::vector<Transport::Handle> hs;
-  const uint32_t tag = 0x7F000000u | (uint32_t)(seq & 0xFFFF);
-  for (size_t i = 0; i < peers.size(); ++i) {
-    hs.push_back(tr.isend(peers[i], mine, sizeof(mine), tag));
-    hs.push_back(tr.irecv(peers[i], &theirs[4 * i], sizeof(mine), tag));
-  }
-  for (auto h : hs) tr.wait(h);
-  static const char* names[4] = {"call number", "element count", "dtype", "hierarchy/algorithm"};
-  for (size_t i = 0; i < peers.size(); ++i)
-    for (int k = 0; k < 4; ++k)
-      if (theirs[4 * i + k] != mine[k])
-        throw std::runtime_error("fastar: ranks disagree on the " + std::string(names[k]) + " of " + what + ": rank " +
-                                 std::to_string(topo_.rank) + " has " + std::to_string(mine[k]) + ", rank " +
-                                 std::to_string(tr.global_rank(peers[i])) + " has " +
-                                 std::to_string(theirs[4 * i + k]) +
-                                 ". Every rank must call the same collectives with tensors of the same shape and dtype.");
+  const uint32_t tag = 0x7F000000u | (uint32_t)(desc[kSeq] & 0xFFFF);
+  header_.run(tr, peers, desc, tag, what, [&](int p) {
+    return "rank " + std::to_string(p < 0 ? topo_.rank : tr.global_rank(p));
+  });
 }
 
 StreamWait Communicator::run(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
@@ -387,10 +372,14 @@ StreamWait Communicator::run_locked(at::Tensor t, Algorithm algo, Hierarchy h, b
     if (h != Hierarchy::Flat && topo_.local_size == 1) h = Hierarchy::Flat;
     const int wire_id = wire == t.scalar_type() ? 0 : wire == at::kHalf ? 1 : 2;
     // An NCCL-only group (a user's subgroup) has no CPU side for the header: NCCL checks the sizes.
-    if (validate && topo_.size > 1 && world_->has_backend())
-      validate_peers(*world_, algo, t, seq, 64 + wire_id * 256 + (int)h * 16 + (int)algo);
+    if (validate && topo_.size > 1 && world_->has_backend()) {
+      const uint64_t desc[kDescWords] = {seq, (uint64_t)count, (uint64_t)t.scalar_type(),
+                                         (uint64_t)(64 + wire_id * 256 + (int)h * 16 + (int)algo),
+                                         (uint64_t)Protocol::Network, 0};
+      validate_peers(*world_, algo, desc, "an allreduce");
+    }
     StreamWait after = tensor_->run(t, algo, h, avg, wire, ready, seq);
-    last_ = {h, algo, count * (int64_t)dtype_size(dt), now_s() - t0};
+    record({h, algo, count * (int64_t)dtype_size(dt), now_s() - t0});
     return after;
   }
   TORCH_CHECK(t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported (CPU or CUDA only)");
@@ -398,7 +387,11 @@ StreamWait Communicator::run_locked(at::Tensor t, Algorithm algo, Hierarchy h, b
   void* data = t.data_ptr();
   if (h == Hierarchy::Flat) {
     auto steps = make_schedule(algo, world_->rank(), world_->size(), count);
-    if (validate && topo_.size > 1) validate_peers(*world_, algo, t, seq, (int)algo);
+    if (validate && topo_.size > 1) {
+      const uint64_t desc[kDescWords] = {seq, (uint64_t)count, (uint64_t)t.scalar_type(), (uint64_t)algo,
+                                         (uint64_t)Protocol::Network, 0};
+      validate_peers(*world_, algo, desc, "an allreduce");
+    }
     exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
     exec_.run(steps, *world_, data, count, dt);
   } else {
@@ -406,7 +399,10 @@ StreamWait Communicator::run_locked(at::Tensor t, Algorithm algo, Hierarchy h, b
     // inter-node phase check their inter-node peers the same way as the flat path.
     if (validate && cross_ && topo_.num_nodes > 1 && (h == Hierarchy::Rail || topo_.local_rank == 0)) {
       try {
-        validate_peers(*cross_, algo, t, seq, (int)h * 16 + (int)algo);
+        const uint64_t desc[kDescWords] = {seq, (uint64_t)count, (uint64_t)t.scalar_type(),
+                                           (uint64_t)h * 16 + (uint64_t)algo, (uint64_t)Protocol::Chunked,
+                                           (uint64_t)arena_->chunk_bytes()};
+        validate_peers(*cross_, algo, desc, "an allreduce");
       } catch (const std::exception& e) {
         arena_->mark_failed(e.what());  // local peers fail at once, with this reason
         throw;
@@ -415,7 +411,7 @@ StreamWait Communicator::run_locked(at::Tensor t, Algorithm algo, Hierarchy h, b
     hier_->allreduce(h, algo, data, count, dt, seq);
   }
   if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
-  last_ = {h, algo, count * (int64_t)dtype_size(dt), now_s() - t0};
+  record({h, algo, count * (int64_t)dtype_size(dt), now_s() - t0});
   return {};
 }
 
@@ -481,7 +477,10 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
     algo = halves_algorithm(algorithm, topo_.num_nodes);
     if (validate && cross_ && topo_.num_nodes > 1) {
       try {
-        validate_peers(*cross_, algo, in, seq, kind + (int)algo, what);
+        const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
+                                           (uint64_t)(kind + (int)algo), (uint64_t)Protocol::Halves,
+                                           (uint64_t)arena_->chunk_bytes()};
+        validate_peers(*cross_, algo, desc, what);
       } catch (const std::exception& e) {
         arena_->mark_failed(e.what());  // local peers fail at once, with this reason
         throw;
@@ -493,7 +492,11 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
       hier_->allgather(algorithm, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   } else {
     algo = halves_algorithm(algorithm, (int)S);
-    if (validate && S > 1) validate_peers(*world_, algo, in, seq, kind + (int)algo, what);
+    if (validate && S > 1) {
+      const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
+                                         (uint64_t)(kind + (int)algo), (uint64_t)Protocol::Network, 0};
+      validate_peers(*world_, algo, desc, what);
+    }
     exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
     const int r = world_->rank();
     const size_t es = dtype_size(dt);
@@ -510,8 +513,8 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
     }
   }
   if (scatter && avg && S > 1) scale(dt, out.data_ptr(), 1.0 / S, shard);
-  last_ = {hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, whole.numel() * (int64_t)whole.element_size(),
-           now_s() - t0};
+  record({hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, whole.numel() * (int64_t)whole.element_size(),
+          now_s() - t0});
 }
 
 }  // namespace fastar

@@ -13,6 +13,8 @@
 #include <mutex>
 #include <thread>
 
+#include "core/call_check.h"
+#include "core/failure.h"
 #include "core/hierarchical.h"
 #include "core/shm.h"
 #include "torch/pg_transport.h"
@@ -31,13 +33,16 @@ std::string route_label(Hierarchy h, Algorithm a, Wire w = Wire::None);
 // A handle for an allreduce in flight (async_op=True, or a bucket of fastar.wrap).
 class AsyncWork {
  public:
-  void wait(double timeout_s);  // rethrows the collective's error
+  // Rethrows the collective's error. A wait that times out fails the communicator (`fails`): the
+  // work may still be running, and everything after it would run out of step.
+  void wait(double timeout_s);
   bool is_completed();
   void finish(std::exception_ptr e);
   // GPU work: after the CPU side finished, makes the waiting thread's current stream wait for it.
   StreamWait stream_wait;
   double start_s = 0, end_s = 0;  // steady clock, seconds
   std::string algorithm;
+  std::shared_ptr<FailureState> fails;
 
  private:
   std::mutex mu_;
@@ -95,14 +100,22 @@ class Communicator {
   void set_tensor_groups(const std::string& device_type, TensorGroups g);
   bool has_tensor_groups(const std::string& device_type);
   Transport* cross_transport() const { return cross_.get(); }
-  double timeout_s() const { return timeout_s_.load(); }
+  double timeout_s() const { return timeout_->seconds(); }
+  // Shared by every wait of this communicator (its transports and arenas, wrap's bucket arena).
+  const SharedTimeout& timeout() const { return timeout_; }
+  const std::shared_ptr<FailureState>& failure_state() const { return failure_; }
   // The first failure (timeout, dead peer, disagreement) fails the communicator: every queued and
   // later operation then fails at once with it, instead of each waiting out its own timeout.
   // fastar.shutdown() + fastar.init() make a new one. Null while healthy.
   std::exception_ptr failure();
-  // Marks the communicator failed with e (the first call wins); wrap's bucket tasks call it too.
+  // Marks the communicator failed with e (the first call wins), and every arena it drives.
   void fail(std::exception_ptr e);
+  // Takes effect at once, also for waits in progress (no lock that a running collective holds).
   void set_timeout(double s);
+  // A rank abandoned an iteration of wrap (a missing gradient): call numbers jump to the next
+  // multiple of 2^20, so that a later call never matches a call of the abandoned iteration that a
+  // peer still runs (ranks that abandoned alike stay in step).
+  void skip_sequence();
   void set_small_bytes(int64_t b);
   void set_local_chunk_bytes(int64_t b);  // the one-node pipeline's chunk (tuning, tests)
   void set_stream_above_bytes(int64_t b);  // streaming stores for results from this size (tuning)
@@ -110,6 +123,8 @@ class Communicator {
   bool has_shm() const { return arena_ != nullptr; }
   std::string shm_name() const { return arena_ ? arena_->name() : ""; }
   OpRecord last_op();
+  // Test hook: fails the communicator with this message (as a first error would).
+  void fail_for_test(const std::string& why);
 
  private:
   std::shared_ptr<AsyncWork> submit_work(std::function<void(AsyncWork&)> fn, const std::string& label);
@@ -117,8 +132,9 @@ class Communicator {
                  const StreamWait& ready);
   StreamWait run_locked(at::Tensor t, Algorithm algo, Hierarchy h, bool avg, bool validate, Wire wire,
                         const StreamWait& ready);
-  void validate_peers(PGTransport& tr, Algorithm algo, const at::Tensor& t, uint64_t seq, int mode_algo_id,
-                      const char* what = "an allreduce");
+  // The header exchange with the peers of a schedule (call_check.h) before any data moves.
+  void validate_peers(PGTransport& tr, Algorithm algo, const uint64_t desc[kDescWords], const char* what);
+  void record(const OpRecord& r);
   std::shared_ptr<AsyncWork> halves(bool scatter, at::Tensor out, at::Tensor in, Algorithm algorithm, bool avg,
                                     bool validate, bool async_op);
   void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm, bool avg,
@@ -133,26 +149,25 @@ class Communicator {
   void run_inline(const std::function<void()>& fn);
   void release_inline();  // ends an inline call: lets queued work run
 
-  // The error every operation gets once the communicator failed: the first cause, quoted.
-  std::exception_ptr failed_error_locked();
-
   Topology topo_;
-  std::atomic<double> timeout_s_;
-  std::exception_ptr failed_;     // the first error (guarded by q_mu_)
-  std::exception_ptr failed_as_;  // what later operations throw: names the first error
+  SharedTimeout timeout_;
+  std::shared_ptr<FailureState> failure_;
   std::unique_ptr<PGTransport> world_;
   std::unique_ptr<PGTransport> cross_;
-  std::unique_ptr<ShmArena> arena_;
+  std::shared_ptr<ShmArena> arena_;
   std::unique_ptr<Hierarchical> hier_;
   std::unique_ptr<TensorAllreduce> tensor_;
   Executor exec_;
   uint64_t seq_ = 0;
   bool fast_ok_ = false;
   LatencyProfile profile_;  // one node, several local ranks: allreduce_fast may run
-  OpRecord last_;
+  HeaderExchange header_;
+  OpRecord last_;  // guarded by rec_mu_ (read while a collective runs)
   std::vector<at::Tensor> graveyard_;  // tensors of failed operations (see close())
 
   std::mutex exec_mu_;  // one collective at a time, in submission order
+  std::mutex rec_mu_;
+  std::mutex life_mu_;  // the objects close() releases, for the calls that do not take exec_mu_
   std::mutex q_mu_;
   std::condition_variable q_cv_;
   std::deque<std::function<void()>> queue_;

@@ -6,10 +6,10 @@
 
 namespace fastar {
 
-PGTransport::PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks, double timeout_s,
-                         std::string name, c10::Device device)
-    : pg_(std::move(pg)), global_ranks_(std::move(global_ranks)),
-      timeout_((int64_t)(timeout_s * 1000)), name_(std::move(name)), device_(device) {
+PGTransport::PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks,
+                         SharedTimeout timeout, std::string name, c10::Device device)
+    : pg_(std::move(pg)), global_ranks_(std::move(global_ranks)), timeout_(std::move(timeout)),
+      name_(std::move(name)), device_(device) {
   rank_ = pg_->getRank();
   size_ = pg_->getSize();
   if ((int)global_ranks_.size() != size_) throw std::invalid_argument("fastar: global rank list does not match group");
@@ -55,7 +55,7 @@ void PGTransport::group_end() {
 
 void PGTransport::drain_skipped() {
   for (auto& op : skipped_)
-    if (op.work) op.work->wait(timeout_);
+    if (op.work) wait_work(op.work, timeout_);
   skipped_.clear();
 }
 
@@ -100,6 +100,34 @@ void PGTransport::fail(bool send, int peer, size_t bytes, const std::exception& 
                            "different tensor sizes or in a different order.");
 }
 
+void PGTransport::wait_work(const c10::intrusive_ptr<c10d::Work>& w, const SharedTimeout& timeout) {
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    const double limit = timeout->seconds();
+    const double left = limit - std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (left <= 0)
+      throw std::runtime_error("Timed out waiting " + std::to_string((int64_t)(limit * 1000)) +
+                               "ms for the operation to complete (fastar's timeout)");
+    // set_timeout aborts the wait (c10d: the work's buffer stops waiting, the transfer stays
+    // posted), so that this loop re-reads the timeout and waits again for what is left.
+    const uint64_t id = timeout->add_waker([w] {
+      try {
+        w->abort();
+      } catch (const std::exception&) {  // a work without abort (a Gloo collective) keeps its wait
+      }
+    });
+    bool done;
+    try {
+      done = w->wait(std::chrono::milliseconds(std::max<int64_t>(1, (int64_t)(left * 1000))));
+    } catch (...) {
+      timeout->remove_waker(id);
+      throw;
+    }
+    timeout->remove_waker(id);
+    if (done) return;
+  }
+}
+
 void PGTransport::wait(Handle h) {
   Op& op = ops_.at((size_t)h);
   if (!op.work || device_.is_cuda()) {  // NCCL: grouped, group_end made the stream wait
@@ -113,7 +141,7 @@ void PGTransport::wait(Handle h) {
     return;
   }
   try {
-    op.work->wait(timeout_);
+    wait_work(op.work, timeout_);
   } catch (const std::exception& e) {
     fail(op.send, op.peer, op.bytes, e);
   }

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/failure.h"
 #include "core/transport.h"
 
 namespace fastar {
@@ -16,7 +17,8 @@ class PGTransport : public Transport {
  public:
   // global_ranks[i]: the world rank of group rank i (for error messages). device: where the bytes
   // are (the group's backend for that device type carries them: Gloo for CPU, NCCL for CUDA).
-  PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks, double timeout_s,
+  // timeout: shared with the communicator (set_timeout reaches a wait in progress).
+  PGTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<int> global_ranks, SharedTimeout timeout,
               std::string name, c10::Device device = c10::Device(c10::kCPU));
   ~PGTransport() override;
   int rank() const override { return rank_; }
@@ -32,8 +34,10 @@ class PGTransport : public Transport {
   // Test-only (Fault::SkipWait, kernels.h): waits skipped under the fault happen here, at the end
   // of the caller's operation, so that no buffer goes away under them.
   void drain_skipped();
-  void set_timeout(double s) { timeout_ = std::chrono::milliseconds((int64_t)(s * 1000)); }
   bool has_backend() const { return (bool)backend_; }
+  // Waits for a Gloo work within the shared timeout, re-reading it when set_timeout wakes the wait
+  // (c10d's abort of a send/recv work ends its wait without completing it). Throws on timeout.
+  static void wait_work(const c10::intrusive_ptr<c10d::Work>& w, const SharedTimeout& timeout);
   int global_rank(int r) const { return global_ranks_.at(r); }
   const std::string& name() const { return name_; }
 
@@ -51,7 +55,7 @@ class PGTransport : public Transport {
   c10::intrusive_ptr<c10d::Backend> backend_;
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   std::vector<int> global_ranks_;
-  std::chrono::milliseconds timeout_;
+  SharedTimeout timeout_;
   std::string name_;
   int rank_, size_;
   c10::Device device_ = c10::Device(c10::kCPU);

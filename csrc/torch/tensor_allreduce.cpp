@@ -141,7 +141,7 @@ void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
     if (cuda) {
       w->wait();  // NCCL: the current stream waits, the CPU does not; the group's watchdog enforces its timeout
     } else {
-      w->wait(std::chrono::milliseconds((int64_t)(timeout_s_ * 1000)));
+      PGTransport::wait_work(w, timeout_);
       // Destroying a Gloo work right after its wait contends with Gloo's loop thread for the pair's
       // lock (milliseconds on a loaded host; docs/results.md, "Problems found"): keep it until the
       // next call. That holds one call's temporaries (about the buffer's size in the wire dtype).
@@ -159,15 +159,10 @@ void TensorAllreduce::guarded(bool cuda, const Start& start, const What& what) {
   }
 }
 
-void TensorAllreduce::set_timeout(double s) {
-  timeout_s_ = s;
-  for (auto& kv : transports_) kv.second->set_timeout(s);
-}
-
 PGTransport& TensorAllreduce::transport(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                         const std::vector<int>& granks, const at::Tensor& t, const char* what) {
   auto& tr = transports_[{pg.get(), t.device().type()}];
-  if (!tr) tr = std::make_unique<PGTransport>(pg, granks, timeout_s_, what, t.device());
+  if (!tr) tr = std::make_unique<PGTransport>(pg, granks, timeout_, what, t.device());
   return *tr;
 }
 

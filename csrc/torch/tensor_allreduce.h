@@ -47,10 +47,9 @@ using StreamWait = std::function<void()>;
 
 class TensorAllreduce {
  public:
-  TensorAllreduce(Topology topo, double timeout_s) : topo_(topo), timeout_s_(timeout_s) {}
+  TensorAllreduce(Topology topo, SharedTimeout timeout) : topo_(topo), timeout_(std::move(timeout)) {}
   void set_groups(c10::DeviceType type, TensorGroups g);
   bool has_groups(c10::DeviceType type) const { return groups_.count(type) > 0; }
-  void set_timeout(double s);
 
   // An event on the current stream of t's device (the producer's): the returned function makes
   // the calling thread's current stream wait for it. Empty for CPU tensors.
@@ -78,7 +77,7 @@ class TensorAllreduce {
                          const at::Tensor& t, const char* what);
 
   Topology topo_;
-  double timeout_s_;
+  SharedTimeout timeout_;
   std::map<c10::DeviceType, TensorGroups> groups_;
   std::vector<c10::intrusive_ptr<c10d::Work>> retired_;  // CPU: the last call's finished works
   std::array<at::Tensor, 4> buffers_;                       // CPU: the codec's scratch (receive x2, send, widening)

@@ -1,0 +1,59 @@
+// What ranks must agree on for one collective: the call descriptor. Local ranks compare it through
+// the node's arena (ShmArena::publish_desc / check_desc, and the latency path's check word); ranks
+// on other nodes exchange it as a header before any data moves (HeaderExchange). It carries every
+// setting that decides what a rank reads and writes (the protocol and its chunk), not only the
+// call, so that ranks tuned differently raise on every rank instead of summing garbage.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "transport.h"
+
+namespace fastar {
+
+// How the node's phase runs (the plan's protocol). Values are part of the descriptor.
+enum class Protocol : uint64_t {
+  Latency = 1,     // one node, small: the arena's small regions in blocks
+  OneBarrier = 2,  // small, one chunk: every rank sums all slots itself
+  Chunked = 3,     // the pipeline of chunks through the slots
+  Halves = 4,      // reduce-scatter / allgather through the slots
+  InPlace = 5,     // fastar.wrap's buckets in the bucket arena
+  Network = 6,     // no local phase: the schedule over the transport alone
+};
+const char* protocol_name(uint64_t p);
+
+// seq, element count, dtype, route (hierarchy * 16 + algorithm, + collective/wire offsets),
+// protocol, chunk (bytes of the pipeline's chunk, the latency path's block, the halves' chunk).
+enum DescField { kSeq = 0, kCount, kDType, kRoute, kProtocol, kChunk, kDescWords };
+
+// "ranks disagree on the <field> of <what>: <me> has <v>, <them> has <w>. <what to do>"
+std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs[kDescWords], const char* what,
+                          const std::string& me, const std::string& them);
+
+// The latency path's 32-bit check of a descriptor, stored with block 0's generation in one word:
+// count (17 bits), dtype (3), route (3) exactly, and the low 9 bits of seq. Exact where it matters:
+// two calls that differ in count, dtype or route never share a check word. Protocol and chunk
+// (block size) are fixed for the latency path. Needs count < 2^17 (the path takes at most 64 KiB).
+uint32_t latency_check_word(const uint64_t desc[kDescWords]);
+
+// The header exchange with the peers of a schedule. The buffers posted to the transport belong to
+// this object; when an exchange fails with receives or sends still posted (a peer slower than the
+// timeout), they are handed to keep_forever, so that a late peer never writes into freed memory.
+class HeaderExchange {
+ public:
+  // Sends `mine` to every peer and receives theirs (tag: the message tag); throws the transport's
+  // error, or the first mismatch (who(peer): how errors name a peer).
+  void run(Transport& tr, const std::vector<int>& peers, const uint64_t mine[kDescWords], uint32_t tag,
+           const char* what, const std::function<std::string(int)>& who);
+
+ private:
+  struct Buffers {
+    std::vector<uint64_t> send, recv;
+  };
+  std::shared_ptr<Buffers> buf_ = std::make_shared<Buffers>();
+};
+
+}  // namespace fastar
