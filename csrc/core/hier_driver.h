@@ -55,7 +55,6 @@ class HierarchicalDriver {
   ~HierarchicalDriver();
   HierarchicalDriver(const HierarchicalDriver&) = delete;
   HierarchicalDriver& operator=(const HierarchicalDriver&) = delete;
-  Transport* inter() const { return inter_; }
   void set_tag_base(uint32_t t) { exec_.set_tag_base(t); }
   // Runs the phase over every chunk; returns the bytes this rank sent between nodes.
   int64_t run(LocalPhase& ph, Algorithm algo, Codec& codec);

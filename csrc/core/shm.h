@@ -11,6 +11,9 @@
 // result area, each chunk_bytes long; then the latency path's small regions (one per local rank and
 // buffer: a flag line per block, then kSmallBytes of data), apart from the slots so that no data
 // ever lands on a flag.
+//
+// One class, three files: shm.cpp (the segment: creation, checks, layout, liveness), shm_flags.cpp
+// (flags, waits, failure marking, the generation refresh), shm_desc.cpp (the call descriptors).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -41,9 +44,8 @@ class ShmArena {
   int local_size() const { return local_size_; }
   int64_t chunk_bytes() const { return chunk_bytes_; }
   double timeout_s() const { return timeout_->seconds(); }
-  // How long a wait spins before it yields the core (default_spin_ns; FASTAR_SPIN_US overrides).
-  void set_spin_ns(int64_t ns) { spin_ns_ = ns; }
-  int64_t spin_ns() const { return spin_ns_; }
+  // How long a wait spins before it yields the core: long with a core per local rank, short when
+  // the ranks outnumber the cores.
   static int64_t default_spin_ns(int local_size);
   void set_timeout(double s) { timeout_->set(s); }
   // Every wait reads this timeout at each check (a communicator's, shared by all its arenas).
@@ -117,11 +119,6 @@ class ShmArena {
   // Test hook: is the process a header would describe alive, as the waits judge it?
   static bool peer_alive_for_test(int pid, uint64_t start_ticks, uint64_t pid_ns);
   static uint64_t start_ticks(int pid);
-  // The host's cost of passing a cache line between two cores: two threads pinned to cpu_a and
-  // cpu_b bounce a flag `iters` times; the mean round trip in ns (bench figures: whether the two
-  // cores share a cache, which decides what every flag and slot of the arena costs). -1 if a
-  // thread cannot be pinned there.
-  static double core_round_trip_ns(int cpu_a, int cpu_b, int iters);
 
  private:
   struct Control;

@@ -1,6 +1,7 @@
 // The one PYBIND11_MODULE: fastar._C.
 #include <torch/extension.h>
 
+#include "core/probe.h"
 #include "core/schedule.h"
 #include "core/shm.h"
 #include "torch/bucket_engine.h"
@@ -174,7 +175,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      "The steps of one half (kind: reduce_scatter or allgather) one rank performs (tests and docs).");
   m.def("remove_stale_shm", &fastar::ShmArena::remove_stale, py::arg("prefix"));
   m.def("pid_namespace", &fastar::ShmArena::pid_namespace);
-  m.def("core_round_trip_ns", &fastar::ShmArena::core_round_trip_ns, py::arg("cpu_a"), py::arg("cpu_b"),
+  m.def("core_round_trip_ns", &fastar::core_round_trip_ns, py::arg("cpu_a"), py::arg("cpu_b"),
         py::arg("iters") = 100000, py::call_guard<py::gil_scoped_release>());
   m.def("_peer_alive", &fastar::ShmArena::peer_alive_for_test, py::arg("pid"), py::arg("start_ticks"),
         py::arg("pid_ns"), "Test hook: whether a shared-memory wait would consider this process alive.");

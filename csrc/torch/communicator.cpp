@@ -71,20 +71,14 @@ Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup>
     fast_ok_ = topo.num_nodes == 1;
   }
   tensor_ = std::make_unique<TensorAllreduce>(topo, timeout_);
-  worker_ = std::thread([this] { worker_loop(); });
 }
 
 Communicator::~Communicator() { close(); }
 
 void Communicator::close() {
-  {
-    std::lock_guard<std::mutex> g(q_mu_);
-    if (stop_) return;
-    stop_ = true;
-  }
-  q_cv_.notify_all();
-  if (worker_.joinable()) worker_.join();  // runs what was queued before the close
+  queue_.close();  // runs what was queued before the close
   std::lock_guard<std::mutex> g(exec_mu_);
+  if (!world_) return;  // closed before
   std::lock_guard<std::mutex> life(life_mu_);
   // Release the transports now, not at interpreter exit (a wrapped model can keep this object
   // alive until then), so that retained Gloo works die while their process groups still exist.
@@ -169,27 +163,6 @@ void Communicator::record(const OpRecord& r) {
   last_ = r;
 }
 
-void Communicator::worker_loop() {
-  while (true) {
-    std::function<void()> task;
-    {
-      std::unique_lock<std::mutex> l(q_mu_);
-      // One operation at a time on the communicator: an inline call (busy_) finishes first.
-      q_cv_.wait(l, [&] { return (stop_ && queue_.empty() && !busy_) || (!queue_.empty() && !busy_); });
-      if (queue_.empty()) return;
-      task = std::move(queue_.front());
-      queue_.pop_front();
-      busy_ = true;
-    }
-    task();
-    {
-      std::lock_guard<std::mutex> g(q_mu_);
-      busy_ = false;
-    }
-    q_cv_.notify_all();
-  }
-}
-
 std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy,
                                                          bool avg, bool validate, Wire wire) {
   // A GPU tensor's producer is whatever the caller's stream has queued so far: mark that point now.
@@ -206,73 +179,35 @@ std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const 
 }
 
 std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWork&)> fn, const std::string& label) {
-  // Queued tasks run one at a time on the worker; busy_ keeps inline allreduce() calls out meanwhile.
   auto work = std::make_shared<AsyncWork>();
   work->algorithm = label;
   work->fails = failure_;
-  {
-    std::lock_guard<std::mutex> g(q_mu_);
-    TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-    queue_.push_back([this, fn, work] {
-      work->start_s = now_s();
-      std::exception_ptr e = failure_->later();
-      if (!e) {
-        try {
-          fn(*work);
-        } catch (...) {
-          e = std::current_exception();
-          fail(e);
-        }
+  queue_.push([fn, work](std::exception_ptr e) {
+    work->start_s = now_s();
+    if (!e) {
+      try {
+        fn(*work);
+      } catch (...) {
+        e = std::current_exception();
       }
-      work->end_s = now_s();
-      work->finish(e);
-    });
-  }
-  q_cv_.notify_all();
+    }
+    work->end_s = now_s();
+    work->finish(e);
+    if (e) std::rethrow_exception(e);  // the queue fails the communicator with it (a no-op if it had)
+  });
   return work;
 }
 
 void Communicator::allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
                              Wire wire) {
   // Run inline unless queued work must go first: same order on every rank, no thread hop.
-  if (!enter_inline()) {
+  if (!queue_.enter_inline()) {
     allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s() * 2 + 60);
     return;
   }
   StreamWait after;
-  run_inline([&] { after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t)); });
+  queue_.run_inline([&] { after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t)); });
   if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
-}
-
-bool Communicator::enter_inline() {
-  std::lock_guard<std::mutex> l(q_mu_);
-  TORCH_CHECK(!stop_, "fastar: the communicator was closed (fastar.shutdown() was called)");
-  if (failure_->failed()) std::rethrow_exception(failure_->later());
-  if (!queue_.empty() || busy_) return false;
-  busy_ = true;
-  return true;
-}
-
-void Communicator::run_inline(const std::function<void()>& fn) {
-  std::exception_ptr e;
-  try {
-    fn();
-  } catch (...) {
-    e = std::current_exception();
-    fail(e);
-  }
-  release_inline();
-  if (e) std::rethrow_exception(e);
-}
-
-void Communicator::release_inline() {
-  bool wake;
-  {
-    std::lock_guard<std::mutex> g(q_mu_);
-    busy_ = false;
-    wake = !queue_.empty() || stop_;  // the worker sleeps otherwise: no wake-up (a system call)
-  }
-  if (wake) q_cv_.notify_all();
 }
 
 bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
@@ -283,12 +218,10 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
   if (!try_dtype(t.scalar_type(), &dt)) return false;
   const int64_t count = t.numel();
   const int64_t bytes = count * (int64_t)dtype_size(dt);
-  {
-    std::lock_guard<std::mutex> g(q_mu_);
-    if (stop_ || failure_->failed() || busy_ || !queue_.empty() ||
-        bytes > hier_->small_bytes.load(std::memory_order_relaxed))
-      return false;
-    busy_ = true;
+  if (!queue_.try_enter()) return false;
+  if (bytes > hier_->small_bytes.load(std::memory_order_relaxed)) {  // hier_ lives while the queue is held
+    queue_.leave_inline();
+    return false;
   }
   std::exception_ptr e;
   std::chrono::steady_clock::time_point t1;
@@ -312,7 +245,7 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
     if (prof) ++profile_.calls;
   }
   if (e) fail(e);
-  release_inline();
+  queue_.leave_inline();
   if (prof)
     profile_.exit_ns +=
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t1).count();
@@ -439,11 +372,11 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
       throw;
     }
   };
-  if (async_op || !enter_inline()) return submit_work([body](AsyncWork&) { body(); }, label);
+  if (async_op || !queue_.enter_inline()) return submit_work([body](AsyncWork&) { body(); }, label);
   auto work = std::make_shared<AsyncWork>();
   work->algorithm = label;
   work->start_s = now_s();
-  run_inline([&] { body(); });
+  queue_.run_inline([&] { body(); });
   work->end_s = now_s();
   work->finish(nullptr);
   return work;

@@ -16,6 +16,7 @@
 #include "core/call_check.h"
 #include "core/failure.h"
 #include "core/hierarchical.h"
+#include "core/work_queue.h"
 #include "core/shm.h"
 #include "torch/pg_transport.h"
 #include "torch/tensor_allreduce.h"
@@ -139,15 +140,6 @@ class Communicator {
                                     bool validate, bool async_op);
   void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm, bool avg,
                          bool validate);
-  void worker_loop();
-  // An inline call (no thread hop) when nothing is queued: takes the communicator (busy_) and
-  // returns true, or returns false when queued work must go first (the caller queues instead);
-  // throws when the communicator is closed or failed.
-  bool enter_inline();
-  // Runs fn as the inline call enter_inline began: its error fails the communicator; then
-  // release_inline.
-  void run_inline(const std::function<void()>& fn);
-  void release_inline();  // ends an inline call: lets queued work run
 
   Topology topo_;
   SharedTimeout timeout_;
@@ -168,12 +160,7 @@ class Communicator {
   std::mutex exec_mu_;  // one collective at a time, in submission order
   std::mutex rec_mu_;
   std::mutex life_mu_;  // the objects close() releases, for the calls that do not take exec_mu_
-  std::mutex q_mu_;
-  std::condition_variable q_cv_;
-  std::deque<std::function<void()>> queue_;
-  bool busy_ = false;
-  bool stop_ = false;
-  std::thread worker_;
+  WorkQueue queue_{failure_};  // last: its worker stops (close) before the rest goes
 };
 
 }  // namespace fastar

@@ -18,6 +18,7 @@
 #include "../failure.h"
 #include "../hierarchical.h"
 #include "../shm.h"
+#include "../work_queue.h"
 
 using namespace fastar;
 
@@ -310,7 +311,58 @@ static void test_timeout_reaches_a_wait_in_progress() {
   CHECK(!bad, "an invalid timeout was accepted");
 }
 
+// The work queue: submission order, the inline gate, one sticky error.
+static void test_work_queue_order_gate_and_sticky_error() {
+  auto fs = std::make_shared<FailureState>();
+  WorkQueue q(fs);
+  std::vector<int> ran;
+  std::vector<std::string> errs(4);
+  std::mutex mu;
+  std::atomic<bool> go{false};
+  q.push([&](std::exception_ptr) {
+    while (!go) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::lock_guard<std::mutex> g(mu);
+    ran.push_back(0);
+  });
+  CHECK(!q.enter_inline(), "an inline call entered while work was queued");
+  CHECK(!q.try_enter(), "the latency gate entered while work was queued");
+  q.push([&](std::exception_ptr) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      ran.push_back(1);
+    }
+    throw std::runtime_error("test: task 1 fails");
+  });
+  for (int i = 2; i < 4; ++i)
+    q.push([&, i](std::exception_ptr e) {
+      std::lock_guard<std::mutex> g(mu);
+      ran.push_back(i);
+      if (e) errs[i] = what_of(e);
+    });
+  go = true;
+  for (int i = 0; i < 200 && !fs->failed(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  q.close();
+  CHECK((ran == std::vector<int>{0, 1, 2, 3}), "tasks ran out of order");
+  CHECK(errs[2].find("task 1 fails") != std::string::npos && errs[3].find("task 1 fails") != std::string::npos,
+        "queued tasks did not get the first error: '%s' '%s'", errs[2].c_str(), errs[3].c_str());
+  bool threw = false;
+  try {
+    q.enter_inline();
+  } catch (const std::exception&) {
+    threw = true;
+  }
+  CHECK(threw, "a closed queue let an inline call in");
+  threw = false;
+  try {
+    q.push([](std::exception_ptr) {});
+  } catch (const std::exception&) {
+    threw = true;
+  }
+  CHECK(threw, "a closed queue took a task");
+}
+
 int main() {
+  test_work_queue_order_gate_and_sticky_error();
   test_check_word_exact();
   test_header_exchange_buffers_outlive_a_failure();
   test_generation_wraparound();
