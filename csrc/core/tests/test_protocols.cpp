@@ -504,31 +504,34 @@ void mark_failed_test(int L, Path path, int victim, int delay_ms) {
   }
 }
 
-// A real error inside the protocol: the victim's timeout is short and the last rank is late, so
-// the victim times out (its own error, raised inside the driver, which marks it failed). The late
-// rank then either completes its call exactly (the victim's data was in) or raises naming the
-// victim's time-out; every rank but the victim raises by its next call, promptly, never by a
-// time-out of its own.
+// A real error inside the protocol: the victim's timeout is short and the last rank comes only
+// once the victim timed out (its own error, raised inside the driver, which marks it failed). The
+// late rank then either completes its call exactly (the victim's data was in) or raises naming the
+// victim's time-out; every rank but the victim raises by its next call, promptly after the late
+// rank came, never by a time-out of its own.
 void timeout_test(int L, Path path) {
   const int victim = 0, late = L - 1;
-  const double late_s = 0.8;
   std::vector<std::string> err(L), next_err(L);
-  std::vector<double> done_at(L, 0);
-  Clock::time_point t0;
+  std::vector<Clock::time_point> done(L);
+  Clock::time_point late_start;
+  std::atomic<bool> victim_done{false};
   Barrier good(L);
   auto errors = on_ranks(L, path == Path::Arena, [&](ShmArena& a, int lr) {
     Rank rk(a, path);
     rk.call(path, L, lr, 1);
     good.wait();
-    if (lr == 0) t0 = Clock::now();
-    good.wait();
     if (lr == victim) a.set_timeout(0.3);
-    if (lr == late) std::this_thread::sleep_for(std::chrono::duration<double>(late_s));
+    if (lr == late) {
+      const auto t0 = Clock::now();
+      while (!victim_done.load() && since(t0) < kTimeout / 2) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      late_start = Clock::now();
+    }
     try {
       rk.call(path, L, lr, 2);
     } catch (const std::exception& e) {
       err[lr] = e.what();
     }
+    if (lr == victim) victim_done = true;
     if (lr != victim && err[lr].empty()) {
       try {
         rk.call(path, L, lr, 3);
@@ -536,7 +539,7 @@ void timeout_test(int L, Path path) {
         next_err[lr] = e.what();
       }
     }
-    done_at[lr] = since(t0);
+    done[lr] = Clock::now();
   });
   expect_no_errors(errors, "timeout", L);
   CHECK(contains(err[victim], "timed out"), "timeout %s L=%d: the victim's error: %s", path_name(path), L,
@@ -548,8 +551,9 @@ void timeout_test(int L, Path path) {
     CHECK(contains(e, "local rank 0 failed") && contains(e, "timed out"),
           "timeout %s L=%d: local rank %d's error does not name the victim's time-out: %s", path_name(path), L, lr,
           e.c_str());
-    CHECK(done_at[lr] < late_s + kPromptS, "timeout %s L=%d: local rank %d raised after %.1f s", path_name(path), L,
-          lr, done_at[lr]);
+    const double after = std::chrono::duration<double>(done[lr] - late_start).count();
+    CHECK(after < kPromptS, "timeout %s L=%d: local rank %d raised %.1f s after the late rank came", path_name(path),
+          L, lr, after);
   }
 }
 
