@@ -16,19 +16,10 @@
 #include "../executor.h"
 #include "../reduce.h"
 #include "../schedule.h"
+#include "check.h"
 
 using namespace fastar;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                       \
-  do {                                                         \
-    if (!(cond)) {                                             \
-      ++failures;                                              \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                       \
-      std::fprintf(stderr, "\n");                              \
-    }                                                          \
-  } while (0)
 
 // Walks all ranks' schedules in lockstep with buffered sends; each element carries the set of ranks
 // whose contribution it holds. Checks no deadlock, no double counting, full coverage.
@@ -270,7 +261,7 @@ int main() {
   CHECK(halves_algorithm(Algorithm::HalvingDoubling, 6) == Algorithm::Ring, "halves fall back to ring");
   CHECK(halves_algorithm(Algorithm::HalvingDoubling, 8) == Algorithm::HalvingDoubling, "halves keep hd");
   if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
+    std::fprintf(stderr, "%d failures\n", failures.load());
     return 1;
   }
   std::printf("core tests passed\n");

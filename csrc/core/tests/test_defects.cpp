@@ -19,19 +19,10 @@
 #include "../hierarchical.h"
 #include "../shm.h"
 #include "../work_queue.h"
+#include "check.h"
 
 using namespace fastar;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++failures;                                               \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-    }                                                           \
-  } while (0)
 
 static double since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -369,7 +360,7 @@ int main() {
   test_failure_marks_every_arena();
   test_timeout_reaches_a_wait_in_progress();
   test_tuning_disagreement();
-  if (failures) std::fprintf(stderr, "%d failure(s)\n", failures);
+  if (failures) std::fprintf(stderr, "%d failure(s)\n", failures.load());
   else std::printf("test_defects: all passed\n");
   return failures ? 1 : 0;
 }

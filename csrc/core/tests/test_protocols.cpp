@@ -38,23 +38,12 @@
 #include "../hierarchical.h"
 #include "../reduce.h"
 #include "../shm.h"
+#include "check.h"
 
 using namespace fastar;
 
 namespace {
 
-std::atomic<int> failures{0};
-std::mutex log_mu;
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      ++failures;                                                 \
-      std::lock_guard<std::mutex> g_(log_mu);                     \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-    }                                                             \
-  } while (0)
 
 // A protocol that hangs fails here (the waits throw) instead of hanging the test.
 constexpr double kTimeout = 30;
