@@ -226,43 +226,98 @@ class FastarBackend(_C10dBackend):
         self._cross_pg = cross
         world_ranks = list(range(topo.size))  # the communicator's ranks are this group's ranks
 
-        def make(shm_name: str, create: bool):
+        def make(shm_name: str, create: bool, chunk_bytes: int):
             return groups.extension().Communicator(
                 rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
                 node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
                 cross=cross, cross_ranks=cross_ranks, shm_name=shm_name, shm_create=create,
-                shm_chunk_bytes=settings.shm_chunk_bytes(), timeout_s=timeout.total_seconds())
+                shm_chunk_bytes=chunk_bytes, timeout_s=timeout.total_seconds())
 
+        chunk = settings.shm_chunk_bytes()  # a bad FASTAR_SHM_CHUNK_MB fails here, on every rank alike
+        self.shm_chunk_bytes = None  # the staged chunk of the node's arena (None: no arena, one rank per node)
         if topo.local_size == 1:
-            return make("", False)
-        # The node's shared-memory arena, as collectives.node_segment makes it, with the store and
-        # this backend's own Gloo barrier in place of torch.distributed calls (the group is still
-        # being built: torch.distributed cannot be called on it yet).
-        # A creator that fails (a full /dev/shm) says so through the store, so that every local rank
-        # raises the same error instead of waiting at the barrier.
-        key = f"fastar/shm/{topo.node}"
+            return make("", False, chunk)
+        # As fastar.init: when /dev/shm cannot hold the arena, the smaller chunks of
+        # state.SHM_FALLBACK_CHUNKS in turn, with its warning; when not even the smallest fits,
+        # the ShmSpaceError (how much was needed, how much is free, what to do) on every rank.
+        chunks = state.shm_chunks(chunk)
+        for i, c in enumerate(chunks):
+            try:
+                comm = self._node_segment(lambda name, create, c=c: make(name, create, c), i)
+            except groups.ShmSpaceError as e:
+                if i + 1 == len(chunks):
+                    raise
+                state.warn_shm_fallback('init_process_group("fastar")', e, chunks[i + 1])
+                continue
+            self.shm_chunk_bytes = c
+            return comm
+
+    def _node_segment(self, make, attempt: int):
+        """The node's shared-memory arena, as groups.node_segment makes it, with the store and this
+        backend's internal Gloo group in place of torch.distributed calls (the group is still being
+        built: torch.distributed cannot be called on it yet). Local rank 0 creates the segment, the
+        others then open it; after each step every rank of the job learns every rank's outcome, so
+        that a failure anywhere (a full /dev/shm on one node, a rank that cannot open) raises the same
+        error, naming that rank, on every rank at once, and every node takes the same decision."""
+        topo, store = self._topo, self._store
+        key = f"fastar/shm/{attempt}"
         comm = None
-        if topo.local_rank == 0:
+
+        def step(what: str, mine: bool, act) -> None:
+            nonlocal comm
+            err = None
+            if mine:
+                try:
+                    comm = act()
+                except Exception as e:  # noqa: BLE001 - reported to every rank, raised below
+                    err = e
+            try:
+                self._agree(f"{key}/{what}", err, what)
+            except Exception:
+                if comm is not None:
+                    try:
+                        comm.close()  # the creator's close removes the segment's name
+                    except Exception:  # noqa: BLE001 - the set-up error is the one to report
+                        pass
+                raise
+
+        def create():
             groups.extension().remove_stale_shm("fastar_")
             name = (f"/fastar_{os.getuid()}_{groups.job_id()}_be_n{topo.node}_{secrets.token_hex(4)}"
                     f"_ns{groups.extension().pid_namespace()}_p{os.getpid()}")
-            try:
-                comm = make(name, True)
-                store.set(key, name)
-            except RuntimeError as e:
-                store.set(key, "!" + str(e))
-        self._barrier_internal()
-        name = store.get(key).decode()
-        if name.startswith("!"):
-            cls = collectives.ShmSpaceError if "/dev/shm is too small" in name else RuntimeError
-            raise cls(f"fastar backend: the node's shared-memory segment could not be created by local rank 0: "
-                      f"{name[1:]}")
-        if topo.local_rank != 0:
-            comm = make(name, False)
-        self._barrier_internal()
+            c = make(name, True)
+            store.set(f"{key}/name/{topo.node}", name)
+            return c
+
+        step("created", topo.local_rank == 0, create)
+        step("opened", topo.local_rank != 0,
+             lambda: make(store.get(f"{key}/name/{topo.node}").decode(), False))
         comm.unlink_shm()  # a no-op except on the creator: a crash now leaves nothing behind
         self._barrier_internal()
         return comm
+
+    def _agree(self, key: str, err: Exception | None, what: str) -> None:
+        """Collective over the internal Gloo group: every rank's outcome of a set-up step (0 ok,
+        1 /dev/shm too small, 2 another error), the failing ranks' messages through the store. Raises
+        on every rank alike when any rank failed: another error first (a smaller segment would not
+        help), else ShmSpaceError, so that the caller retries smaller chunks on every rank."""
+        topo = self._topo
+        codes = torch.zeros(topo.size, dtype=torch.int32)
+        if err is not None:
+            self._store.set(f"{key}/{topo.rank}", str(err) or type(err).__name__)  # before the exchange
+            codes[topo.rank] = 1 if "/dev/shm is too small" in str(err) else 2
+        self._gloo.allreduce([codes], dist.AllreduceOptions()).wait(self._timeout)
+        failed = codes.nonzero().flatten().tolist()
+        if not failed:
+            return
+        others = [r for r in failed if codes[r] == 2]
+        r = (others or failed)[0]
+        msg = self._store.get(f"{key}/{r}").decode()
+        cls = RuntimeError if others else groups.ShmSpaceError
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        this = ", this rank" if r == topo.rank else ""
+        raise cls(f"fastar backend: the node's shared-memory segment could not be {what} on rank {r} "
+                  f"(node {r // topo.local_size}{this}){more}: {msg}")
 
     def _barrier_internal(self):
         self._gloo.barrier(dist.BarrierOptions()).wait(self._timeout)

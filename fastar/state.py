@@ -22,6 +22,19 @@ log = logging.getLogger("fastar")
 SHM_FALLBACK_CHUNKS = (1 << 20, 256 << 10)
 
 
+def shm_chunks(chunk: int) -> list:
+    """The staged chunk sizes a node's arena is tried with, in turn: the configured one, then the
+    smaller ones of SHM_FALLBACK_CHUNKS (fastar.init and the "fastar" backend alike)."""
+    return [chunk] + [c for c in SHM_FALLBACK_CHUNKS if c < chunk]
+
+
+def warn_shm_fallback(who: str, err: Exception, chunk: int) -> None:
+    """The warning (once per process) of a retry with `chunk`-byte chunks, after /dev/shm could not
+    hold the arena with larger ones (err, a ShmSpaceError, says how much was needed and what is free)."""
+    warn_once(f"shm-chunk:{who}:{chunk}", f"{who}: {err}\nFalling back to the staged shared-memory path "
+              f"with {chunk >> 10} KiB chunks (slower for large tensors).")
+
+
 @dataclass
 class State:
     topo: topology.Topology
@@ -140,7 +153,7 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
                     shm_name=shm_name, shm_create=create, shm_chunk_bytes=chunk_bytes,
                     timeout_s=timeout.total_seconds())
             return make
-        chunks = [chunk] + [c for c in SHM_FALLBACK_CHUNKS if c < chunk]
+        chunks = shm_chunks(chunk)
         for i, c in enumerate(chunks):
             try:
                 comm = node_segment(topo, world, maker(c), "arena", lambda x: x.unlink_shm(), lambda x: x.close())
@@ -148,8 +161,7 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
             except ShmSpaceError as e:
                 if i + 1 == len(chunks):
                     raise
-                warn_once(f"shm-chunk:{c}", f"fastar.init: {e}\nFalling back to the staged shared-memory path "
-                          f"with {chunks[i + 1] >> 10} KiB chunks (slower for large tensors).")
+                warn_shm_fallback("fastar.init", e, chunks[i + 1])
         processes: list = [None] * topo.size
         dist.all_gather_object(processes, diagnose.this_process(), group=world)
         _state = State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout,
