@@ -67,15 +67,10 @@ def cuda_time(fn, iters: int, warmup: int = 5) -> float:
 
 def bench_pack(iters: int) -> dict:
     import fastar._C as C
-    from bench.bench_kernels import bucket_shapes
-    shapes = bucket_shapes()
+    from bench.bench_kernels import packed_bucket
     dev = torch.device("cuda")
-    srcs = [torch.randn(*s, device=dev) for s in shapes]
-    offsets, off = [], 0
-    for s in srcs:
-        offsets.append(off)
-        off += s.numel()
-    flat = torch.empty(off, device=dev)
+    srcs, offsets, flat = packed_bucket(dev)
+    off = flat.numel()
     scale = 1.0 / 8
     nbytes = off * 4
 
