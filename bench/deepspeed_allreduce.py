@@ -30,7 +30,8 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import add_timing_args, emit_json, free_port, result_row, time_one  # noqa: E402
+from common import (add_timing_args, emit_json, exact_sum, exact_values, launch, max_over_ranks,  # noqa: E402
+                    pin_to_core, result_row, time_one)
 
 IMPL = "deepspeed:shm"
 # the dtypes the shm kernels reduce, and the vector_kernel_level() each needs: fp32 uses AVX2 (1),
@@ -52,7 +53,7 @@ def worker(rank: int, world: int, args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.bind == "core":  # as allreduce_bw.py pins its own workers (its --bind)
-        os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", rank)) % len(os.sched_getaffinity(0))})
+        pin_to_core(int(os.environ.get("LOCAL_RANK", rank)))
     dtype = getattr(torch, args.dtype)
     local_size = int(os.environ.get("LOCAL_SIZE", "0"))
     if world < 2:
@@ -92,11 +93,6 @@ def worker(rank: int, world: int, args) -> None:
             dscomm.inference_all_reduce(buf)
         return time.perf_counter() - t0
 
-    def max_over_ranks(v: float) -> float:
-        t = torch.tensor([v], dtype=torch.float64)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return float(t.item())
-
     esize = torch.empty((), dtype=dtype).element_size()
     rows = []
     try:
@@ -105,12 +101,12 @@ def worker(rank: int, world: int, args) -> None:
             nbytes = numel * esize
             buf = torch.zeros(numel, dtype=dtype)  # zeros: repeated in-place sums stay finite
             t, done = time_one(IMPL, nbytes, args, lambda n: block(buf, n), max_over_ranks)
-            # exact-integer correctness pass, the values of allreduce_bw.fill_exact
+            # exact-integer correctness pass (common.exact_values)
             idx = torch.arange(numel, dtype=torch.int64)
-            data = ((idx * 7 + rank) % 9 + rank).to(dtype)
+            data = exact_values(idx, rank).to(dtype)
             tdist.barrier()
             dscomm.inference_all_reduce(data)
-            want = sum(((idx * 7 + r) % 9 + r) for r in range(world)).to(torch.float64)
+            want = exact_sum(idx, world).to(torch.float64)
             wrong = torch.tensor([int((data.to(torch.float64) != want).sum())], dtype=torch.int64)
             tdist.all_reduce(wrong)
             rows.append(result_row(IMPL, nbytes, args.dtype, t, world, int(wrong.item()), done))
@@ -131,11 +127,6 @@ def worker(rank: int, world: int, args) -> None:
     tdist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    worker(rank, world, args)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn on this host (ignored when WORLD_SIZE is set)")
@@ -153,15 +144,11 @@ def main(argv=None) -> int:
         # torchrun says LOCAL_WORLD_SIZE; DeepSpeed's shm op reads LOCAL_SIZE
         if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
             os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
-        return 0
-    if args.nproc < 2:
+    elif args.nproc < 2:
         ap.error("--nproc must be at least 2 (with one rank DeepSpeed returns the tensor untouched)")
-    os.environ.update(WORLD_SIZE=str(args.nproc), LOCAL_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-    import torch.multiprocessing as mp  # noqa: PLC0415
-
-    mp.spawn(_spawned, args=(args.nproc, args), nprocs=args.nproc, join=True)
+    else:  # common.launch spawns the ranks: every one on this host
+        os.environ.update(LOCAL_SIZE=str(args.nproc), DS_ACCELERATOR="cpu")
+    launch(worker, args.nproc, args)
     return 0
 
 

@@ -21,7 +21,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port  # noqa: E402
+from common import free_port, rank_env  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 EXIT_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
@@ -54,12 +55,12 @@ BACKEND_SCRIPT = textwrap.dedent("""
 def run_exit_script(mode: str, local_size: int = 2, timeout: float = 120, script: str = EXIT_SCRIPT
                     ) -> tuple[list[int], list[str]]:
     """One 2-rank job; returns each rank's exit status (negative: killed by that signal) and the
-    tail of the stderr of every rank that did not exit with 0."""
+    tail of the stderr of every rank that did not exit with 0. Each rank is a script of its own
+    (python -c), not a common.launch worker: what is tested is how the interpreter exits."""
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": str(local_size), "PYTHONPATH": REPO}
+        env = {**os.environ, **rank_env(rank, 2, port, local_size), "PYTHONPATH": REPO}
         procs.append(subprocess.Popen([sys.executable, "-c", script, mode], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     codes, errors = [], []
@@ -104,8 +105,7 @@ def main() -> None:
            "exit_codes": summary, "seconds": round(time.monotonic() - t0, 1)}
     print(json.dumps(out))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_result(out, args.json, cpu=True)
     sys.exit(1 if abnormal else 0)
 
 

@@ -35,7 +35,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.stamp import short as stamp_line, stamp  # noqa: E402
+from bench.common import launch  # noqa: E402
+from bench.stamp import short as stamp_line, stamp, write_result  # noqa: E402
 
 WHAT = {
     "none": "no gradient synchronisation at all (the ceiling)",
@@ -66,15 +67,10 @@ def cuda_time(fn, iters: int, warmup: int = 5) -> float:
 
 def bench_pack(iters: int) -> dict:
     import fastar._C as C
-    from bench.bench_kernels import bucket_shapes
-    shapes = bucket_shapes()
+    from bench.bench_kernels import packed_bucket
     dev = torch.device("cuda")
-    srcs = [torch.randn(*s, device=dev) for s in shapes]
-    offsets, off = [], 0
-    for s in srcs:
-        offsets.append(off)
-        off += s.numel()
-    flat = torch.empty(off, device=dev)
+    srcs, offsets, flat = packed_bucket(dev)
+    off = flat.numel()
     scale = 1.0 / 8
     nbytes = off * 4
 
@@ -198,17 +194,17 @@ def backend_present() -> bool:
     return "fastar" in dist.Backend.backend_list
 
 
-def _backend_worker(rank, size, port, q):
+def _backend_worker(rank, size):
+    """One rank (common.launch): its rows, or the error it met (reported in the JSON)."""
     import torch.distributed as dist
 
     import fastar  # noqa: F401
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     out = {"rank": rank}
     try:
         spec = os.environ.get("FASTAR_BENCH_BACKEND", "cpu:gloo,cuda:fastar")
-        dist.init_process_group(spec, rank=rank, world_size=size)
+        dist.init_process_group(spec)  # env://
         out["backend"] = str(dist.get_backend())
         rows = []
         for n in (1 << 10, 1 << 20, 16 << 20):  # elements of fp32: 4 KiB, 4 MiB, 64 MiB
@@ -222,7 +218,7 @@ def _backend_worker(rank, size, port, q):
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported in the JSON
         out["error"] = f"{type(e).__name__}: {e}"[:500]
-    q.put(out)
+    return out
 
 
 def bench_backend() -> dict:
@@ -232,29 +228,11 @@ def bench_backend() -> dict:
             return {"status": "absent", "note": "this tree registers no torch.distributed 'fastar' backend"}
     except Exception as e:  # noqa: BLE001
         return {"status": "absent", "note": f"import failed: {e}"}
-    import socket
-
-    import torch.multiprocessing as mp
     size = min(2, torch.cuda.device_count())
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_backend_worker, args=(r, size, port, q)) for r in range(size)]
-    for p in procs:
-        p.start()
-    res = []
     try:
-        for _ in range(size):
-            res.append(q.get(timeout=120))
-    except Exception as e:  # noqa: BLE001
-        res.append({"error": f"timed out or died: {e}"})
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-    res.sort(key=lambda r: r.get("rank", 99))
+        res = launch(_backend_worker, size, timeout_s=120)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON
+        res = [{"error": f"timed out or died: {e}"[:2000]}]
     status = "ok" if all("error" not in r and all(x["exact"] for x in r.get("rows", [])) for r in res) else "failed"
     note = ("world size 1: dist.all_reduce through the backend, no data crosses between GPUs" if size == 1
             else f"world size {size}: one rank per GPU")
@@ -315,8 +293,7 @@ def main(argv=None):
 
 def _finish(res, args):
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_result(res, args.json, cpu=False)  # the stamp taken before the run (res["stamp"]) is kept
     return res
 
 

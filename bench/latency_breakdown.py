@@ -18,12 +18,11 @@ Per rank, in one run:
                  the release of the GIL;
   floor_us       a pybind11 call that does nothing (Communicator.has_shm) from the same loop, and
                  a Python loop with a no-op function: what any Python-level API pays.
-Reported: the max over ranks of each mean (JSON: every rank's figures too).
+Reported: the max over ranks of each mean (JSON: every rank's figures too; stamped, bench/stamp.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import free_port  # noqa: E402
+from common import launch, under_launcher  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 STAGES = ("checks_ns", "copy_in_ns", "wait_ns", "reduce_copy_out_ns", "exit_ns")
 
@@ -49,10 +49,11 @@ def per_call_us(fn, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e6
 
 
-def worker(rank: int, world: int, port: int, args, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FASTAR_LOCAL_SIZE=str(world))
+def worker(rank: int, world: int, args) -> dict:
+    """One rank (common.launch): its figures."""
+    os.environ["FASTAR_LOCAL_SIZE"] = str(world)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo")  # env://
     import fastar
     from fastar import collectives
     fastar.init()
@@ -73,10 +74,10 @@ def worker(rank: int, world: int, port: int, args, q) -> None:
     out["stages_us"] = {k[:-3]: prof[k] / calls / 1e3 for k in STAGES}
     out["python_entry_us"] = out["profiled_us"] - sum(out["stages_us"].values())
     out["route"] = collectives.get_state().last_choice["why"]
-    q.put(out)
     dist.barrier()
     fastar.shutdown()
     dist.destroy_process_group()
+    return out
 
 
 def main(argv=None) -> int:
@@ -86,16 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, args.nproc, port, args, q)) for r in range(args.nproc)]
-    for p in procs:
-        p.start()
-    ranks = sorted((q.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
-    for p in procs:
-        p.join(60)
+    if under_launcher():
+        ap.error("it starts its own ranks: run it without torchrun (WORLD_SIZE is set)")
+    ranks = launch(worker, args.nproc, args, timeout_s=600)
     worst = {k: max(r[k] for r in ranks) for k in ("python_noop_us", "pybind_noop_us", "total_us", "profiled_us",
                                                     "python_entry_us")}
     worst["stages_us"] = {k: max(r["stages_us"][k] for r in ranks) for k in ranks[0]["stages_us"]}
@@ -113,8 +107,7 @@ def main(argv=None) -> int:
         res = {"bytes": args.bytes, "nproc": args.nproc, "iters": args.iters, "max_over_ranks": worst,
                "ranks": ranks, "loadavg": list(os.getloadavg()),
                "command": "python bench/latency_breakdown.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_result(res, args.json, cpu=True)
         print(f"# wrote {args.json}")
     return 0
 

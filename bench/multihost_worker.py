@@ -20,7 +20,6 @@ goodput between two hosts with both directions busy (adds headers and TCP's dyna
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from datetime import timedelta
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -37,19 +37,8 @@ from torch import nn  # noqa: E402
 
 import fastar  # noqa: E402
 from fastar import simulate  # noqa: E402
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().upper().rstrip("B").rstrip("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(s)
-
-
-def fmt_size(b: int) -> str:
-    for unit, m in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if b >= m and b % m == 0:
-            return f"{b // m} {unit}"
-    return f"{b} B"
+from common import fmt_bytes as fmt_size, max_over_ranks, parse_sizes  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 
 def impls_for(local_size: int) -> list[str]:
@@ -73,12 +62,6 @@ def fill(t: torch.Tensor, rank: int) -> None:
 
 def expected(numel: int, world: int) -> torch.Tensor:
     return torch.remainder(torch.arange(numel, dtype=torch.float32), 13) * world + world * (world - 1) / 2
-
-
-def max_over_ranks(x: float, group) -> float:
-    v = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
-    return float(v.item())
 
 
 def small_alpha_us(ctl, topo, n: int = 30) -> float:
@@ -332,7 +315,7 @@ def main(argv=None) -> int:
     topo_cfg = sim_topo(args, nodes, local, alpha_cfg, rates)
     topo_meas = sim_topo(args, nodes, local, alpha_meas * 1e-6, rates, rate_bit=good["duplex_Bps"] * 8)
 
-    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    sizes = parse_sizes(args.sizes)
     impls = impls_for(local)
     rows = measure(args, ctl, impls, sizes, rank, world)
     for r in rows:
@@ -354,8 +337,7 @@ def main(argv=None) -> int:
                "rows": rows, "train": tr,
                "all_correct": all(r["wrong"] == 0 for r in rows) and (tr is None or tr["params_identical"]),
                "command": " ".join(sys.argv)}
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_result(res, args.json, cpu=True)
         print_table(res)
     dist.barrier(group=ctl)
     fastar.shutdown()

@@ -3,15 +3,14 @@ ceiling), in the same run, on synthetic images.
 
     python bench/train_throughput.py --nproc 2 --model resnet50 --image-size 64 --batch 8 --steps 10 --json out.json
 
-Runs under torchrun (WORLD_SIZE set) or spawns --nproc local workers itself. The implementations
-take turns round by round so that drift on a shared host affects all of them alike; the step time
-reported is the median over all timed steps.
+Runs under torchrun (WORLD_SIZE set) or spawns --nproc local workers itself (common.launch). The
+implementations take turns round by round so that drift on a shared host affects all of them alike;
+the step time reported is the median over all timed steps. The JSON is stamped (bench/stamp.py).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import resource
 import statistics
@@ -23,6 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import launch, max_over_ranks, progress  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 DEFAULT_IMPLS = ("none", "torch:ddp", "fastar", "fastar:fp16", "fastar:bf16")  # fastar:<wire>: compression
 # torch:ddp@fastar: unmodified DDP on a process group of fastar's torch.distributed backend (by name only)
@@ -34,9 +36,19 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
 
 
-def worker(args) -> dict | None:
+def worker(rank: int, world: int, args) -> dict | None:
+    """One rank (common.launch, or torchrun): returns the results on rank 0."""
     import fastar
-    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.init_process_group("gloo")  # env://
+    try:
+        return measure(rank, world, args)
+    finally:
+        fastar.shutdown()
+        dist.destroy_process_group()
+
+
+def measure(rank: int, world: int, args) -> dict | None:
+    import fastar
     torch.set_num_threads(args.threads)
     fastar.init(local_size=args.local_size)
     torch.manual_seed(0)
@@ -78,10 +90,7 @@ def worker(args) -> dict | None:
     overlap = {impl: [] for impl in args.impls}
     timeline = None
     rounds = max(1, args.steps // args.per_round)
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=rounds * len(args.impls) * args.per_round, desc="train_throughput", file=sys.stderr)
+    bar = progress(rank == 0, rounds * len(args.impls) * args.per_round, "train_throughput", "step")
     for _ in range(rounds):
         for impl in args.impls:
             for _ in range(args.per_round):
@@ -89,21 +98,18 @@ def worker(args) -> dict | None:
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 step(impl)
-                dt = torch.tensor([time.perf_counter() - t0,
-                                   resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0], dtype=torch.float64)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-                times[impl].append(dt[0].item())
-                faults[impl].append(int(dt[1].item()))
+                dt, nf = max_over_ranks([time.perf_counter() - t0,
+                                         resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0])
+                times[impl].append(dt)  # a step lasts as long as its slowest rank
+                faults[impl].append(int(nf))
                 if impl.startswith("fastar"):
                     st = models[impl][0].comm_stats()
                     comm[impl].append(st["comm_s"])
                     overlap[impl].append(st["overlap"])
                     if impl == "fastar":
                         timeline = st
-                if bar:
-                    bar.update(1)
-    if bar:
-        bar.close()
+                bar.update(1)
+    bar.close()
     if rank != 0:
         return None
     rows = []
@@ -138,19 +144,6 @@ def plot_timeline(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _spawned(rank, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=args.nproc)
-    try:
-        out = worker(args)
-        if out is not None:
-            finish(out, args)
-    finally:
-        import fastar
-        fastar.shutdown()
-        dist.destroy_process_group()
-
-
 def finish(out: dict, args) -> None:
     print(f"\n{'impl':>16} {'images/s':>10} {'step ms':>9} {'comm ms':>9} {'overlap':>8} {'faults':>7}")
     for r in out["rows"]:
@@ -164,9 +157,7 @@ def finish(out: dict, args) -> None:
     if "fastar" in by and "none" in by:
         print(f"fastar / ceiling:      {by['fastar']['images_per_s'] / by['none']['images_per_s']:.3f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_result(out, args.json, cpu=True)
         print("wrote", args.json)
     if args.plot and out.get("fastar_timeline"):
         plot_timeline(out, args.plot)
@@ -193,15 +184,9 @@ def main(argv=None):
     bad = set(args.impls) - set(IMPLS)
     if bad:
         p.error(f"unknown impls {sorted(bad)}; choose from {IMPLS}")
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("gloo")
-        out = worker(args)
-        if out is not None:
-            finish(out, args)
-        return
-    from common import free_port  # noqa: PLC0415 - bench/common.py, beside this script
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    torch.multiprocessing.spawn(_spawned, args=(args,), nprocs=args.nproc)
+    out = launch(worker, args.nproc, args)[int(os.environ.get("RANK", 0))]
+    if out is not None:  # rank 0
+        finish(out, args)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 
-
-def fmt_size(b: int) -> str:
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if b >= div and b % div == 0:
-            return f"{b // div} {unit}"
-    return f"{b} B"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fmt_bytes as fmt_size  # noqa: E402
 
 
 def table(paths: list[str], impl: str, peer: str) -> str:
