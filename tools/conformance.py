@@ -148,11 +148,23 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per (mode, world size)")
     ap.add_argument("--log-dir", default=tempfile.gettempdir())
     ap.add_argument("--table", metavar="JSON", help="print the table of an existing JSON and exit")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="write --json from the runs of these JSONs (later files win) and print the table")
     args = ap.parse_args(argv)
     if args.table:
         with open(args.table) as f:
             print(table(json.load(f)))
         return 0
+    if args.combine:
+        doc = {"runs": {}, "fastar_skips": FASTAR_SKIPS}
+        for path in args.combine:
+            with open(path) as f:
+                doc["runs"].update(json.load(f)["runs"])
+        doc["stamp"] = {"runs_from": sorted({r["stamp"]["commit"] for r in doc["runs"].values()})}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        print(table(doc))
+        return 1 if fastar_only_failures(doc["runs"]) else 0
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
