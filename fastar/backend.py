@@ -299,6 +299,16 @@ class FastarBackend(_C10dBackend):
     def getBackendName(self) -> str:  # noqa: N802 - the trampoline's name
         return NAME
 
+    # What the backend supports beyond the collectives, as Gloo answers. torch's trampoline reads these
+    # Python attributes; left undefined, it finds the base class's property, which asks the trampoline
+    # again (batch_isend_irecv died with a RecursionError).
+    supports_coalescing = False
+    supports_splitting = False
+    supports_time_estimate = False
+    supports_shrinking = False
+    supports_reconfigure = False
+    supports_window = False
+
     def _get_sequence_number_for_group(self) -> int:
         """How many collectives this rank has issued on the group (the same on every rank of a correct
         program); torch's ProcessGroupWrapper (TORCH_DISTRIBUTED_DEBUG=DETAIL) checks it."""
@@ -575,7 +585,8 @@ class FastarBackend(_C10dBackend):
         return self._delegate(tensors).recv_anysource(tensors, tag)
 
     def monitored_barrier(self, opts, wait_all_ranks=False):
-        return self._gloo.monitored_barrier(opts, wait_all_ranks)
+        # Gloo's Python binding takes the timeout, not the options (torch's trampoline passes the options)
+        return self._gloo.monitored_barrier(opts.timeout, wait_all_ranks)
 
     # -- records and shutdown ------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -141,11 +142,18 @@ FAST_SLICE = [
 ]
 
 
+# Tests the suite gates on the name "gloo": run by fastar standing in for Gloo only. Each failed on fastar
+# before #27's fixes: batch_isend_irecv (RecursionError: the trampoline's supports_coalescing),
+# monitored_barrier (the options passed where Gloo's binding takes the timeout), sparse allreduce.
+STANDIN_SLICE = ["test_batch_isend_irecv_gloo$", "test_monitored_barrier_gloo$", "test_sparse_all_reduce_sum$"]
+
+
 def _slice(mode: str, tmp_path) -> dict:
     out = tmp_path / f"{mode}.json"
     env = dict(os.environ, FASTAR_CONFORMANCE_MODE=mode, WORLD_SIZE="2", TEMP_DIR=str(tmp_path))
     env.pop("BACKEND", None)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "conformance_suite.py"), str(out), *FAST_SLICE],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "conformance_suite.py"), str(out), *FAST_SLICE,
+                        *(STANDIN_SLICE if mode == "standin" else [])],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.exists(), f"the suite wrote nothing (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return json.loads(out.read_text())["results"]
@@ -155,8 +163,9 @@ def _slice(mode: str, tmp_path) -> dict:
 def test_pytorch_suite_fast_slice(mode, tmp_path):
     pytest.importorskip("expecttest", reason="PyTorch's suite imports expecttest: `make build` installs it")
     res = _slice(mode, tmp_path)
-    ran = {k for k in res if any(__import__("re").search(p, k) for p in FAST_SLICE)}
-    assert len(ran) >= len(FAST_SLICE), f"the slice selected {sorted(ran)}"
+    want = FAST_SLICE + (STANDIN_SLICE if mode == "standin" else [])
+    ran = {k for k in res if any(re.search(p, k) for p in want)}
+    assert len(ran) >= len(want), f"the slice selected {sorted(ran)}"
     bad = {k: v["status"] + ": " + v["reason"][-600:] for k, v in res.items() if v["status"] != "passed"}
     assert not bad, f"{mode}: " + "\n".join(f"{k}: {v}" for k, v in bad.items())
 
