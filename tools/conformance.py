@@ -128,12 +128,30 @@ def table(doc: dict) -> str:
             lines.append(f"| {ws} | {label} | {len(run['results'])} | {c['passed']} | {c['failed']} | "
                          f"{c['skipped']} | {n_only} |")
     diffs = differences(runs)
-    if diffs:
-        lines += ["", "| world size | mode | test | Gloo | fastar | reason |", "|---:|---|---|---|---|---|"]
-        for d in diffs:
+    fails = [d for d in diffs if d["fastar"] == "failed"]
+    if fails:  # one row per test and mode, with the world sizes where it failed
+        lines += ["", "Tests that fail on fastar and pass on Gloo:", "",
+                  "| mode | test | world sizes | Gloo | fastar | error |", "|---|---|---|---|---|---|"]
+        rows: dict = {}
+        for d in fails:
             reason = d["reason"].replace("|", "\\|")
-            lines.append(f"| {d['world_size']} | {d['mode']} | `{d['test']}` | {d['gloo']} | {d['fastar']} | "
-                         f"{reason} |")
+            if "Connection closed by peer" in reason:  # the port differs per run
+                reason = "Connection closed by peer (the other rank failed first)"
+            rows.setdefault((d["mode"], d["test"], d["gloo"], d["fastar"], reason), []).append(str(d["world_size"]))
+        for (mode, test, g, f, reason), ws in sorted(rows.items()):
+            lines.append(f"| {mode} | `{test}` | {', '.join(ws)} | {g} | {f} | {reason} |")
+    others = [d for d in diffs if d["fastar"] != "failed"]
+    if others:  # skipped on fastar, run on Gloo: the suite's own gates, by reason
+        lines += ["", "Tests that run on Gloo and are skipped on fastar (the suite's reason; number of tests per "
+                  "world size):", "", "| mode | reason | tests |", "|---|---|---:|"]
+        by: dict = {}
+        for d in others:
+            by.setdefault((d["mode"], d["reason"]), set()).add((d["world_size"], d["test"]))
+        for (mode, reason), tests in sorted(by.items()):
+            per_ws = {}
+            for ws, _ in tests:
+                per_ws[ws] = per_ws.get(ws, 0) + 1
+            lines.append(f"| {mode} | {reason} | {' / '.join(str(per_ws[w]) for w in sorted(per_ws))} |")
     return "\n".join(lines)
 
 
