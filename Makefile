@@ -57,7 +57,8 @@ demo: build
 
 # PyTorch's own distributed suite (distributed_test.py, in the torch wheel) on Gloo, on "fastar" under
 # its own name and on fastar standing in for Gloo, at world sizes 2 and 3: JSON and a table of the
-# differences (docs/backend.md). Hours on 2 cores; `make test` runs a fast slice of it.
+# differences (docs/backend.md). About 15 minutes on 2 cores (each test's ranks forked); `make test` runs a
+# fast slice of it (python_tests/test_conformance.py).
 CONFORMANCE_JSON ?= bench/results/conformance.json
 CONFORMANCE_SIZES ?= 2,3
 conformance: build
