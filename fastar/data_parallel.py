@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+import warnings
 import weakref
 
 import torch
@@ -50,7 +51,7 @@ class FastarModule(nn.Module):
                  algorithm: str = "auto", hierarchy: str = "auto", find_unused_parameters: bool = False,
                  broadcast_from_rank0: bool = True, check_finite: bool = False,
                  gradient_as_bucket_view: bool = True, shm_buckets: bool = True, compression=None,
-                 broadcast_buffers: bool = True):
+                 broadcast_buffers: bool | None = None, forward_sync_buffers: bool | None = None):
         super().__init__()
         require_dist()
         _refuse_wrapped(module)
@@ -91,11 +92,11 @@ class FastarModule(nn.Module):
         if device.type == "cuda" or wire:
             collectives.ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
         self._bgroup = st.device_groups["cuda"]["world"] if device.type == "cuda" else group
+        self.forward_sync_buffers, init_sync_buffers = _buffer_sync(broadcast_buffers, forward_sync_buffers)
         if broadcast_from_rank0 and st.topo.size > 1:
             with torch.no_grad():
-                for t in list(module.parameters()) + list(module.buffers()):
+                for t in list(module.parameters()) + (list(module.buffers()) if init_sync_buffers else []):
                     dist.broadcast(t.data, src=0, group=self._bgroup)
-        self.broadcast_buffers = broadcast_buffers
         self._require_forward_sync = True  # DDP's require_forward_param_sync
         self.compression = wire or None
         self._names = [n for n, _ in named]
@@ -138,6 +139,15 @@ class FastarModule(nn.Module):
             algo, hier, _ = collectives.choose(self._engine.bucket_bytes(b), self._algorithm, self._hierarchy, topo)
             self._engine.set_choice(b, *route(algo, hier)[:2])
 
+    @property
+    def broadcast_buffers(self) -> bool:
+        """DDP's older name of forward_sync_buffers (as DDP keeps it: an alias)."""
+        return self.forward_sync_buffers
+
+    @broadcast_buffers.setter
+    def broadcast_buffers(self, value: bool) -> None:
+        self.forward_sync_buffers = value
+
     def forward(self, *args, **kwargs):
         if self._callback_queued and torch._C._current_graph_task_id() == -1:
             # The last backward raised (autograd then drops its callbacks, so _finalize never ran):
@@ -147,7 +157,7 @@ class FastarModule(nn.Module):
             self._ranges = None
             self._engine.abandon()
         self._spare = None  # last backward's own gradients: their memory now serves this forward
-        if self.broadcast_buffers and self._require_forward_sync:
+        if self.forward_sync_buffers and self._require_forward_sync:
             self._sync_buffers()
         out = self.module(*args, **kwargs)
         # As DDP: the next forward syncs buffers when this one may be followed by a synced backward.
@@ -155,7 +165,7 @@ class FastarModule(nn.Module):
         return out
 
     def _sync_buffers(self):
-        """DDP's broadcast_buffers: rank 0's buffers (BN running statistics, counters) everywhere."""
+        """DDP's forward_sync_buffers: rank 0's buffers (BN running statistics, counters) everywhere."""
         bufs = list(self.module.buffers())
         if bufs and self._state.topo.size > 1:
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(bufs)):
@@ -358,7 +368,8 @@ def _refuse_wrapped(module: nn.Module) -> None:
 
 def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1, algorithm: str = "auto",
          hierarchy: str = "auto", find_unused_parameters: bool = False, check_finite: bool = False,
-         gradient_as_bucket_view: bool = True, compression=None, broadcast_buffers: bool = True) -> FastarModule:
+         gradient_as_bucket_view: bool = True, compression=None, broadcast_buffers: bool | None = None,
+         forward_sync_buffers: bool | None = None) -> FastarModule:
     """model = fastar.wrap(model): data parallel training over fastar's hierarchical allreduce.
 
     The model may live on the CPU (Gloo between nodes, shared memory inside a node) or on one GPU
@@ -374,9 +385,13 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     zero_grad: their memory then serves that forward instead of going back to the system.
     compression on a single CPU node is dropped (nothing crosses a network; a warning says so).
     check_finite: raise, naming the parameter, when an averaged gradient holds NaN or Inf.
-    broadcast_buffers: as DDP's (and its default): rank 0's buffers (BN running statistics) are
-    broadcast to every rank at the start of each forward that follows a synchronised one. False
-    keeps every worker's own buffers (the paper's per-worker BN; fastar.train passes False).
+    forward_sync_buffers: as DDP's (and its default, True): rank 0's buffers (BN running statistics)
+    are broadcast to every rank at the start of each forward that follows a synchronised one; they
+    are broadcast once at wrap time either way. False keeps every worker's own buffers from then on
+    (the paper's per-worker BN).
+    broadcast_buffers: DDP's older name, kept with DDP's meaning: the same as forward_sync_buffers,
+    except that False also leaves the buffers out of the broadcast at wrap time (fastar.train passes
+    it). When both are given, forward_sync_buffers wins and a warning says so, as in DDP.
     A model whose parameters already belong to a live wrapper is refused; a wrapper that is
     dropped takes its gradient hooks with it. Under torch.profiler each bucket of a synchronised
     backward is a range `fastar::bucket <i> <bytes>B <plan> peers=<N>`, from its launch to the end
@@ -385,7 +400,20 @@ def wrap(model: nn.Module, bucket_cap_mb: float = 25, first_bucket_mb: float = 1
     return FastarModule(model, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb, algorithm=algorithm,
                         hierarchy=hierarchy, find_unused_parameters=find_unused_parameters, check_finite=check_finite,
                         gradient_as_bucket_view=gradient_as_bucket_view, compression=compression,
-                        broadcast_buffers=broadcast_buffers)
+                        broadcast_buffers=broadcast_buffers, forward_sync_buffers=forward_sync_buffers)
+
+
+def _buffer_sync(broadcast_buffers: bool | None, forward_sync_buffers: bool | None) -> tuple[bool, bool]:
+    """(sync buffers at each forward, sync them at wrap time), as torch 2.14's DDP derives them from its
+    two names: forward_sync_buffers wins and always syncs at wrap time; the older broadcast_buffers
+    (default True) sets both."""
+    if forward_sync_buffers is not None:
+        if broadcast_buffers is not None:
+            warnings.warn("fastar.wrap: both broadcast_buffers and forward_sync_buffers were given; "
+                          "broadcast_buffers (DDP's older name) is ignored, as DDP ignores it", stacklevel=4)
+        return bool(forward_sync_buffers), True
+    sync = True if broadcast_buffers is None else bool(broadcast_buffers)
+    return sync, sync
 
 
 class _HookState:
