@@ -392,7 +392,8 @@ def test_tuned_study_analysis_divergence_welch_and_fastar_match():
     add("none_x8", [12.0, 90.0, 11.8, 12.2, 12.1])  # one run at chance: diverged
     add("fastar_x8", [10.41, 10.19, 10.62], impl="fastar")
     for lr, e in ((1.0, 30.0), (2.0, 20.0), (4.0, 25.0), (8.0, 90.0)):
-        runs.append(dict(key=f"grid_lars_lr{lr:g}_eta0.001", seed=0, err=e, diverged=e >= 89, lr=lr, eta=0.001))
+        runs.append(dict(key=f"grid_lars_lr{lr:g}_eta0.001", seed=0, err=e, diverged=e >= 89, lr=lr, eta=0.001,
+                         final_train_err=1.0))
     by = {}
     for r in runs:
         by.setdefault(r["key"], []).append(r)
