@@ -804,7 +804,7 @@ def tuned_cells(a) -> dict[str, dict]:
             raise SystemExit(f"--fastar-factors: {f} is odd; 2 workers of n={n} need an even factor")
         add(f"fastar_x{f}", f"kn={n * f}, gradual warmup, 2 fastar workers x accum {f // 2}", f, "fastar",
             base + ["--nproc", "2", "--accum", str(f // 2), "--warmup", "gradual"],
-            a.decisive_seeds if f in dec else a.seeds, slots=2, twin=f"gradual_x{f}")
+            a.seeds, slots=2, twin=f"gradual_x{f}")
     return cells
 
 
@@ -944,14 +944,15 @@ def tuned_main(argv) -> int:
             for s in range(c["seeds"]):
                 if (c["key"], s) in have:
                     continue
+                twins = {fixed[k].get("twin") for k in fixed}
                 if c["kind"].startswith("grid_"):
                     pr = 0
                 elif c["seeds"] == a.decisive_seeds and c["kind"] != "fastar":
                     pr = 0 if s < 3 else 2  # decisive cells: three seeds first, then the other two
+                elif c["kind"] == "fastar" or c["key"] in twins:
+                    pr = 1  # the fastar runs and their one-process twins
                 elif c["kind"] == "gradual" and c["factor"] == a.grid_factor:
                     pr = 2  # SGD at the LARS/LAMB kn
-                elif c["kind"] in ("fastar",) or c.get("key") in {fixed[k].get("twin") for k in fixed}:
-                    pr = 3
                 else:
                     pr = 4
                 out.append((pr, c, s))
@@ -1072,6 +1073,8 @@ def compare(ref: dict, other: dict, alpha: float = 0.05) -> dict:
         out["worse"], out["by"] = other["diverged"] > ref["diverged"], "diverged runs"
     elif out["diff"] is None:
         out["worse"], out["by"] = None, "no runs to compare"
+    elif out["p"] is None:
+        out["worse"], out["by"] = None, "too few runs for a Welch test (2 a side needed)"
     else:
         out["worse"] = bool(out["diff"] > out["threshold"] and out["p"] is not None and out["p"] < alpha)
         out["by"] = "mean, threshold and Welch p"
@@ -1101,16 +1104,18 @@ def tuned_analysis(a, cells: dict, stats: dict, runs: list[dict]) -> dict:
         return out
     grad = sorted((c["factor"], k) for k, c in cells.items() if c["kind"] == "gradual" and k in stats)
     steps, flat, tip = [], 1, None
+    undecided = None
     for f, k in grad:
         cmp_ = compare(base, stats[k])
         steps.append(dict(cmp_, kn=n * f))
-        if cmp_["worse"] is None:
-            continue
+        if cmp_["worse"] is None:  # the walk stops: nothing is claimed past an undecided cell
+            undecided = n * f
+            break
         if cmp_["worse"]:
             tip = f
             break
         flat = f
-    out["finding1"] = {"steps": steps, "flat_up_to_kn": n * flat, "appeared": flat > 1}
+    out["finding1"] = {"steps": steps, "flat_up_to_kn": n * flat, "appeared": flat > 1, "undecided_at_kn": undecided}
     out["finding3"] = {"tipping_kn": n * tip if tip else None, "appeared": tip is not None}
     f2 = []
     for k, c in cells.items():
@@ -1123,6 +1128,7 @@ def tuned_analysis(a, cells: dict, stats: dict, runs: list[dict]) -> dict:
                        none_vs_baseline=compare(base, stats[k])))
     f2.sort(key=lambda x: x["kn"])
     out["finding2"] = {"cells": f2, "appeared": any(x["worse"] and x["gradual_within_noise"] for x in f2)}
+    # gradual_within_noise is True only when decided (not worse); an undecided cell never shows a finding
     t = a["table_factor"]
     out["table1"] = {k: dict(compare(stats[f"gradual_x{t}"], stats[k]), key=k)
                      for k in (f"none_x{t}", f"constant_x{t}", f"noscale_x{t}")
@@ -1245,10 +1251,13 @@ def tuned_render(doc: dict) -> tuple[dict, dict, str]:
     md += ["", "Findings (decided by `tuned_analysis` from the runs; " + an["rule"] + "):", ""]
     if f1:
         md.append(f"* Finding 1 (linear scaling + gradual warmup within noise of the baseline): "
-                  f"{'appeared' if f1['appeared'] else 'did not appear'}, flat up to kn = {f1['flat_up_to_kn']}. "
+                  f"{'appeared' if f1['appeared'] else 'did not appear'}, flat up to kn = {f1['flat_up_to_kn']}"
+                  + (f" (undecided from kn = {f1['undecided_at_kn']}: too few runs)" if f1.get("undecided_at_kn") else "")
+                  + ". "
                   + "; ".join(f"kn {s['kn']}: {_cmp_txt(s)}" for s in f1["steps"]) + ".")
         md.append(f"* Finding 3 (a tipping point where gradual warmup fails): "
-                  + (f"appeared, at kn = {f3['tipping_kn']}." if f3["appeared"] else "did not appear in the range run."))
+                  + (f"appeared, at kn = {f3['tipping_kn']}." if f3["appeared"] else
+                     ("undecided." if f1.get("undecided_at_kn") else "did not appear in the range run.")))
     if f2:
         md.append("* Finding 2 (no warmup worse than gradual warmup where gradual holds): "
                   + ("appeared" if f2["appeared"] else "did not appear") + ". "

@@ -422,6 +422,14 @@ def test_tuned_study_analysis_divergence_welch_and_fastar_match():
     c = lb.compare({"n": 2, "diverged": 0, "errs": [10.0, 10.1], "mean": 10.05, "std": 0.07},
                    {"n": 2, "diverged": 0, "errs": [10.0, 14.0], "mean": 12.0, "std": 2.83})
     assert c["diff"] == pytest.approx(1.95) and not c["worse"]
+    # one run a side: no Welch test, so no decision (and the finding-1 walk stops there)
+    one = lb.compare({"n": 1, "diverged": 0, "errs": [10.0], "mean": 10.0, "std": 0.0},
+                     {"n": 1, "diverged": 0, "errs": [30.0], "mean": 30.0, "std": 0.0})
+    assert one["worse"] is None and one["diff"] == 20.0
+    st1 = {k: lb.tuned_stats(v[:1]) for k, v in by.items()}
+    an1 = lb.tuned_analysis(vars(a), allc, st1, [r for r in runs if r["seed"] == 0])
+    assert an1["finding1"]["undecided_at_kn"] == 64 and not an1["finding1"]["appeared"]
+    assert not an1["finding3"]["appeared"]
 
 
 def test_docs_generated_blocks_match_the_committed_json():
