@@ -1204,6 +1204,22 @@ def _cmp_txt(c: dict) -> str:
     return d + f": {'worse' if c['worse'] else ('not worse' if c['worse'] is False else 'undecided')}"
 
 
+def trend(pairs: list) -> str:
+    """How the held-out error moves along a grid axis: [(value, error or None if diverged), ...]."""
+    pairs = sorted(pairs, key=lambda t: t[0])
+    errs = [e if e is not None else float("inf") for _, e in pairs]
+    if len(pairs) < 2:
+        return "one point"
+    i = errs.index(min(errs))
+    down = all(errs[j] >= errs[j + 1] for j in range(i))
+    up = all(errs[j] <= errs[j + 1] for j in range(i, len(errs) - 1))
+    shape = ("falls across the whole range" if i == len(errs) - 1 and down else
+             "rises across the whole range" if i == 0 and up else
+             f"falls to {_g(pairs[i][0])} and rises beyond it" if down and up else
+             f"is lowest at {_g(pairs[i][0])}, not monotonic around it")
+    return shape + " (" + ", ".join(f"{_g(v)}: {'diverged' if e is None else f'{e:.2f}'}" for v, e in pairs) + ")"
+
+
 def tuned_render(doc: dict) -> tuple[dict, dict, str]:
     """(stats, analysis, markdown) of a tuned study's JSON (partial or final): a pure function of
     the runs, so that the docs block can be checked against the committed JSON."""
@@ -1296,6 +1312,10 @@ def tuned_render(doc: dict) -> tuple[dict, dict, str]:
             md.append(f"{kind.upper()}: best held-out point lr {_g(b['lr'])}" + (f", eta {_g(b['eta'])}" if b["eta"] else "")
                       + f" ({b['holdout_err']:.2f} %), " + ("at an edge of its lr range" if g["best_at_edge"] else
                                                             "inside its lr range") + "."
+                      + f" Along lr" + (f" at eta {_g(b['eta'])}" if b["eta"] else "") + f" the held-out error "
+                      + trend(g["by_lr_at_best_eta"]) + "."
+                      + (f" Along eta at lr {_g(b['lr'])} it " + trend(g["by_eta_at_best_lr"]) + "."
+                         if b["eta"] and len(g["by_eta_at_best_lr"]) > 1 else "")
                       + (f" Its held-out error is {_f(res.get('best_holdout_minus_baseline_holdout'), sign=True)} "
                          "from the baseline's (mean held-out error of the baseline's runs)."
                          if res.get("best_holdout_minus_baseline_holdout") is not None else ""))
