@@ -267,10 +267,12 @@ def test_smoke_run_two_workers_lars_trains_logs_and_plots(tmp_path):
         rows = [json.loads(line) for line in f]
     assert len(rows) == 1
     r = rows[0]
-    # it trained: 64 steps moved every conv weight, the loss is finite, and the error is below the 90 %
-    # of chance (barely: LARS's step is lr*eta*|w| and this lr is the paper's 0.1*64/256, far below
-    # the large lrs LARS is meant for)
-    assert 0 < r["train_loss"] < 10 and r["val_top1_err"] < 88 and 0 <= r["train_top1_err"] <= 100
+    # it trained: 64 steps at LARS's default global lr (recipe.LARS_DEFAULT_LR = 10, not SGD's
+    # 0.1*64/256 = 0.025, at which the loss stayed at ln 10 = 2.303 and the error at 84.7 %) moved every
+    # conv weight and brought the loss below ln 10 and the error well below chance (measured: loss
+    # 2.20, 72.0 % with the same steps in one process, --batch 32 --accum 2)
+    assert s["target_lr"] == recipe.LARS_DEFAULT_LR and s["config"]["ref_batch"] == 64
+    assert 0 < r["train_loss"] < 2.27 and r["val_top1_err"] < 80 and 0 <= r["train_top1_err"] <= 100
     assert r["images_per_s"] > 0
     torch.manual_seed(0)
     init = build_model("resnet8", 10).state_dict()

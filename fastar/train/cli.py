@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accum", type=int, default=1,
                    help="gradient-accumulation steps: stands in for accum times as many workers")
     g.add_argument("--epochs", type=int, default=90)
-    g.add_argument("--base-lr", type=float, default=0.1, help="lr of a minibatch of --ref-batch images")
-    g.add_argument("--ref-batch", type=int, default=256, help="lr = base_lr * k*n*accum / ref_batch")
+    g.add_argument("--base-lr", type=float, default=None,
+                   help="lr of a minibatch of --ref-batch images (default 0.1; with --optimizer lars and neither "
+                        "--base-lr nor --ref-batch given: LARS's global lr, recipe.LARS_DEFAULT_LR, not scaled)")
+    g.add_argument("--ref-batch", type=int, default=None, help="lr = base_lr * k*n*accum / ref_batch (default 256)")
     g.add_argument("--warmup", choices=("gradual", "constant", "none"), default="gradual")
     g.add_argument("--warmup-epochs", type=float, default=5.0)
     g.add_argument("--warmup-start-lr", type=float, default=None, help="default: --base-lr")

@@ -253,6 +253,14 @@ def train(args) -> dict | None:
     n, a = args.batch, args.accum
     global_batch = world * n * a
     iters_per_epoch = len(ds.train) // global_batch
+    if args.base_lr is None and args.ref_batch is None and opt_name == "lars":
+        # You et al. tune LARS's global lr per minibatch instead of scaling SGD's: the default is a
+        # global lr (at 0.1*kn/256 LARS's step lr*eta*|w| barely moves the weights; see docs/training.md)
+        args.base_lr, args.ref_batch = recipe.LARS_DEFAULT_LR, global_batch
+    if args.base_lr is None:
+        args.base_lr = 0.1
+    if args.ref_batch is None:
+        args.ref_batch = 256
     target_lr = recipe.scaled_lr(args.base_lr, global_batch, args.ref_batch)
     if args.warmup_start_lr is None:
         args.warmup_start_lr = args.base_lr
