@@ -917,6 +917,9 @@ def tuned_main(argv) -> int:
         cells.update({k: c for k, c in prev["cells"].items() if k not in cells})
         print(f"resuming: {len(runs)} finished runs reused", flush=True)
     stamp0 = git_state()
+    # every process that ran part of the study: its commit and how many runs were already there
+    stamps = (prev.get("stamps") or [dict(prev["stamp"], runs_before=0)]) if runs and prev.get("stamp") else []
+    stamps.append(dict(stamp0, runs_before=len(runs)))
     t0 = time.perf_counter()
     wall_before = 0.0
     if a.resume and os.path.exists(partial):
@@ -924,7 +927,7 @@ def tuned_main(argv) -> int:
 
     def dump(complete=False, note=""):
         doc = {"args": vars(a), "common_argv": common, "cells": cells, "runs": runs, "complete": complete,
-               "wall_s": wall_before + time.perf_counter() - t0, "stamp": stamp0, "note": note}
+               "wall_s": wall_before + time.perf_counter() - t0, "stamp": stamp0, "stamps": stamps, "note": note}
         tmp = partial + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
@@ -1031,6 +1034,7 @@ def tuned_main(argv) -> int:
                     print(f"  {key} seed {s} FAILED, not counted, not retried by this process: {r['failed']}",
                           flush=True)
                     continue
+                r["commit"] = (stamp0.get("commit") or "")[:10] + ("+dirty" if stamp0.get("dirty") else "")
                 c = cells[key]
                 if c.get("lr") is not None:
                     r["lr"], r["eta"] = c["lr"], c.get("eta")
@@ -1245,8 +1249,11 @@ def tuned_render(doc: dict) -> tuple[dict, dict, str]:
           f"{a['milestones']}; LARS (plain momentum 0.9) and LAMB: the global lr and eta from the grid, warmup from 0, "
           f"polynomial (power 2) decay to 0" + (", trust-ratio clipping" if a.get("trust_clip") else ", no trust-ratio clipping")
           + f". Error: the final test top-1 error; mean ± std over the runs that did not diverge (diverged: non-finite "
-          f"loss or final error >= {CHANCE_ERR:g} %). Ran on commit {str(st0.get('commit'))[:10]}"
-          + ("+dirty" if st0.get("dirty") else "") + f"; {len(runs)} runs, {cpu:.1f} core-minutes "
+          f"loss or final error >= {CHANCE_ERR:g} %). Ran on "
+          + ", ".join(f"commit {str(x.get('commit'))[:10]}" + ("+dirty (" + ", ".join(x.get("changed", [])) + ")"
+                                                                if x.get("dirty") else "")
+                      + f" (from run {x.get('runs_before', 0) + 1})" for x in (doc.get("stamps") or [st0]))
+          + f"; {len(runs)} runs, {cpu:.1f} core-minutes "
           f"(getrusage, runs and their workers), {doc['wall_s'] / 60:.0f} min wall."
           + ("" if not missing else f" PARTIAL: runs missing from {', '.join(missing)}."
              + (f" ({doc['note']})" if doc.get("note") else "")), ""]
