@@ -1322,6 +1322,9 @@ def tuned_render(doc: dict) -> tuple[dict, dict, str]:
                       + f" Along lr" + (f" at eta {_g(b['eta'])}" if b["eta"] else "") + f" the held-out error "
                       + trend(g["by_lr_at_best_eta"]) + "."
                       + (f" Along eta at lr {_g(b['lr'])} it " + trend(g["by_eta_at_best_lr"]) + "."
+                         + (" The best eta is at an edge of the eta set (not extended: the set is fixed)."
+                            if b["eta"] in (min(p["eta"] for p in g["points"]), max(p["eta"] for p in g["points"]))
+                            else "")
                          if b["eta"] and len(g["by_eta_at_best_lr"]) > 1 else "")
                       + (f" Its held-out error is {_f(res.get('best_holdout_minus_baseline_holdout'), sign=True)} "
                          "from the baseline's (mean held-out error of the baseline's runs)."
