@@ -762,6 +762,7 @@ def tuned_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="reuse the finished runs of NAME.partial.json")
     a("--report-only", action="store_true")
     a("--max-core-min", type=float, default=240.0, help="stop starting runs past this much CPU (getrusage)")
+    a("--skip", default="", help="cell keys this process does not run (comma separated; they stay in the study)")
     a("--no-docs", action="store_true")
     return p
 
@@ -943,7 +944,10 @@ def tuned_main(argv) -> int:
         """(priority, cell, seed) of the runs still to do, most urgent first."""
         have = {(r["key"], r["seed"]) for r in runs}
         out = []
+        skip = {k for k in a.skip.split(",") if k}
         for c in cells.values():
+            if c["key"] in skip:
+                continue
             for s in range(c["seeds"]):
                 if (c["key"], s) in have:
                     continue
