@@ -132,6 +132,11 @@ def update_docs(md: str, path: str) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--study" in argv or any(a.startswith("--study=") for a in argv):
+        return tuned_main(argv)
+    if "--docs-only" in argv:  # every generated block of the docs, from its committed JSON
+        update_all_docs()
+        return 0
     if "--dataset" in argv or any(a.startswith("--dataset=") for a in argv):
         return fashion_main(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -466,7 +471,7 @@ def fashion_plots(cells, results, stats, a, out_dir, name) -> list[str]:
         ax.axhline(b["mean"] + 1.0, color="gray", ls=":", lw=1, label="baseline + 1 point")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("minibatch size kn")
-    ax.set_ylabel(f"val top-1 error % (median of last {getattr(a, 'err_last', 5)} epochs)")
+    ax.set_ylabel(getattr(a, "err_label", None) or f"val top-1 error % (median of last {getattr(a, 'err_last', 5)} epochs)")
     ax.set_title(f"(Fig. 3) Fashion-MNIST: error vs minibatch, {len(results.get('baseline', []))} seeds", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -695,6 +700,7 @@ def fashion_report(partial_path: str, json_path: str, docs: bool = True, name: s
     if docs:
         update_docs_between(md, os.path.join(REPO, "docs", "training.md"), f"<!-- {name}:begin -->",
                             f"<!-- {name}:end -->")
+        update_all_docs()  # and every other generated block, from its committed JSON
     return 0
 
 
@@ -709,6 +715,728 @@ def update_docs_between(md: str, path: str, begin: str, end: str) -> None:
     _, tail = rest.split(end, 1)
     with open(path, "w") as f:
         f.write(head + begin + "\n" + md + "\n" + end + tail)
+
+
+# =============================================================================================
+# The tuned study (issue 25): a held-out validation split for every choice, LARS and LAMB tuned as
+# their authors did (global lr grid, eta grid, polynomial decay to 0, warmup), 5 seeds for the
+# decisive cells, divergence counted, Welch t-tests, and two cells also through 2 fastar workers.
+#   python bench/large_batch.py --dataset fashion-mnist --study tuned [--resume] [--jobs 2]
+
+CHANCE_ERR = 89.0  # a run whose final error is >= this (10 classes: chance is 90 %) is at chance
+
+
+def tuned_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="the tuned large-minibatch study on Fashion-MNIST (issue 25)")
+    a = p.add_argument
+    a("--dataset", choices=("fashion-mnist",), required=True)
+    a("--study", choices=("tuned",), required=True)
+    a("--data", default="fashion-mnist")
+    a("--name", default="fashion_mnist_tuned")
+    a("--holdout", type=int, default=5000, help="training images held out as the validation split")
+    a("--train-subset", type=int, default=8000, help="training images (drawn from the rest; 0: all 55,000)")
+    a("--image-size", type=int, default=12)
+    a("--width", type=int, default=8)
+    a("--model", default="resnet8")
+    a("--epochs", type=int, default=3)
+    a("--milestones", default="1.5,2.5", help="SGD's step decays (lr /10)")
+    a("--warmup-epochs", type=float, default=0.375, help="every cell's warmup (1/8 of the run by default)")
+    a("--batch", type=int, default=16)
+    a("--base-lr", type=float, default=0.1)
+    a("--decisive-seeds", type=int, default=5)
+    a("--seeds", type=int, default=3, help="seeds of the other cells")
+    a("--factors", default="4,8,16,32,64", help="SGD + gradual warmup")
+    a("--decisive-factors", default="16,32", help="gradual-warmup cells with --decisive-seeds")
+    a("--none-factors", default="16,32", help="SGD without warmup (the first with --decisive-seeds)")
+    a("--table-factor", type=int, default=32, help="constant warmup and no lr scaling")
+    a("--grid-factor", type=int, default=64, help="kn / n of the LARS and LAMB grid and tuned cells")
+    a("--lars-lrs", default="2,4,8,20", help="LARS's global lr grid (>= 4 values spanning 10x)")
+    a("--lars-etas", default="0.001,0.002,0.005")
+    a("--lamb-lrs", default="0.01,0.02,0.05,0.1")
+    a("--grid-extend", type=int, default=2, help="points added beyond an edge when the best is at one (each)")
+    a("--trust-clip", action="store_true", help="LARS/LAMB with timm's trust-ratio clipping")
+    a("--fastar-factors", default="2,16", help="cells also run as 2 fastar workers (--nproc 2, accum halved)")
+    a("--jobs", type=int, default=2, help="CPU slots: one-process runs take 1, fastar runs 2")
+    a("--out", default=FASHION_RESULTS)
+    a("--runs-dir", default=os.path.join(REPO, "runs", "large_batch_tuned"))
+    a("--resume", action="store_true", help="reuse the finished runs of NAME.partial.json")
+    a("--report-only", action="store_true")
+    a("--max-core-min", type=float, default=240.0, help="stop starting runs past this much CPU (getrusage)")
+    a("--skip", default="", help="cell keys this process does not run (comma separated; they stay in the study)")
+    a("--no-docs", action="store_true")
+    return p
+
+
+def _fl(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def _g(v: float) -> str:
+    return f"{v:g}"
+
+
+def tuned_cells(a) -> dict[str, dict]:
+    """The fixed cells (the grid's and the tuned LARS/LAMB cells are made by grid_cell/tuned_cell)."""
+    n, cells = a.batch, {}
+    base = ["--batch", str(n), "--base-lr", _g(a.base_lr), "--ref-batch", str(n)]
+    dec = set(_ints(a.decisive_factors))
+    nf = _ints(a.none_factors)
+
+    def add(key, label, factor, kind, argv, seeds, **kw):
+        cells[key] = dict(key=key, label=label, factor=factor, kind=kind, argv=argv, seeds=seeds, split="test", **kw)
+
+    add("baseline", f"baseline kn={n}", 1, "baseline", base + ["--accum", "1", "--warmup", "gradual"],
+        a.decisive_seeds)
+    ff = set(_ints(a.fastar_factors))
+    for f in sorted(set(_ints(a.factors)) | ff):
+        add(f"gradual_x{f}", f"kn={n * f}, gradual warmup", f, "gradual",
+            base + ["--accum", str(f), "--warmup", "gradual"], a.decisive_seeds if f in dec else a.seeds)
+    for i, f in enumerate(nf):
+        add(f"none_x{f}", f"kn={n * f}, no warmup", f, "none", base + ["--accum", str(f), "--warmup", "none"],
+            a.decisive_seeds if i == 0 else a.seeds)
+    t = a.table_factor
+    add(f"constant_x{t}", f"kn={n * t}, constant warmup", t, "constant",
+        base + ["--accum", str(t), "--warmup", "constant"], a.seeds)
+    add(f"noscale_x{t}", f"kn={n * t}, no lr scaling (lr {a.base_lr:g})", t, "noscale",
+        ["--batch", str(n), "--base-lr", _g(a.base_lr), "--ref-batch", str(n * t), "--accum", str(t),
+         "--warmup", "none"], a.seeds)
+    for f in sorted(ff):
+        if f % 2:
+            raise SystemExit(f"--fastar-factors: {f} is odd; 2 workers of n={n} need an even factor")
+        add(f"fastar_x{f}", f"kn={n * f}, gradual warmup, 2 fastar workers x accum {f // 2}", f, "fastar",
+            base + ["--nproc", "2", "--accum", str(f // 2), "--warmup", "gradual"],
+            a.seeds, slots=2, twin=f"gradual_x{f}")
+    return cells
+
+
+def _opt_argv(a, kind: str, lr: float, eta: float | None) -> list[str]:
+    f, n = a.grid_factor, a.batch
+    argv = ["--batch", str(n), "--base-lr", _g(lr), "--ref-batch", str(n * f), "--accum", str(f),
+            "--warmup", "gradual", "--warmup-start-lr", "0", "--decay", "poly", "--poly-power", "2",
+            "--optimizer", kind]
+    if kind == "lars":
+        argv += ["--trust-coeff", _g(eta)]
+    if a.trust_clip:
+        argv += ["--trust-clip"]
+    return argv
+
+
+def grid_cell(a, kind: str, lr: float, eta: float | None) -> dict:
+    key = f"grid_{kind}_lr{_g(lr)}" + (f"_eta{_g(eta)}" if eta is not None else "")
+    return dict(key=key, label=f"{kind.upper()} lr {_g(lr)}" + (f", eta {_g(eta)}" if eta is not None else ""),
+                factor=a.grid_factor, kind=f"grid_{kind}", argv=_opt_argv(a, kind, lr, eta), seeds=1,
+                split="holdout", lr=lr, eta=eta)
+
+
+def tuned_cell(a, kind: str, lr: float, eta: float | None) -> dict:
+    return dict(key=f"{kind}_x{a.grid_factor}", factor=a.grid_factor, kind=kind,
+                label=f"kn={a.batch * a.grid_factor}, {kind.upper()} (tuned: lr {_g(lr)}"
+                      + (f", eta {_g(eta)}" if eta is not None else "") + "), poly decay",
+                argv=_opt_argv(a, kind, lr, eta), seeds=a.decisive_seeds, split="test", lr=lr, eta=eta)
+
+
+def tuned_common(a) -> list[str]:
+    return ["--data", a.data, "--model", a.model, "--width", str(a.width), "--image-size", str(a.image_size),
+            *(["--train-subset", str(a.train_subset)] if a.train_subset else []), "--holdout", str(a.holdout),
+            "--epochs", str(a.epochs), "--warmup-epochs", _g(a.warmup_epochs),
+            *(["--milestones", a.milestones] if a.milestones else []), "--threads", "1",
+            "--eval-every", str(10 ** 6), "--eval-last", "1", "--no-progress", "--no-plots", "--quiet"]
+
+
+def tuned_run(job) -> dict:
+    """One run: err is the test error read once at the end (split test) or the held-out error (split
+    holdout, the test set never read). Diverged: a non-finite loss, or a final error at chance."""
+    import resource
+
+    from fastar.train.cli import run
+
+    key, seed, argv, out, split = job
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    rec = {"key": key, "seed": seed, "argv": argv, "split": split}
+    try:
+        s = run(argv + ["--out", out] + (["--no-test"] if split == "holdout" else []))
+        hist = [{k: h[k] for k in ("epoch", "train_loss", "train_top1_err", "last_lr_used", "images_per_s",
+                                   "val_top1_err", "test_top1_err") if k in h} for h in s["history"]]
+        val = hist[-1].get("val_top1_err")
+        test = s.get("test_top1_err")
+        err = test if split == "test" else val
+        rec.update(err=err, val_err=val, test_err=test, final_train_err=hist[-1]["train_top1_err"],
+                   final_train_loss=hist[-1]["train_loss"], history=hist, target_lr=s["target_lr"],
+                   iters_per_epoch=s["iters_per_epoch"], warmup_iters=s["warmup_iters"], impl=s["impl"],
+                   world_size=s["world_size"], images_per_s=statistics.median(h["images_per_s"] for h in hist))
+        rec["diverged"] = bool(err is None or not math.isfinite(err) or err >= CHANCE_ERR)
+        if rec["diverged"]:
+            rec["why"] = f"final error {err} at chance (>= {CHANCE_ERR})"
+    except FloatingPointError as e:
+        rec.update(diverged=True, err=None, why=str(e), history=[])
+    except Exception as e:  # noqa: BLE001 - a run that could not run (not a training result): not counted
+        rec.update(failed=f"{type(e).__name__}: {e}", diverged=None, err=None, history=[])
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    rec["wall_s"] = time.perf_counter() - t0
+    # this process and its spawned workers (fastar runs): children's time once they are joined
+    rec["cpu_s"] = sum(getattr(b, f) - getattr(a_, f) for a_, b in ((r0, r1), (c0, c1))
+                       for f in ("ru_utime", "ru_stime"))
+    return rec
+
+
+def grid_best(a, kind: str, runs: list[dict]) -> dict | None:
+    """The grid's best point by held-out error (diverged points: infinitely bad), and the points to
+    add when it lies at an edge of its lr range (the next value beyond, x2 or /2, up to --grid-extend)."""
+    pts = [r for r in runs if r["key"].startswith(f"grid_{kind}_")]
+    if not pts:
+        return None
+
+    def score(r):
+        return float("inf") if r["diverged"] else r["err"]
+
+    best = min(pts, key=score)
+    lrs = sorted({r["lr"] for r in pts if r.get("eta") == best.get("eta")})
+    return {"best": best, "lrs": lrs, "at_low": best["lr"] == lrs[0], "at_high": best["lr"] == lrs[-1]}
+
+
+def tuned_main(argv) -> int:
+    a = tuned_parser().parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    partial = os.path.join(a.out, f"{a.name}.partial.json")
+    final = os.path.join(a.out, f"{a.name}.json")
+    if a.report_only:
+        return tuned_report(partial, final, docs=not a.no_docs)
+    from fastar.train.data import build_datasets
+
+    build_datasets(a.data, a.image_size, holdout=a.holdout)  # fails now, naming the package, if missing
+    from bench.stamp import git_state
+
+    common = tuned_common(a)
+    fixed = tuned_cells(a)
+    cells: dict[str, dict] = dict(fixed)
+    runs: list[dict] = []
+    if a.resume and os.path.exists(partial):
+        with open(partial) as f:
+            prev = json.load(f)
+        runs = [r for r in prev["runs"]]
+        cells.update({k: c for k, c in prev["cells"].items() if k not in cells})
+        print(f"resuming: {len(runs)} finished runs reused", flush=True)
+    stamp0 = git_state()
+    # every process that ran part of the study: its commit and how many runs were already there
+    stamps = (prev.get("stamps") or [dict(prev["stamp"], runs_before=0)]) if runs and prev.get("stamp") else []
+    stamps.append(dict(stamp0, runs_before=len(runs)))
+    t0 = time.perf_counter()
+    wall_before = 0.0
+    if a.resume and os.path.exists(partial):
+        wall_before = prev.get("wall_s", 0.0)
+
+    def dump(complete=False, note=""):
+        doc = {"args": vars(a), "common_argv": common, "cells": cells, "runs": runs, "complete": complete,
+               "wall_s": wall_before + time.perf_counter() - t0, "stamp": stamp0, "stamps": stamps, "note": note}
+        tmp = partial + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, partial)
+
+    grid_cells = [grid_cell(a, "lars", lr, eta) for eta in _fl(a.lars_etas) for lr in _fl(a.lars_lrs)]
+    grid_cells += [grid_cell(a, "lamb", lr, None) for lr in _fl(a.lamb_lrs)]
+    for c in grid_cells:
+        cells.setdefault(c["key"], c)
+    extended = {"lars": 0, "lamb": 0}
+
+    def pending() -> list[tuple[int, dict, int]]:
+        """(priority, cell, seed) of the runs still to do, most urgent first."""
+        have = {(r["key"], r["seed"]) for r in runs}
+        out = []
+        skip = {k for k in a.skip.split(",") if k}
+        for c in cells.values():
+            if c["key"] in skip:
+                continue
+            for s in range(c["seeds"]):
+                if (c["key"], s) in have:
+                    continue
+                twins = {fixed[k].get("twin") for k in fixed}
+                if c["kind"].startswith("grid_"):
+                    pr = 0
+                elif c["seeds"] == a.decisive_seeds and c["kind"] != "fastar":
+                    pr = 0 if s < 3 else 2  # decisive cells: three seeds first, then the other two
+                elif c["kind"] == "fastar" or c["key"] in twins:
+                    pr = 1  # the fastar runs and their one-process twins
+                elif c["kind"] == "gradual" and c["factor"] == a.grid_factor:
+                    pr = 2  # SGD at the LARS/LAMB kn
+                else:
+                    pr = 4
+                out.append((pr, c, s))
+        return sorted(out, key=lambda t: (t[0], t[2], t[1]["key"]))
+
+    def grid_update():
+        """After each grid run: extend a grid whose best lies at an edge; once a grid is done (all
+        its points, extensions included), add its tuned cell."""
+        for kind in ("lars", "lamb"):
+            pts = [r for r in runs if r["key"].startswith(f"grid_{kind}_")]
+            want = [c for c in cells.values() if c["kind"] == f"grid_{kind}"]
+            if len(pts) < len(want):
+                continue
+            for r in pts:
+                c = cells[r["key"]]
+                r.setdefault("lr", c["lr"])
+                r.setdefault("eta", c["eta"])
+            g = grid_best(a, kind, pts)
+            if g is None:
+                continue
+            b = g["best"]
+            edge_lr = (g["lrs"][0] / 2 if g["at_low"] else g["lrs"][-1] * 2) if (g["at_low"] or g["at_high"]) else None
+            if b["diverged"]:  # every point diverged: try below the range
+                edge_lr = min(r["lr"] for r in pts) / 2
+            if edge_lr is not None and extended[kind] < a.grid_extend:
+                extended[kind] += 1
+                c = grid_cell(a, kind, edge_lr, b.get("eta"))
+                c["added"] = f"the best point (lr {_g(b['lr'])}) was at an edge"
+                cells.setdefault(c["key"], c)
+                continue
+            tc = tuned_cell(a, kind, b["lr"], b.get("eta"))
+            if tc["key"] not in cells and not b["diverged"]:
+                cells[tc["key"]] = tc
+                print(f"  {kind}: best held-out point lr {_g(b['lr'])}"
+                      + (f" eta {_g(b['eta'])}" if b.get("eta") is not None else "")
+                      + f" ({b['err']:.2f} %): tuned cell {tc['key']}", flush=True)
+
+    # extensions already made in an earlier (resumed) process
+    for kind in extended:
+        extended[kind] = sum(1 for c in cells.values() if c["kind"] == f"grid_{kind}" and c.get("added"))
+    grid_update()
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    cpu_done = lambda: sum(r.get("cpu_s", 0.0) for r in runs) / 60  # noqa: E731
+    running: dict = {}
+    failed: set = set()
+    used = 0
+    stop_note = ""
+    with ProcessPoolExecutor(max_workers=a.jobs) as pool:
+        while True:
+            busy = {(k, s_) for k, s_, _ in running.values()} | failed
+            todo = [t for t in pending() if (t[1]["key"], t[2]) not in busy]
+            if cpu_done() > a.max_core_min:
+                stop_note = f"stopped starting runs at {cpu_done():.0f} core-minutes (--max-core-min)"
+                todo = []
+            for pr, c, s in todo:
+                need = c.get("slots", 1)
+                if used + need > a.jobs:
+                    if used == 0:
+                        need = a.jobs  # a 2-slot run on a 1-slot budget: run it alone
+                    else:
+                        break  # keep the order: wait for a slot rather than jump the queue
+                job = (c["key"], s, common + c["argv"] + ["--seed", str(s)],
+                       os.path.join(a.runs_dir, f"{c['key']}_s{s}"), c["split"])
+                running[pool.submit(tuned_run, job)] = (c["key"], s, need)
+                used += need
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                key, s, need = running.pop(fut)
+                used -= need
+                r = fut.result()
+                if r.get("failed"):
+                    failed.add((key, s))
+                    print(f"  {key} seed {s} FAILED, not counted, not retried by this process: {r['failed']}",
+                          flush=True)
+                    continue
+                r["commit"] = (stamp0.get("commit") or "")[:10] + ("+dirty" if stamp0.get("dirty") else "")
+                c = cells[key]
+                if c.get("lr") is not None:
+                    r["lr"], r["eta"] = c["lr"], c.get("eta")
+                runs.append(r)
+                grid_update()
+                dump(note=stop_note)
+                print(f"[{(time.perf_counter() - t0) / 60:5.1f} min, {cpu_done():5.1f} core-min] {key:24s} seed {s}: "
+                      + (f"DIVERGED ({r.get('why')})" if r["diverged"] else
+                         f"{r['split']} {r['err']:.2f}% (train {r['final_train_err']:.2f}%, {r['wall_s']:.0f} s, "
+                         f"{r['cpu_s']:.0f} CPU s)"), flush=True)
+    if failed:
+        stop_note += (" " if stop_note else "") + "failed (not counted): " + ", ".join(f"{k} seed {s_}" for k, s_ in sorted(failed))
+    dump(complete=not pending(), note=stop_note)
+    return tuned_report(partial, final, docs=not a.no_docs)
+
+
+def welch(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value of mean(b) != mean(a); None with fewer than 2 values a side or
+    no spread at all."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy import stats as ss
+
+    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
+        return 0.0 if statistics.mean(a) != statistics.mean(b) else 1.0
+    return float(ss.ttest_ind(b, a, equal_var=False).pvalue)
+
+
+def compare(ref: dict, other: dict, alpha: float = 0.05) -> dict:
+    """Is `other` worse than `ref`? More diverged runs: worse (fewer: not worse). Otherwise, over the
+    runs that did not diverge: worse when the mean is higher by more than 2 x the larger of the two
+    cells' std (the threshold) and the Welch t-test gives p < alpha."""
+    out = {"diverged_ref": ref["diverged"], "diverged_other": other["diverged"], "n_ref": ref["n"],
+           "n_other": other["n"], "diff": None, "threshold": None, "p": None}
+    if "mean" in ref and "mean" in other:
+        out["diff"] = other["mean"] - ref["mean"]
+        out["threshold"] = 2 * max(ref["std"], other["std"])
+        out["p"] = welch(ref["errs"], other["errs"])
+    if other["diverged"] != ref["diverged"]:
+        out["worse"], out["by"] = other["diverged"] > ref["diverged"], "diverged runs"
+    elif out["diff"] is None:
+        out["worse"], out["by"] = None, "no runs to compare"
+    elif out["p"] is None:
+        out["worse"], out["by"] = None, "too few runs for a Welch test (2 a side needed)"
+    else:
+        out["worse"] = bool(out["diff"] > out["threshold"] and out["p"] is not None and out["p"] < alpha)
+        out["by"] = "mean, threshold and Welch p"
+    return out
+
+
+def tuned_stats(runs: list[dict]) -> dict:
+    ok = [r for r in runs if not r["diverged"]]
+    out = {"n": len(runs), "diverged": len(runs) - len(ok), "errs": [r["err"] for r in ok],
+           "seeds": [r["seed"] for r in ok]}
+    if ok:
+        out["mean"], out["std"] = _mean_sd(out["errs"])
+        out["train_err_mean"] = statistics.mean(r["final_train_err"] for r in ok)
+        vals = [r["val_err"] for r in ok if r.get("val_err") is not None]
+        if vals:
+            out["val_mean"] = statistics.mean(vals)
+    return out
+
+
+def tuned_analysis(a, cells: dict, stats: dict, runs: list[dict]) -> dict:
+    n = a["batch"]
+    out = {"rule": "B worse than A: more diverged runs; or, equal counts, mean(B) - mean(A) > 2 x max(std A, std B) "
+                   "and Welch two-sided p < 0.05, over the runs that did not diverge; diverged: non-finite loss or "
+                   f"final error >= {CHANCE_ERR} %"}
+    base = stats.get("baseline")
+    if not base:
+        return out
+    grad = sorted((c["factor"], k) for k, c in cells.items() if c["kind"] == "gradual" and k in stats)
+    steps, flat, tip = [], 1, None
+    undecided = None
+    for f, k in grad:
+        cmp_ = compare(base, stats[k])
+        steps.append(dict(cmp_, kn=n * f))
+        if cmp_["worse"] is None:  # the walk stops: nothing is claimed past an undecided cell
+            undecided = n * f
+            break
+        if cmp_["worse"]:
+            tip = f
+            break
+        flat = f
+    out["finding1"] = {"steps": steps, "flat_up_to_kn": n * flat, "appeared": flat > 1, "undecided_at_kn": undecided}
+    out["finding3"] = {"tipping_kn": n * tip if tip else None, "appeared": tip is not None}
+    f2 = []
+    for k, c in cells.items():
+        if c["kind"] != "none" or k not in stats or f"gradual_x{c['factor']}" not in stats:
+            continue
+        g = stats[f"gradual_x{c['factor']}"]
+        cg = compare(base, g)
+        cn = compare(g, stats[k])
+        f2.append(dict(cn, kn=n * c["factor"], gradual_within_noise=cg["worse"] is False,
+                       none_vs_baseline=compare(base, stats[k])))
+    f2.sort(key=lambda x: x["kn"])
+    out["finding2"] = {"cells": f2, "appeared": any(x["worse"] and x["gradual_within_noise"] for x in f2)}
+    # gradual_within_noise is True only when decided (not worse); an undecided cell never shows a finding
+    t = a["table_factor"]
+    out["table1"] = {k: dict(compare(stats[f"gradual_x{t}"], stats[k]), key=k)
+                     for k in (f"none_x{t}", f"constant_x{t}", f"noscale_x{t}")
+                     if k in stats and f"gradual_x{t}" in stats}
+    L = a["grid_factor"]
+    sgd_L = stats.get(f"gradual_x{L}")
+    for kind in ("lars", "lamb"):
+        pts = sorted((r for r in runs if r["key"].startswith(f"grid_{kind}_")),
+                     key=lambda r: (r.get("eta") or 0, r["lr"]))
+        if not pts:
+            continue
+        ok = [r for r in pts if not r["diverged"]]
+        best = min(ok, key=lambda r: r["err"]) if ok else None
+        grid = {"points": [{"lr": r["lr"], "eta": r.get("eta"), "holdout_err": None if r["diverged"] else r["err"],
+                            "diverged": r["diverged"]} for r in pts],
+                "best": {"lr": best["lr"], "eta": best.get("eta"), "holdout_err": best["err"]} if best else None}
+        if best:
+            same = sorted({r["lr"] for r in pts if r.get("eta") == best.get("eta")})
+            grid["best_at_edge"] = best["lr"] in (same[0], same[-1])
+            # the trend: the held-out error of each lr (at the best eta) and of each eta (at the best lr)
+            grid["by_lr_at_best_eta"] = [(r["lr"], None if r["diverged"] else r["err"]) for r in pts
+                                         if r.get("eta") == best.get("eta")]
+            grid["by_eta_at_best_lr"] = [(r.get("eta"), None if r["diverged"] else r["err"]) for r in pts
+                                         if r["lr"] == best["lr"]]
+        res = {"grid": grid}
+        st = stats.get(f"{kind}_x{L}")
+        if st:
+            res["vs_baseline"] = compare(base, st)
+            res["minus_baseline"] = st["mean"] - base["mean"] if "mean" in st else None
+            res["within_1pt_of_baseline"] = bool("mean" in st and not st["diverged"] and st["mean"] - base["mean"] <= 1.0)
+            if sgd_L:
+                res["vs_sgd_gradual"] = compare(sgd_L, st)  # worse than SGD at the same kn?
+                res["sgd_vs_it"] = compare(st, sgd_L)  # SGD worse than it?
+            if best:
+                res["best_holdout_minus_baseline_holdout"] = (best["err"] - base["val_mean"]) if "val_mean" in base else None
+        out[kind] = res
+    fa = []
+    for k, c in cells.items():
+        if c["kind"] != "fastar" or k not in stats or c["twin"] not in stats:
+            continue
+        tw = stats[c["twin"]]
+        st = stats[k]
+        paired = {}
+        for r in runs:
+            if r["key"] == k and not r["diverged"]:
+                tr = next((x for x in runs if x["key"] == c["twin"] and x["seed"] == r["seed"] and not x["diverged"]), None)
+                if tr:
+                    paired[r["seed"]] = r["err"] - tr["err"]
+        d = st["mean"] - tw["mean"] if "mean" in st and "mean" in tw else None
+        thr = 2 * max(st.get("std", 0), tw.get("std", 0))
+        fa.append({"key": k, "twin": c["twin"], "kn": n * c["factor"], "diff": d, "threshold": thr,
+                   "p": welch(tw["errs"], st["errs"]), "paired_diffs": paired,
+                   "match": bool(d is not None and abs(d) <= thr and st["diverged"] == tw["diverged"]),
+                   "impl": sorted({r.get("impl") for r in runs if r["key"] == k})})
+    out["fastar"] = fa
+    return out
+
+
+def _f(x, nd=2, sign=False):
+    if x is None:
+        return "-"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _p(p):
+    return "-" if p is None else (f"{p:.2g}" if p >= 1e-4 else "<1e-4")
+
+
+def _cmp_txt(c: dict) -> str:
+    d = f"{_f(c['diff'], sign=True)}, threshold {_f(c['threshold'])}, Welch p {_p(c['p'])}"
+    if c["diverged_ref"] or c["diverged_other"]:
+        d += f"; diverged {c['diverged_other']}/{c['n_other']} against {c['diverged_ref']}/{c['n_ref']}"
+    return d + f": {'worse' if c['worse'] else ('not worse' if c['worse'] is False else 'undecided')}"
+
+
+def trend(pairs: list) -> str:
+    """How the held-out error moves along a grid axis: [(value, error or None if diverged), ...]."""
+    pairs = sorted(pairs, key=lambda t: t[0])
+    errs = [e if e is not None else float("inf") for _, e in pairs]
+    if len(pairs) < 2:
+        return "one point"
+    i = errs.index(min(errs))
+    down = all(errs[j] >= errs[j + 1] for j in range(i))
+    up = all(errs[j] <= errs[j + 1] for j in range(i, len(errs) - 1))
+    shape = ("falls across the whole range" if i == len(errs) - 1 and down else
+             "rises across the whole range" if i == 0 and up else
+             f"falls to {_g(pairs[i][0])} and rises beyond it" if down and up else
+             f"is lowest at {_g(pairs[i][0])}, not monotonic around it")
+    return shape + " (" + ", ".join(f"{_g(v)}: {'diverged' if e is None else f'{e:.2f}'}" for v, e in pairs) + ")"
+
+
+def tuned_render(doc: dict) -> tuple[dict, dict, str]:
+    """(stats, analysis, markdown) of a tuned study's JSON (partial or final): a pure function of
+    the runs, so that the docs block can be checked against the committed JSON."""
+    a, cells, runs = doc["args"], doc["cells"], doc["runs"]
+    by: dict = {}
+    for r in sorted(runs, key=lambda r: (r["key"], r["seed"])):
+        by.setdefault(r["key"], []).append(r)
+    stats = {k: tuned_stats(v) for k, v in by.items()}
+    an = tuned_analysis(a, cells, stats, runs)
+    n = a["batch"]
+    cpu = sum(r.get("cpu_s", 0.0) for r in runs) / 60
+    missing = [f"{k} ({len(by.get(k, []))}/{c['seeds']} seeds)" for k, c in cells.items()
+               if len(by.get(k, [])) < c["seeds"]]
+    st0 = doc.get("stamp") or {}
+    sub = f"a fixed stratified {a['train_subset']}-image subset of the other 55,000" if a["train_subset"] else \
+        "the other 55,000 images"
+    md = [f"Fashion-MNIST: {a['holdout']} training images held out as the validation split (a fixed stratified "
+          f"draw; every tuning choice is made on it), training on {sub}, the 10,000-image test set read once, "
+          f"after the last epoch, by each final run (never by a grid run). {a['model']} width {a['width']} at "
+          f"{a['image_size']}x{a['image_size']}; n = {n} per (simulated) worker; {a['epochs']} epochs; warmup "
+          f"{a['warmup_epochs']:g} epoch(s) for every cell ({a['warmup_epochs'] / a['epochs']:.3g} of the run; the paper: "
+          f"5 of 90 = 0.056); SGD: lr {a['base_lr']:g} at kn={n}, linear scaling, Nesterov, lr /10 at epochs "
+          f"{a['milestones']}; LARS (plain momentum 0.9) and LAMB: the global lr and eta from the grid, warmup from 0, "
+          f"polynomial (power 2) decay to 0" + (", trust-ratio clipping" if a.get("trust_clip") else ", no trust-ratio clipping")
+          + f". Error: the final test top-1 error; mean ± std over the runs that did not diverge (diverged: non-finite "
+          f"loss or final error >= {CHANCE_ERR:g} %). Ran on "
+          + ", ".join(f"commit {str(x.get('commit'))[:10]}" + ("+dirty (" + ", ".join(x.get("changed", [])) + ")"
+                                                                if x.get("dirty") else "")
+                      + f" (from run {x.get('runs_before', 0) + 1})" for x in (doc.get("stamps") or [st0]))
+          + f"; {len(runs)} runs, {cpu:.1f} core-minutes "
+          f"(getrusage, runs and their workers), {doc['wall_s'] / 60:.0f} min wall."
+          + ("" if not missing else f" PARTIAL: runs missing from {', '.join(missing)}."
+             + (f" ({doc['note']})" if doc.get("note") else "")), ""]
+    md += ["| setting | kn | lr | iters/epoch | test top-1 error % (mean ± std) | − baseline | diverged | runs |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = stats.get("baseline", {})
+    order = ["baseline", "gradual", "none", "constant", "noscale", "lars", "lamb", "fastar"]
+    for k, c in sorted(((k, c) for k, c in cells.items() if k in stats and c["split"] == "test"),
+                       key=lambda kc: (order.index(kc[1]["kind"]), kc[1]["factor"])):
+        st, rs = stats[k], by[k]
+        r0 = next((r for r in rs if not r["diverged"]), rs[0])
+        cell = f"{st['mean']:.2f} ± {st['std']:.2f}" if "mean" in st else "all diverged"
+        diff = "" if k == "baseline" or "mean" not in st or "mean" not in base else f"{st['mean'] - base['mean']:+.2f}"
+        lr = r0.get("target_lr")
+        md.append(f"| {c['label']} | {n * c['factor']} | {_g(lr) if lr is not None else '-'} | "
+                  f"{r0.get('iters_per_epoch', '-')} | {cell} | {diff} | {st['diverged']} | {st['n']} |")
+    f1, f3, f2 = an.get("finding1"), an.get("finding3"), an.get("finding2")
+    md += ["", "Findings (decided by `tuned_analysis` from the runs; " + an["rule"] + "):", ""]
+    if f1:
+        md.append(f"* Finding 1 (linear scaling + gradual warmup within noise of the baseline): "
+                  f"{'appeared' if f1['appeared'] else 'did not appear'}, flat up to kn = {f1['flat_up_to_kn']}"
+                  + (f" (undecided from kn = {f1['undecided_at_kn']}: too few runs)" if f1.get("undecided_at_kn") else "")
+                  + ". "
+                  + "; ".join(f"kn {s['kn']}: {_cmp_txt(s)}" for s in f1["steps"]) + ".")
+        md.append(f"* Finding 3 (a tipping point where gradual warmup fails): "
+                  + (f"appeared, at kn = {f3['tipping_kn']}." if f3["appeared"] else
+                     ("undecided." if f1.get("undecided_at_kn") else "did not appear in the range run.")))
+    if f2:
+        md.append("* Finding 2 (no warmup worse than gradual warmup where gradual holds): "
+                  + ("appeared" if f2["appeared"] else "did not appear") + ". "
+                  + "; ".join(f"kn {x['kn']}: no warmup against gradual {_cmp_txt(x)} (gradual "
+                              f"{'within noise of' if x['gradual_within_noise'] else 'worse than'} the baseline)"
+                              for x in f2["cells"]) + ".")
+    if an.get("table1"):
+        md.append("* The paper's Table 1 rows against gradual warmup at kn = "
+                  f"{n * a['table_factor']}: " + "; ".join(f"{cells[k]['label']}: {_cmp_txt(v)}"
+                                                           for k, v in an["table1"].items()) + ".")
+    for kind in ("lars", "lamb"):
+        res = an.get(kind)
+        if not res:
+            continue
+        g = res["grid"]
+        if kind == "lars":
+            etas = sorted({p["eta"] for p in g["points"]})
+            lrs = sorted({p["lr"] for p in g["points"]})
+            md += ["", f"LARS grid at kn = {n * a['grid_factor']} (held-out error %, one seed; x: diverged):", "",
+                   "| eta \\ lr | " + " | ".join(_g(v) for v in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
+            for e in etas:
+                row = []
+                for v in lrs:
+                    pt = next((p for p in g["points"] if p["eta"] == e and p["lr"] == v), None)
+                    row.append("" if pt is None else ("x" if pt["diverged"] else f"{pt['holdout_err']:.2f}"))
+                md.append(f"| {_g(e)} | " + " | ".join(row) + " |")
+        else:
+            md += ["", f"LAMB grid at kn = {n * a['grid_factor']} (held-out error %, one seed; x: diverged):", "",
+                   "| lr | " + " | ".join(_g(p["lr"]) for p in g["points"]) + " |",
+                   "| --- |" + " --- |" * len(g["points"]),
+                   "| held-out error | " + " | ".join("x" if p["diverged"] else f"{p['holdout_err']:.2f}"
+                                                     for p in g["points"]) + " |"]
+        if g.get("best"):
+            b = g["best"]
+            md.append("")
+            md.append(f"{kind.upper()}: best held-out point lr {_g(b['lr'])}" + (f", eta {_g(b['eta'])}" if b["eta"] else "")
+                      + f" ({b['holdout_err']:.2f} %), " + ("at an edge of its lr range" if g["best_at_edge"] else
+                                                            "inside its lr range") + "."
+                      + f" Along lr" + (f" at eta {_g(b['eta'])}" if b["eta"] else "") + f" the held-out error "
+                      + trend(g["by_lr_at_best_eta"]) + "."
+                      + (f" Along eta at lr {_g(b['lr'])} it " + trend(g["by_eta_at_best_lr"]) + "."
+                         + (" The best eta is at an edge of the eta set (not extended: the set is fixed)."
+                            if b["eta"] in (min(p["eta"] for p in g["points"]), max(p["eta"] for p in g["points"]))
+                            else "")
+                         if b["eta"] and len(g["by_eta_at_best_lr"]) > 1 else "")
+                      + (f" Its held-out error is {_f(res.get('best_holdout_minus_baseline_holdout'), sign=True)} "
+                         "from the baseline's (mean held-out error of the baseline's runs)."
+                         if res.get("best_holdout_minus_baseline_holdout") is not None else ""))
+        if "vs_baseline" in res:
+            md.append("")
+            md.append(f"Tuned {kind.upper()} at kn = {n * a['grid_factor']} on the test set: against the baseline "
+                      f"{_cmp_txt(res['vs_baseline'])}; "
+                      + ("within 1 point of the baseline" if res["within_1pt_of_baseline"] else "not within 1 point of the baseline")
+                      + (f"; against SGD + gradual warmup at the same kn: {_cmp_txt(res['vs_sgd_gradual'])} "
+                         f"(SGD against it: {'worse' if res['sgd_vs_it']['worse'] else 'not worse'})" if "vs_sgd_gradual" in res else "")
+                      + ".")
+    if an.get("fastar"):
+        md += ["", "Through fastar: 2 worker processes (`fastar-train --nproc 2`, gradients averaged by fastar.wrap, "
+                   "micro-batches of 16 per worker, accumulation halved) against the one-process `--accum` cell of the same kn:", "",
+               "| kn | 2 fastar workers | one process, --accum | difference | threshold (2 x max std) | Welch p | per-seed differences | match |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in an["fastar"]:
+            s1, s2 = stats[x["key"]], stats[x["twin"]]
+            md.append(f"| {x['kn']} | {_f(s1.get('mean'))} ± {_f(s1.get('std'))} ({s1['n']} runs, impl {','.join(map(str, x['impl']))}) | "
+                      f"{_f(s2.get('mean'))} ± {_f(s2.get('std'))} ({s2['n']}) | {_f(x['diff'], sign=True)} | {_f(x['threshold'])} | "
+                      f"{_p(x['p'])} | " + ", ".join(f"s{k}: {v:+.2f}" for k, v in sorted(x["paired_diffs"].items(), key=lambda t: int(t[0])))
+                      + f" | {'yes' if x['match'] else 'no'} |")
+    return stats, an, "\n".join(md)
+
+
+def tuned_plots(doc: dict, stats: dict, out_dir: str, name: str) -> list[str]:
+    a = doc["args"]
+    cells = [c for c in doc["cells"].values() if c["split"] == "test" and c["key"] in stats]
+    results: dict = {}
+    for r in doc["runs"]:
+        results.setdefault(r["key"], []).append(r)
+    ns = argparse.Namespace(batch=a["batch"], table_factor=a["table_factor"], lars_factor=a["grid_factor"],
+                            train_subset=a["train_subset"], model=a["model"], width=a["width"],
+                            image_size=a["image_size"], epochs=a["epochs"],
+                            err_label="test top-1 error % (final epoch, read once)")
+    return fashion_plots(cells, results, stats, ns, out_dir, name)
+
+
+def tuned_report(partial: str, final: str, docs: bool = True) -> int:
+    with open(partial) as f:
+        doc = json.load(f)
+    stats, an, md = tuned_render(doc)
+    name = os.path.basename(final)[:-len(".json")]
+    pngs = tuned_plots(doc, stats, os.path.dirname(final), name) if "baseline" in stats else []
+    out = dict(doc, stats=stats, analysis=an, table_md=md,
+               core_minutes=sum(r.get("cpu_s", 0.0) for r in doc["runs"]) / 60)
+    with open(final, "w") as f:
+        json.dump(out, f, indent=1)
+    print(md)
+    print(f"wrote {final} {' '.join(pngs)}")
+    if docs:
+        update_all_docs()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the generated blocks of the docs: each one a function of a committed JSON
+
+def digits_md(doc: dict) -> str:
+    """The large_batch (digits) block from bench/results/large_batch.json."""
+    from fastar.train.recipe import default_milestones
+
+    a = argparse.Namespace(**doc["args"])
+    md = table(doc["results"], a.epochs)
+    if doc.get("sweep"):
+        md += ("\n\nError vs minibatch (linear scaling + gradual warmup, reference lr 0.1 at "
+               f"kn={a.batch}; the paper's Figure 1 in miniature):\n\n" + table(doc["sweep"], a.epochs))
+    header = (f"digits (1437 train / 360 val), {a.model} at {a.image_size}x{a.image_size}, "
+              f"{a.epochs} epochs (lr /10 at {', '.join(str(m) for m in default_milestones(a.epochs))}), "
+              f"warmup {a.warmup_epochs:g} epochs, {a.seeds} seeds, one process (workers simulated by "
+              f"accumulation); error = median of the last 5 epochs' val top-1 error. "
+              f"Measured by `python bench/large_batch.py` in {doc['wall_s'] / 60:.1f} min.")
+    return header + "\n\n" + md
+
+
+def generated_blocks() -> dict[str, tuple[str, str]]:
+    """{block name: (doc path, markdown the committed JSON generates)} for every generated block."""
+    res = os.path.join(REPO, "bench", "results")
+    out = {}
+    p = os.path.join(res, "large_batch.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            out["large_batch"] = (os.path.join(REPO, "docs", "training.md"), digits_md(json.load(f)))
+    for name in ("fashion_mnist_study", "fashion_mnist_bf16"):  # their reports store the block as table_md
+        p = os.path.join(FASHION_RESULTS, f"{name}.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                out[name] = (os.path.join(REPO, "docs", "training.md"), json.load(f)["table_md"])
+    p = os.path.join(FASHION_RESULTS, "fashion_mnist_tuned.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            out["fashion_mnist_tuned"] = (os.path.join(REPO, "docs", "training.md"), tuned_render(json.load(f))[2])
+    return out
+
+
+def read_block(path: str, name: str) -> str | None:
+    with open(path) as f:
+        text = f.read()
+    b, e = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if b not in text or e not in text:
+        return None
+    return text.split(b, 1)[1].split(e, 1)[0].strip("\n")
+
+
+def update_all_docs() -> None:
+    for name, (path, md) in generated_blocks().items():
+        update_docs_between(md, path, f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
 
 
 if __name__ == "__main__":

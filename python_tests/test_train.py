@@ -354,3 +354,45 @@ def test_image_folder_and_synthetic_data(tmp_path):
     s = run(common + ["--data", "synthetic", "--synthetic-size", "32", "--num-classes", "5",
                       "--image-size", "16", "--out", str(tmp_path / "s")])
     assert s["iters_per_epoch"] == 8 and len(s["history"]) == 2
+
+
+def test_poly_decay_after_warmup_reaches_zero():
+    """--decay poly (You et al.'s LARS/LAMB schedule): gradual warmup from 0 over w iterations, then
+    target * (1 - (t - w) / (T - w)) ** 2, 0 at the last iteration T; milestones play no part."""
+    ipe, epochs, target = 10, 4, 8.0
+    s = LrSchedule(target, ipe, "gradual", 0.5, 0.0, [2, 3], decay="poly", power=2.0, epochs=epochs)
+    w, T = 5, 40
+    assert s.warmup_iters == w and s.lr(0) == 0.0 and s.lr(2) == pytest.approx(target * 2 / 5)
+    assert s.lr(w) == pytest.approx(target)
+    mid = w + (T - w) // 2
+    assert s.lr(mid) == pytest.approx(target * (1 - (mid - w) / (T - w)) ** 2)
+    assert s.lr(T) == 0.0 and s.lr(T - 1) == pytest.approx(target / (T - w) ** 2)
+    assert all(s.lr(t) >= s.lr(t + 1) for t in range(w, T))  # no step at the milestones 20 and 30
+    assert s(T - 1) == pytest.approx(s.lr(T - 1) / target)
+    with pytest.raises(ValueError, match="epochs"):
+        LrSchedule(1.0, 10, decay="poly")
+    with pytest.raises(ValueError, match="decay"):
+        LrSchedule(1.0, 10, decay="cosine", epochs=1)
+    # the step schedule is unchanged by the new fields
+    assert LrSchedule(3.2, 100, "none", 5, 0.1, [30, 60, 80]).lr(3000) == pytest.approx(0.32)
+
+
+def test_lars_plain_momentum_poly_and_trust_clip_from_the_command_line(tmp_path):
+    pytest.importorskip("timm")
+    from fastar.train import run
+
+    tiny = ["--data", "synthetic", "--synthetic-size", "64", "--num-classes", "4", "--image-size", "8",
+            "--model", "resnet8", "--width", "4", "--batch", "16", "--epochs", "2", "--threads", "1",
+            "--no-progress", "--no-plots", "--quiet", "--optimizer", "lars", "--decay", "poly",
+            "--warmup-start-lr", "0", "--warmup-epochs", "0.5", "--base-lr", "2", "--ref-batch", "16"]
+    for extra, nesterov, clip in (([], False, False), (["--lars-nesterov", "--trust-clip"], True, True)):
+        out = str(tmp_path / f"lars{len(extra)}")
+        s = run(tiny + extra + ["--out", out])
+        assert s["config"]["nesterov"] is nesterov and s["config"]["decay"] == "poly"
+        ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+        groups = ck["optimizer"]["param_groups"]
+        assert all(g["nesterov"] is nesterov and g["trust_clip"] is clip for g in groups)
+        assert [h["last_lr_used"] for h in s["history"]][-1] == pytest.approx(2.0 * (1 - 5 / 6) ** 2)  # T = 8, w = 2
+    # SGD keeps Nesterov
+    s = run(tiny[:-12] + ["--out", str(tmp_path / "sgd")])
+    assert s["config"]["nesterov"] is True and s["config"]["decay"] == "step"

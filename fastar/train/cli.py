@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-subset", type=int, default=None,
                    help="train on a fixed subset of this many training images (the same for every seed; "
                         "stratified by class for fashion-mnist); validation stays whole")
+    g.add_argument("--holdout", type=int, default=None,
+                   help="fashion-mnist: hold out this many training images (a fixed stratified draw, the same "
+                        "for every seed, disjoint from training and from any --train-subset) as the validation "
+                        "split of every epoch; the test set is then read once, after the last epoch")
+    g.add_argument("--no-test", action="store_true",
+                   help="with --holdout: never read the test set (tuning runs)")
     g.add_argument("--synthetic-size", type=int, default=1024, help="training images of --data synthetic")
     g.add_argument("--num-classes", type=int, default=None, help="classes of --data synthetic (default 1000)")
     g.add_argument("--model", choices=MODELS, default="resnet50")
@@ -53,13 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accum", type=int, default=1,
                    help="gradient-accumulation steps: stands in for accum times as many workers")
     g.add_argument("--epochs", type=int, default=90)
-    g.add_argument("--base-lr", type=float, default=0.1, help="lr of a minibatch of --ref-batch images")
-    g.add_argument("--ref-batch", type=int, default=256, help="lr = base_lr * k*n*accum / ref_batch")
+    g.add_argument("--base-lr", type=float, default=None,
+                   help="lr of a minibatch of --ref-batch images (default 0.1; with --optimizer lars and neither "
+                        "--base-lr nor --ref-batch given: LARS's global lr, recipe.LARS_DEFAULT_LR, not scaled)")
+    g.add_argument("--ref-batch", type=int, default=None, help="lr = base_lr * k*n*accum / ref_batch (default 256)")
     g.add_argument("--warmup", choices=("gradual", "constant", "none"), default="gradual")
     g.add_argument("--warmup-epochs", type=float, default=5.0)
     g.add_argument("--warmup-start-lr", type=float, default=None, help="default: --base-lr")
     g.add_argument("--milestones", type=_floats, default=None,
                    help="epochs at which lr /= 10, comma separated (default: 30,60,80 scaled to --epochs)")
+    g.add_argument("--decay", choices=("step", "poly"), default="step",
+                   help="step: lr /10 at --milestones (the paper's); poly: after warmup lr * (1 - progress) ** "
+                        "--poly-power down to 0 at the last iteration (You et al.'s LARS and LAMB)")
+    g.add_argument("--poly-power", type=float, default=2.0)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--no-nesterov", action="store_true")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
@@ -67,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ratios on conv/linear weights only (BN and biases left out, as in You et al.); "
                         "the same warmup and decay schedule. LAMB takes an Adam-scale lr: set --base-lr")
     g.add_argument("--trust-coeff", type=float, default=LARS_TRUST_COEFF, help="LARS trust coefficient eta")
+    g.add_argument("--trust-clip", action="store_true",
+                   help="clip the trust ratio (timm's trust_clip: LARS as LARC, min(ratio / lr, 1); LAMB at 1)")
+    g.add_argument("--lars-nesterov", action="store_true",
+                   help="LARS with Nesterov momentum (default: plain momentum, as You et al. publish it)")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="never applied to BN gamma/beta; default "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHT_DECAY.items()))
@@ -101,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.train_subset is not None and args.train_subset < 1:
         raise SystemExit("fastar-train: --train-subset must be >= 1")
+    if args.holdout is not None and args.holdout < 1:
+        raise SystemExit("fastar-train: --holdout must be >= 1")
+    if args.no_test and args.holdout is None:
+        raise SystemExit("fastar-train: --no-test needs --holdout (without it the test set is the validation set)")
     for name in ("nproc", "batch", "accum", "epochs", "eval_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"fastar-train: --{name.replace('_', '-')} must be >= 1")

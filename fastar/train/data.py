@@ -52,6 +52,7 @@ class Datasets:
     num_classes: int
     image_size: int
     in_memory: bool  # True: no loader worker processes needed
+    test: torch.utils.data.Dataset | None = None  # with a holdout: val is the held-out split, test the test set
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -75,6 +76,7 @@ class DigitsDataset(torch.utils.data.Dataset):
         self.x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
         self.y = y[idx]
         self.augment = augment and split == "train"
+        self.split = split
         self.seed, self.image_size = seed, image_size
         self.shift = max(1, image_size // 8)
 
@@ -156,12 +158,15 @@ def load_fashion_mnist(root: str = FASHION_MNIST_DIR, split: str = "train") -> t
     return _FASHION_CACHE[key]
 
 
-def fashion_subset(n_total: int, n: int | None, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The indices of --train-subset n: a fixed draw (seed 0, whatever the run's seed, so that every
-    run of a study trains on the same images), stratified by class when labels are given."""
+HOLDOUT_SEED = 20170608  # the held-out split's draw (the paper's arXiv date): not the subsets' seed 0
+
+
+def fashion_subset(n_total: int, n: int | None, labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """The indices of --train-subset n: a fixed draw (`seed`, 0 by default, whatever the run's seed,
+    so that every run of a study trains on the same images), stratified by class when labels are given."""
     if n is None or n >= n_total:
         return torch.arange(n_total)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n_total, generator=g)
     if labels is None:
         return perm[:n].sort().values
@@ -186,10 +191,24 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
     probability 1/2, all three from splitmix64(sample_seed(seed, epoch, index))."""
 
     def __init__(self, split: str, root: str = FASHION_MNIST_DIR, image_size: int = 28,
-                 augment: bool = True, seed: int = 0, subset: int | None = None):
-        x, y = load_fashion_mnist(root, "train" if split == "train" else "test")
-        if split == "train" and subset is not None:
-            idx = fashion_subset(len(y), subset, y)
+                 augment: bool = True, seed: int = 0, subset: int | None = None, holdout: int | None = None):
+        """split: train | test | holdout. holdout: that many training images (a fixed stratified draw)
+        are the "holdout" split and are left out of "train", before any subset is drawn from it."""
+        x, y = load_fashion_mnist(root, "test" if split == "test" else "train")
+        if split != "test":
+            idx = torch.arange(len(y))
+            if holdout is not None:
+                if holdout >= len(y):
+                    raise ValueError(f"--holdout {holdout} leaves no training images (of {len(y)})")
+                held = fashion_subset(len(y), holdout, y, seed=HOLDOUT_SEED)
+                if split == "holdout":
+                    idx = held
+                else:
+                    keep = torch.ones(len(y), dtype=torch.bool)
+                    keep[held] = False
+                    idx = idx[keep]
+            if split == "train" and subset is not None:
+                idx = idx[fashion_subset(len(idx), subset, y[idx])]
             x, y = x[idx], y[idx]
         x = (x.float().div_(255.0).unsqueeze(1) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
         if image_size != 28:
@@ -197,6 +216,7 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
                               antialias=image_size < 28)
         self.y = y
         self.augment = augment and split == "train"
+        self.split = split
         self.seed, self.image_size = seed, image_size
         self.pad = max(1, round(image_size / 7)) if self.augment else 0
         fill = float(-FASHION_MNIST_MEAN / FASHION_MNIST_STD)  # a black pixel
@@ -298,9 +318,18 @@ class SeededImageFolder(torch.utils.data.Dataset):
 
 def build_datasets(data: str, image_size: int | None = None, seed: int = 0,
                    synthetic_size: int = 1024, num_classes: int | None = None,
-                   train_subset: int | None = None) -> Datasets:
+                   train_subset: int | None = None, holdout: int | None = None) -> Datasets:
     """data: "fashion-mnist[=PATH]", "digits", "synthetic", or the path of a folder with train/ and
-    val/ (ImageNet layout). train_subset: train on a fixed subset of that many images (all data sets)."""
+    val/ (ImageNet layout). train_subset: train on a fixed subset of that many images (all data sets).
+    holdout (fashion-mnist only): val is that many held-out training images, test the test set."""
+    if holdout is not None:
+        root = parse_fashion_spec(data)
+        if root is None:
+            raise ValueError("--holdout is implemented for --data fashion-mnist only")
+        size = image_size or 28
+        return Datasets(FashionMNISTDataset("train", root, size, seed=seed, subset=train_subset, holdout=holdout),
+                        FashionMNISTDataset("holdout", root, size, seed=seed, holdout=holdout), 10, size, True,
+                        test=FashionMNISTDataset("test", root, size, seed=seed))
     ds = _build_datasets(data, image_size, seed, synthetic_size, num_classes, train_subset)
     if train_subset is not None and not isinstance(ds.train, FashionMNISTDataset) and train_subset < len(ds.train):
         keep = fashion_subset(len(ds.train), train_subset).tolist()

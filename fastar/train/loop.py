@@ -30,7 +30,12 @@ SUMMARY = "summary.json"
 # Settings that fix the lr at every iteration and the data order: a resume must not change them.
 RESUME_KEYS = ("model", "data", "image_size", "seed", "global_batch", "epochs", "base_lr", "ref_batch",
                "warmup", "warmup_epochs", "warmup_start_lr", "milestones", "momentum", "nesterov",
-               "weight_decay", "wd_bias", "optimizer", "train_subset")
+               "weight_decay", "wd_bias", "optimizer", "train_subset", "holdout", "decay", "poly_power",
+               "trust_coeff", "trust_clip")
+
+# what a checkpoint written before these keys existed ran with
+RESUME_DEFAULTS = {"holdout": None, "decay": "step", "poly_power": 2.0, "trust_coeff": recipe.LARS_TRUST_COEFF,
+                   "trust_clip": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +160,14 @@ def recipe_config(args, global_batch: int) -> dict:
         "global_batch": global_batch, "epochs": args.epochs, "base_lr": args.base_lr,
         "ref_batch": args.ref_batch, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
         "warmup_start_lr": args.warmup_start_lr, "milestones": args.milestones,
-        "momentum": args.momentum, "nesterov": not args.no_nesterov,
+        "momentum": args.momentum,
+        "nesterov": (getattr(args, "lars_nesterov", False) if getattr(args, "optimizer", "sgd") == "lars"
+                     else not args.no_nesterov),
         "weight_decay": args.weight_decay, "wd_bias": not args.no_wd_bias,
         "optimizer": getattr(args, "optimizer", "sgd"), "train_subset": getattr(args, "train_subset", None),
-        "amp": getattr(args, "amp", "none"),
+        "amp": getattr(args, "amp", "none"), "holdout": getattr(args, "holdout", None),
+        "decay": getattr(args, "decay", "step"), "poly_power": getattr(args, "poly_power", 2.0),
+        "trust_coeff": getattr(args, "trust_coeff", None), "trust_clip": getattr(args, "trust_clip", False),
     }
 
 
@@ -236,29 +245,41 @@ def train(args) -> dict | None:
         os.makedirs(args.out, exist_ok=True)
 
     ds = build_datasets(args.data, args.image_size, seed=args.seed, synthetic_size=args.synthetic_size,
-                        num_classes=args.num_classes, train_subset=getattr(args, "train_subset", None))
+                        num_classes=args.num_classes, train_subset=getattr(args, "train_subset", None),
+                        holdout=getattr(args, "holdout", None))
     opt_name = getattr(args, "optimizer", "sgd")
     if getattr(args, "weight_decay", None) is None:
         args.weight_decay = recipe.DEFAULT_WEIGHT_DECAY[opt_name]
     n, a = args.batch, args.accum
     global_batch = world * n * a
     iters_per_epoch = len(ds.train) // global_batch
+    if args.base_lr is None and args.ref_batch is None and opt_name == "lars":
+        # You et al. tune LARS's global lr per minibatch instead of scaling SGD's: the default is a
+        # global lr (at 0.1*kn/256 LARS's step lr*eta*|w| barely moves the weights; see docs/training.md)
+        args.base_lr, args.ref_batch = recipe.LARS_DEFAULT_LR, global_batch
+    if args.base_lr is None:
+        args.base_lr = 0.1
+    if args.ref_batch is None:
+        args.ref_batch = 256
     target_lr = recipe.scaled_lr(args.base_lr, global_batch, args.ref_batch)
     if args.warmup_start_lr is None:
         args.warmup_start_lr = args.base_lr
     if args.milestones is None:
         args.milestones = recipe.default_milestones(args.epochs)
     schedule = recipe.LrSchedule(target_lr, iters_per_epoch, args.warmup, args.warmup_epochs,
-                                 args.warmup_start_lr, args.milestones)
+                                 args.warmup_start_lr, args.milestones, decay=getattr(args, "decay", "step"),
+                                 power=getattr(args, "poly_power", 2.0), epochs=args.epochs)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     module = build_model(args.model, ds.num_classes, width=args.width,
                          zero_init_residual=not args.no_zero_gamma, bn_momentum=args.bn_momentum)
     module.to(device)
+    nesterov = (getattr(args, "lars_nesterov", False) if opt_name == "lars" else not args.no_nesterov)
     optimizer = recipe.make_optimizer(module, target_lr, args.momentum, args.weight_decay,
-                                      nesterov=not args.no_nesterov, wd_bias=not args.no_wd_bias,
+                                      nesterov=nesterov, wd_bias=not args.no_wd_bias,
                                       optimizer=opt_name,
-                                      trust_coeff=getattr(args, "trust_coeff", recipe.LARS_TRUST_COEFF))
+                                      trust_coeff=getattr(args, "trust_coeff", recipe.LARS_TRUST_COEFF),
+                                      trust_clip=getattr(args, "trust_clip", False))
     amp = lambda: autocast(args, device)  # noqa: E731
     scheduler = recipe.make_scheduler(optimizer, schedule)
 
@@ -268,7 +289,8 @@ def train(args) -> dict | None:
     ckpt_path = resolve_resume(args)
     if ckpt_path is not None:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diff = {k: (ckpt["config"].get(k), config[k]) for k in RESUME_KEYS if ckpt["config"].get(k) != config[k]}
+        saved = dict(RESUME_DEFAULTS, **ckpt["config"])  # checkpoints from before a key existed: its default
+        diff = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if saved.get(k) != config[k]}
         if diff:
             raise ValueError(f"rank {rank}: cannot resume {ckpt_path}: the recipe differs "
                              f"(saved, now): {diff}. Resume with the same settings or start a new --out.")
@@ -296,6 +318,11 @@ def train(args) -> dict | None:
         loader_kw["collate_fn"] = batch_collate
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds.val, val_idx),
                                              batch_size=max(n, 256), shuffle=False, **loader_kw)
+    test_loader = None  # with --holdout: the test set, read once after the last epoch
+    if getattr(ds, "test", None) is not None and not getattr(args, "no_test", False):
+        test_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(ds.test, list(range(rank, len(ds.test), world))),
+            batch_size=max(n, 256), shuffle=False, **loader_kw)
 
     metrics_path = os.path.join(args.out, METRICS)
     trace_path = os.path.join(args.out, f"trace.rank{rank}.jsonl")
@@ -310,7 +337,10 @@ def train(args) -> dict | None:
               + (f" x accum {a}" if a > 1 else "") + f" = minibatch {global_batch}, "
               f"{opt_name} lr {target_lr:g} ("
               + (f"{args.warmup} warmup from {args.warmup_start_lr:g} over {schedule.warmup_iters} iters"
-                 if schedule.warmup_iters else "no warmup") + f"), decay at epochs {args.milestones}, "
+                 if schedule.warmup_iters else "no warmup") + (
+                  f"), decay at epochs {args.milestones}, " if schedule.decay == "step" else
+                  f"), polynomial decay (power {schedule.power:g}) to 0, ")
+              + (f"validation on {len(ds.val)} held-out training images, " if getattr(args, "holdout", None) else "") +
               f"{iters_per_epoch} iters/epoch, {args.epochs} epochs, grads averaged by {impl}"
               + (f"; resuming at epoch {start_epoch} iter {start_it}" if ckpt_path else ""), flush=True)
 
@@ -415,6 +445,8 @@ def train(args) -> dict | None:
         if ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
                 or epoch >= args.epochs - getattr(args, "eval_last", 0)):
             row.update(evaluate(module, val_loader, device, amp))
+        if test_loader is not None and epoch + 1 == args.epochs:  # the test set's one reading
+            row.update({k.replace("val_", "test_"): v for k, v in evaluate(module, test_loader, device, amp).items()})
         save_checkpoint(epoch, iters_per_epoch)
         if main:
             history.append(row)
@@ -435,6 +467,9 @@ def train(args) -> dict | None:
             "final_val_top1_err": errs[-1] if errs else None,
             # the paper's reported figure: the median of the last 5 epochs' top-1 error
             "median_last5_val_top1_err": statistics.median(errs[-5:]) if errs else None,
+            # with --holdout: val_* is the held-out split; the test set's one reading (None if --no-test)
+            "holdout": getattr(args, "holdout", None),
+            "test_top1_err": next((r["test_top1_err"] for r in reversed(history) if "test_top1_err" in r), None),
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "metrics": os.path.abspath(metrics_path), "checkpoint": os.path.abspath(os.path.join(args.out, CHECKPOINT)),
             "history": history,
