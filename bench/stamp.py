@@ -22,12 +22,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(cmd: list[str]) -> str | None:
+def _run(cmd: list[str], strip: bool = True) -> str | None:
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return p.stdout.strip() if p.returncode == 0 else None
+    if p.returncode != 0:
+        return None
+    return p.stdout.strip() if strip else p.stdout
 
 
 def git_state() -> dict:
@@ -36,7 +38,8 @@ def git_state() -> dict:
     commit = _run(["git", "rev-parse", "HEAD"])
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = _run(["git", "status", "--porcelain"]) or ""
+    # not stripped: each line is "XY path", and X is a space for a change not yet staged
+    status = _run(["git", "status", "--porcelain"], strip=False) or ""
     changed = [line[3:] for line in status.splitlines() if line.strip()]
     out = {"commit": commit, "commit_date": _run(["git", "show", "-s", "--format=%cI", "HEAD"]),
            "dirty": bool(changed)}

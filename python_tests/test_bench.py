@@ -183,6 +183,25 @@ def test_stamp_and_write_result(tmp_path):
     assert kept["stamp"] == {"commit": "abc"}  # a stamp taken before the run is kept
 
 
+def test_stamp_names_changed_paths_whole(tmp_path, monkeypatch):
+    """git status --porcelain lines are "XY path" with X a space for an unstaged change: the first line
+    must not lose its leading space (a stamp once said "ython_tests/...")."""
+    if not shutil.which("git"):
+        pytest.skip("git is not installed")
+    stamp = _bench_module("stamp")
+    g = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(g[:3] + ["init", "-q"], check=True)
+    (tmp_path / "a_file.py").write_text("1\n")
+    (tmp_path / "b_file.py").write_text("1\n")
+    subprocess.run(g + ["add", "."], check=True)
+    subprocess.run(g + ["commit", "-qm", "x"], check=True)
+    (tmp_path / "a_file.py").write_text("2\n")  # unstaged: " M a_file.py"
+    (tmp_path / "b_file.py").write_text("2\n")
+    monkeypatch.setattr(stamp, "ROOT", str(tmp_path))
+    st = stamp.git_state()
+    assert st["dirty"] is True and sorted(st["changed"]) == ["a_file.py", "b_file.py"], st
+
+
 def test_auto_at_every_size_by_default():
     bw = _bench_module("allreduce_bw")
     impls = ["torch:gloo", bw.AUTO_IMPL]
