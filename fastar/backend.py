@@ -752,6 +752,16 @@ def get_backend(group=None) -> FastarBackend:
     return be
 
 
+def _default_open_backend() -> FastarBackend | None:
+    """The default group's FastarBackend if it is one and still open; else None (what fastar.init adopts)."""
+    try:
+        be = get_backend()
+    except Exception:  # noqa: BLE001 - another backend, or none for CPU tensors: not ours to adopt
+        return None
+    return None if be.closed else be
+
+
 __all__ = ["FastarBackend", "FastarWork", "register", "get_backend", "NAME"]
 
 register()
+state.set_default_backend_lookup(_default_open_backend)

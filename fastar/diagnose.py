@@ -11,6 +11,7 @@ import time
 import torch.distributed as dist
 
 from . import state
+from .topology import start_time
 
 _ERR_KEY = "fastar/error/{}"
 # How the communicator's errors begin once it has failed (csrc/torch/communicator.cpp)
@@ -30,21 +31,6 @@ def _store_call(fn, seconds: float = 2.0):
     th.start()
     th.join(seconds)
     return out[0] if out else None
-
-
-def start_time(pid: int):
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def this_process():
-    """(host name, pid, start time): what fastar.init gathers from every rank."""
-    return socket.gethostname(), os.getpid(), start_time(os.getpid())
 
 
 def exited_peers() -> list[tuple[int, int]]:

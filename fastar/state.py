@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from . import diagnose, policy, settings, topology
+from . import policy, settings, topology
 from .groups import ShmSpaceError, extension, node_segment
 
 log = logging.getLogger("fastar")
@@ -163,7 +163,7 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
                     raise
                 warn_shm_fallback("fastar.init", e, chunks[i + 1])
         processes: list = [None] * topo.size
-        dist.all_gather_object(processes, diagnose.this_process(), group=world)
+        dist.all_gather_object(processes, topology.this_process(), group=world)
         _state = State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout,
                        processes=processes)
         _install_exit_hooks()
@@ -171,14 +171,20 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
         return topo
 
 
+# The "fastar" backend of the default group, or None: fastar.backend (a layer above this module)
+# installs its lookup when it is imported, which `import fastar` does.
+_default_backend_lookup = None
+
+
+def set_default_backend_lookup(lookup) -> None:
+    """lookup() -> the default group's open FastarBackend or None (fastar.backend calls this)."""
+    global _default_backend_lookup
+    _default_backend_lookup = lookup
+
+
 def _default_fastar_backend():
     """The default group's FastarBackend (its CPU backend), if it is one and still open; else None."""
-    from . import backend  # noqa: PLC0415 - fastar.backend imports this module
-    try:
-        be = backend.get_backend()
-    except Exception:  # noqa: BLE001 - another backend, or none for CPU tensors: not ours to adopt
-        return None
-    return None if be.closed else be
+    return _default_backend_lookup() if _default_backend_lookup is not None else None
 
 
 def _adopt(be, timeout: timedelta | None) -> State:
@@ -188,7 +194,7 @@ def _adopt(be, timeout: timedelta | None) -> State:
                  "timeout (%s); fastar.set_timeout changes it for both", timeout, be.timeout)
     world = dist.distributed_c10d._get_default_group()
     processes: list = [None] * be.topology.size
-    dist.all_gather_object(processes, diagnose.this_process(), group=world)
+    dist.all_gather_object(processes, topology.this_process(), group=world)
     log.debug("fastar.init: adopted the \"fastar\" default group's communicator: %s", be.topology)
     return State(topo=be.topology, comm=be.communicator, world_group=world, cross_group=None,
                  timeout=be.timeout, processes=processes, owner=be, comm_groups=be.transport_groups)

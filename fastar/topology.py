@@ -63,3 +63,18 @@ def detect(local_size: int | None = None, group=None) -> Topology:
             "every node must run the same number of ranks")
     return Topology(rank=rank, size=size, local_rank=rank % local_size, local_size=local_size,
                     node=rank // local_size, num_nodes=size // local_size, source=source)
+
+
+def start_time(pid: int):
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def this_process():
+    """(host name, pid, start time): what fastar.init gathers from every rank."""
+    return socket.gethostname(), os.getpid(), start_time(os.getpid())

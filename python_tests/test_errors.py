@@ -170,14 +170,14 @@ def test_exit_window_is_waited_out(monkeypatch):
     import sys
     from types import SimpleNamespace
 
-    from fastar import diagnose, state
+    from fastar import diagnose, state, topology
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.4)"])
     try:
         host = diagnose.socket.gethostname()
         started = None
         while started is None:  # /proc/<pid>/stat exists once Popen returns
-            started = diagnose.start_time(child.pid)
-        me = diagnose.this_process()
+            started = topology.start_time(child.pid)
+        me = topology.this_process()
         monkeypatch.setattr(state, "current", lambda: SimpleNamespace(topo=SimpleNamespace(rank=0),
                                                                       processes=[me, (host, child.pid, started)]))
         assert diagnose.exited_peers() == []  # still running: a single look finds nobody
