@@ -270,9 +270,13 @@ def test_smoke_run_two_workers_lars_trains_logs_and_plots(tmp_path):
     # it trained: 64 steps at LARS's default global lr (recipe.LARS_DEFAULT_LR = 10, not SGD's
     # 0.1*64/256 = 0.025, at which the loss stayed at ln 10 = 2.303 and the error at 84.7 %) moved every
     # conv weight and brought the loss below ln 10 and the error well below chance (measured: loss
-    # 2.20, 72.0 % with the same steps in one process, --batch 32 --accum 2)
+    # 2.20, 72.0 % with the same steps in one process, --batch 32 --accum 2). The training error over
+    # the epoch's 4096 images (train mode: batch statistics) is the stable measure of it: 79.0 % in a
+    # run through fastar, chance 90 % (binomial std over 4096 images: 0.6 points). The validation error
+    # after 64 steps rides on BN running statistics that have not settled (the same run: val loss 8.3,
+    # val error 86.8 %), so it is held only below chance.
     assert s["target_lr"] == recipe.LARS_DEFAULT_LR and s["config"]["ref_batch"] == 64
-    assert 0 < r["train_loss"] < 2.27 and r["val_top1_err"] < 80 and 0 <= r["train_top1_err"] <= 100
+    assert 0 < r["train_loss"] < 2.27 and r["train_top1_err"] < 85 and r["val_top1_err"] < 89.5
     assert r["images_per_s"] > 0
     torch.manual_seed(0)
     init = build_model("resnet8", 10).state_dict()
