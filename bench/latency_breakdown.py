@@ -55,9 +55,9 @@ def worker(rank: int, world: int, args) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env://
     import fastar
-    from fastar import collectives
+    from fastar import state
     fastar.init()
-    comm = collectives.get_state().comm
+    comm = state.get_state().comm
     t = torch.zeros(args.bytes // 4)
 
     def noop():
@@ -73,7 +73,7 @@ def worker(rank: int, world: int, args) -> dict:
     calls = max(1, prof["calls"])
     out["stages_us"] = {k[:-3]: prof[k] / calls / 1e3 for k in STAGES}
     out["python_entry_us"] = out["profiled_us"] - sum(out["stages_us"].values())
-    out["route"] = collectives.get_state().last_choice["why"]
+    out["route"] = state.get_state().last_choice["why"]
     dist.barrier()
     fastar.shutdown()
     dist.destroy_process_group()

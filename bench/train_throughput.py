@@ -120,7 +120,7 @@ def measure(rank: int, world: int, args) -> dict | None:
                      "overlap": statistics.median(overlap[impl]) if overlap[impl] else None,
                      "minor_faults": statistics.median(faults[impl]),
                      "step_ms_all": [t * 1e3 for t in times[impl]]})
-    return {"world_size": world, "local_size": fastar.collectives.get_state().topo.local_size, "model": args.model,
+    return {"world_size": world, "local_size": fastar.state.get_state().topo.local_size, "model": args.model,
             "image_size": args.image_size, "batch_per_worker": args.batch, "threads_per_rank": args.threads,
             "rows": rows, "fastar_timeline": timeline, "command": " ".join(sys.argv)}
 

@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-from .collectives import all_reduce, explain, init, is_initialized, set_timeout, shutdown  # noqa: F401
+from .collectives import all_reduce, explain  # noqa: F401
+from .state import init, is_initialized, set_timeout, shutdown  # noqa: F401
 from . import backend, trace  # noqa: F401,E402 - importing backend registers dist.init_process_group("fastar")
 
 __version__ = "0.1.0"

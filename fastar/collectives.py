@@ -4,7 +4,7 @@ Input checks live here, once, with messages that say what was wrong and what to 
 re-checks cheaply (TORCH_CHECK) but Python users should never see its text for a mistake of theirs.
 The rest lives by concern: fastar.state (init, shutdown, the timeout), fastar.groups (process
 groups and the node's shared-memory rendezvous), fastar.policy (the route), fastar.diagnose (which
-rank broke a collective); their public names stay importable from here.
+rank broke a collective); each name is imported from the module that defines it.
 """
 from __future__ import annotations
 
@@ -17,18 +17,15 @@ import torch.distributed as dist
 from . import policy
 from . import state as _state_mod
 from . import topology as _topology
-# Re-exported (noqa: F401): the names other modules, tests and docs import from fastar.collectives.
-from .diagnose import EARLIER_FAILURE, reraise, with_cause  # noqa: F401
-from .groups import (ShmSpaceError, backend_of, check_cuda_path, ensure_device_groups, extension,  # noqa: F401
-                     group_comm, job_id, node_segment, route)
-from .state import (LATENCY_PATH, SHM_FALLBACK_CHUNKS, State, current, get_state, init,  # noqa: F401
-                    is_initialized, require_dist, set_timeout, shutdown, warn_once)
+from .diagnose import reraise
+from .groups import backend_of, ensure_device_groups, group_comm, route
+from .state import LATENCY_PATH, current, get_state, require_dist, warn_once
 
 
 log = logging.getLogger("fastar")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-from .policy import ALGORITHMS, HIERARCHIES  # noqa: E402,F401 - the public choices
+from .policy import ALGORITHMS, HIERARCHIES  # noqa: E402 - the public choices
 # Gradient compression: the dtype on the wire; sums are accumulated in the tensor's own dtype.
 COMPRESSIONS = {None: "", "none": "", "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
 

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import collectives
+from . import collectives, policy
 from .diagnose import reraise
-from .groups import extension, route
-from .state import require_dist, warn_once
+from .groups import ShmSpaceError, ensure_device_groups, extension, node_segment, route
+from .state import get_state, require_dist, warn_once
 
 log = logging.getLogger("fastar")
 
@@ -55,13 +55,13 @@ class FastarModule(nn.Module):
         super().__init__()
         require_dist()
         _refuse_wrapped(module)
-        if algorithm not in collectives.ALGORITHMS:
-            raise ValueError(f"fastar.wrap: algorithm={algorithm!r}; expected one of {collectives.ALGORITHMS}")
-        if hierarchy not in collectives.HIERARCHIES:
-            raise ValueError(f"fastar.wrap: hierarchy={hierarchy!r}; expected one of {collectives.HIERARCHIES}")
+        if algorithm not in policy.ALGORITHMS:
+            raise ValueError(f"fastar.wrap: algorithm={algorithm!r}; expected one of {policy.ALGORITHMS}")
+        if hierarchy not in policy.HIERARCHIES:
+            raise ValueError(f"fastar.wrap: hierarchy={hierarchy!r}; expected one of {policy.HIERARCHIES}")
         wire = collectives.parse_compression(compression, "fastar.wrap")
         self.module = module
-        st = collectives.get_state()
+        st = get_state()
         self._state = st
         self._algorithm, self._hierarchy = algorithm, hierarchy
         self.find_unused_parameters = find_unused_parameters
@@ -90,7 +90,7 @@ class FastarModule(nn.Module):
                       "full-precision sums, slower); compression applies between nodes")
             wire = ""
         if device.type == "cuda" or wire:
-            collectives.ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
+            ensure_device_groups(st, device)  # NCCL (or compressed Gloo) groups, collective
         self._bgroup = st.device_groups["cuda"]["world"] if device.type == "cuda" else group
         self.forward_sync_buffers, init_sync_buffers = _buffer_sync(broadcast_buffers, forward_sync_buffers)
         if broadcast_from_rank0 and st.topo.size > 1:
@@ -110,9 +110,9 @@ class FastarModule(nn.Module):
             # Buckets live in the node's shared memory: the local phase reads them where they are.
             engine = self._engine
             try:
-                collectives.node_segment(st.topo, group, engine.attach_arena, "buckets",
+                node_segment(st.topo, group, engine.attach_arena, "buckets",
                                          lambda _: engine.unlink_arena(), lambda _: engine.detach_arena())
-            except collectives.ShmSpaceError as e:  # every rank alike: the same buckets everywhere
+            except ShmSpaceError as e:  # every rank alike: the same buckets everywhere
                 warn_once("wrap:shm-buckets", f"fastar.wrap: {e}\nThe buckets stay in private "
                           "memory and go through the staged shared-memory path instead (slower "
                           "local phase; same results).")
@@ -426,9 +426,9 @@ def hook_state(algorithm: str = "auto", hierarchy: str = "auto", compression=Non
     """State for fastar.comm_hook: ddp.register_comm_hook(fastar.hook_state(), fastar.comm_hook).
     compression: None | "fp16" | "bf16", as for fastar.wrap."""
     collectives.parse_compression(compression, "fastar.hook_state")
-    st = collectives.get_state()
+    st = get_state()
     if compression:
-        collectives.ensure_device_groups(st, torch.device("cpu"))  # collective, like DDP's construction
+        ensure_device_groups(st, torch.device("cpu"))  # collective, like DDP's construction
     return _HookState(algorithm, hierarchy, compression)
 
 

@@ -32,7 +32,7 @@ def _allreduce_worker(rank, size, local_size, wire, hierarchy, algorithm, counts
         x = r.clone()
         fastar.all_reduce(x, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
         out[n] = (ints, t, r, x, bool(torch.equal(x, x.to(wdt).float())))
-    choice = fastar.collectives.get_state().last_choice
+    choice = fastar.state.get_state().last_choice
     assert torch.get_num_threads() == 2, torch.get_num_threads()
     return out, choice["why"], fastar.explain()
 
@@ -128,7 +128,7 @@ def _one_node_worker(rank, size):
     plain, compressed = x.clone(), x.clone()
     fastar.all_reduce(plain)
     fastar.all_reduce(compressed, compression="fp16")
-    why = fastar.collectives.get_state().last_choice["why"]
+    why = fastar.state.get_state().last_choice["why"]
     forced_flat = x.clone()
     fastar.all_reduce(forced_flat, hierarchy="flat", compression="fp16")  # asked for: the wire is used
     with warnings.catch_warnings(record=True) as caught:

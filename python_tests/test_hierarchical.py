@@ -84,7 +84,7 @@ def _hier_worker(rank, n, local_size):
     import torch.distributed as dist
 
     import fastar
-    from fastar.collectives import get_state
+    from fastar.state import get_state
     fastar.init(local_size=local_size, timeout=timedelta(seconds=60))
     st = get_state()
     info = {"pid": os.getpid(), "errors": [], "hashes": {}}

@@ -26,9 +26,9 @@ def _values(rank, n, numel, dtype):
 
 def _fast_worker(rank, n):
     import fastar
-    from fastar import collectives, state
+    from fastar import state
     fastar.init()
-    st = collectives.get_state()
+    st = state.get_state()
     out = []
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         es = torch.empty((), dtype=dtype).element_size()
@@ -130,11 +130,11 @@ def test_latency_path_dead_peer():
 
 def _pipeline_worker(rank, n, numel):
     import fastar
-    from fastar import collectives
+    from fastar import state
     fastar.init()
     wrong = []
     for stream_above in (1 << 62, 0):  # cached stores (the default), then streaming stores at every size
-        collectives.get_state().comm.set_stream_above_bytes(stream_above)
+        state.get_state().comm.set_stream_above_bytes(stream_above)
         t = _values(rank, n, numel, torch.float32)
         fastar.all_reduce(t, hierarchy="leader", algorithm="halving_doubling")
         want = sum(_values(r, n, numel, torch.float64) for r in range(n)).float()

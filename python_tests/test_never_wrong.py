@@ -31,7 +31,7 @@ def _outcome(fn):
 
 def _tuning_worker(rank, n, setting):
     fastar.init(local_size=n, timeout=timedelta(seconds=10))
-    comm = fastar.collectives.get_state().comm
+    comm = fastar.state.get_state().comm
     if setting == "chunk":
         if rank == 0:
             comm.set_local_chunk_bytes(256 << 10)

@@ -89,7 +89,7 @@ def params_digest(module: torch.nn.Module) -> str:
 
 def _soak_worker(rank, n):
     import fastar
-    from fastar.collectives import get_state
+    from fastar.state import get_state
     torch.set_num_threads(1)
     fastar.init(local_size=2, timeout=timedelta(seconds=60))
     prefix = job_prefix(get_state().comm.shm_name())
@@ -180,7 +180,7 @@ def _job_worker(rank, n, job, other, rendezvous):
     import torch.distributed as dist
 
     import fastar
-    from fastar.collectives import get_state
+    from fastar.state import get_state
     fastar.init(local_size=n, timeout=timedelta(seconds=60))  # one node: everything in shared memory
     # init returns on a non-creator rank right after the last barrier, while the creator may still be
     # about to unlink the name: one more barrier, and the name is gone for everyone

@@ -364,7 +364,7 @@ def _subgroup_worker(rank, n):
     import torch.distributed as dist
 
     import fastar
-    from fastar import collectives
+    from fastar import state
 
     fastar.init(local_size=1, timeout=timedelta(seconds=30))
     sums = []
@@ -375,7 +375,7 @@ def _subgroup_worker(rank, n):
             fastar.all_reduce(t, group=g)
             sums.append(t[0].item())
         dist.destroy_process_group(g)  # its fastar communicator goes with it
-        sums.append(len(collectives.get_state().group_comms))
+        sums.append(len(state.get_state().group_comms))
     return sums
 
 
