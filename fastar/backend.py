@@ -18,8 +18,11 @@ node's shared-memory arena for the world group. What runs where (docs/backend.md
 Every collective returns a Work whose future completes when the result is in place, so DDP's
 reducer and comm hooks chain on it. One completion thread per backend waits on fastar's native
 works in submission order (the communicator runs them in that order too) and completes the
-futures that were asked for; Work.wait() completes its own work in the caller's thread. Each native collective is a torch.profiler range named with its bytes, plan and peers,
-which lasts until the collective ends.
+futures that were asked for; Work.wait() completes its own work in the caller's thread.
+
+Every call, whatever its path, is counted in path_counts() ({(method, path): calls}; path "latency",
+"native" or "delegated") and, while the profiler runs, is one torch.profiler range (_profiled) that
+lasts until its Work completes; the path taken is the same with the profiler on or off.
 """
 from __future__ import annotations
 

@@ -842,6 +842,51 @@ def test_errors_mismatch_and_dead_rank():
         assert out["dead_s"] < 8 + 20, out
 
 
+def _dying_halves_worker(rank, n, what, timeout_s):
+    """Every rank runs 4 MiB reduce-scatters (or allgathers: queued on the communicator's thread)
+    back to back; the last rank is killed (SIGKILL) half a second in, during one of them."""
+    import threading
+    dist, fastar = _init(rank, n, timeout_s=timeout_s)
+    be = fastar.backend.get_backend()
+    numel = 1 << 20
+    small, big = torch.ones(numel), torch.ones(n * numel)
+    dist.barrier()
+    if rank == n - 1:
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    t0, calls, err = time.monotonic(), 0, None
+    try:
+        while time.monotonic() - t0 < 3 * timeout_s + 60:
+            if what == "reduce_scatter":
+                dist.reduce_scatter_tensor(small, big)
+            else:
+                dist.all_gather_into_tensor(big, small)
+            calls += 1
+    except Exception as e:  # noqa: BLE001 - what the test checks
+        err = f"{type(e).__name__}: {e}"
+    return {"err": err, "s": time.monotonic() - t0, "calls": calls, "paths": be.path_counts()}
+
+
+@pytest.mark.parametrize("what,local", [("reduce_scatter", None), ("allgather", "1")])
+def test_rank_dies_during_halves(what, local):
+    """A rank killed during a reduce-scatter (1 node x 3: shared memory) or an allgather (3 nodes x
+    1: Gloo between them): every other rank's call raises a Python exception within the group's
+    timeout + 15 s of the kill, naming the dead rank; none hangs or dies by a signal."""
+    n, timeout_s = 3, 8
+    before = fastar_segments()
+    env = {"FASTAR_LOCAL_SIZE": local} if local else {}
+    got, failures = run_workers(_dying_halves_worker, n, what, timeout_s, init_dist=False, env=env, timeout=150,
+                                allow_failures=True)
+    assert set(failures) == {n - 1} and "code -9" in failures[n - 1], failures  # only the killed rank
+    assert set(got) == set(range(n - 1)), got
+    op = "reduce_scatter_single" if what == "reduce_scatter" else "all_gather_single"
+    for rank, out in got.items():
+        assert out["err"] is not None, f"rank {rank}: no error after its peer died ({out})"
+        assert out["s"] < 0.5 + timeout_s + 15, f"rank {rank}: the error came {out['s']:.1f} s in ({out})"
+        assert f"rank {n - 1}" in out["err"], f"rank {rank}: the error does not name the dead rank: {out['err']}"
+        assert set(out["paths"]) == {(op, "native"), ("barrier", "delegated")}, out["paths"]  # fastar's halves ran
+    assert not leaked(before, set())
+
+
 # -- Chrome trace -------------------------------------------------------------------------------
 
 def test_chrome_trace_export(tmp_path):
