@@ -276,6 +276,7 @@ def _check_paths(dist, be, group, gloo, rank, n):
     for label, expect, fn, ref in _path_forms(dist, rank, n, fast):
         got, out = _ran(be, lambda: fn(group))
         assert got == expect, f"{label}: ran {got}, expected {expect} (rank {rank}, {topo})"
+        assert be.last_path in expect, (label, be.last_path)
         want = (ref or fn)(gloo)
         assert len(out) == len(want), (label, out, want)
         for a, b in zip(out, want):
@@ -483,6 +484,8 @@ def _check_device_string(rank, n, spec):
 def test_collectives_match_gloo(n, local, spec):
     """Worlds 1..5: on one host (shared-memory local phase), 3 nodes x 1 (flat, FASTAR_LOCAL_SIZE=1,
     init_method tcp://) and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail").
+    First every collective form, each asserting the path it took (path_counts: latency, native or
+    delegated) and Gloo's result (_check_paths); at 2 ranks the same again under torch.profiler.
     5 ranks and 2 nodes x 3 run with a 64 KiB shared-memory chunk, so that reduce-scatter and
     allgather go through the slots in several pieces (and 2 x 3 crosses nodes with 3 local ranks)."""
     before = fastar_segments()
