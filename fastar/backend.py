@@ -416,7 +416,6 @@ class FastarBackend(_C10dBackend):
             algo, hier, _ = collectives.choose(nbytes, "auto", "auto", self._topo)
         name = f"fastar::{what} {nbytes}B {hier}:{algo} peers={self._size}"
         rec = [name, nbytes, f"{hier}:{algo}", 0.0, 0.0]
-        a, h, _ = groups.route(algo, hier)
 
         def run() -> FastarWork:
             fut: torch.futures.Future = torch.futures.Future()
@@ -439,6 +438,7 @@ class FastarBackend(_C10dBackend):
                     self._keep(rec)
                     fut.set_result(result)
                     return FastarWork(fut, result)
+            a, h, _ = groups.route(algo, hier)
             return self._launch(lambda: self._comm.allreduce_async(flat, a, h, avg, self._validate), fut, result,
                                 post, rec, op)
         return self._profiled(name, run)
@@ -454,8 +454,6 @@ class FastarBackend(_C10dBackend):
         return FastarWork(fut, result, pending)
 
     # -- which path each call took, and its profiler range -------------------------------------
-
-    PATHS = ("native", "latency", "delegated")
 
     def _count(self, op: str, path: str) -> None:
         key = (op, path)
