@@ -18,8 +18,11 @@ node's shared-memory arena for the world group. What runs where (docs/backend.md
 Every collective returns a Work whose future completes when the result is in place, so DDP's
 reducer and comm hooks chain on it. One completion thread per backend waits on fastar's native
 works in submission order (the communicator runs them in that order too) and completes the
-futures that were asked for; Work.wait() completes its own work in the caller's thread. Each native collective is a torch.profiler range named with its bytes, plan and peers,
-which lasts until the collective ends.
+futures that were asked for; Work.wait() completes its own work in the caller's thread.
+
+Every call, whatever its path, is counted in path_counts() ({(method, path): calls}; path "latency",
+"native" or "delegated") and, while the profiler runs, is one torch.profiler range (_profiled) that
+lasts until its Work completes; the path taken is the same with the profiler on or off.
 """
 from __future__ import annotations
 
@@ -180,6 +183,8 @@ class FastarBackend(_C10dBackend):
         self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
         self._queue: queue.Queue = queue.Queue()
         self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
+        self._paths: dict = {}  # (method, path) -> calls: which path each call took (path_counts)
+        self.last_path: tuple | None = None  # (method, path) of this group's latest call
         self._thread = threading.Thread(target=self._complete_loop, name=f"fastar-backend-{group_id}",
                                         daemon=True)
         self._thread.start()
@@ -396,8 +401,11 @@ class FastarBackend(_C10dBackend):
             pass
         return e
 
-    def _native(self, flat: torch.Tensor, avg: bool, what: str, result, post=None) -> FastarWork:
-        """Queues one fastar allreduce of `flat` (contiguous, in place); `post` runs after it."""
+    def _native(self, flat: torch.Tensor, avg: bool, what: str, result, post=None, op: str | None = None) \
+            -> FastarWork:
+        """Queues one fastar allreduce of `flat` (contiguous, in place); `post` runs after it. op: the
+        Backend method called (path_counts), `what` when None."""
+        op = op or what
         if self._closed:
             raise RuntimeError("fastar backend: the process group was shut down")
         nbytes = flat.numel() * flat.element_size()
@@ -407,47 +415,91 @@ class FastarBackend(_C10dBackend):
         else:
             algo, hier, _ = collectives.choose(nbytes, "auto", "auto", self._topo)
         name = f"fastar::{what} {nbytes}B {hier}:{algo} peers={self._size}"
-        fut: torch.futures.Future = torch.futures.Future()
         rec = [name, nbytes, f"{hier}:{algo}", 0.0, 0.0]
-        if not torch.autograd.profiler._is_profiler_enabled and flat.device.type == "cpu":
-            # A small CPU tensor on one node: fastar's latency path runs it now, and the Work is
-            # complete when returned (it declines anything else: queued below).
-            t0 = time.monotonic()
-            try:
-                ran = self._comm.allreduce_fast(flat, avg)
-            except RuntimeError as e:
-                fut.set_exception(self._annotate(e))
-                return FastarWork(fut, result)
-            if ran:
-                if post is not None:
-                    post()
-                rec[3:] = [t0, time.monotonic()]  # the native clock: steady_clock = CLOCK_MONOTONIC
-                self._keep(rec)
-                fut.set_result(result)
-                return FastarWork(fut, result)
-        a, h, _ = groups.route(algo, hier)
-        return self._launch(lambda: self._comm.allreduce_async(flat, a, h, avg, self._validate), name, fut, result,
-                            post, rec)
 
-    def _launch(self, start, name, fut, result, post, rec) -> FastarWork:
-        """Starts one native collective (`start()` returns fastar's work) and returns its Work; while
-        the profiler runs, a range named `name` lasts until the collective ends."""
-        if not torch.autograd.profiler._is_profiler_enabled:
-            pending = _Pending(self, start(), fut, result, post, rec)
-        else:
-            with torch.profiler.record_function(name) as rf:
-                pending = _Pending(self, start(), fut, result, post, rec)
-                # The completion thread completes it (and so ends the range) without a wait().
-                self._enqueue(pending)
-                rf._call_end_callbacks_on_future(fut)  # the range lasts until the collective ends
-        # Otherwise the completion thread takes only the works whose future someone may chain on
-        # (get_future); the caller's wait() (or is_completed()) completes the others, post-step
-        # included: no second thread wakes for a plain dist.all_reduce (that hand-off cost ~60 us a
-        # call on 2 busy cores).
+        def run() -> FastarWork:
+            fut: torch.futures.Future = torch.futures.Future()
+            if flat.device.type == "cpu":
+                # A small CPU tensor on one node: fastar's latency path runs it now, and the Work is
+                # complete when returned (it declines anything else: queued below). The same with
+                # the profiler on: the range then covers the call.
+                t0 = time.monotonic()
+                try:
+                    ran = self._comm.allreduce_fast(flat, avg)
+                except RuntimeError as e:
+                    self._count(op, "latency")
+                    fut.set_exception(self._annotate(e))
+                    return FastarWork(fut, result)
+                if ran:
+                    self._count(op, "latency")
+                    if post is not None:
+                        post()
+                    rec[3:] = [t0, time.monotonic()]  # the native clock: steady_clock = CLOCK_MONOTONIC
+                    self._keep(rec)
+                    fut.set_result(result)
+                    return FastarWork(fut, result)
+            a, h, _ = groups.route(algo, hier)
+            return self._launch(lambda: self._comm.allreduce_async(flat, a, h, avg, self._validate), fut, result,
+                                post, rec, op)
+        return self._profiled(name, run)
+
+    def _launch(self, start, fut, result, post, rec, op: str) -> FastarWork:
+        """Starts one native collective (`start()` returns fastar's work) and returns its Work."""
+        self._count(op, "native")
+        pending = _Pending(self, start(), fut, result, post, rec)
+        # The completion thread takes only the works whose future someone may chain on (get_future:
+        # DDP, comm hooks, and _profiled, so that a profiler range ends without a wait()); the
+        # caller's wait() (or is_completed()) completes the others, post-step included: no second
+        # thread wakes for a plain dist.all_reduce (that hand-off cost ~60 us a call on 2 busy cores).
         return FastarWork(fut, result, pending)
 
+    # -- which path each call took, and its profiler range -------------------------------------
+
+    def _count(self, op: str, path: str) -> None:
+        key = (op, path)
+        self._paths[key] = self._paths.get(key, 0) + 1
+        self.last_path = key
+
+    def path_counts(self) -> dict:
+        """{(method, path): calls} since the group was created. method: the Backend method torch
+        called (allreduce, allreduce_coalesced, reduce_scatter, reduce_scatter_single, allgather,
+        all_gather_single, broadcast, barrier, send, ...); path: "latency" (fastar's latency path,
+        complete when returned), "native" (a fastar collective on the communicator) or "delegated"
+        (the internal Gloo/NCCL backend, fallbacks included)."""
+        return dict(self._paths)
+
+    @staticmethod
+    def _profiled(name, start):
+        """start() (which returns a Work, or None), inside a torch.profiler range named `name` (a
+        string, or a function making it, called only while the profiler runs) that lasts until the
+        Work's future completes (or until start returns, for a Work without a future). Every call
+        of the backend, native, latency, delegated or fallback, goes through here: the path taken
+        is the same with the profiler on or off."""
+        if not torch.autograd.profiler._is_profiler_enabled:
+            return start()
+        with torch.profiler.record_function(name if isinstance(name, str) else name()) as rf:
+            work = start()
+            try:
+                fut = work.get_future()  # a FastarWork's: the completion thread ends it without a wait()
+            except Exception:  # noqa: BLE001 - no Work, or a Work without a future (Gloo's send/recv)
+                fut = None
+            if fut is not None:
+                rf._call_end_callbacks_on_future(fut)
+        return work
+
+    def _delegated_call(self, op: str, tensors, call):
+        """call(inner) on the internal backend for these tensors (Gloo for CPU, NCCL for CUDA):
+        counted as op's "delegated" path, in a profiler range naming the backend it went to."""
+        inner = self._delegate(tensors)
+        self._count(op, "delegated")
+
+        def name():
+            nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            return f"fastar::{op} (delegated to {inner.name()}) {nbytes}B peers={self._size}"
+        return self._profiled(name, lambda: call(inner))
+
     def _native_halves(self, scatter: bool, out: torch.Tensor, inp: torch.Tensor, avg: bool, what: str, result,
-                       post=None) -> FastarWork:
+                       post=None, op: str | None = None) -> FastarWork:
         """fastar's reduce-scatter (scatter) or allgather of CPU tensors: the two halves of its
         allreduce. In shared memory on each node; between nodes, the rail runs the schedule's half
         (halving/doubling when the node count is a power of two, else ring)."""
@@ -462,8 +514,10 @@ class FastarBackend(_C10dBackend):
         name = f"fastar::{what} {nbytes}B {plan} peers={self._size}"
         rec = [name, nbytes, plan, 0.0, 0.0]
         # Small calls run at once in the caller's thread (no hand-off); large ones are queued, so
-        # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run.
-        queued = nbytes > self.HALVES_INLINE_BYTES or torch.autograd.profiler._is_profiler_enabled
+        # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run. The same
+        # with the profiler on.
+        queued = nbytes > self.HALVES_INLINE_BYTES
+        op = op or what
         comm = self._comm
         hd = groups.route("halving_doubling", "flat")[0]  # the halves fall back to ring themselves
         if scatter:
@@ -472,12 +526,14 @@ class FastarBackend(_C10dBackend):
         else:
             def start():
                 return comm.allgather(out, inp, hd, self._validate, queued)
-        fut: torch.futures.Future = torch.futures.Future()
-        try:
-            return self._launch(start, name, fut, result, post, rec)
-        except RuntimeError as e:  # an inline call failed (or the communicator had): the Work says so
-            fut.set_exception(self._annotate(e))
-            return FastarWork(fut, result)
+        def run() -> FastarWork:
+            fut: torch.futures.Future = torch.futures.Future()
+            try:
+                return self._launch(start, fut, result, post, rec, op)
+            except RuntimeError as e:  # an inline call failed (or the communicator had): the Work says so
+                fut.set_exception(self._annotate(e))
+                return FastarWork(fut, result)
+        return self._profiled(name, run)
 
     HALVES_INLINE_BYTES = 1 << 20
 
@@ -524,17 +580,17 @@ class FastarBackend(_C10dBackend):
     def allreduce(self, tensors, opts):
         avg = _op_kind(opts.reduceOp)
         if any(t.layout != torch.strided for t in tensors):  # sparse: Gloo's own sparse allreduce
-            return self._fallback_allreduce(tensors, opts, avg)
+            return self._fallback_allreduce(tensors, opts, avg, "allreduce")
         if avg is not None and len(tensors) == 1 and self._native_ok(tensors[0]):
             return self._native(tensors[0], avg, "allreduce", list(tensors))
         if avg is not None and tensors:  # several tensors, or a non-contiguous one: packed
             return self._coalesced(tensors, avg, "allreduce")
-        return self._fallback_allreduce(tensors, opts, avg)
+        return self._fallback_allreduce(tensors, opts, avg, "allreduce")
 
     def allreduce_coalesced(self, tensors, opts):
         avg = _op_kind(opts.reduceOp)
         if avg is None or not tensors:
-            return self._delegate(tensors).allreduce_coalesced(tensors, opts)
+            return self._delegated_call("allreduce_coalesced", tensors, lambda g: g.allreduce_coalesced(tensors, opts))
         return self._coalesced(tensors, avg, "allreduce_coalesced")
 
     def _coalesced(self, tensors, avg: bool, what: str):
@@ -545,7 +601,7 @@ class FastarBackend(_C10dBackend):
         if not packable or len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
             opts = dist.AllreduceCoalescedOptions()
             opts.reduceOp = dist.ReduceOp.AVG if avg else dist.ReduceOp.SUM
-            return self._fallback_allreduce(tensors, opts, avg, coalesced=True)
+            return self._fallback_allreduce(tensors, opts, avg, what, coalesced=True)
         flat = torch.cat([t.reshape(-1) for t in tensors])
 
         def unpack():
@@ -556,29 +612,31 @@ class FastarBackend(_C10dBackend):
                 off += n
         return self._native(flat, avg, what, list(tensors), unpack)
 
-    def _fallback_allreduce(self, tensors, opts, avg, coalesced: bool = False):
+    def _fallback_allreduce(self, tensors, opts, avg, op: str, coalesced: bool = False):
         """Ops other than sum/avg, other dtypes, sparse tensors: the internal Gloo/NCCL backend.
         Gloo has no AVG: summed there, then divided."""
-        inner = self._delegate(tensors)
-        gloo_avg = avg is True and inner is self._gloo
-        if gloo_avg:
-            opts = dist.AllreduceCoalescedOptions() if coalesced else dist.AllreduceOptions()
-            opts.reduceOp = dist.ReduceOp.SUM
-        work = inner.allreduce_coalesced(tensors, opts) if coalesced else inner.allreduce(tensors, opts)
-        if not gloo_avg:
-            return work
-        fut = work.get_future()
-        size = self._size
+        def call(inner):
+            nonlocal opts
+            gloo_avg = avg is True and inner is self._gloo
+            if gloo_avg:
+                opts = dist.AllreduceCoalescedOptions() if coalesced else dist.AllreduceOptions()
+                opts.reduceOp = dist.ReduceOp.SUM
+            work = inner.allreduce_coalesced(tensors, opts) if coalesced else inner.allreduce(tensors, opts)
+            if not gloo_avg:
+                return work
+            fut = work.get_future()
+            size = self._size
 
-        def divide(f):
-            f.value()
-            for t in tensors:
-                if t.is_floating_point() or t.is_complex():
-                    t.div_(size)
-                else:
-                    t.floor_divide_(size)
-            return list(tensors)
-        return FastarWork(fut.then(divide), list(tensors))
+            def divide(f):
+                f.value()
+                for t in tensors:
+                    if t.is_floating_point() or t.is_complex():
+                        t.div_(size)
+                    else:
+                        t.floor_divide_(size)
+                return list(tensors)
+            return FastarWork(fut.then(divide), list(tensors))
+        return self._delegated_call(op, tensors, call)
 
     def _halves_ok(self, *tensors) -> bool:
         """CPU tensors the native halves take: dense, contiguous, one dtype."""
@@ -589,8 +647,9 @@ class FastarBackend(_C10dBackend):
         avg = _op_kind(opts.reduceOp)
         if avg is None or input.dtype not in collectives.SUPPORTED_DTYPES or not self._halves_ok(output, input) \
                 or input.numel() != output.numel() * self._size:
-            return self._delegate([input]).reduce_scatter_single(output, input, opts)
-        return self._native_halves(True, output, input, avg, "reduce_scatter", [output])
+            return self._delegated_call("reduce_scatter_single", [input],
+                                        lambda g: g.reduce_scatter_single(output, input, opts))
+        return self._native_halves(True, output, input, avg, "reduce_scatter", [output], op="reduce_scatter_single")
 
     def reduce_scatter(self, outputs, inputs, opts):
         avg = _op_kind(opts.reduceOp)
@@ -599,21 +658,22 @@ class FastarBackend(_C10dBackend):
                 or outputs[0].dtype not in collectives.SUPPORTED_DTYPES \
                 or not self._halves_ok(outputs[0], *inputs[0]) \
                 or not all(t.shape == outputs[0].shape for t in inputs[0]):
-            return self._delegate(outputs).reduce_scatter(outputs, inputs, opts)
+            return self._delegated_call("reduce_scatter", outputs, lambda g: g.reduce_scatter(outputs, inputs, opts))
         flat = torch.cat([t.reshape(-1) for t in inputs[0]])
         return self._native_halves(True, outputs[0], flat, avg, "reduce_scatter", list(outputs))
 
     def all_gather_single(self, output, input, opts):  # noqa: A002 - torch's name
         if not self._halves_ok(output, input) or output.numel() != input.numel() * self._size:
-            return self._delegate([input]).all_gather_single(output, input, opts)
-        return self._native_halves(False, output, input, False, "allgather", [output])
+            return self._delegated_call("all_gather_single", [input],
+                                        lambda g: g.all_gather_single(output, input, opts))
+        return self._native_halves(False, output, input, False, "allgather", [output], op="all_gather_single")
 
     def allgather(self, outputs, inputs, opts):
         n = self._size
         if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0]) != n \
                 or not self._halves_ok(inputs[0], *outputs[0]) \
                 or not all(t.shape == inputs[0].shape for t in outputs[0]):
-            return self._delegate(inputs).allgather(outputs, inputs, opts)
+            return self._delegated_call("allgather", inputs, lambda g: g.allgather(outputs, inputs, opts))
         inp, outs = inputs[0], outputs[0]
         flat = torch.empty(n * inp.numel(), dtype=inp.dtype)
 
@@ -623,25 +683,27 @@ class FastarBackend(_C10dBackend):
         return self._native_halves(False, flat, inp, False, "allgather", list(outputs), unpack)
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts):
-        return self._delegate(inputs).reduce_scatter_single_coalesced(outputs, inputs, opts)
+        return self._delegated_call("reduce_scatter_single_coalesced", inputs,
+                                    lambda g: g.reduce_scatter_single_coalesced(outputs, inputs, opts))
 
     # -- delegated collectives (more are made by _delegated, after the class) ------------------
 
     def barrier(self, opts):
-        return self._gloo.barrier(opts)
+        return self._delegated_call("barrier", [], lambda g: self._gloo.barrier(opts))
 
     def send(self, tensors, dst: int, tag: int):
-        return self._delegate(tensors).send(tensors, dst, tag)
+        return self._delegated_call("send", tensors, lambda g: g.send(tensors, dst, tag))
 
     def recv(self, tensors, src: int, tag: int):
-        return self._delegate(tensors).recv(tensors, src, tag)
+        return self._delegated_call("recv", tensors, lambda g: g.recv(tensors, src, tag))
 
     def recv_anysource(self, tensors, tag: int):
-        return self._delegate(tensors).recv_anysource(tensors, tag)
+        return self._delegated_call("recv_anysource", tensors, lambda g: g.recv_anysource(tensors, tag))
 
     def monitored_barrier(self, opts, wait_all_ranks=False):
         # Gloo's Python binding takes the timeout, not the options (torch's trampoline passes the options)
-        return self._gloo.monitored_barrier(opts.timeout, wait_all_ranks)
+        return self._delegated_call("monitored_barrier", [],
+                                    lambda g: self._gloo.monitored_barrier(opts.timeout, wait_all_ranks))
 
     # -- records and shutdown ------------------------------------------------------------------
 
@@ -674,13 +736,7 @@ def _delegated(name: str):
             elif isinstance(a, (list, tuple)):
                 for x in a:
                     tensors.extend(x if isinstance(x, (list, tuple)) else [x])
-        inner = self._delegate(tensors)
-        if not torch.autograd.profiler._is_profiler_enabled:
-            return getattr(inner, name)(*args)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        with torch.profiler.record_function(f"fastar::{name} (delegated to {inner.name()}) {nbytes}B "
-                                            f"peers={self._size}"):
-            return getattr(inner, name)(*args)
+        return self._delegated_call(name, tensors, lambda inner: getattr(inner, name)(*args))
     call.__name__ = name
     call.__doc__ = "Delegated to the internal Gloo (CPU) or NCCL (CUDA) backend of the same ranks."
     return call

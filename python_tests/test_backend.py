@@ -51,13 +51,276 @@ def _same_avg(a, sums, n, what):
         torch.testing.assert_close(a, sums / n, msg=lambda m: f"{what}: {m}")
 
 
+# -- which path each call took (FastarBackend.path_counts) ------------------------------------------
+
+def _ran(be, call):
+    """The (method, path) counts that call() added to the backend's path_counts."""
+    before = be.path_counts()
+    out = call()
+    after = be.path_counts()
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}, out
+
+
+def _path_forms(dist, rank, n, fast: bool):
+    """Every collective form the backend takes: (label, {(method, path): calls} expected on this
+    rank, fn(group) -> result tensors, ref(gloo group) -> the reference, or None: fn(gloo)).
+    fast: the latency path is there (one node with shared memory): small float allreduces take it."""
+    small, large = 1024, 1 << 16  # 4 KiB (latency path: up to 64 KiB) and 256 KiB of fp32
+    lat = "latency" if fast else "native"
+    R = dist.ReduceOp
+    forms = []
+
+    def add(label, expect, fn, ref=None):
+        forms.append((label, expect if isinstance(expect, dict) else {expect: 1}, fn, ref))
+
+    def allreduce(numel, dtype, op, seed):
+        def fn(g):
+            t = _ints((numel,), rank, seed, dtype)
+            if op == R.PRODUCT:
+                t = t.clamp(1, 2)
+            dist.all_reduce(t, op=op, group=g)
+            return [t]
+        return fn
+
+    def avg_ref(numel, dtype, seed):  # Gloo has no AVG: its exact sum, divided
+        def ref(g):
+            t = _ints((numel,), rank, seed, dtype)
+            dist.all_reduce(t, group=g)
+            return [t]  # compared as an average of these sums
+        return ref
+
+    for i, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+        add(f"all_reduce sum small {dtype}", ("allreduce", lat), allreduce(small, dtype, R.SUM, 300 + i))
+        add(f"all_reduce avg small {dtype}", ("allreduce", lat), allreduce(small, dtype, R.AVG, 310 + i),
+            avg_ref(small, dtype, 310 + i))
+    for i, dtype in enumerate((torch.float32, torch.float16)):
+        add(f"all_reduce sum large {dtype}", ("allreduce", "native"), allreduce(large, dtype, R.SUM, 320 + i))
+        add(f"all_reduce avg large {dtype}", ("allreduce", "native"), allreduce(large, dtype, R.AVG, 330 + i),
+            avg_ref(large, dtype, 330 + i))
+    for i, op in enumerate((R.MIN, R.MAX, R.PRODUCT)):
+        add(f"all_reduce {op} (fallback)", ("allreduce", "delegated"), allreduce(small, torch.float32, op, 340 + i))
+    add("all_reduce sum int64 (fallback)", ("allreduce", "delegated"), allreduce(33, torch.int64, R.SUM, 350))
+
+    def int_avg(g):  # AVG on the Gloo fallback: Gloo's sum, divided; the sum is a multiple of n here
+        t = _ints((33,), 0, 351, torch.int64) + (rank if rank < n - 1 else -(n - 1) * (n - 2) // 2)
+        dist.all_reduce(t, op=R.AVG, group=g)
+        return [t]
+
+    def int_avg_ref(g):
+        t = _ints((33,), 0, 351, torch.int64) + (rank if rank < n - 1 else -(n - 1) * (n - 2) // 2)
+        dist.all_reduce(t, group=g)
+        assert torch.equal(t % n, torch.zeros_like(t)), t
+        return [t // n]
+    add("all_reduce avg int64 (Gloo fallback: sum, then divided)", ("allreduce", "delegated"), int_avg, int_avg_ref)
+
+    def coalesced(numel, op, dtype, seed):
+        def fn(g):
+            ts = [_ints((numel, 3), rank, seed, dtype), _ints((numel + 5,), rank, seed + 1, dtype)]
+            dist.all_reduce_coalesced(ts, op=op, group=g)
+            return ts
+        return fn
+    add("all_reduce_coalesced small", ("allreduce_coalesced", lat), coalesced(100, R.SUM, torch.float32, 360))
+    add("all_reduce_coalesced large", ("allreduce_coalesced", "native"), coalesced(large, R.SUM, torch.float32, 362))
+    add("all_reduce_coalesced max (fallback)", ("allreduce_coalesced", "delegated"),
+        coalesced(100, R.MAX, torch.float32, 364))
+
+    def coalesced_int_avg(g):
+        ts = [_ints((7,), 0, 366, torch.int32) * n, _ints((9,), 0, 367, torch.int32) * n]
+        if g is None:
+            dist.all_reduce_coalesced(ts, op=R.AVG, group=g)
+        else:  # Gloo: sum, divided
+            dist.all_reduce_coalesced(ts, group=g)
+            ts = [t // n for t in ts]
+        return ts
+    add("all_reduce_coalesced avg int32 (Gloo fallback)", ("allreduce_coalesced", "delegated"), coalesced_int_avg)
+
+    # reduce-scatter: tensor and list forms, the coalesced tensor form
+    def rs_tensor(numel, dtype, op, seed):
+        def fn(g):
+            out = torch.zeros(numel, dtype=dtype)
+            dist.reduce_scatter_tensor(out, _ints((n * numel,), rank, seed, dtype), op=op, group=g)
+            return [out]
+        return fn
+
+    def rs_avg_ref(numel, dtype, seed):
+        def ref(g):
+            out = torch.zeros(numel, dtype=dtype)
+            dist.reduce_scatter_tensor(out, _ints((n * numel,), rank, seed, dtype), group=g)
+            return [out]  # compared as an average of these sums
+        return ref
+
+    def rs_list(numel, dtype, op, seed):
+        def fn(g):
+            out = torch.zeros(numel, dtype=dtype)
+            dist.reduce_scatter(out, list(_ints((n * numel,), rank, seed, dtype).chunk(n)), op=op, group=g)
+            return [out]
+        return fn
+    for i, (numel, dtype) in enumerate(((small, torch.float32), (small, torch.float16), ((1 << 20) // 4 + 1, torch.float32))):
+        size = "large (queued)" if numel > small else "small (inline)"
+        add(f"reduce_scatter_tensor sum {size} {dtype}", ("reduce_scatter_single", "native"),
+            rs_tensor(numel, dtype, R.SUM, 400 + i))
+        add(f"reduce_scatter_tensor avg {size} {dtype}", ("reduce_scatter_single", "native"),
+            rs_tensor(numel, dtype, R.AVG, 410 + i), rs_avg_ref(numel, dtype, 410 + i))
+        add(f"reduce_scatter list sum {size} {dtype}", ("reduce_scatter", "native"), rs_list(numel, dtype, R.SUM, 420 + i))
+    add("reduce_scatter_tensor max (fallback)", ("reduce_scatter_single", "delegated"),
+        rs_tensor(small, torch.float32, R.MAX, 430))
+    add("reduce_scatter_tensor int64 (fallback)", ("reduce_scatter_single", "delegated"),
+        rs_tensor(33, torch.int64, R.SUM, 431))
+    add("reduce_scatter list max (fallback)", ("reduce_scatter", "delegated"), rs_list(small, torch.float32, R.MAX, 432))
+
+    def rs_coalesced(g):
+        outs = [torch.zeros(5), torch.zeros(9)]
+        with dist._coalescing_manager(group=g):
+            for j, o in enumerate(outs):
+                dist.reduce_scatter_tensor(o, _ints((n * o.numel(),), rank, 440 + j), group=g)
+        return outs
+    add("reduce_scatter_tensor_coalesced", ("reduce_scatter_single_coalesced", "delegated"), rs_coalesced)
+
+    # allgather: list and into-tensor forms (any dtype), the coalesced into-tensor form
+    def ag_list(numel, dtype, seed):
+        def fn(g):
+            outs = [torch.zeros(numel, dtype=dtype) for _ in range(n)]
+            dist.all_gather(outs, _ints((numel,), rank, seed, dtype), group=g)
+            return outs
+        return fn
+
+    def ag_tensor(numel, dtype, seed):
+        def fn(g):
+            out = torch.zeros(n * numel, dtype=dtype)
+            dist.all_gather_into_tensor(out, _ints((numel,), rank, seed, dtype), group=g)
+            return [out]
+        return fn
+    for i, (numel, dtype) in enumerate(((small, torch.float32), (small, torch.float16), (33, torch.int64),
+                                        ((1 << 20) // 4 + 1, torch.float32))):
+        add(f"all_gather list {numel} {dtype}", ("allgather", "native"), ag_list(numel, dtype, 450 + i))
+        add(f"all_gather_into_tensor {numel} {dtype}", ("all_gather_single", "native"), ag_tensor(numel, dtype, 460 + i))
+
+    def ag_coalesced(g):
+        outs = [torch.zeros(n * 5), torch.zeros(n * 9, dtype=torch.int64)]
+        with dist._coalescing_manager(group=g):
+            for j, o in enumerate(outs):
+                dist.all_gather_into_tensor(o, _ints((o.numel() // n,), rank, 470 + j, o.dtype), group=g)
+        return outs
+    add("allgather_into_tensor_coalesced", ("all_gather_single_coalesced", "delegated"), ag_coalesced)
+
+    # the delegated ones
+    for src in sorted({0, n - 1}):
+        def bcast(g, src=src):
+            t = _ints((9,), rank, 480)
+            dist.broadcast(t, src=src, group=g)
+            return [t]
+        add(f"broadcast from {src}", ("broadcast", "delegated"), bcast)
+
+    def reduce(g):
+        t = _ints((9,), rank, 481)
+        dist.reduce(t, dst=n - 1, group=g)
+        return [t] if rank == n - 1 else []
+    add("reduce", ("reduce", "delegated"), reduce)
+
+    def gather(g):
+        outs = [torch.zeros(4) for _ in range(n)] if rank == 0 else None
+        dist.gather(_ints((4,), rank, 482), outs, dst=0, group=g)
+        return outs or []
+    add("gather", ("gather", "delegated"), gather)
+
+    def scatter(g):
+        out = torch.zeros(4)
+        dist.scatter(out, [_ints((4,), r, 483) for r in range(n)] if rank == 0 else None, src=0, group=g)
+        return [out]
+    add("scatter", ("scatter", "delegated"), scatter)
+
+    def alltoall(g):
+        outs = [torch.zeros(3) for _ in range(n)]
+        dist.all_to_all(outs, list(_ints((3 * n,), rank, 484).chunk(n)), group=g)
+        return outs
+    add("all_to_all", ("alltoall", "delegated"), alltoall)
+
+    def alltoall_single(g):
+        out = torch.zeros(2 * n)
+        dist.all_to_all_single(out, _ints((2 * n,), rank, 485), group=g)
+        return [out]
+    add("all_to_all_single", ("all_to_all_single", "delegated"), alltoall_single)
+    add("barrier", ("barrier", "delegated"), lambda g: dist.barrier(group=g) or [])
+    add("monitored_barrier", ("monitored_barrier", "delegated"),
+        lambda g: dist.monitored_barrier(group=g, timeout=timedelta(seconds=TIMEOUT_S)) or [])
+    if n > 1:
+        def ring(g):  # send/recv around the ring
+            x, y = _ints((6,), rank, 486), torch.zeros(6)
+            reqs = [dist.isend(x, (rank + 1) % n, group=g), dist.irecv(y, (rank - 1) % n, group=g)]
+            for r in reqs:
+                r.wait()
+            return [y]
+        add("send/recv", {("send", "delegated"): 1, ("recv", "delegated"): 1}, ring)
+
+        def anysource(g):  # rank 0 receives from every other rank, from any source
+            if rank != 0:
+                dist.send(torch.full((4,), float(rank)), 0, group=g)
+                return []
+            got = [torch.zeros(4) for _ in range(n - 1)]
+            for w in [dist.irecv(t, group=g) for t in got]:
+                w.wait()
+            return sorted(got, key=lambda t: t[0].item())  # who sent which: the values say it
+        add("recv_anysource", {("recv_anysource", "delegated"): n - 1} if rank == 0 else {("send", "delegated"): 1},
+            anysource)
+    # the latency path first: it declines (correctly) while the communicator's thread still
+    # finishes a queued collective, which would make its assertion depend on timing
+    forms.sort(key=lambda f: ("allreduce", "latency") not in f[1] and ("allreduce_coalesced", "latency") not in f[1])
+    return forms
+
+
+def _check_paths(dist, be, group, gloo, rank, n):
+    """Each form on `group` (the "fastar" backend `be`) takes the path it should, and gives Gloo's result."""
+    topo = be.topology
+    fast = topo.num_nodes == 1 and be.communicator.has_shm()
+    seen = []
+    for label, expect, fn, ref in _path_forms(dist, rank, n, fast):
+        got, out = _ran(be, lambda: fn(group))
+        assert got == expect, f"{label}: ran {got}, expected {expect} (rank {rank}, {topo})"
+        assert be.last_path in expect, (label, be.last_path)
+        want = (ref or fn)(gloo)
+        assert len(out) == len(want), (label, out, want)
+        for a, b in zip(out, want):
+            if "avg" in label and a.is_floating_point():  # fastar's average of Gloo's sums
+                _same_avg(a, b, n, label)
+            else:
+                _same(a, b, label)
+        seen.append(expect)
+    return seen
+
+
+def _profiled_paths(dist, fastar, rank, n, gloo):
+    """The same forms under torch.profiler, on a fresh "fastar" group (its own communicator: nothing
+    queued on it before the latency forms): the paths are the same, and every call is one range."""
+    from collections import Counter
+    grp = dist.new_group(backend="fastar")
+    be = fastar.backend.get_backend(grp)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        seen = _check_paths(dist, be, grp, gloo, rank, n)
+    ranges = Counter()
+    for e in prof.events():
+        if e.name.startswith("fastar::"):
+            head = e.name.split()[0]
+            ranges[head + (" delegated" if " (delegated to gloo) " in e.name else "")] += 1
+    what = {"allreduce": "allreduce", "allreduce_coalesced": "allreduce_coalesced", "reduce_scatter": "reduce_scatter",
+            "reduce_scatter_single": "reduce_scatter", "allgather": "allgather", "all_gather_single": "allgather"}
+    expect = Counter()
+    for calls in seen:
+        for (method, path), k in calls.items():
+            expect[f"fastar::{method} delegated" if path == "delegated" else f"fastar::{what[method]}"] += k
+    assert ranges == expect, f"profiler ranges {dict(ranges)} != one per call {dict(expect)}"
+    dist.destroy_process_group(grp)
+    return sum(expect.values())
+
+
 def _check_collectives(rank, n, big: bool = False, spec: str = "fastar"):
     """Every collective on the default "fastar" group against the same call on a Gloo group."""
     dist, fastar = _init(rank, n, spec=spec)
     be = fastar.backend.get_backend()
     gloo = dist.new_group(backend="gloo")
     assert dist.get_backend() == ("fastar" if spec.startswith("tcp://") else spec)
-    checks = 0
+    checks = len(_check_paths(dist, be, None, gloo, rank, n))  # first: nothing queued before the latency forms
+    if n == 2:
+        checks += _profiled_paths(dist, fastar, rank, n, gloo)
     sizes = [1, 7, 4097] + ([(9 << 20) // 4 + 3] if big else [])  # > 8 MiB: "rail" on 2 nodes x 2
     if os.environ.get("FASTAR_SHM_CHUNK_MB"):  # a small chunk: the halves go through the slots in pieces
         sizes.append(20011)
@@ -221,6 +484,8 @@ def _check_device_string(rank, n, spec):
 def test_collectives_match_gloo(n, local, spec):
     """Worlds 1..5: on one host (shared-memory local phase), 3 nodes x 1 (flat, FASTAR_LOCAL_SIZE=1,
     init_method tcp://) and 2 nodes x 2 (FASTAR_LOCAL_SIZE=2, with a buffer big enough for "rail").
+    First every collective form, each asserting the path it took (path_counts: latency, native or
+    delegated) and Gloo's result (_check_paths); at 2 ranks the same again under torch.profiler.
     5 ranks and 2 nodes x 3 run with a 64 KiB shared-memory chunk, so that reduce-scatter and
     allgather go through the slots in several pieces (and 2 x 3 crosses nodes with 3 local ranks)."""
     before = fastar_segments()
@@ -578,6 +843,54 @@ def test_errors_mismatch_and_dead_rank():
         assert out["dead"] is not None, f"rank {rank}: a dead peer gave no error"
         assert f"rank {n - 1}" in out["dead"] and "exited" in out["dead"], out["dead"]  # names the dead rank
         assert out["dead_s"] < 8 + 20, out
+
+
+def _dying_halves_worker(rank, n, what, timeout_s):
+    """Every rank runs 4 MiB reduce-scatters (or allgathers: queued on the communicator's thread)
+    back to back; the last rank is killed (SIGKILL) half a second in, during one of them."""
+    import threading
+    dist, fastar = _init(rank, n, timeout_s=timeout_s)
+    be = fastar.backend.get_backend()
+    numel = 1 << 20
+    small, big = torch.ones(numel), torch.ones(n * numel)
+    dist.barrier()
+    if rank == n - 1:
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    t0, calls, err = time.monotonic(), 0, None
+    try:
+        while time.monotonic() - t0 < 3 * timeout_s + 60:
+            if what == "reduce_scatter":
+                dist.reduce_scatter_tensor(small, big)
+            else:
+                dist.all_gather_into_tensor(big, small)
+            calls += 1
+    except Exception as e:  # noqa: BLE001 - what the test checks
+        err = f"{type(e).__name__}: {e}"
+    return {"err": err, "s": time.monotonic() - t0, "calls": calls, "paths": be.path_counts()}
+
+
+@pytest.mark.parametrize("what,local", [("reduce_scatter", None), ("allgather", "1")])
+def test_rank_dies_during_halves(what, local):
+    """A rank killed during a reduce-scatter (1 node x 3: shared memory) or an allgather (3 nodes x
+    1: Gloo between them): every other rank's call raises a Python exception within the group's
+    timeout + 15 s of the kill, the dead rank named; none hangs or dies by a signal."""
+    n, timeout_s = 3, 8
+    before = fastar_segments()
+    env = {"FASTAR_LOCAL_SIZE": local} if local else {}
+    got, failures = run_workers(_dying_halves_worker, n, what, timeout_s, init_dist=False, env=env, timeout=150,
+                                allow_failures=True)
+    assert set(failures) == {n - 1} and "code -9" in failures[n - 1], failures  # only the killed rank
+    assert set(got) == set(range(n - 1)), got
+    op = "reduce_scatter_single" if what == "reduce_scatter" else "all_gather_single"
+    for rank, out in got.items():
+        assert out["err"] is not None, f"rank {rank}: no error after its peer died ({out})"
+        assert out["s"] < 0.5 + timeout_s + 15, f"rank {rank}: the error came {out['s']:.1f} s in ({out})"
+        assert set(out["paths"]) == {(op, "native"), ("barrier", "delegated")}, out["paths"]  # fastar's halves ran
+    # In shared memory each rank sees the dead one's pid gone; over Gloo (a ring) the rank that
+    # receives from it times out naming it, and the other may only see its own peer close.
+    named = [r for r, out in got.items() if f"rank {n - 1}" in out["err"].split("\n")[0]]
+    assert named == list(got) if local is None else named, f"the dead rank is not named: {got}"
+    assert not leaked(before, set())
 
 
 # -- Chrome trace -------------------------------------------------------------------------------
