@@ -612,13 +612,13 @@ def _shared_worker(rank, n):
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from fastar import collectives
+    from fastar import state
     be = fastar.backend.get_backend()
     gloo = dist.new_group(backend="gloo")
     pg_map = dist.distributed_c10d._world.pg_map
     groups_before = len(pg_map)
     topo = fastar.init()
-    st = collectives.get_state()
+    st = state.get_state()
     out = {"same_comm": st.comm is be.communicator, "owner": st.owner is be, "topo": topo == be.topology,
            "new_groups": len(pg_map) - groups_before, "local_size": topo.local_size, "shm": st.comm.has_shm(),
            "explain": "adopted by fastar.init" in fastar.explain()}
@@ -681,7 +681,7 @@ def _shared_worker(rank, n):
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
-    own = collectives.get_state()
+    own = state.get_state()
     out["own"] = own.owner is None and own.comm is not be.communicator and own.topo.local_size != topo.local_size
     out["log"] = lines
     a, b = _ints((3000,), rank, 50), _ints((3000,), rank, 50)
@@ -693,7 +693,7 @@ def _shared_worker(rank, n):
     dist.all_reduce(t)
     out["open_after_own_shutdown"] = torch.equal(t, torch.full((10,), float(n)))
     fastar.init()  # adopts again; destroying the group ends fastar's state with it
-    out["adopted_again"] = collectives.get_state().comm is be.communicator
+    out["adopted_again"] = state.get_state().comm is be.communicator
     dist.destroy_process_group()
     out["ended_with_group"] = not fastar.is_initialized() and be.closed
     return out, os.getpid()
@@ -721,11 +721,11 @@ def test_fastar_init_shares_the_backend_communicator(local):
 SHARED_EXIT_SCRIPT = """
 import sys, torch, torch.distributed as dist
 import fastar
-from fastar import collectives
+from fastar import state
 dist.init_process_group("fastar")
 be = fastar.backend.get_backend()
 model = fastar.wrap(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)), bucket_cap_mb=0.01)
-assert collectives.get_state().comm is be.communicator
+assert state.get_state().comm is be.communicator
 model(torch.randn(8, 64)).sum().backward()
 fastar.all_reduce(torch.ones(1000))
 dist.all_reduce(torch.ones(10))
