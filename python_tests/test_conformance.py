@@ -130,6 +130,54 @@ def test_sparse_allreduce_matches_gloo(n):
     run_workers(_sparse_allreduce, n, init_dist=False, timeout=180)
 
 
+def _work_status(rank, n):
+    """What a Work says after wait(), for point-to-point calls (delegated to Gloo) and for collectives
+    (native and delegated), on fastar and on a Gloo group of the same ranks (the suite's test_isend,
+    test_irecv, test_send_recv_any_source)."""
+    dist = _init(rank, n)
+    gloo = dist.new_group(backend="gloo")
+    out = {}
+    for name, pg in (("fastar", dist.group.WORLD), ("gloo", gloo)):
+        got = {}
+        t = torch.full((4,), float(rank))
+        if rank == 0:
+            w = dist.isend(t, 1, group=pg)
+            w.wait()
+            got["isend"] = (w.is_completed(), w.is_success())
+            dist.send(torch.full((4,), 7.0), 1, group=pg)
+        elif rank == 1:
+            w = dist.irecv(t, 0, group=pg)
+            w.wait()
+            got["irecv"] = (w.is_completed(), w.is_success(), t.tolist())
+            w = dist.irecv(t, group=pg)  # no source: recv_anysource
+            w.wait()
+            got["anysource"] = (w.is_completed(), w._source_rank(), t.tolist())
+        for what, numel in (("allreduce_small", 4), ("allreduce_large", 1 << 18)):  # the latency path, queued
+            x = torch.ones(numel)
+            w = dist.all_reduce(x, group=pg, async_op=True)
+            w.wait()
+            got[what] = (w.is_completed(), w.is_success(), float(x[0]))
+        x = torch.full((3,), float(rank))
+        w = dist.broadcast(x, 0, group=pg, async_op=True)  # delegated
+        w.wait()
+        got["broadcast"] = (w.is_completed(), w.is_success(), x.tolist())
+        out[name] = got
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_work_after_wait_is_completed_as_on_gloo(n):
+    """After wait(), a Work from fastar says it is completed and successful, and a recv from any source
+    names the sender, as Gloo's do (torch wrapped every Work a Python backend returns in a holder that
+    answered is_completed() False and raised on _source_rank())."""
+    for rank, out in enumerate(run_workers(_work_status, n, init_dist=False, timeout=180)):
+        assert out["fastar"] == out["gloo"], (rank, out)
+        assert all(v[0] is True for v in out["fastar"].values()), (rank, out)
+        if rank == 1:
+            assert out["fastar"]["anysource"] == (True, 0, [7.0] * 4)
+
+
 # -- a fast slice of PyTorch's suite (tools/conformance.py; `make conformance` runs all of it) -----------
 
 # Collectives and DDP that run in both modes (not gated on the name "gloo") and pass on Gloo
