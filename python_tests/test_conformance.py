@@ -178,6 +178,86 @@ def test_work_after_wait_is_completed_as_on_gloo(n):
             assert out["fastar"]["anysource"] == (True, 0, [7.0] * 4)
 
 
+def _ddp_logging(rank, n):
+    """DDP's logging data (the suite's test_ddp_logging_data_cpu) for one model trained on fastar and on
+    a Gloo group of the same ranks; and the names the process groups give."""
+    from torch import nn
+    dist = _init(rank, n)
+    dist.set_debug_level(dist.DebugLevel.INFO)
+    gloo = dist.new_group(backend="gloo")
+    out = {}
+    for name, pg in (("fastar", dist.group.WORLD), ("gloo", gloo)):
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                                                    process_group=pg)
+        for step in range(3):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step + 10 * rank))).sum().backward()
+        out[name] = model._get_ddp_logging_data()
+        out[name + "_names"] = (dist.get_backend(pg), pg.name(), pg._get_backend(torch.device("cpu")).name())
+    dist.set_debug_level(dist.DebugLevel.OFF)
+    dist.destroy_process_group()
+    return out
+
+
+def _fake_pg_names():
+    """The names torch's own out-of-tree-style backend ("fake", registered with register_backend) gives."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+        return (dist.get_backend(), dist.group.WORLD.name(), model._get_ddp_logging_data().get("backend_name"))
+    finally:
+        dist.destroy_process_group()
+
+
+# What DDP's logger records differently for fastar than for Gloo: the group's name (below), Gloo's own
+# settings (recorded only when the name is "gloo"), and the measured times.
+_DDP_LOG_VARIES = re.compile(r"^(backend_name$|gloo_|avg_|unused_parameter_size$)")
+
+
+@pytest.mark.parametrize("n", [2])
+def test_ddp_logging_data_as_on_gloo_but_torchs_custom_name(n):
+    """DDP's logging data on fastar is Gloo's, field by field, except the backend's name: DDP's logger
+    records ProcessGroup::getBackendName(), which torch 2.14 derives from its BackendType enum, "custom" for
+    every backend registered with register_backend; torch's own "fake" backend shows the same. The backend
+    itself says "fastar". (The suite's test_ddp_logging_data_cpu: an expected difference in
+    tools/conformance.py; if a torch release lets a backend name its group, this test says so.)"""
+    assert _fake_pg_names() == ("fake", "custom", "custom")
+    for rank, out in enumerate(run_workers(_ddp_logging, n, init_dist=False, timeout=180)):
+        f, g = out["fastar"], out["gloo"]
+        assert out["fastar_names"] == ("fastar", "custom", "fastar"), out["fastar_names"]
+        assert out["gloo_names"] == ("gloo", "gloo", "gloo"), out["gloo_names"]
+        assert f["backend_name"] == "custom" and g["backend_name"] == "gloo"
+        same = {k for k in g if not _DDP_LOG_VARIES.match(k)}
+        assert len(same) > 20, sorted(g)
+        diff = {k: (f.get(k), g[k]) for k in same if f.get(k) != g[k]}
+        assert not diff, (rank, diff)
+        assert f["iteration"] == 3 and f["rank"] == rank and f["world_size"] == n
+
+
+def test_conformance_table_expected_differences():
+    """tools/conformance.py counts a failure as not fastar's only for the test, mode and message listed in
+    EXPECTED_DIFFERENCES; the same test failing otherwise (or in another mode) is a fastar-only failure."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import conformance as conf
+    def run(mode, results):
+        return {"mode": mode, "world_size": 2, "results": {k: {"status": s, "reason": r} for k, (s, r) in results.items()}}
+    gloo = run("gloo", {"test_get_backend": ("passed", ""), "test_ddp_logging_data_cpu": ("passed", ""),
+                        "test_isend": ("passed", "")})
+    msg = "AssertionError: String comparison failed: 'fastar' != 'gloo'"
+    runs = {"gloo/2": gloo,
+            "standin/2": run("standin", {"test_get_backend": ("failed", msg),
+                                         "test_ddp_logging_data_cpu": ("failed", "AssertionError: 18 != 17"),
+                                         "test_isend": ("passed", "")}),
+            "fastar/2": run("fastar", {"test_get_backend": ("failed", msg), "test_ddp_logging_data_cpu": (
+                "failed", "AssertionError: String comparison failed: 'custom' != 'fastar'"), "test_isend": ("passed", "")})}
+    only = {(d["mode"], d["test"]) for d in conf.fastar_only_failures(runs)}
+    assert only == {("standin", "test_ddp_logging_data_cpu"), ("fastar", "test_get_backend")}, only
+    text = conf.table({"runs": runs})
+    assert "Expected differences" in text and "stand-in mode's artifact" in text and "\"custom\"" in text
+
+
 # -- a fast slice of PyTorch's suite (tools/conformance.py; `make conformance` runs all of it) -----------
 
 # Collectives and DDP that run in both modes (not gated on the name "gloo") and pass on Gloo
