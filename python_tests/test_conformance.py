@@ -213,7 +213,7 @@ def _fake_pg_names():
 
 # What DDP's logger records differently for fastar than for Gloo: the group's name (below), Gloo's own
 # settings (recorded only when the name is "gloo"), and the measured times.
-_DDP_LOG_VARIES = re.compile(r"^(backend_name$|gloo_|avg_|unused_parameter_size$)")
+_DDP_LOG_VARIES = re.compile(r"^backend_name$|^gloo_|^avg_|_time$|_time_start$|_time_end$")
 
 
 @pytest.mark.parametrize("n", [2])
@@ -229,11 +229,11 @@ def test_ddp_logging_data_as_on_gloo_but_torchs_custom_name(n):
         assert out["fastar_names"] == ("fastar", "custom", "fastar"), out["fastar_names"]
         assert out["gloo_names"] == ("gloo", "gloo", "gloo"), out["gloo_names"]
         assert f["backend_name"] == "custom" and g["backend_name"] == "gloo"
-        same = {k for k in g if not _DDP_LOG_VARIES.match(k)}
+        same = {k for k in g if not _DDP_LOG_VARIES.search(k)}
         assert len(same) > 20, sorted(g)
         diff = {k: (f.get(k), g[k]) for k in same if f.get(k) != g[k]}
-        assert not diff, (rank, diff)
-        assert f["iteration"] == 3 and f["rank"] == rank and f["world_size"] == n
+        assert not diff, (rank, diff, sorted(same))
+        assert f["iteration"] == g["iteration"] > 0 and f["rank"] == rank and f["world_size"] == n
 
 
 def test_conformance_table_expected_differences():
