@@ -23,6 +23,11 @@ futures that were asked for; Work.wait() completes its own work in the caller's 
 Every call, whatever its path, is counted in path_counts() ({(method, path): calls}; path "latency",
 "native" or "delegated") and, while the profiler runs, is one torch.profiler range (_profiled) that
 lasts until its Work completes; the path taken is the same with the profiler on or off.
+
+torch holds each backend inside fastar._C.BackendShim (csrc/torch/backend_shim.cpp), a C++ Backend
+that forwards every call here and hands torch the returned Works whole: torch's own trampoline for
+Python backends wraps them in a holder that answers only wait() and get_future() (is_completed() stayed
+False, a recv from any source had no source rank).
 """
 from __future__ import annotations
 
@@ -789,7 +794,14 @@ def _create(dist_opts, pg_options=None) -> FastarBackend:
     be = FastarBackend(dist_opts.store, dist_opts.group_rank, dist_opts.group_size, dist_opts.timeout,
                        list(dist_opts.global_ranks_in_group), str(dist_opts.group_id))
     _LIVE.add(be)
-    return be
+    # torch holds the C++ shim, which hands the Works this backend returns to torch whole: through
+    # torch's own trampoline, is_completed() stayed False after wait() and a recv from any source had
+    # no source rank (fastar/_C's BackendShim, csrc/torch/backend_shim.cpp).
+    return _shim_class()(be)
+
+
+def _shim_class():
+    return groups.extension().BackendShim
 
 
 def register() -> None:
@@ -803,6 +815,7 @@ def get_backend(group=None) -> FastarBackend:
     """The FastarBackend of a process group initialised with "fastar" (its CPU backend)."""
     pg = group if group is not None else dist.group.WORLD
     be = pg._get_backend(torch.device("cpu"))
+    be = getattr(be, "impl", be)  # torch holds the C++ BackendShim around it
     if not isinstance(be, FastarBackend):
         raise ValueError(f"fastar.backend.get_backend: the group's CPU backend is {type(be).__name__}, not fastar")
     return be

@@ -802,11 +802,13 @@ def _error_worker(rank, n):
     halves = {k: dist.new_group(backend="fastar") for k in ("mismatch_rs", "mismatch_ag")}
     out = {}
     t0 = time.monotonic()
-    try:  # rank 0 passes a different shape
-        dist.all_reduce(torch.ones(10 if rank == 0 else 12))
+    work = dist.all_reduce(torch.ones(10 if rank == 0 else 12), async_op=True)  # rank 0: a different shape
+    try:
+        work.wait()
         out["mismatch"] = None
     except Exception as e:  # noqa: BLE001 - reported to the parent
         out["mismatch"] = str(e)
+    out["mismatch_work"] = (work.is_completed(), work.is_success())  # what the failed Work says after it
     out["mismatch_s"] = time.monotonic() - t0
     k = 10 if rank == 0 else 12  # the same again for reduce-scatter and allgather
     for key, call in (("mismatch_rs", lambda g: dist.reduce_scatter_tensor(torch.ones(k), torch.ones(n * k), group=g)),
@@ -838,6 +840,7 @@ def test_errors_mismatch_and_dead_rank():
         assert out["mismatch"] is not None, f"rank {rank}: a mismatched shape gave no error"
         assert "disagree" in out["mismatch"] and "has 12" in out["mismatch"], out["mismatch"]
         assert out["mismatch_s"] < 30, out
+        assert out["mismatch_work"] == (True, False), out  # completed, not successful
         for key in ("mismatch_rs", "mismatch_ag"):
             assert out[key] is not None and "disagree" in out[key], (rank, key, out[key])
         assert out["dead"] is not None, f"rank {rank}: a dead peer gave no error"

@@ -4,6 +4,7 @@
 #include "core/probe.h"
 #include "core/schedule.h"
 #include "core/shm.h"
+#include "torch/backend_shim.h"
 #include "torch/bucket_engine.h"
 #include "torch/communicator.h"
 #if __has_include("torch/kernels.h")
@@ -192,4 +193,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTAR_HAS_KERNELS
   fastar::register_kernels(m);
 #endif
+
+  fastar::bind_backend_shim(m);  // the C++ Backend torch holds for a "fastar" process group
 }
