@@ -5,6 +5,7 @@ that are not fastar's. docs/reliability.md maps each promise to its test here.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import shutil
@@ -280,22 +281,36 @@ def _lifetime_worker(rank, n):
     del wrapped, target
     gc.collect()
     hooks_left = sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
-    # only rank 1 runs a backward of the bare model: no collective may start, so it cannot hang
-    t0 = time.monotonic()
+    # only rank 1 runs a backward of the bare model: no collective may start (rank 0 would never join
+    # it: it would fail after the 5 s timeout), and the gradients are autograd's own, untouched
+    bare_err, bare_same = None, None
     if rank == 1:
         model.zero_grad()
-        model(torch.randn(3, 8)).sum().backward()
-    took = time.monotonic() - t0
-    rewrapped = fastar.wrap(model)  # the bare model can be wrapped again
-    rewrapped(torch.randn(3, 8)).sum().backward()
-    return errors, hooks_left, took
+        ref = copy.deepcopy(model)  # never wrapped: plain autograd
+        x = torch.randn(3, 8)
+        try:
+            model(x).sum().backward()
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            bare_err = f"{type(e).__name__}: {e}"
+        ref(x).sum().backward()
+        bare_same = all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), ref.parameters()))
+    rewrapped = fastar.wrap(model)  # the bare model can be wrapped again, and its communicator is in step
+    torch.manual_seed(7)
+    x = torch.randn(3, 8) + rank
+    rewrapped.zero_grad()
+    rewrapped(x).sum().backward()
+    return errors, hooks_left, bare_err, bare_same, [p.grad.clone() for p in model.parameters()]
 
 
 def test_dropped_wrapper_takes_its_hooks_and_double_wrap_is_refused():
-    for errors, hooks_left, took in run_workers(_lifetime_worker, 2, timeout=120):
+    out = run_workers(_lifetime_worker, 2, timeout=120)
+    for errors, hooks_left, bare_err, bare_same, _ in out:
         assert len(errors) == 2 and all("already belongs to a fastar.wrap wrapper" in e for e in errors), errors
         assert hooks_left == 0
-        assert took < 4  # a fastar collective would have waited out the 5 s timeout
+    assert out[1][2] is None, f"rank 1's backward of the bare model started a collective: {out[1][2]}"
+    assert out[1][3] is True, "the bare model's gradients are not autograd's own"
+    for a, b in zip(out[0][4], out[1][4]):  # the rewrapped model averaged the two ranks' gradients
+        assert torch.equal(a, b)
 
 
 # --- zombies and pid namespaces --------------------------------------------------------------------
