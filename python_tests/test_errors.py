@@ -2,7 +2,7 @@
 
 4 processes play 2 nodes x 2 (fastar.init(local_size=2)) so that every hierarchy has both a
 shared-memory and a Gloo phase. Every test bounds the time to the error by the configured timeout
-plus a few seconds, and checks /dev/shm afterwards.
+plus 15 s (SLACK_S), and checks /dev/shm afterwards.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mp_utils import run_workers
 from test_hierarchical import fastar_segments, leaked
 
 TIMEOUT_S = 6
-SLACK_S = 5
+SLACK_S = 15  # a fail-fast bound: timeout + 15 s, never a tight wall-clock figure
 N, LOCAL = 4, 2
 
 

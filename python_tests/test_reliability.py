@@ -24,7 +24,7 @@ from mp_utils import free_port, run_workers
 
 RSS_BOUND_MB = 20
 # 1000 calls of warm-up, then 3000 measured: under a load average of 14 on the 2 cores the calls ran at
-# ~90/s (540/s quieter) and the 4 spawns took ~50 s, so 10,000 calls no longer fitted their time limit.
+# ~90-170/s (540/s quieter) and the 4 spawns took ~50 s, so 10,000 calls no longer fitted their time limit.
 # A leak that the snapshots look for (an fd, a mapping, a named segment) shows after one cycle.
 SOAK_CALLS = 4_000
 SOAK_WARMUP = 1_000
