@@ -39,6 +39,11 @@ def _entry(fn, rank, nprocs, port, env, init_dist, results, args, all_done):
             pass
 
 
+# Once every rank has reported, how long each still gets to exit by itself (at least; the call's
+# deadline when that is later): the rendezvous wait ends at once, so this is interpreter shutdown.
+EXIT_GRACE_S = 15.0
+
+
 class WorkerError(RuntimeError):
     def __init__(self, failures: dict, results: dict):
         self.failures, self.results = failures, results
@@ -46,11 +51,13 @@ class WorkerError(RuntimeError):
 
 
 def run_workers(fn, nprocs: int, *args, timeout: float = 180, env: dict | None = None, init_dist: bool = True,
-                allow_failures: bool = False):
+                allow_failures: bool = False, exitcodes: dict | None = None):
     """Runs fn(rank, nprocs, *args) in nprocs spawned processes (after init_process_group("gloo") unless
     init_dist=False) and returns their return values by rank. Raises WorkerError naming each failing
     rank with its traceback (or returns (results, failures) when allow_failures); kills every process
-    still alive after `timeout` seconds."""
+    still alive after `timeout` seconds. With `exitcodes` (a dict), fills it with each rank's exit
+    code: 0 when a rank left by itself after every rank had reported (they get until the deadline,
+    and at least EXIT_GRACE_S, to do so), -9 when it had to be killed."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     all_done = ctx.Event()
@@ -81,12 +88,17 @@ def run_workers(fn, nprocs: int, *args, timeout: float = 180, env: dict | None =
             (got if ok else failures)[rank] = out
     finally:
         all_done.set()
+        reported = len(got) + len(failures) == nprocs
+        exit_by = max(deadline, time.monotonic() + EXIT_GRACE_S) if reported else deadline
         for p in procs:
-            p.join(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+            left = exit_by - time.monotonic()
+            p.join(timeout=max(0.1, left if reported else min(10.0, left)))
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        if exitcodes is not None:
+            exitcodes.update({r: p.exitcode for r, p in enumerate(procs)})
     if allow_failures:
         return got, failures
     if failures:

@@ -215,7 +215,7 @@ def test_mismatched_ranks_error_everywhere(what):
     for rank in range(n):
         err, elapsed = got[rank]
         assert err is not None, f"rank {rank} did not get an error for a {what} mismatch"
-        assert elapsed < timeout_s + 5, f"rank {rank} took {elapsed:.1f} s to fail"
+        assert elapsed < timeout_s + 15, f"rank {rank} took {elapsed:.1f} s to fail"
         assert "rank" in err
     word = {"count": "element count", "dtype": "dtype", "zero": "element count"}[what]
     # the ranks that exchange headers with the odd rank say exactly what differs

@@ -10,60 +10,75 @@ import torch
 
 from mp_utils import run_workers
 
-# (world size, ranks per node, hierarchy); leader and rail need several ranks per node
-CASES = [(2, 1, "flat"), (3, 1, "flat"), (6, 1, "flat")] + [
-    (size, local, h) for size, local in ((4, 2), (6, 2), (6, 3)) for h in ("flat", "leader", "rail")]
+# (world size, ranks per node) -> the hierarchies it runs; leader and rail need several ranks per node.
+# One spawn per layout runs every hierarchy with both wires (it was one spawn per case: 118 processes
+# for the 24 cases, now 27).
+LAYOUTS = [(2, 1, ("flat",)), (3, 1, ("flat",)), (6, 1, ("flat",))] + [
+    (size, local, ("flat", "leader", "rail")) for size, local in ((4, 2), (6, 2), (6, 3))]
+WIRES = ("fp16", "bf16")
+COUNTS = (1000, 5, 65537, 1)  # the CPU's scratch buffers grow, are reused smaller, grow again
 
 
-def _allreduce_worker(rank, size, local_size, wire, hierarchy, algorithm, counts):
+def _allreduce_worker(rank, size, local_size, hierarchies, algorithm, counts):
     import fastar
     fastar.init(local_size=local_size)
-    wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[wire]
     torch.set_num_threads(2)  # the CPU path runs its ops on one thread, and must give this back
-    out = {}
-    for n in counts:
-        g = torch.Generator().manual_seed(1000 * n + rank)
-        # Small integers: every partial sum is exact in the wire dtype, so the result must be exact.
-        ints = torch.randint(-8, 9, (n,), generator=g).float()
-        t = ints.clone()
-        fastar.all_reduce(t, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
-        # Random values: close to the fp64 sum; rounded to the wire dtype; same bits on every rank.
-        r = torch.randn(n, generator=g, dtype=torch.float32)
-        x = r.clone()
-        fastar.all_reduce(x, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
-        out[n] = (ints, t, r, x, bool(torch.equal(x, x.to(wdt).float())))
-    choice = fastar.state.get_state().last_choice
-    assert torch.get_num_threads() == 2, torch.get_num_threads()
-    return out, choice["why"], fastar.explain()
+    res = {}
+    for hierarchy in hierarchies:
+        for wire in WIRES:
+            wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[wire]
+            out = {}
+            for n in counts:
+                g = torch.Generator().manual_seed(1000 * n + rank)
+                # Small integers: every partial sum is exact in the wire dtype, so the result must be exact.
+                ints = torch.randint(-8, 9, (n,), generator=g).float()
+                t = ints.clone()
+                fastar.all_reduce(t, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
+                # Random values: close to the fp64 sum; rounded to the wire dtype; same bits on every rank.
+                r = torch.randn(n, generator=g, dtype=torch.float32)
+                x = r.clone()
+                fastar.all_reduce(x, hierarchy=hierarchy, algorithm=algorithm, compression=wire)
+                out[n] = (ints, t, r, x, bool(torch.equal(x, x.to(wdt).float())))
+            choice = fastar.state.get_state().last_choice
+            res[hierarchy, wire] = (out, choice["why"], fastar.explain(), torch.get_num_threads())
+    return res
 
 
-@pytest.mark.parametrize("wire", ["fp16", "bf16"])
-@pytest.mark.parametrize("size,local_size,hierarchy", CASES)
-def test_compressed_allreduce(size, local_size, hierarchy, wire):
+@pytest.mark.parametrize("size,local_size,hierarchies", LAYOUTS, ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
+def test_compressed_allreduce(size, local_size, hierarchies):
     algorithm = "ring" if size == 6 and local_size != 2 else "halving_doubling"
-    counts = (1000, 5, 65537, 1)  # the CPU's scratch buffers grow, are reused smaller, grow again
-    res = run_workers(_allreduce_worker, size, local_size, wire, hierarchy, algorithm, counts, timeout=240)
-    tol = {"fp16": 2e-3, "bf16": 1.6e-2}[wire]
-    for n in counts:
-        exact = sum(res[r][0][n][0].double() for r in range(size))
-        ref = sum(res[r][0][n][2].double() for r in range(size))
-        x0 = res[0][0][n][3]
-        for r in range(size):
-            ints, t, _, x, representable = res[r][0][n]
-            assert torch.equal(t.double(), exact), f"rank {r}, n={n}: integer sums must be exact"
-            assert torch.equal(x, x0), f"rank {r}, n={n}: ranks disagree bitwise"
-            assert representable, f"rank {r}, n={n}: the result is not rounded to {wire}"
-        err = (x0.double() - ref).abs().max().item()
-        scale = ref.abs().max().item() + 1
-        # each value crosses the wire rounded, at most once per step of the schedule
-        assert err <= tol * scale * 2 * size, (n, err, scale)
-    assert f"{wire} on the wire" in res[0][1]
-    assert "cpu tensor path: gloo groups" in res[0][2]
+    got = run_workers(_allreduce_worker, size, local_size, hierarchies, algorithm, COUNTS, timeout=300)
+    for hierarchy in hierarchies:
+        for wire in WIRES:
+            case = f"{size} ranks, {local_size} per node, {hierarchy}, {wire}"
+            res = [got[r][hierarchy, wire] for r in range(size)]
+            tol = {"fp16": 2e-3, "bf16": 1.6e-2}[wire]
+            for n in COUNTS:
+                exact = sum(res[r][0][n][0].double() for r in range(size))
+                ref = sum(res[r][0][n][2].double() for r in range(size))
+                x0 = res[0][0][n][3]
+                for r in range(size):
+                    ints, t, _, x, representable = res[r][0][n]
+                    assert torch.equal(t.double(), exact), f"{case}: rank {r}, n={n}: integer sums must be exact"
+                    assert torch.equal(x, x0), f"{case}: rank {r}, n={n}: ranks disagree bitwise"
+                    assert representable, f"{case}: rank {r}, n={n}: the result is not rounded to {wire}"
+                err = (x0.double() - ref).abs().max().item()
+                scale = ref.abs().max().item() + 1
+                # each value crosses the wire rounded, at most once per step of the schedule
+                assert err <= tol * scale * 2 * size, (case, n, err, scale)
+            assert f"{wire} on the wire" in res[0][1], (case, res[0][1])
+            assert "cpu tensor path: gloo groups" in res[0][2], (case, res[0][2])
+            assert all(threads == 2 for *_, threads in res), (case, [threads for *_, threads in res])
 
 
-def _wrap_worker(rank, size, wire):
+def _wrap_worker(rank, size):
     import fastar
     fastar.init(local_size=1)  # two "nodes": the whole allreduce crosses the (compressed) wire
+    return {wire: _wrap_run(rank, wire) for wire in ("fp16", "bf16")}  # one spawn, a wrapper per wire
+
+
+def _wrap_run(rank, wire):
+    import fastar
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
     ref = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
@@ -84,10 +99,15 @@ def _wrap_worker(rank, size, wire):
     return grads, [b["algorithm"] for b in stats["buckets"]], wrapped._engine.has_arena()
 
 
+@pytest.fixture(scope="module")
+def wrap_results():
+    return run_workers(_wrap_worker, 2, timeout=180)
+
+
 @pytest.mark.parametrize("wire", ["fp16", "bf16"])
-def test_wrap_with_compression_matches_the_average(wire):
+def test_wrap_with_compression_matches_the_average(wire, wrap_results):
     size = 2
-    res = run_workers(_wrap_worker, size, wire, timeout=180)
+    res = [wrap_results[r][wire] for r in range(size)]
     tol = {"fp16": 1e-3, "bf16": 8e-3}[wire]
     wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[wire]
     for it in range(3):
@@ -138,10 +158,20 @@ def _one_node_worker(rank, size):
             model.compression, model._engine.has_arena(), [str(w.message) for w in caught])
 
 
-def test_one_node_drops_compression_for_shared_memory():
+def _one_node_then_bad_args_worker(rank, size):
+    return _one_node_worker(rank, size), _bad_args_worker(rank, size)
+
+
+@pytest.fixture(scope="module")
+def one_node_results():
+    """One spawn of 2 ranks on one node for the two tests below (fastar.init(local_size=2) first)."""
+    return run_workers(_one_node_then_bad_args_worker, 2, timeout=120)
+
+
+def test_one_node_drops_compression_for_shared_memory(one_node_results):
     """Nothing crosses a network on one node: the hierarchical paths sum in full precision anyway, so
     compression is dropped for the (faster) shared-memory path: the same bits as no compression."""
-    for same, why, flat_rounded, wrap_compression, arena, warned in run_workers(_one_node_worker, 2, timeout=120):
+    for same, why, flat_rounded, wrap_compression, arena, warned in (o[0] for o in one_node_results):
         assert same, "one node, compression='fp16': not the uncompressed result"
         assert "one node: no network to compress for" in why, why
         assert flat_rounded, "hierarchy='flat' asked for the wire: its result is rounded to fp16"
@@ -166,9 +196,8 @@ def _bad_args_worker(rank, size):
     return errors, h
 
 
-def test_bad_compression_arguments_are_named():
-    res = run_workers(_bad_args_worker, 2, timeout=120)
-    errors, h = res[0]
+def test_bad_compression_arguments_are_named(one_node_results):
+    errors, h = one_node_results[0][1]
     assert "compression='int8'" in errors[0] and "fp16" in errors[0]
     assert "fastar.wrap: compression='fp8'" in errors[1]
     assert "meta" in errors[2]

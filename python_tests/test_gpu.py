@@ -303,28 +303,44 @@ def test_two_gpus_every_hierarchy_algorithm_and_dtype_sums_exactly(local_size):
 # ------------------------------------------------------------------ a skipped wait (NCCL; Gloo mirror)
 
 def _delayed_allreduce_worker(rank, size, device, compression):
-    """Three allreduces, the last two entered by rank 1 a second after rank 0 (rank 0's receives
-    then cannot have arrived when it goes on): the first sets up the groups, the second runs on the
-    real build, the third with the skip_wait fault. Each call's values differ from the previous
-    call's (k * (rank + 1) in call k), so that a buffer left over from an earlier call cannot pass
-    for this one's data. Returns (result, exact sum) of the last two."""
+    """Allreduces that rank 1 enters a while after rank 0 (both leave a Gloo barrier, then rank 1
+    sleeps), so that rank 0's receives cannot have arrived when it goes on: the first sets up the
+    groups, the second runs on the real build, the next ones with the skip_wait fault. Each call's
+    values differ from the previous call's (k * (rank + 1) in call k), so that a buffer left over
+    from an earlier call cannot pass for this one's data. A loaded host may deschedule rank 0 for
+    as long as the delay: the faulted call is retried with 1, 2, 4 and 8 s until some rank sees a
+    wrong sum (the ranks agree on that over Gloo). Returns (result, exact sum) of the real call and
+    of the last faulted one."""
+    import torch.distributed as dist
+
     import fastar
     fastar.init(local_size=1)  # two "nodes": the flat schedule's send/recv steps, nothing intra-node
     dev = _set_device(rank) if device == "cuda" else torch.device("cpu")
     n = 4099
     kw = dict(hierarchy="flat", algorithm="halving_doubling", compression=compression, validate=False)
     fastar.all_reduce(torch.ones(n, device=dev), **kw)
-    out = []
-    for k, fault in ((2, ""), (3, "skip_wait")):
+
+    def delayed(k, fault, delay_s):
         t = torch.full((n,), k * (rank + 1.0), device=dev)
         if device == "cuda":
             torch.cuda.synchronize()
         _C._set_fault(fault)
+        dist.barrier()  # rank 0 goes on at once, rank 1 only after the delay
         if rank == 1:
-            time.sleep(1.0)
+            time.sleep(delay_s)
         fastar.all_reduce(t, **kw)
-        out.append((t.cpu(), float(k * sum(r + 1 for r in range(size)))))  # .cpu() is ordered after fastar
+        got = (t.cpu(), float(k * sum(r + 1 for r in range(size))))  # .cpu() is ordered after fastar
         _C._set_fault("")
+        return got
+
+    out = [delayed(2, "", 1.0)]
+    for k, delay_s in ((3, 1.0), (4, 2.0), (5, 4.0), (6, 8.0)):
+        got = delayed(k, "skip_wait", delay_s)
+        wrong = torch.tensor([float(not torch.equal(got[0], torch.full_like(got[0], got[1])))])
+        dist.all_reduce(wrong)
+        if wrong.item() > 0:
+            break
+    out.append(got)
     return out
 
 

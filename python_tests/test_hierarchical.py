@@ -196,7 +196,7 @@ def test_killed_rank_leaves_no_segment():
     assert set(failures) == {victim}, failures
     for r, (_, err, elapsed) in got.items():
         assert err is not None, f"rank {r} did not notice that rank {victim} died"
-        assert elapsed < timeout_s + 5, f"rank {r} took {elapsed:.1f} s"
+        assert elapsed < timeout_s + 15, f"rank {r} took {elapsed:.1f} s"
     # its node peer sees it through shared memory
     assert f"rank {victim}" in got[2][1], got[2][1]
     assert not leaked(before, {pid for pid, _, _ in got.values()})

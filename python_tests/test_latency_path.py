@@ -124,7 +124,8 @@ def test_latency_path_dead_peer():
     assert 1 in failures and 0 in res, (res, failures)
     err, secs, again, pid = res[0]
     assert err is not None and "exited" in err and "rank 1" in err, err
-    assert secs < TIMEOUT_S + 15 and again < 5
+    assert secs < TIMEOUT_S + 15
+    assert again < TIMEOUT_S  # the sticky first error at once (the match above), not a new call timing out
     assert not leaked(before, {pid})
 
 

@@ -81,7 +81,7 @@ def _stuck_worker(rank, n, local_size):
 def test_set_timeout_returns_at_once_and_reaches_the_stuck_collective(local_size):
     res = run_workers(_stuck_worker, 2, local_size, timeout=150)
     set_took, kind, msg, took = res[0]
-    assert set_took < 5, f"fastar.set_timeout took {set_took:.1f} s while a collective was stuck"
+    assert set_took < MARGIN_S, f"fastar.set_timeout took {set_took:.1f} s while a collective was stuck"
     assert kind == "error" and ("timed out" in msg.lower() or "time" in msg.lower()), msg
     assert took < 5 + MARGIN_S, f"the stuck work raised {took:.1f} s after the timeout became 5 s: {msg}"
 

@@ -23,9 +23,13 @@ import torch
 from mp_utils import free_port, run_workers
 
 RSS_BOUND_MB = 20
-SOAK_CALLS = 10_000
+# 1000 calls of warm-up, then 3000 measured: under a load average of 14 on the 2 cores the calls ran at
+# ~90-170/s (540/s quieter) and the 4 spawns took ~50 s, so 10,000 calls no longer fitted their time limit.
+# A leak that the snapshots look for (an fd, a mapping, a named segment) shows after one cycle.
+SOAK_CALLS = 4_000
 SOAK_WARMUP = 1_000
-TRAIN_STEPS, TRAIN_WARMUP = 200, 20
+SOAK_TIMEOUT_S = 480  # a hang guard, not a speed check: ~100 s under that load
+TRAIN_STEPS, TRAIN_WARMUP = 100, 20
 # Mostly small buffers through every path; four 1M-element buffers (4 MiB: one full shared-memory
 # chunk), one per hierarchy, closing every 1000 calls, so that warm-up has touched every path.
 SOAK_SIZES = (1, 100, 4096, 65536)
@@ -47,8 +51,15 @@ def status_kb() -> dict:
                 if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(reads: int = 5) -> int:
+    """Open fds, the fewest of a few reads 50 ms apart: an fd another thread holds for a moment
+    (a connection being set up, a file being read) is not a leak, and a leaked one is in every read."""
+    counts = []
+    for i in range(reads):
+        if i:
+            time.sleep(0.05)
+        counts.append(len(os.listdir("/proc/self/fd")))
+    return min(counts)
 
 
 def fastar_mappings() -> list:
@@ -87,7 +98,7 @@ def params_digest(module: torch.nn.Module) -> str:
 # --- 1. soak -----------------------------------------------------------------------------------
 
 
-def _soak_worker(rank, n):
+def _soak_worker(rank, n, calls=None, steps=None):
     import fastar
     from fastar.state import get_state
     torch.set_num_threads(1)
@@ -100,7 +111,7 @@ def _soak_worker(rank, n):
     want = {c: torch.empty(c) for c in base}
     errors, snaps, marks = [], {}, {}
     t0 = time.monotonic()
-    for i in range(SOAK_CALLS):
+    for i in range(calls or SOAK_CALLS):
         c = BIG if i % 1000 >= 1000 - len(SOAK_HIERARCHIES) else SOAK_SIZES[i % len(SOAK_SIZES)]
         hier = SOAK_HIERARCHIES[(i // len(SOAK_SIZES) if c != BIG else i) % len(SOAK_HIERARCHIES)]
         k = i % 11
@@ -118,7 +129,7 @@ def _soak_worker(rank, n):
     marks["allreduce_s"] = time.monotonic() - t0
     snaps["allreduce_end"] = snapshot(prefix)
 
-    # 200 wrapped training steps; each rank its own data
+    # TRAIN_STEPS wrapped training steps; each rank its own data
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
                               torch.nn.Linear(64, 10))
@@ -127,7 +138,7 @@ def _soak_worker(rank, n):
     g = torch.Generator().manual_seed(1000 + rank)
     x, y = torch.empty(16, 32), torch.empty(16, dtype=torch.long)
     t1 = time.monotonic()
-    for step in range(TRAIN_STEPS):
+    for step in range(steps or TRAIN_STEPS):
         x.normal_(generator=g)
         y.random_(0, 10, generator=g)
         opt.zero_grad(set_to_none=False)
@@ -147,7 +158,7 @@ def test_soak_memory_fds_and_segments_stay_flat(monkeypatch):
     # 524 -> 1024 MB over 1000 calls of 1M elements, flat at 524 MB with the threshold pinned).
     # Pinning it (inherited by the spawned workers) makes RSS measure what fastar keeps.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    out = run_workers(_soak_worker, 4, timeout=170)
+    out = run_workers(_soak_worker, 4, timeout=SOAK_TIMEOUT_S)
     for r, o in enumerate(out):
         assert not o["errors"], o["errors"]
         s = o["snaps"]
@@ -159,7 +170,7 @@ def test_soak_memory_fds_and_segments_stay_flat(monkeypatch):
         for k, v in s.items():
             assert v["shm"] == 0, f"rank {r}: {v['shm']} named segments of this job under /dev/shm at {k}"
             assert v["maps"] >= 1, f"rank {r}: no mapping of a fastar segment at {k}"
-    assert len({o["digest"] for o in out}) == 1, "parameters differ across ranks after 200 wrapped steps"
+    assert len({o["digest"] for o in out}) == 1, f"parameters differ across ranks after {TRAIN_STEPS} wrapped steps"
     assert out[0]["buckets"] > 1
     # The figures docs/reliability.md quotes.
     m = out[0]["marks"]

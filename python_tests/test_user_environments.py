@@ -5,6 +5,7 @@ that are not fastar's. docs/reliability.md maps each promise to its test here.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import shutil
@@ -209,13 +210,57 @@ def test_wrap_buffers_match_ddp(broadcast):
     assert same == broadcast  # per-worker statistics differ when not broadcast
 
 
-def test_train_keeps_per_worker_bn():
-    import inspect
+def _train_bn_worker(rank, n):
+    """fastar.train's wrap_model (both wrappers) on a model whose BN comes first, so that its running
+    statistics depend only on the inputs: each rank trains on its own data, and its statistics must be
+    those of a bare BN fed the same batches (a broadcast of rank 0's buffers would overwrite them)."""
+    from types import SimpleNamespace
 
     from fastar.train import loop
+    out = {}
+    for how in ("fastar", "ddp"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+        args = SimpleNamespace(wrap=how, bucket_mb=None, algorithm=None, hierarchy=None, compression=None)
+        model, impl = loop.wrap_model(net, args, n, torch.device("cpu"))
+        ref = nn.BatchNorm1d(8)  # the statistics this rank's own batches give
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(100 + rank)
+        for _ in range(4):
+            x = torch.randn(16, 8, generator=g) * (rank + 1) + 3 * rank  # ranks' data differ in mean and spread
+            y = torch.randint(0, 3, (16,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            ref(x)
+        bn = net[0]
+        stats = {"mean": bn.running_mean.clone(), "var": bn.running_var.clone(), "ref_mean": ref.running_mean.clone(),
+                 "ref_var": ref.running_var.clone(), "weight": net[1].weight.detach().clone(), "impl": impl}
+        loop.average_bn_statistics(net)  # before validation and checkpoints: every rank the same model
+        stats["avg_mean"], stats["avg_var"] = bn.running_mean.clone(), bn.running_var.clone()
+        out[how] = stats
+        if how == "fastar":
+            import fastar
+            fastar.shutdown()
+    return out
 
-    src = inspect.getsource(loop.wrap_model)
-    assert '"broadcast_buffers": False' in src
+
+def test_train_keeps_per_worker_bn():
+    """fastar.train promises the paper's per-worker BN (loop.wrap_model, docs/training.md): on 2 workers
+    with different data, each worker's running statistics are its own batches' (not rank 0's), while the
+    gradients are still averaged (the weights agree); average_bn_statistics then makes them equal."""
+    out = run_workers(_train_bn_worker, 2, timeout=180)
+    for how, impl in (("fastar", "fastar"), ("ddp", "torch:ddp")):
+        got = [o[how] for o in out]
+        for r, s in enumerate(got):
+            assert s["impl"] == impl, (how, s["impl"])
+            torch.testing.assert_close(s["mean"], s["ref_mean"], msg=lambda m: f"{how} rank {r} running_mean: {m}")
+            torch.testing.assert_close(s["var"], s["ref_var"], msg=lambda m: f"{how} rank {r} running_var: {m}")
+        assert (got[0]["mean"] - got[1]["mean"]).abs().min() > 0.5, (how, got[0]["mean"], got[1]["mean"])
+        assert torch.equal(got[0]["weight"], got[1]["weight"]), f"{how}: weights differ: gradients not averaged"
+        for r, s in enumerate(got):
+            torch.testing.assert_close(s["avg_mean"], (got[0]["mean"] + got[1]["mean"]) / 2)
+            torch.testing.assert_close(s["avg_var"], (got[0]["var"] + got[1]["var"]) / 2)
 
 
 # --- wrapper lifetime ------------------------------------------------------------------------------
@@ -236,22 +281,36 @@ def _lifetime_worker(rank, n):
     del wrapped, target
     gc.collect()
     hooks_left = sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
-    # only rank 1 runs a backward of the bare model: no collective may start, so it cannot hang
-    t0 = time.monotonic()
+    # only rank 1 runs a backward of the bare model: no collective may start (rank 0 would never join
+    # it: it would fail after the 5 s timeout), and the gradients are autograd's own, untouched
+    bare_err, bare_same = None, None
     if rank == 1:
         model.zero_grad()
-        model(torch.randn(3, 8)).sum().backward()
-    took = time.monotonic() - t0
-    rewrapped = fastar.wrap(model)  # the bare model can be wrapped again
-    rewrapped(torch.randn(3, 8)).sum().backward()
-    return errors, hooks_left, took
+        ref = copy.deepcopy(model)  # never wrapped: plain autograd
+        x = torch.randn(3, 8)
+        try:
+            model(x).sum().backward()
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            bare_err = f"{type(e).__name__}: {e}"
+        ref(x).sum().backward()
+        bare_same = all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), ref.parameters()))
+    rewrapped = fastar.wrap(model)  # the bare model can be wrapped again, and its communicator is in step
+    torch.manual_seed(7)
+    x = torch.randn(3, 8) + rank
+    rewrapped.zero_grad()
+    rewrapped(x).sum().backward()
+    return errors, hooks_left, bare_err, bare_same, [p.grad.clone() for p in model.parameters()]
 
 
 def test_dropped_wrapper_takes_its_hooks_and_double_wrap_is_refused():
-    for errors, hooks_left, took in run_workers(_lifetime_worker, 2, timeout=120):
+    out = run_workers(_lifetime_worker, 2, timeout=120)
+    for errors, hooks_left, bare_err, bare_same, _ in out:
         assert len(errors) == 2 and all("already belongs to a fastar.wrap wrapper" in e for e in errors), errors
         assert hooks_left == 0
-        assert took < 4  # a fastar collective would have waited out the 5 s timeout
+    assert out[1][2] is None, f"rank 1's backward of the bare model started a collective: {out[1][2]}"
+    assert out[1][3] is True, "the bare model's gradients are not autograd's own"
+    for a, b in zip(out[0][4], out[1][4]):  # the rewrapped model averaged the two ranks' gradients
+        assert torch.equal(a, b)
 
 
 # --- zombies and pid namespaces --------------------------------------------------------------------
