@@ -230,11 +230,8 @@ def train(args, ctl, topo_sim) -> dict:
 
 def _pred_auto(nbytes: int, topo_sim: simulate.Topo) -> float:
     """What fastar's "auto" picks for this size on this topology, as the simulator prices it."""
-    from fastar.collectives import choose
-    from fastar.topology import Topology
-    t = Topology(rank=0, size=topo_sim.nodes * topo_sim.gpus, local_rank=0, local_size=topo_sim.gpus,
-                 node=0, num_nodes=topo_sim.nodes, source="simulated")
-    a, h, _ = choose(nbytes, "auto", "auto", t)
+    from fastar.policy import choose
+    a, h, _ = choose(nbytes, "auto", "auto", topo_sim.nodes * topo_sim.gpus, topo_sim.gpus)
     return simulate.allreduce_time(float(nbytes), h, a, topo_sim) * 1e6
 
 

@@ -185,6 +185,9 @@ class FastarBackend(_C10dBackend):
         self._lock = threading.Lock()
         self._topo = self._detect_topology()
         self._comm = self._make_communicator()
+        # What the plans (fastar.policy.plan) need to know of this communicator.
+        self._node = policy.Node(self._topo.size, self._topo.local_size,
+                                 self._comm.shm_chunk_bytes() if self._comm.has_shm() else 0)
         self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
         self._queue: queue.Queue = queue.Queue()
         self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
@@ -416,26 +419,28 @@ class FastarBackend(_C10dBackend):
         nbytes = flat.numel() * flat.element_size()
         if flat.device.type == "cuda":
             self._ensure_cuda()
-            algo, hier, _ = collectives.choose(nbytes, "auto", "flat", self._topo)
+            plan = policy.plan(nbytes, flat.element_size(), self._node, hierarchy="flat", device="cuda")
         else:
-            algo, hier, _ = collectives.choose(nbytes, "auto", "auto", self._topo)
-        name = f"fastar::{what} {nbytes}B {hier}:{algo} peers={self._size}"
-        rec = [name, nbytes, f"{hier}:{algo}", 0.0, 0.0]
+            plan = policy.plan(nbytes, flat.element_size(), self._node)
+        name = f"fastar::{what} {nbytes}B {plan.hierarchy}:{plan.algorithm} peers={self._size}"
+        rec = [name, nbytes, f"{plan.hierarchy}:{plan.algorithm}", 0.0, 0.0]
+        native = groups.native_plan(plan)
+        latency = plan.protocol == "latency"
 
         def run() -> FastarWork:
             fut: torch.futures.Future = torch.futures.Future()
-            if flat.device.type == "cpu":
-                # A small CPU tensor on one node: fastar's latency path runs it now, and the Work is
-                # complete when returned (it declines anything else: queued below). The same with
-                # the profiler on: the range then covers the call.
+            if latency:
+                # The latency protocol runs inline when nothing is queued (the Work is complete when
+                # returned; the same with the profiler on: the range then covers the call); behind
+                # queued work the communicator queues it, and the Work completes it.
                 t0 = time.monotonic()
                 try:
-                    ran = self._comm.allreduce_fast(flat, avg)
+                    work = self._comm.allreduce(flat, native, avg, self._validate, False)
                 except RuntimeError as e:
                     self._count(op, "latency")
                     fut.set_exception(self._annotate(e))
                     return FastarWork(fut, result)
-                if ran:
+                if work is None:
                     self._count(op, "latency")
                     if post is not None:
                         post()
@@ -443,8 +448,8 @@ class FastarBackend(_C10dBackend):
                     self._keep(rec)
                     fut.set_result(result)
                     return FastarWork(fut, result)
-            a, h, _ = groups.route(algo, hier)
-            return self._launch(lambda: self._comm.allreduce_async(flat, a, h, avg, self._validate), fut, result,
+                return self._launch(lambda: work, fut, result, post, rec, op)
+            return self._launch(lambda: self._comm.allreduce(flat, native, avg, self._validate, True), fut, result,
                                 post, rec, op)
         return self._profiled(name, run)
 
@@ -512,25 +517,24 @@ class FastarBackend(_C10dBackend):
             raise RuntimeError("fastar backend: the process group was shut down")
         whole = inp if scatter else out
         nbytes = whole.numel() * whole.element_size()
-        topo = self._topo
-        hops = topo.num_nodes if topo.local_size > 1 else topo.size
-        algo = "halving_doubling" if policy.is_pow2(hops) else "ring"  # as the C++ halves_algorithm
-        plan = f"{'shm+rail' if topo.local_size > 1 else 'flat'}:{algo}"
-        name = f"fastar::{what} {nbytes}B {plan} peers={self._size}"
-        rec = [name, nbytes, plan, 0.0, 0.0]
+        plan = policy.plan(nbytes, whole.element_size(), self._node,
+                           collective="reduce_scatter" if scatter else "allgather")
+        label = f"{'shm+rail' if plan.hierarchy == 'rail' else 'flat'}:{plan.algorithm}"
+        name = f"fastar::{what} {nbytes}B {label} peers={self._size}"
+        rec = [name, nbytes, label, 0.0, 0.0]
         # Small calls run at once in the caller's thread (no hand-off); large ones are queued, so
         # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run. The same
         # with the profiler on.
-        queued = nbytes > self.HALVES_INLINE_BYTES
+        queued = nbytes > policy.HALVES_INLINE_BYTES
         op = op or what
         comm = self._comm
-        hd = groups.route("halving_doubling", "flat")[0]  # the halves fall back to ring themselves
+        algo = groups.native_plan(plan).algorithm
         if scatter:
             def start():
-                return comm.reduce_scatter(out, inp, hd, avg, self._validate, queued)
+                return comm.reduce_scatter(out, inp, algo, avg, self._validate, queued)
         else:
             def start():
-                return comm.allgather(out, inp, hd, self._validate, queued)
+                return comm.allgather(out, inp, algo, self._validate, queued)
         def run() -> FastarWork:
             fut: torch.futures.Future = torch.futures.Future()
             try:
@@ -539,8 +543,6 @@ class FastarBackend(_C10dBackend):
                 fut.set_exception(self._annotate(e))
                 return FastarWork(fut, result)
         return self._profiled(name, run)
-
-    HALVES_INLINE_BYTES = 1 << 20
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._lock:

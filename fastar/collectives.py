@@ -18,7 +18,7 @@ from . import policy
 from . import state as _state_mod
 from . import topology as _topology
 from .diagnose import reraise
-from .groups import backend_of, ensure_device_groups, group_comm, route
+from .groups import backend_of, ensure_device_groups, extension, group_comm, native_plan
 from .state import LATENCY_PATH, current, get_state, require_dist, warn_once
 
 
@@ -28,11 +28,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 from .policy import ALGORITHMS, HIERARCHIES  # noqa: E402 - the public choices
 # Gradient compression: the dtype on the wire; sums are accumulated in the tensor's own dtype.
 COMPRESSIONS = {None: "", "none": "", "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
-
-
-def choose(nbytes: int, algorithm: str, hierarchy: str, topo: _topology.Topology) -> tuple[str, str, str]:
-    """Resolves "auto" (fastar.policy.choose) for this job's topology and says why."""
-    return policy.choose(nbytes, algorithm, hierarchy, topo.size, topo.local_size)
 
 
 _REDUCE_OPS = {"sum": False, "avg": True, "mean": True}
@@ -103,10 +98,6 @@ class _DoneWork:
         return [self._tensor]
 
 
-def nothing_to_compress(wire: str, device_type: str, topo: _topology.Topology, hierarchy: str) -> bool:
-    return policy.nothing_to_compress(wire, device_type, topo.size, topo.num_nodes, hierarchy)
-
-
 def parse_compression(compression, where: str = "fastar.all_reduce") -> str:
     key = compression.lower() if isinstance(compression, str) else compression
     if key not in COMPRESSIONS:
@@ -126,21 +117,29 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     CUDA tensors go over NCCL groups fastar creates on first use, ordered on fastar's own CUDA
     stream against the caller's stream (the call returns without waiting for the GPU, like NCCL).
     """
-    st = _state_mod._state  # current(), without the call: this is the latency path's entry
+    st = _state_mod._state  # current(), without the call: this is the latency protocol's entry
     if st is not None and group is None and algorithm == "auto" and hierarchy == "auto" and not async_op \
             and compression is None and isinstance(tensor, torch.Tensor):
-        # The latency path: the C++ side takes the call only if it is a small dense CPU tensor of a
-        # supported dtype on one node with nothing queued; otherwise it does nothing and returns
-        # False, and the general path below runs it (with its checks and messages).
+        # The latency protocol: every call up to policy.latency_limit has the one latency plan
+        # (fastar.policy.plan, made once per tuning), run inline by the communicator's one entry.
+        # A tensor fastar does not reduce (sparse, strided, another dtype) raises NotForFastar
+        # before anything runs, and the general path below gives its message or fallback.
+        fast = st.fast
+        if fast[0] is not policy.tuning():
+            fast = st.refresh_fast()
         try:
             avg = _FAST_OPS.get(op)
         except TypeError:  # an unhashable op
             avg = None
-        if avg is not None:
+        if avg is not None and tensor.nbytes <= fast[1] and tensor.is_cpu:
             try:
-                if st.comm.allreduce_fast(tensor, avg):
-                    st.choice_record = LATENCY_PATH
-                    return None
+                work = st.comm.allreduce(tensor, fast[2], avg, True, False)
+                if work is not None:  # queued behind earlier work: wait for it
+                    work.wait(st.timeout.total_seconds() + 30)
+                st.choice_record = LATENCY_PATH
+                return None
+            except _NotForFastar():
+                pass
             except RuntimeError as e:
                 reraise(e)
     require_dist()
@@ -172,41 +171,39 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
                          "(over Gloo and shared memory) and CUDA tensors (over NCCL)")
     if wire and tensor.dtype not in (torch.float32, torch.float64):
         wire = ""  # already a 16-bit dtype: nothing to compress
-    comm, topo = st.comm, st.topo
-    user_group = group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != topo.size
+    comm, node = st.comm, st.node
+    user_group = group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != node.size
     if tensor.device.type == "cuda" and group is not None and group is not dist.group.WORLD \
             and "nccl" not in backend_of(group):
         raise ValueError(f"fastar.all_reduce: the tensor is on {tensor.device} but the group is a CPU-only "
                          f"({backend_of(group) or 'unknown'}) group; pass an NCCL group "
                          "(dist.new_group(ranks, backend='nccl')) or group=None, or move the tensor to the CPU")
     if user_group:
-        comm, topo, hierarchy = group_comm(st, group, tensor.device, wire), None, "flat"
+        comm, hierarchy = group_comm(st, group, tensor.device, wire), "flat"
+        node = policy.Node(dist.get_world_size(group), 1)  # a flat communicator of the group's ranks
     elif tensor.device.type == "cuda" or wire:
         ensure_device_groups(st, tensor.device)
     nbytes = tensor.numel() * tensor.element_size()
-    if topo is None:
-        size = dist.get_world_size(group)
-        topo = _topology.Topology(rank=dist.get_rank(group), size=size, local_rank=0, local_size=1,
-                                  node=0, num_nodes=size, source="user group")
-    algo, hier, why = choose(nbytes, algorithm, hierarchy, topo)
-    if not user_group and nothing_to_compress(wire, tensor.device.type, topo, hier):
-        wire = ""
-        why += "; one node: no network to compress for, summed in shared memory in full precision"
-    if tensor.device.type == "cuda" or wire:
-        why += f"; {tensor.device.type} tensor" + (f", {wire} on the wire" if wire else "") + \
-            " -> torch ops and c10d collectives on fastar's groups"
-    st.last_choice = {"bytes": nbytes, "algorithm": algo, "hierarchy": hier, "why": why,
-                      "requested": (algorithm, hierarchy), "device": str(tensor.device), "compression": wire}
+    p = policy.plan(nbytes, tensor.element_size(), node, algorithm=algorithm, hierarchy=hierarchy,
+                    device=tensor.device.type, wire=wire)
+    st.last_choice = {"bytes": nbytes, "algorithm": p.algorithm, "hierarchy": p.hierarchy, "protocol": p.protocol,
+                      "why": p.why, "requested": (algorithm, hierarchy), "device": str(tensor.device),
+                      "compression": p.wire}
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("fastar.all_reduce %d B: %s:%s (%s)", nbytes, hier, algo, why)
-    a, h, w = route(algo, hier, wire)
-    if async_op:
-        return Work(comm.allreduce_async(tensor, a, h, avg, validate, w), tensor, st.timeout.total_seconds() + 30)
+        log.debug("fastar.all_reduce %d B: %s (%s)", nbytes, p.label, p.why)
     try:
-        comm.allreduce(tensor, a, h, avg, validate, w)
+        work = comm.allreduce(tensor, native_plan(p), avg, validate, async_op)
     except RuntimeError as e:
         reraise(e)
+    if async_op:
+        return Work(work, tensor, st.timeout.total_seconds() + 30)
+    if work is not None:  # queued behind earlier work
+        Work(work, tensor, st.timeout.total_seconds() + 30).wait()
     return None
+
+
+def _NotForFastar():
+    return extension().NotForFastar
 
 
 def explain() -> str:
@@ -224,5 +221,6 @@ def explain() -> str:
         lines.append(f"{kind} tensor path: {g['desc']}")
     if st.last_choice:
         c = st.last_choice
-        lines.append(f"last allreduce: {c['bytes']} B -> {c['hierarchy']}:{c['algorithm']} because {c['why']}")
+        lines.append(f"last allreduce: {c['bytes']} B -> {c['hierarchy']}:{c['algorithm']}"
+                     f"{':' + c['protocol'] if c.get('protocol') else ''} because {c['why']}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import collectives, policy
 from .diagnose import reraise
-from .groups import ShmSpaceError, ensure_device_groups, extension, node_segment, route
+from .groups import ShmSpaceError, ensure_device_groups, extension, native_plan, node_segment
 from .state import get_state, require_dist, warn_once
 
 log = logging.getLogger("fastar")
@@ -82,7 +82,7 @@ class FastarModule(nn.Module):
         device = named[0][1].device if named else torch.device("cpu")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"fastar.wrap: the model is on {device}; fastar reduces CPU and CUDA gradients")
-        if collectives.nothing_to_compress(wire, device.type, st.topo, hierarchy):
+        if policy.nothing_to_compress(wire, device.type, st.topo.size, st.topo.num_nodes, hierarchy):
             warn_once("wrap:one-node-compression",
                       f"fastar.wrap: compression={compression!r} on a single node: no gradient "
                       "crosses a network, so the buckets are summed in shared memory in full "
@@ -105,7 +105,7 @@ class FastarModule(nn.Module):
         self._engine = extension().BucketEngine(
             st.comm, self._params, order, int(bucket_cap_mb * (1 << 20)),
             int(first_bucket_mb * (1 << 20)), gradient_as_bucket_view)  # waits read the communicator's timeout
-        self._engine.set_wire(route("halving_doubling", "flat", wire)[2])
+        self._wire = wire
         if st.topo.local_size > 1 and shm_buckets and device.type == "cpu" and not wire:
             # Buckets live in the node's shared memory: the local phase reads them where they are.
             engine = self._engine
@@ -134,10 +134,16 @@ class FastarModule(nn.Module):
         weakref.finalize(self, _release, self._handles, self._params, me)
 
     def _apply_choices(self):
-        topo = self._state.topo
+        node, in_place = self._state.node, self._engine.has_arena()
         for b in range(self._engine.num_buckets()):
-            algo, hier, _ = collectives.choose(self._engine.bucket_bytes(b), self._algorithm, self._hierarchy, topo)
-            self._engine.set_choice(b, *route(algo, hier)[:2])
+            idx = self._engine.bucket_params(b)
+            p0 = self._params[idx[0]] if len(idx) else None
+            itemsize = p0.element_size() if p0 is not None else 4
+            wire = self._wire if p0 is not None and p0.dtype in (torch.float32, torch.float64) else ""
+            plan = policy.plan(self._engine.bucket_bytes(b), itemsize, node, algorithm=self._algorithm,
+                               hierarchy=self._hierarchy, device=p0.device.type if p0 is not None else "cpu",
+                               wire=wire, in_place=in_place)
+            self._engine.set_plan(b, native_plan(plan))
 
     @property
     def broadcast_buffers(self) -> bool:

@@ -24,18 +24,26 @@ def extension():
     return _C
 
 
-_ROUTE_ENUMS: dict = {}
+_ENUMS: dict = {}
+_NATIVE_PLANS: dict = {}
 
 
-def route(algorithm: str, hierarchy: str, wire: str | None = None) -> tuple:
-    """A resolved route (fastar.policy's names) as the binding's enums: _C.Algorithm, _C.Hierarchy,
-    _C.Wire. The route crosses into C++ as these, never as strings."""
-    if not _ROUTE_ENUMS:
+def native_plan(plan) -> object:
+    """A fastar.policy.Plan as the binding's fastar._C.Plan (its enums: _C.Collective, Algorithm,
+    Hierarchy, Protocol, Wire): the plan crosses into C++ as these, never as strings. Cached: equal
+    plans are one object."""
+    key = (plan.collective, plan.algorithm, plan.hierarchy, plan.protocol, plan.chunk_bytes, plan.wire)
+    native = _NATIVE_PLANS.get(key)
+    if native is None:
         ext = extension()
-        for kind in (ext.Algorithm, ext.Hierarchy, ext.Wire):
-            _ROUTE_ENUMS.update({(kind.__name__, n): v for n, v in kind.__members__.items()})
-    return (_ROUTE_ENUMS[("Algorithm", algorithm)], _ROUTE_ENUMS[("Hierarchy", hierarchy)],
-            _ROUTE_ENUMS[("Wire", wire or "none")])
+        if not _ENUMS:
+            for kind in (ext.Collective, ext.Algorithm, ext.Hierarchy, ext.Protocol, ext.Wire):
+                _ENUMS.update({(kind.__name__, n): v for n, v in kind.__members__.items()})
+        native = ext.Plan(_ENUMS[("Collective", plan.collective)], _ENUMS[("Algorithm", plan.algorithm)],
+                          _ENUMS[("Hierarchy", plan.hierarchy)], _ENUMS[("Protocol", plan.protocol)],
+                          plan.chunk_bytes, _ENUMS[("Wire", plan.wire or "none")])
+        _NATIVE_PLANS[key] = native
+    return native
 
 
 class ShmSpaceError(RuntimeError):

@@ -11,10 +11,16 @@ leader ahead up to 4 MiB, rail ahead from 16 MiB.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 ALGORITHMS = ("auto", "halving_doubling", "ring")
 HIERARCHIES = ("auto", "flat", "leader", "rail")
 RING_ABOVE_BYTES_NON_POW2 = 16 << 20
 RAIL_ABOVE_BYTES = 8 << 20
+# The torch.distributed backend runs a reduce-scatter/allgather of up to this many bytes at once in
+# the caller's thread (no hand-off); larger ones are queued, so that the caller (FSDP's prefetch)
+# goes on while they run.
+HALVES_INLINE_BYTES = 1 << 20
 
 
 def is_pow2(n: int) -> bool:
@@ -57,3 +63,158 @@ def nothing_to_compress(wire: str, device_type: str, size: int, num_nodes: int, 
     faster than the compressed path's Gloo groups. Compression is then dropped: full-precision
     sums, as the compressed path would have given too."""
     return bool(wire) and device_type == "cpu" and num_nodes == 1 and size > 1 and hierarchy != "flat"
+
+
+# ---- the plan: everything a call's route is, chosen here alone -------------------------------------
+# A Plan crosses into C++ as fastar._C.Plan (csrc/core/plan.h): the C++ side runs it and refuses one
+# it cannot run; it chooses nothing. The descriptor that ranks compare before any data moves is the
+# plan plus the call, so ranks whose plans differ (different tuning) raise on every rank.
+
+COLLECTIVES = ("allreduce", "reduce_scatter", "allgather")
+PROTOCOLS = ("latency", "one_barrier", "chunked", "halves", "in_place", "network")
+# The node arena's small regions hold this much per rank (ShmArena::kSmallBytes; test_plan.py
+# checks it against fastar._C.LATENCY_MAX_BYTES): the latency protocol's ceiling.
+LATENCY_MAX_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The plan's thresholds (process-wide: set_tuning). Every rank of a job must use the same:
+    ranks that plan a call differently raise on every rank (never a wrong sum)."""
+    # A one-chunk call of at most this many bytes takes one barrier (every rank sums all slots;
+    # on one node the latency protocol, up to LATENCY_MAX_BYTES). DeepSpeed's small-message path.
+    small_bytes: int = 64 << 10
+    # The one-node pipeline's chunk: slots and result area stay in cache (between nodes the arena's
+    # chunk, FASTAR_SHM_CHUNK_MB, is the unit of the network pipeline instead).
+    local_chunk_bytes: int = 512 << 10
+    # The latency protocol's smallest block: each block costs the peers one more flag line. 1 KiB
+    # blocks took 0.95 us at 4 KiB when the cores shared a cache and 2.3 us when they did not; one
+    # 4 KiB block 1.07 and 1.8 (docs/results.md, session 8).
+    latency_block_bytes: int = 4096
+
+    def __post_init__(self):
+        if self.small_bytes < 0:
+            raise ValueError(f"fastar: Tuning.small_bytes must be at least 0, not {self.small_bytes}")
+        if self.local_chunk_bytes < 4096:
+            raise ValueError(f"fastar: Tuning.local_chunk_bytes must be at least 4096, not {self.local_chunk_bytes}")
+        if self.latency_block_bytes < 64 or self.latency_block_bytes % 64:
+            raise ValueError("fastar: Tuning.latency_block_bytes must be a multiple of 64 bytes, not "
+                             f"{self.latency_block_bytes}")
+
+
+_tuning = Tuning()
+
+
+def tuning() -> Tuning:
+    """The process's tuning (the object is replaced, never changed: `is` tells a change)."""
+    return _tuning
+
+
+def set_tuning(**changes) -> Tuning:
+    """Changes the process's tuning (fields of Tuning); returns the previous one. Give every rank the
+    same: the ranks' descriptors carry the plan, and ranks that disagree raise."""
+    global _tuning
+    old, _tuning = _tuning, replace(_tuning, **changes)
+    return old
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a plan needs to know of the communicator that runs it."""
+    size: int
+    local_size: int
+    arena_chunk_bytes: int = 0  # the node arena's slot; 0: no arena (one rank per node, a user's group)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.size // self.local_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    collective: str
+    algorithm: str
+    hierarchy: str
+    protocol: str
+    chunk_bytes: int  # the pipeline's chunk (chunked, halves), the latency protocol's block, else 0
+    wire: str  # "" (the tensor's dtype), "fp16" or "bf16"
+    why: str = field(default="", compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.hierarchy}:{self.algorithm}" + (f":{self.wire}" if self.wire else "") + f":{self.protocol}"
+
+
+def _pipeline_chunk(node: Node, itemsize: int, t: Tuning) -> int:
+    chunk = node.arena_chunk_bytes if node.num_nodes > 1 else min(node.arena_chunk_bytes, t.local_chunk_bytes)
+    return chunk // itemsize * itemsize
+
+
+def plan(nbytes: int, itemsize: int, node: Node, *, collective: str = "allreduce", algorithm: str = "auto",
+         hierarchy: str = "auto", device: str = "cpu", wire: str = "", in_place: bool = False,
+         t: Tuning | None = None) -> Plan:
+    """The plan of one call of `collective` over nbytes (elements of itemsize bytes) on `node`.
+    reduce_scatter/allgather: nbytes is the whole buffer (world size x a shard). device: "cpu" or
+    "cuda". in_place: the buffer is a bucket in wrap's bucket arena. "auto" is resolved; an explicit
+    choice is kept unless the node cannot run it (said in why)."""
+    t = t or _tuning
+    if collective != "allreduce":
+        return _plan_halves(collective, nbytes, itemsize, node, algorithm, t)
+    algorithm, hierarchy, why = choose(nbytes, algorithm, hierarchy, node.size, node.local_size)
+    why = [why]
+    if wire and nothing_to_compress(wire, device, node.size, node.num_nodes, hierarchy):
+        wire = ""
+        why.append("one node: no network to compress for, summed in shared memory in full precision")
+    if hierarchy != "flat" and (node.local_size == 1 or (device == "cpu" and not wire and not in_place
+                                                          and not node.arena_chunk_bytes)):
+        hierarchy = "flat"
+        why.append("flat: no local phase here (one rank per node)")
+    if device != "cpu" or wire:
+        why.append(f"{device} tensor" + (f", {wire} on the wire" if wire else "") +
+                   " -> torch ops and c10d collectives on fastar's groups")
+        return Plan("allreduce", algorithm, hierarchy, "network", 0, wire, "; ".join(why))
+    if hierarchy == "flat":
+        return Plan("allreduce", algorithm, hierarchy, "network", 0, "", "; ".join(why))
+    if in_place:
+        return Plan("allreduce", algorithm, hierarchy, "in_place", 0, "", "; ".join(why + ["in place in wrap's bucket arena"]))
+    chunk = _pipeline_chunk(node, itemsize, t)
+    nchunks = -(-nbytes // chunk)
+    small = nbytes == 0 or (nchunks == 1 and nbytes <= t.small_bytes and (node.num_nodes == 1 or hierarchy == "leader"))
+    if small and node.num_nodes == 1 and nbytes <= LATENCY_MAX_BYTES:
+        why.append(f"latency protocol: {nbytes} B <= {min(t.small_bytes, LATENCY_MAX_BYTES)} B on one node "
+                   "(the arena's small regions, in blocks; no header exchange)")
+        return Plan("allreduce", algorithm, hierarchy, "latency", t.latency_block_bytes, "", "; ".join(why))
+    if small:
+        why.append(f"one barrier: {nbytes} B <= {t.small_bytes} B in one chunk")
+        return Plan("allreduce", algorithm, hierarchy, "one_barrier", 0, "", "; ".join(why))
+    why.append(f"chunked: {nchunks} chunks of {chunk} B through the slots")
+    return Plan("allreduce", algorithm, hierarchy, "chunked", chunk, "", "; ".join(why))
+
+
+def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algorithm: str, t: Tuning) -> Plan:
+    if collective not in COLLECTIVES:
+        raise ValueError(f"fastar: collective={collective!r}; expected one of {COLLECTIVES}")
+    arena = bool(node.arena_chunk_bytes) and node.local_size > 1
+    p = node.num_nodes if arena else node.size
+    hierarchy = "rail" if arena else "flat"
+    why = [f"{hierarchy}: " + ("the node's ranks through the arena's slots, the same local rank of every node "
+                               "between nodes" if arena else "no arena: the schedule's half among all ranks")]
+    if algorithm == "ring" or not is_pow2(p):
+        why.append(f"ring: {p} participants" + ("" if algorithm == "ring" else " is not a power of two"))
+        algorithm = "ring"
+    else:
+        algorithm = "halving_doubling"
+        why.append(f"halving_doubling: {p} participants, a power of two")
+    if not arena:
+        return Plan(collective, algorithm, hierarchy, "network", 0, "", "; ".join(why))
+    return Plan(collective, algorithm, hierarchy, "halves", _pipeline_chunk(node, 1, t), "", "; ".join(why))
+
+
+def latency_limit(node: Node, t: Tuning | None = None) -> int:
+    """The largest allreduce (bytes) that plan() gives the latency protocol on this node with the
+    default route, for every itemsize up to 8; -1 when it gives none. fastar.all_reduce's fast entry
+    takes calls up to it with the one latency plan, without planning each call again."""
+    t = t or _tuning
+    if node.num_nodes != 1 or node.local_size == 1 or not node.arena_chunk_bytes:
+        return -1
+    return min(t.small_bytes, LATENCY_MAX_BYTES, min(node.arena_chunk_bytes, t.local_chunk_bytes) // 8 * 8)

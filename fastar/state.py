@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from . import policy, settings, topology
-from .groups import ShmSpaceError, extension, node_segment
+from .groups import ShmSpaceError, extension, native_plan, node_segment
 
 log = logging.getLogger("fastar")
 
@@ -52,6 +52,24 @@ class State:
     # (world, rail) the communicator sends over, when they are not world_group/cross_group (the
     # backend's, which torch.distributed does not know): the CPU tensor path's groups.
     comm_groups: tuple | None = None
+    # fastar.all_reduce's fast entry: (the tuning it was made for, the latency limit in bytes, the one
+    # latency plan as fastar._C.Plan); remade when policy.set_tuning replaced the tuning.
+    fast: tuple = (None, -1, None)
+
+    @property
+    def node(self) -> policy.Node:
+        """What a plan needs to know of this communicator (fastar.policy.plan)."""
+        return policy.Node(self.topo.size, self.topo.local_size,
+                           self.comm.shm_chunk_bytes() if self.comm.has_shm() else 0)
+
+    def refresh_fast(self) -> tuple:
+        t = policy.tuning()
+        limit = policy.latency_limit(self.node, t)
+        native = None
+        if limit >= 0:
+            native = native_plan(policy.plan(0, 1, self.node, t=t))
+        self.fast = (t, limit, native)
+        return self.fast
 
     def transport(self) -> tuple:
         """(world, rail): the process groups the communicator sends over."""
@@ -64,10 +82,10 @@ class State:
         rec = self.choice_record
         if rec is LATENCY_PATH:
             op = self.comm.last_op()
-            algo, hier, why = policy.choose(op["bytes"], "auto", "auto", self.topo.size, self.topo.local_size)
+            why = policy.plan(op["bytes"], 1, self.node).why
             rec = {"bytes": op["bytes"], "algorithm": op["algorithm"], "hierarchy": op["hierarchy"],
-                   "why": why + "; small CPU tensor on one node -> the latency path (shared memory, no header "
-                   "exchange: the arena's descriptor check validates the call)",
+                   "protocol": op["protocol"], "why": why + "; small CPU tensor on one node -> the latency path "
+                   "(shared memory, no header exchange: the arena's descriptor check validates the call)",
                    "requested": ("auto", "auto"), "device": "cpu", "compression": ""}
         return rec or {}
 

@@ -31,14 +31,13 @@ def _outcome(fn):
 
 def _tuning_worker(rank, n, setting):
     fastar.init(local_size=n, timeout=timedelta(seconds=10))
-    comm = fastar.state.get_state().comm
     if setting == "chunk":
         if rank == 0:
-            comm.set_local_chunk_bytes(256 << 10)
+            fastar.policy.set_tuning(local_chunk_bytes=256 << 10)
         count = (512 << 10) // 4  # one chunk at 512 KiB, two at 256 KiB
     else:
         if rank == 0:
-            comm.set_small_bytes(256 << 10)  # one-barrier slots here, the chunked pipeline elsewhere
+            fastar.policy.set_tuning(small_bytes=256 << 10)  # one-barrier slots here, the chunked pipeline elsewhere
         count = (128 << 10) // 4
     t = torch.arange(count, dtype=torch.float32) % 7 + rank + 1
 

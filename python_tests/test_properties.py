@@ -144,15 +144,19 @@ def test_halves_reduce_scatter_then_allgather(algo, size, count):
         _C.schedule_halves("reduce_scatter", "ring", 0, 6, 12), "6 ranks: halving/doubling halves fall back to ring"
 
 
-def test_route_enums_match_the_policy_names():
-    """The route crosses the binding as _C's enums, named as fastar.policy names the choices."""
+def test_plan_enums_match_the_policy_names():
+    """The plan crosses the binding as _C's enums, named as fastar.policy names the choices."""
     from fastar import _C, groups, policy
     assert tuple(_C.Algorithm.__members__) == policy.ALGORITHMS[1:]
     assert tuple(_C.Hierarchy.__members__) == policy.HIERARCHIES[1:]
+    assert tuple(_C.Collective.__members__) == policy.COLLECTIVES
+    assert tuple(_C.Protocol.__members__) == policy.PROTOCOLS
     assert tuple(_C.Wire.__members__) == ("none", "fp16", "bf16")
-    a, h, w = groups.route("ring", "rail", "bf16")
-    assert (a, h, w) == (_C.Algorithm.ring, _C.Hierarchy.rail, _C.Wire.bf16)
-    assert groups.route("halving_doubling", "flat")[2] == _C.Wire.none
+    assert _C.LATENCY_MAX_BYTES == policy.LATENCY_MAX_BYTES
+    n = groups.native_plan(policy.Plan("allreduce", "ring", "rail", "chunked", 4 << 20, "bf16"))
+    assert (n.collective, n.algorithm, n.hierarchy, n.protocol, n.chunk_bytes, n.wire) == (
+        _C.Collective.allreduce, _C.Algorithm.ring, _C.Hierarchy.rail, _C.Protocol.chunked, 4 << 20, _C.Wire.bf16)
+    assert groups.native_plan(policy.plan(4096, 4, policy.Node(2, 1))).wire == _C.Wire.none
 
 
 @settings(max_examples=60, deadline=None)

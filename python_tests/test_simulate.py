@@ -242,7 +242,7 @@ def test_host_model_parts():
         0.5 * sim.host_time("fastar:flat:halving_doubling", big, 2, 2, m)
     # torch's Gloo allreduce is a ring with its own latency
     assert sim.host_time("torch:gloo", 4096, 4, 1, m) > sim.host_time("fastar:flat:ring", 4096, 4, 1, m)
-    # "auto" resolves as fastar.collectives.choose() does, plus one header exchange
+    # "auto" resolves as fastar.policy.choose() does, plus one header exchange
     assert sim.auto_choice(1 * MiB, 4, 2) == ("leader", "halving_doubling")
     assert sim.auto_choice(16 * MiB, 4, 2) == ("rail", "halving_doubling")
     assert sim.auto_choice(32 * MiB, 6, 1) == ("flat", "ring")
@@ -252,14 +252,13 @@ def test_host_model_parts():
 
 def test_auto_choice_is_the_librarys_policy():
     """simulate prices what the library runs: both ask fastar.policy, which holds the only thresholds."""
-    from fastar import collectives, policy
-    from fastar.topology import Topology
+    from fastar import policy
     assert sim.RAIL_ABOVE_BYTES is policy.RAIL_ABOVE_BYTES
     for W, L in ((2, 1), (4, 2), (6, 1), (6, 2), (8, 4), (12, 3)):
-        t = Topology(rank=0, size=W, local_rank=0, local_size=L, node=0, num_nodes=W // L, source="test")
+        node = policy.Node(W, L, 4 << 20)
         for nbytes in (4096, 4 << 20, policy.RAIL_ABOVE_BYTES, policy.RAIL_ABOVE_BYTES + 1, 64 << 20):
-            a, h, _ = collectives.choose(nbytes, "auto", "auto", t)
-            assert sim.auto_choice(nbytes, W, L) == (h, a), (W, L, nbytes)
+            p = policy.plan(nbytes, 4, node)
+            assert sim.auto_choice(nbytes, W, L) == (p.hierarchy, p.algorithm), (W, L, nbytes)
 
 
 def test_calibrated_predictions_of_this_hosts_benchmarks_within_30_percent(tmp_path):

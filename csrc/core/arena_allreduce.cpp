@@ -17,15 +17,13 @@ namespace {
 // leader's bucket) are written into every region.
 class ArenaPhase final : public LocalPhase {
  public:
-  ArenaPhase(ArenaAllreduce& ar, ShmArena& a, uint32_t& gen, Hierarchy mode, Algorithm algo, int64_t offset,
-             int64_t count, DType t, uint64_t seq, bool multi)
+  ArenaPhase(ArenaAllreduce& ar, ShmArena& a, uint32_t& gen, const Plan& plan, int64_t offset, int64_t count,
+             DType t, uint64_t seq, bool multi)
       : ar_(ar), a_(a), gen_(gen), offset_(offset), count_(count), t_(t), es_(dtype_size(t)),
-        L_(a.local_size()), lr_(a.local_rank()), multi_(multi), leader_(multi && mode != Hierarchy::Rail) {
-    desc_[kSeq] = seq;
-    desc_[kCount] = (uint64_t)count;
-    desc_[kDType] = (uint64_t)t;
-    desc_[kRoute] = (uint64_t)mode * 16 + (uint64_t)algo;
-    desc_[kProtocol] = (uint64_t)Protocol::InPlace;
+        L_(a.local_size()), lr_(a.local_rank()), multi_(multi), leader_(multi && plan.hierarchy != Hierarchy::Rail) {
+    if (plan.protocol != Protocol::InPlace || plan.hierarchy == Hierarchy::Flat)
+      throw std::invalid_argument("fastar: the bucket arena runs in-place leader or rail plans, not " + plan_label(plan));
+    encode_desc(plan, seq, count, (uint64_t)t, desc_);
     desc_[kChunk] = (uint64_t)offset;  // where the bucket lies in every rank's region
   }
   int64_t chunks() const override { return 1; }
@@ -94,13 +92,12 @@ class ArenaPhase final : public LocalPhase {
 
 }  // namespace
 
-void ArenaAllreduce::allreduce(Hierarchy mode, Algorithm algo, int64_t offset, int64_t count, DType t,
-                               uint64_t seq) {
+void ArenaAllreduce::allreduce(const Plan& plan, int64_t offset, int64_t count, DType t, uint64_t seq) {
   if (offset < 0 || offset + count * (int64_t)dtype_size(t) > region_bytes())
     throw std::logic_error("fastar: bucket outside the shared-memory region");
-  ArenaPhase ph(*this, *arena_, gen_, mode, algo, offset, count, t, seq, num_nodes_ > 1 && inter_ != nullptr);
+  ArenaPhase ph(*this, *arena_, gen_, plan, offset, count, t, seq, num_nodes_ > 1 && inter_ != nullptr);
   codec_.set_dtype(t);
-  driver_.run(ph, algo, codec_);
+  driver_.run(ph, plan.algorithm, codec_);
 }
 
 }  // namespace fastar

@@ -24,7 +24,8 @@ class ArenaAllreduce {
   int64_t region_bytes() const { return arena_->chunk_bytes(); }
   // Sums the `count` elements at byte `offset` of every rank's region (across all nodes) into every
   // region: the one driver (hier_driver.h) with the in-place phase (one chunk: the bucket).
-  void allreduce(Hierarchy mode, Algorithm algo, int64_t offset, int64_t count, DType t, uint64_t seq);
+  // plan: fastar/policy.py's (protocol in place; hierarchy leader or rail).
+  void allreduce(const Plan& plan, int64_t offset, int64_t count, DType t, uint64_t seq);
 
  private:
   ShmArena* arena_;

@@ -19,6 +19,23 @@ const char* protocol_name(uint64_t p) {
   return "unknown";
 }
 
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::Allreduce: return "allreduce";
+    case Collective::ReduceScatter: return "reduce_scatter";
+    case Collective::Allgather: return "allgather";
+  }
+  return "?";
+}
+
+std::string plan_label(const Plan& p) {
+  static const char* short_names[] = {"?", "latency", "one_barrier", "chunked", "halves", "in_place", "network"};
+  const uint64_t pr = (uint64_t)p.protocol;
+  std::string s = std::string(hierarchy_name(p.hierarchy)) + ":" + algorithm_name(p.algorithm);
+  if (p.wire != Wire::None) s += std::string(":") + wire_name(p.wire);
+  return s + ":" + (pr <= 6 ? short_names[pr] : "?");
+}
+
 std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs[kDescWords], const char* what,
                           const std::string& me, const std::string& them) {
   static const char* names[kDescWords] = {"call number", "element count", "dtype", "hierarchy/algorithm",
@@ -32,11 +49,11 @@ std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs
     };
     std::string hint = ". Every rank must call the same collectives with tensors of the same shape and dtype.";
     if (i == kProtocol)
-      hint = ". The ranks chose different protocols for the same call: their latency-path threshold "
-             "(Communicator.set_small_bytes) or shared-memory settings differ; give every rank the same settings.";
+      hint = ". The ranks planned the call differently: their tuning (fastar.policy.Tuning: small_bytes, "
+             "latency_bytes) or shared-memory settings differ; give every rank the same settings.";
     else if (i == kChunk)
-      hint = ". The ranks' pipeline chunk differs (Communicator.set_local_chunk_bytes, FASTAR_SHM_CHUNK_MB): give "
-             "every rank the same settings.";
+      hint = ". The ranks' pipeline chunk differs (fastar.policy.Tuning.local_chunk_bytes, FASTAR_SHM_CHUNK_MB): "
+             "give every rank the same settings.";
     return "fastar: ranks disagree on the " + std::string(names[i]) + " of " + what + ": " + me + " has " +
            show(mine[i]) + ", " + them + " has " + show(theirs[i]) + hint;
   }

@@ -10,24 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "plan.h"
 #include "transport.h"
 
 namespace fastar {
-
-// How the node's phase runs (the plan's protocol). Values are part of the descriptor.
-enum class Protocol : uint64_t {
-  Latency = 1,     // one node, small: the arena's small regions in blocks
-  OneBarrier = 2,  // small, one chunk: every rank sums all slots itself
-  Chunked = 3,     // the pipeline of chunks through the slots
-  Halves = 4,      // reduce-scatter / allgather through the slots
-  InPlace = 5,     // fastar.wrap's buckets in the bucket arena
-  Network = 6,     // no local phase: the schedule over the transport alone
-};
-const char* protocol_name(uint64_t p);
-
-// seq, element count, dtype, route (hierarchy * 16 + algorithm, + collective/wire offsets),
-// protocol, chunk (bytes of the pipeline's chunk, the latency path's block, the halves' chunk).
-enum DescField { kSeq = 0, kCount, kDType, kRoute, kProtocol, kChunk, kDescWords };
 
 // "ranks disagree on the <field> of <what>: <me> has <v>, <them> has <w>. <what to do>"
 std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs[kDescWords], const char* what,

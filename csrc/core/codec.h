@@ -13,13 +13,10 @@
 #include <vector>
 
 #include "dtype.h"
+#include "plan.h"
 
 namespace fastar {
 
-// The dtype on the wire: the buffer's own, or fp16/bf16 (fp32/fp64 buffers; accumulation stays in
-// the buffer's dtype).
-enum class Wire { None = 0, Fp16 = 1, Bf16 = 2 };
-inline const char* wire_name(Wire w) { return w == Wire::Fp16 ? "fp16" : w == Wire::Bf16 ? "bf16" : "none"; }
 
 class Codec {
  public:

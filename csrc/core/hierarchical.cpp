@@ -10,15 +10,6 @@
 
 namespace fastar {
 
-const char* hierarchy_name(Hierarchy h) {
-  switch (h) {
-    case Hierarchy::Flat: return "flat";
-    case Hierarchy::Leader: return "leader";
-    case Hierarchy::Rail: return "rail";
-  }
-  return "?";
-}
-
 Hierarchical::Hierarchical(ShmArena* arena, Transport* inter, int num_nodes)
     : arena_(arena), inter_(inter), num_nodes_(num_nodes), driver_(inter, /*worker=*/inter != nullptr) {}
 
@@ -29,24 +20,22 @@ Hierarchical::Hierarchical(ShmArena* arena, Transport* inter, int num_nodes)
 // Small single-chunk buffers take one barrier: every rank sums all slots itself.
 class StagedPhase final : public LocalPhase {
  public:
-  StagedPhase(Hierarchical& h, Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq)
-      : h_(h), a_(*h.arena_), mode_(mode), base_(static_cast<char*>(data)), count_(count), t_(t),
+  // Runs the plan fastar/policy.py made (protocol and chunk included); refuses one that cannot
+  // run here, with the reason, before touching the arena.
+  StagedPhase(Hierarchical& h, const Plan& plan, void* data, int64_t count, DType t, uint64_t seq)
+      : h_(h), a_(*h.arena_), mode_(plan.hierarchy), base_(static_cast<char*>(data)), count_(count), t_(t),
         L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)), multi_(h.num_nodes_ > 1) {
-    chunk_elems_ = h.pipeline_chunk_bytes() / (int64_t)es_;
-    nchunks_ = count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
-    if (multi_ && mode == Hierarchy::Rail && h.inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
-    carries_ = multi_ && h.inter_ != nullptr && (mode == Hierarchy::Rail || lr_ == 0);
     const int64_t bytes = count * (int64_t)es_;
-    small_ = count == 0 || (nchunks_ == 1 && bytes <= h.small_bytes.load(std::memory_order_relaxed) &&
-                            (!multi_ || mode == Hierarchy::Leader));
-    latency_ = small_ && !multi_ && a_.has_small() && bytes <= ShmArena::kSmallBytes;
-    // What the ranks must agree on (call_check.h): the call, and how this rank runs it.
-    desc_[kSeq] = seq;
-    desc_[kCount] = (uint64_t)count;
-    desc_[kDType] = (uint64_t)t;
-    desc_[kRoute] = (uint64_t)mode * 16 + (uint64_t)algo;
-    desc_[kProtocol] = (uint64_t)(latency_ ? Protocol::Latency : small_ ? Protocol::OneBarrier : Protocol::Chunked);
-    desc_[kChunk] = latency_ ? (uint64_t)h.small_block_bytes : small_ ? 0 : (uint64_t)(chunk_elems_ * (int64_t)es_);
+    h.check_plan(plan, bytes, es_);
+    if (multi_ && mode_ == Hierarchy::Rail && h.inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
+    carries_ = multi_ && h.inter_ != nullptr && (mode_ == Hierarchy::Rail || lr_ == 0);
+    latency_ = plan.protocol == Protocol::Latency;
+    small_ = latency_ || plan.protocol == Protocol::OneBarrier;
+    chunk_elems_ = latency_ || small_ ? std::max<int64_t>(count, 1) : plan.chunk_bytes / (int64_t)es_;
+    nchunks_ = count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
+    block_bytes_ = latency_ ? plan.chunk_bytes : 0;
+    // What the ranks must agree on (call_check.h): the call and its plan.
+    encode_desc(plan, seq, count, (uint64_t)t, desc_);
     streaming_ = bytes >= h.stream_above_bytes.load(std::memory_order_relaxed);
   }
   void publish() {
@@ -110,7 +99,7 @@ class StagedPhase final : public LocalPhase {
     const int buf = g & 1;
     const int64_t bytes = count_ * (int64_t)es_;
     const int64_t per_block = (bytes + ShmArena::kSmallBlocks - 1) / ShmArena::kSmallBlocks;  // at most 16 blocks
-    const int64_t blk = std::max(h_.small_block_bytes, (per_block + 63) / 64 * 64);
+    const int64_t blk = std::max(block_bytes_, (per_block + 63) / 64 * 64);
     const int nb = bytes == 0 ? 1 : (int)((bytes + blk - 1) / blk);
     if (nb > ShmArena::kSmallBlocks) throw std::logic_error("fastar: small allreduce in too many blocks");
     LatencyProfile* p = prof;
@@ -246,23 +235,54 @@ class StagedPhase final : public LocalPhase {
   int L_, lr_;
   size_t es_;
   bool multi_, carries_ = false, small_ = false, latency_ = false, streaming_ = false;
-  int64_t chunk_elems_ = 1, nchunks_ = 0;
+  int64_t chunk_elems_ = 1, nchunks_ = 0, block_bytes_ = 0;
   uint64_t desc_[kDescWords];
   uint32_t first_gen_ = 0;
   const void* srcs_small_[Hierarchical::kMaxSmallRanks];
   std::vector<const void*> srcs_;
 };
 
-HierarchicalStats Hierarchical::allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t,
-                                          uint64_t seq) {
-  StagedPhase ph(*this, mode, algo, data, count, t, seq);
+HierarchicalStats Hierarchical::allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq) {
+  StagedPhase ph(*this, plan, data, count, t, seq);
   ph.prof = profile && profile->on ? profile : nullptr;
   ph.publish();
   codec_.set_dtype(t);
   HierarchicalStats stats;
-  stats.inter_bytes_sent = driver_.run(ph, algo, codec_);
+  stats.inter_bytes_sent = driver_.run(ph, plan.algorithm, codec_);
   stats.chunks = ph.chunks();
   return stats;
+}
+
+void Hierarchical::check_plan(const Plan& plan, int64_t bytes, size_t es) const {
+  auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " (chunk " + std::to_string(plan.chunk_bytes) +
+                                " B) cannot run an allreduce of " + std::to_string(bytes) + " B here: " + why +
+                                " (plans come from fastar/policy.py; this is a bug of fastar's)");
+  };
+  const bool multi = num_nodes_ > 1;
+  if (plan.collective != Collective::Allreduce) refuse("it is not an allreduce plan");
+  if (plan.hierarchy == Hierarchy::Flat) refuse("a flat plan has no local phase");
+  switch (plan.protocol) {
+    case Protocol::Latency:
+      if (multi || !arena_->has_small()) refuse("the latency protocol runs on one node, in the arena's small regions");
+      if (bytes > ShmArena::kSmallBytes) refuse("the small regions hold " + std::to_string(ShmArena::kSmallBytes) + " B");
+      if (plan.chunk_bytes < 64) refuse("the latency protocol's block must be at least 64 B");
+      return;
+    case Protocol::OneBarrier:
+      if (bytes > arena_->chunk_bytes())
+        refuse("one barrier needs the buffer in one slot of " + std::to_string(arena_->chunk_bytes()) + " B");
+      if (multi && plan.hierarchy != Hierarchy::Leader && bytes != 0)
+        refuse("one barrier between nodes is a leader protocol (or an empty call)");
+      if (plan.chunk_bytes != 0) refuse("one barrier has no chunk");
+      return;
+    case Protocol::Chunked:
+      if (plan.chunk_bytes < (int64_t)es || plan.chunk_bytes > arena_->chunk_bytes() || plan.chunk_bytes % (int64_t)es)
+        refuse("the chunk must be whole elements, at most the arena's slot of " + std::to_string(arena_->chunk_bytes()) +
+               " B");
+      return;
+    default:
+      refuse("the staged phase runs the latency, one-barrier or chunked protocol");
+  }
 }
 
 int64_t Hierarchical::pipeline_chunk_bytes() const {

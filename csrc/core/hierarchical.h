@@ -22,13 +22,12 @@
 #include <thread>
 
 #include "executor.h"
+#include "plan.h"
 #include "hier_driver.h"
 #include "shm.h"
 
 namespace fastar {
 
-enum class Hierarchy { Flat = 0, Leader = 1, Rail = 2 };
-const char* hierarchy_name(Hierarchy h);
 
 struct HierarchicalStats {
   int64_t chunks = 0;
@@ -53,7 +52,10 @@ class Hierarchical {
   // Rail); nullptr when there is one node, or for non-leaders in Leader mode.
   Hierarchical(ShmArena* arena, Transport* inter, int num_nodes);
   // fastar.all_reduce's hierarchy: the one driver (hier_driver.h) with the staged phase (slots).
-  HierarchicalStats allreduce(Hierarchy mode, Algorithm algo, void* data, int64_t count, DType t, uint64_t seq);
+  // plan: fastar/policy.py's (hierarchy leader or rail; protocol latency, one-barrier or chunked).
+  HierarchicalStats allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq);
+  // Throws std::invalid_argument, saying why, when this node cannot run the plan for `bytes`.
+  void check_plan(const Plan& plan, int64_t bytes, size_t elem_bytes) const;
   // The halves, over the node's ranks (local rank l of node n is global rank n * L + l) with `shard`
   // elements per rank. reduce_scatter: `out` (shard elements) gets the sum over all ranks of shard
   // `rank` of `in` (size * shard elements, left unchanged). allgather: `out` (size * shard) gets
@@ -63,12 +65,8 @@ class Hierarchical {
   HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   // Tuning, set from any thread at any time (Communicator.set_*): a call reads each once.
-  std::atomic<int64_t> small_bytes{64 << 10};  // one-phase path below this (per rank)
-  // The latency path's smallest block (ShmArena::small_data): each block costs the peers one more
-  // flag line to fetch. 1 KiB blocks took 0.95 us at 4 KiB when the cores shared a cache and 2.3 us
-  // when they did not; one 4 KiB block 1.07 and 1.8 (docs/results.md, session 8).
-  int64_t small_block_bytes = 4096;
-  std::atomic<int64_t> local_chunk_bytes{512 << 10};  // chunk of the one-node pipeline (at most the arena's)
+  // (What an allreduce reads and writes, its protocol and chunk, is the plan's: fastar/policy.py.)
+  std::atomic<int64_t> local_chunk_bytes{512 << 10};  // the halves' chunk on one node (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
   // The allreduce writes its result back with streaming stores from this size: off by default. On

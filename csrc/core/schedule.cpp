@@ -278,6 +278,15 @@ std::vector<Step> allgather_schedule(Algorithm algo, int rank, int size, int64_t
                                                                     : ring_halves(rank, size, count, false);
 }
 
+const char* hierarchy_name(Hierarchy h) {
+  switch (h) {
+    case Hierarchy::Flat: return "flat";
+    case Hierarchy::Leader: return "leader";
+    case Hierarchy::Rail: return "rail";
+  }
+  return "?";
+}
+
 const char* algorithm_name(Algorithm a) {
   return a == Algorithm::Ring ? "ring" : "halving_doubling";
 }

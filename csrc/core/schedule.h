@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "plan.h"
+
 namespace fastar {
 
 struct Range {
@@ -23,7 +25,6 @@ struct Step {
   bool reduce = false;  // received elements are summed into the buffer (else copied over it)
 };
 
-enum class Algorithm { HalvingDoubling = 0, Ring = 1 };
 
 std::vector<Step> halving_doubling_schedule(int rank, int size, int64_t count);
 std::vector<Step> ring_schedule(int rank, int size, int64_t count);
@@ -39,7 +40,6 @@ std::vector<Step> reduce_scatter_schedule(Algorithm algo, int rank, int size, in
 std::vector<Step> allgather_schedule(Algorithm algo, int rank, int size, int64_t count);
 Algorithm halves_algorithm(Algorithm algo, int size);
 
-const char* algorithm_name(Algorithm a);
 Algorithm parse_algorithm(const std::string& s);  // throws std::invalid_argument
 
 // Element offset where part i of n balanced parts of count begins.

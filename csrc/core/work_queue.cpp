@@ -73,13 +73,6 @@ bool WorkQueue::enter_inline() {
   return true;
 }
 
-bool WorkQueue::try_enter() {
-  std::lock_guard<std::mutex> l(mu_);
-  if (stop_ || fs_->failed() || busy_ || !queue_.empty()) return false;
-  busy_ = true;
-  return true;
-}
-
 void WorkQueue::run_inline(const std::function<void()>& fn) {
   std::exception_ptr e;
   try {

@@ -34,9 +34,6 @@ class WorkQueue {
   bool enter_inline();
   void run_inline(const std::function<void()>& fn);
   void leave_inline();
-  // The latency path's gate: enter only if nothing is queued or running and the queue is open and
-  // healthy (never throws; the general path then runs the call or raises the error).
-  bool try_enter();
 
  private:
   void worker_loop();

@@ -37,8 +37,20 @@ static py::list steps_py(const std::vector<fastar::Step>& steps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastar: hierarchical halving/doubling allreduce (compiled core)";
 
-  // The route crosses the binding as these enums (fastar/policy.py mirrors their values, and a test
-  // checks that they agree); their names are the ones fastar's API and records use.
+  // The plan crosses the binding as these enums (csrc/core/plan.h; fastar/policy.py names the
+  // choices alike, and a test checks that they agree); their names are the ones fastar's API and
+  // records use.
+  py::enum_<fastar::Collective>(m, "Collective")
+      .value("allreduce", fastar::Collective::Allreduce)
+      .value("reduce_scatter", fastar::Collective::ReduceScatter)
+      .value("allgather", fastar::Collective::Allgather);
+  py::enum_<fastar::Protocol>(m, "Protocol")
+      .value("latency", fastar::Protocol::Latency)
+      .value("one_barrier", fastar::Protocol::OneBarrier)
+      .value("chunked", fastar::Protocol::Chunked)
+      .value("halves", fastar::Protocol::Halves)
+      .value("in_place", fastar::Protocol::InPlace)
+      .value("network", fastar::Protocol::Network);
   py::enum_<fastar::Algorithm>(m, "Algorithm")
       .value("halving_doubling", fastar::Algorithm::HalvingDoubling)
       .value("ring", fastar::Algorithm::Ring);
@@ -50,6 +62,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .value("none", fastar::Wire::None)
       .value("fp16", fastar::Wire::Fp16)
       .value("bf16", fastar::Wire::Bf16);
+
+  py::class_<fastar::Plan>(m, "Plan")
+      .def(py::init([](fastar::Collective c, fastar::Algorithm a, fastar::Hierarchy h, fastar::Protocol p,
+                       int64_t chunk_bytes, fastar::Wire w) {
+             return fastar::Plan{c, a, h, p, chunk_bytes, w};
+           }),
+           py::arg("collective"), py::arg("algorithm"), py::arg("hierarchy"), py::arg("protocol"),
+           py::arg("chunk_bytes"), py::arg("wire"))
+      .def_readonly("collective", &fastar::Plan::collective)
+      .def_readonly("algorithm", &fastar::Plan::algorithm)
+      .def_readonly("hierarchy", &fastar::Plan::hierarchy)
+      .def_readonly("protocol", &fastar::Plan::protocol)
+      .def_readonly("chunk_bytes", &fastar::Plan::chunk_bytes)
+      .def_readonly("wire", &fastar::Plan::wire)
+      .def("__repr__", [](const fastar::Plan& p) {
+        return "<fastar._C.Plan " + fastar::plan_label(p) + " chunk " + std::to_string(p.chunk_bytes) + ">";
+      });
+  m.attr("LATENCY_MAX_BYTES") = fastar::ShmArena::kSmallBytes;  // the small regions' size (policy.py checks it)
+  py::register_exception<fastar::NotForFastar>(m, "NotForFastar", PyExc_ValueError);
 
   py::class_<fastar::AsyncWork, std::shared_ptr<fastar::AsyncWork>>(m, "AsyncWork")
       .def("wait", &fastar::AsyncWork::wait, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
@@ -72,11 +103,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("rank"), py::arg("size"), py::arg("local_rank"), py::arg("local_size"), py::arg("node"),
            py::arg("num_nodes"), py::arg("world"), py::arg("world_ranks"), py::arg("cross"), py::arg("cross_ranks"),
            py::arg("shm_name"), py::arg("shm_create"), py::arg("shm_chunk_bytes"), py::arg("timeout_s"))
-      .def("allreduce", &Communicator::allreduce, py::arg("tensor"), py::arg("algorithm"), py::arg("hierarchy"),
-           py::arg("avg"), py::arg("validate"), py::arg("wire") = fastar::Wire::None,
-           py::call_guard<py::gil_scoped_release>())
-      // Positional (tensor, avg): the latency path skips pybind's keyword matching.
-      .def("allreduce_fast", &Communicator::allreduce_fast, py::call_guard<py::gil_scoped_release>())
+      // The one entry of an allreduce: None when it ran inline, else the queued work. Called
+      // positionally (tensor, plan, avg, validate, async_op) on the latency path: no keyword matching.
+      .def("allreduce", &Communicator::allreduce, py::call_guard<py::gil_scoped_release>())
       .def("set_latency_profile", &Communicator::set_latency_profile, py::arg("on"),
            py::call_guard<py::gil_scoped_release>())
       .def("latency_profile",
@@ -95,9 +124,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              d["exit_ns"] = p.exit_ns;
              return d;
            })
-      .def("allreduce_async", &Communicator::allreduce_async, py::arg("tensor"), py::arg("algorithm"),
-           py::arg("hierarchy"), py::arg("avg"), py::arg("validate"), py::arg("wire") = fastar::Wire::None,
-           py::call_guard<py::gil_scoped_release>())
       .def("reduce_scatter", &Communicator::reduce_scatter, py::arg("output"), py::arg("input"),
            py::arg("algorithm"), py::arg("avg"), py::arg("validate"), py::arg("async_op"),
            py::call_guard<py::gil_scoped_release>())
@@ -121,10 +147,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_timeout", &Communicator::set_timeout, py::arg("seconds"))
       .def("_fail_for_test", &Communicator::fail_for_test, py::arg("why"),
            "Test hook: fails the communicator (and marks its arenas) as a first error would.")
-      .def("set_small_bytes", &Communicator::set_small_bytes)
-      .def("set_local_chunk_bytes", &Communicator::set_local_chunk_bytes, py::arg("bytes"))
       .def("set_stream_above_bytes", &Communicator::set_stream_above_bytes, py::arg("bytes"))
       .def("has_shm", &Communicator::has_shm)
+      .def("shm_chunk_bytes", &Communicator::shm_chunk_bytes)
       .def("failed", [](Communicator& c) { return (bool)c.failure(); })
       .def("shm_name", &Communicator::shm_name)
       .def("last_op", [](Communicator& c) {
@@ -132,6 +157,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::dict d;
         d["hierarchy"] = hierarchy_name(r.hierarchy);
         d["algorithm"] = algorithm_name(r.algorithm);
+        d["protocol"] = py::cast(r.protocol).attr("name");
         d["bytes"] = r.bytes;
         d["seconds"] = r.seconds;
         return d;
@@ -151,8 +177,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("num_buckets", &fastar::BucketEngine::num_buckets)
       .def("bucket_bytes", &fastar::BucketEngine::bucket_bytes)
       .def("bucket_params", &fastar::BucketEngine::bucket_params)
-      .def("set_choice", &fastar::BucketEngine::set_choice)
-      .def("set_wire", &fastar::BucketEngine::set_wire, py::arg("wire"))
+      .def("set_plan", &fastar::BucketEngine::set_plan, py::arg("bucket"), py::arg("plan"))
       .def("mark_ready", &fastar::BucketEngine::mark_ready, py::call_guard<py::gil_scoped_release>())
       .def("missing", &fastar::BucketEngine::missing)
       .def("finalize", &fastar::BucketEngine::finalize, py::arg("fill_unused"),

@@ -124,28 +124,28 @@ int64_t BucketEngine::bucket_bytes(int64_t b) const {
   return bk.flat.numel() * (int64_t)bk.flat.element_size();
 }
 
-void BucketEngine::set_choice(int64_t b, Algorithm algorithm, Hierarchy hierarchy) {
-  buckets_.at(b).algorithm = algorithm;
-  buckets_.at(b).hierarchy = hierarchy;
+void BucketEngine::set_plan(int64_t b, const Plan& plan) {
+  if (plan.protocol == Protocol::InPlace && !arena_)
+    throw std::invalid_argument("fastar: an in-place bucket plan needs the bucket arena (attach_arena)");
+  buckets_.at(b).plan = plan;
 }
 
 void BucketEngine::launch_ready_locked() {
   // Strictly in bucket order, so that every rank issues the same sequence of collectives.
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& b = buckets_[next_launch_++];
-    if (arena_ && b.hierarchy != Hierarchy::Flat) {
-      const Hierarchy h = b.hierarchy;
-      const Algorithm a = b.algorithm;
+    if (b.plan.protocol == Protocol::InPlace && arena_) {
+      const Plan plan = b.plan;
       const int64_t off = b.region_offset, n = b.flat.numel();
       const DType dt = to_dtype(b.flat.scalar_type());
       const uint64_t seq = ++seq_;
       // The task owns what it uses: the engine may be gone before it runs (a dropped wrapper).
       std::shared_ptr<ArenaAllreduce> ar = arena_ar_;
       std::shared_ptr<ShmArena> arena = arena_;
-      b.work = comm_->submit([ar, arena, h, a, off, n, dt, seq] { ar->allreduce(h, a, off, n, dt, seq); },
-                             route_label(h, a));
+      b.work = comm_->submit([ar, arena, plan, off, n, dt, seq] { ar->allreduce(plan, off, n, dt, seq); },
+                             route_label(plan.hierarchy, plan.algorithm));
     } else {
-      b.work = comm_->allreduce_async(b.flat, b.algorithm, b.hierarchy, /*avg=*/false, /*validate=*/false, wire_);
+      b.work = comm_->allreduce(b.flat, b.plan, /*avg=*/false, /*validate=*/false, /*async_op=*/true);
     }
   }
 }
@@ -293,9 +293,8 @@ std::vector<std::tuple<int64_t, double, double, double, std::string>> BucketEngi
   std::lock_guard<std::mutex> g(mu_);
   std::vector<std::tuple<int64_t, double, double, double, std::string>> out;
   for (const auto& b : buckets_) {
-    const bool compressed = wire_ != Wire::None && (b.flat.scalar_type() == at::kFloat || b.flat.scalar_type() == at::kDouble);
     out.emplace_back(b.flat.numel() * (int64_t)b.flat.element_size(), b.ready_s, b.work ? b.work->start_s : 0.0,
-                     b.work ? b.work->end_s : 0.0, route_label(b.hierarchy, b.algorithm, compressed ? wire_ : Wire::None));
+                     b.work ? b.work->end_s : 0.0, route_label(b.plan.hierarchy, b.plan.algorithm, b.plan.wire));
   }
   return out;
 }

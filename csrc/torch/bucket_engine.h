@@ -20,8 +20,7 @@ struct Bucket {
   std::vector<int64_t> offsets;  // element offset of each parameter in flat
   at::Tensor flat;
   int64_t pending = 0;
-  Algorithm algorithm = Algorithm::HalvingDoubling;
-  Hierarchy hierarchy = Hierarchy::Flat;
+  Plan plan;  // fastar/policy.py's (set_plan)
   std::shared_ptr<AsyncWork> work;
   double ready_s = 0;  // when its last gradient arrived
   int64_t region_offset = 0;  // byte offset in the shared region, when buckets live there
@@ -49,9 +48,10 @@ class BucketEngine {
   int64_t num_buckets() const { return (int64_t)buckets_.size(); }
   int64_t bucket_bytes(int64_t b) const;
   std::vector<int64_t> bucket_params(int64_t b) const { return buckets_.at(b).params; }
-  void set_choice(int64_t b, Algorithm algorithm, Hierarchy hierarchy);
+  // Bucket b's plan: the in-place protocol runs it in the bucket arena (attach_arena first), any
+  // other through the communicator's allreduce.
+  void set_plan(int64_t b, const Plan& plan);
   // The dtype of gradients on the wire (accumulation stays fp32).
-  void set_wire(Wire wire) { wire_ = wire; }
 
   void mark_ready(int64_t param, const at::Tensor& grad);
   // Parameters that got no gradient this iteration (finalize then launches nothing for them).
@@ -90,7 +90,6 @@ class BucketEngine {
   int64_t cap_bytes_, first_cap_bytes_;
   bool as_view_;
   double scale_;
-  Wire wire_ = Wire::None;
   size_t next_launch_ = 0;
   bool started_ = false;
   mutable std::mutex mu_;

@@ -135,19 +135,7 @@ bool Communicator::has_tensor_groups(const std::string& device_type) {
   return tensor_ && tensor_->has_groups(c10::Device(device_type).type());
 }
 
-// The tuning setters never wait for a running collective: the next call reads the new value.
-void Communicator::set_small_bytes(int64_t b) {
-  TORCH_CHECK(b >= 0, "fastar: the latency-path threshold must be at least 0 bytes, not ", b);
-  std::lock_guard<std::mutex> g(life_mu_);
-  if (hier_) hier_->small_bytes = b;
-}
-
-void Communicator::set_local_chunk_bytes(int64_t b) {
-  TORCH_CHECK(b >= 4096, "fastar: the one-node chunk must be at least 4096 bytes");
-  std::lock_guard<std::mutex> g(life_mu_);
-  if (hier_) hier_->local_chunk_bytes = b;
-}
-
+// The tuning setter never waits for a running collective: the next call reads the new value.
 void Communicator::set_stream_above_bytes(int64_t b) {
   std::lock_guard<std::mutex> g(life_mu_);
   if (hier_) hier_->stream_above_bytes = b;
@@ -161,17 +149,6 @@ OpRecord Communicator::last_op() {
 void Communicator::record(const OpRecord& r) {
   std::lock_guard<std::mutex> g(rec_mu_);
   last_ = r;
-}
-
-std::shared_ptr<AsyncWork> Communicator::allreduce_async(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy,
-                                                         bool avg, bool validate, Wire wire) {
-  // A GPU tensor's producer is whatever the caller's stream has queued so far: mark that point now.
-  StreamWait ready = TensorAllreduce::producer_event(t);
-  return submit_work(
-      [this, t, algorithm, hierarchy, avg, validate, wire, ready](AsyncWork& w) {
-        w.stream_wait = run(t, algorithm, hierarchy, avg, validate, wire, ready);
-      },
-      route_label(hierarchy, algorithm, wire));
 }
 
 std::shared_ptr<AsyncWork> Communicator::submit(std::function<void()> fn, const std::string& label) {
@@ -198,32 +175,68 @@ std::shared_ptr<AsyncWork> Communicator::submit_work(std::function<void(AsyncWor
   return work;
 }
 
-void Communicator::allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
-                             Wire wire) {
-  // Run inline unless queued work must go first: same order on every rank, no thread hop.
-  if (!queue_.enter_inline()) {
-    allreduce_async(t, algorithm, hierarchy, avg, validate, wire)->wait(timeout_s() * 2 + 60);
-    return;
-  }
-  StreamWait after;
-  queue_.run_inline([&] { after = run(t, algorithm, hierarchy, avg, validate, wire, TensorAllreduce::producer_event(t)); });
-  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
+namespace {
+
+// What fastar reduces: dense contiguous CPU or CUDA tensors of a dtype it sums.
+void check_for_fastar(const at::Tensor& t, DType* dt) {
+  if (t.layout() != at::kStrided || !t.is_contiguous())
+    throw NotForFastar("fastar: allreduce needs a dense contiguous tensor");
+  if (!try_dtype(t.scalar_type(), dt)) throw NotForFastar("fastar: allreduce does not sum this dtype");
 }
 
-bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
-  const auto entry = profile_.on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-  if (!fast_ok_ || t.device().type() != c10::DeviceType::CPU || t.layout() != at::kStrided || !t.is_contiguous())
-    return false;
+}  // namespace
+
+std::shared_ptr<AsyncWork> Communicator::allreduce(at::Tensor t, const Plan& plan, bool avg, bool validate,
+                                                   bool async_op) {
+  if (plan.collective != Collective::Allreduce)
+    throw std::invalid_argument(std::string("fastar: an allreduce got a plan for ") + collective_name(plan.collective));
+  if (!async_op && plan.protocol == Protocol::Latency && run_latency(t, plan, avg)) return nullptr;
   DType dt;
-  if (!try_dtype(t.scalar_type(), &dt)) return false;
+  check_for_fastar(t, &dt);
+  check_plan(t, plan, dt);
+  // A GPU tensor's producer is whatever the caller's stream has queued so far: mark that point now.
+  if (async_op || !queue_.enter_inline()) {
+    StreamWait ready = TensorAllreduce::producer_event(t);
+    return submit_work([this, t, plan, avg, validate, ready](
+                           AsyncWork& w) { w.stream_wait = run(t, plan, avg, validate, ready); },
+                       plan_label(plan));
+  }
+  // Inline: same order on every rank (nothing queued before it), no thread hop.
+  StreamWait after;
+  queue_.run_inline([&] { after = run(t, plan, avg, validate, TensorAllreduce::producer_event(t)); });
+  if (after) after();  // the caller's stream waits for fastar's, as after an NCCL collective
+  return nullptr;
+}
+
+void Communicator::check_plan(const at::Tensor& t, const Plan& plan, DType dt) {
+  auto refuse = [&](const char* why) {
+    throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " cannot run here: " + why +
+                                " (plans come from fastar/policy.py; this is a bug of fastar's)");
+  };
+  const bool tensor_path = t.is_cuda() || wire_dtype(plan.wire, t.scalar_type()) != t.scalar_type();
+  if (tensor_path || plan.hierarchy == Hierarchy::Flat) {
+    if (plan.protocol != Protocol::Network) refuse("flat plans, CUDA tensors and compressed wires run the network protocol");
+    if (plan.hierarchy != Hierarchy::Flat && topo_.local_size == 1) refuse("one rank per node has no local phase");
+    return;
+  }
+  std::lock_guard<std::mutex> g(life_mu_);
+  if (!hier_) {
+    if (!world_) return;  // closed: the call raises that
+    refuse("one rank per node has no local phase");
+  }
+  hier_->check_plan(plan, t.numel() * (int64_t)dtype_size(dt), dtype_size(dt));
+}
+
+bool Communicator::run_latency(const at::Tensor& t, const Plan& plan, bool avg) {
+  const auto entry = profile_.on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  if (t.device().type() != c10::DeviceType::CPU)
+    throw std::invalid_argument("fastar: the latency protocol runs CPU tensors (a plan of fastar/policy.py's was wrong)");
+  DType dt;
+  check_for_fastar(t, &dt);
   const int64_t count = t.numel();
   const int64_t bytes = count * (int64_t)dtype_size(dt);
-  if (!queue_.try_enter()) return false;
-  if (bytes > hier_->small_bytes.load(std::memory_order_relaxed)) {  // hier_ lives while the queue is held
-    queue_.leave_inline();
-    return false;
-  }
-  std::exception_ptr e;
+  if (!queue_.enter_inline()) return false;  // queued work first (a failed or closed communicator raises)
+  std::exception_ptr e, refused;
   std::chrono::steady_clock::time_point t1;
   bool prof;
   {
@@ -232,16 +245,25 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
     const auto t0 = std::chrono::steady_clock::now();
     if (prof) profile_.checks_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - entry).count();
     void* data = t.data_ptr();
+    try {  // a plan this node cannot run is refused before anything runs: the communicator stays healthy
+      if (!hier_) throw std::invalid_argument("fastar: the latency protocol needs the node's arena (one rank per node here)");
+      hier_->check_plan(plan, bytes, dtype_size(dt));
+    } catch (...) {
+      refused = std::current_exception();
+    }
+    if (refused) {
+      queue_.leave_inline();
+      std::rethrow_exception(refused);
+    }
     try {
-      // The route "auto" takes on one node (fastar/policy.py): leader, halving/doubling.
-      hier_->allreduce(Hierarchy::Leader, Algorithm::HalvingDoubling, data, count, dt, ++seq_);
+      hier_->allreduce(plan, data, count, dt, ++seq_);
       if (avg) scale(dt, data, 1.0 / topo_.size, count);
     } catch (...) {
       e = std::current_exception();
       graveyard_.push_back(t);
     }
     t1 = std::chrono::steady_clock::now();
-    record({Hierarchy::Leader, Algorithm::HalvingDoubling, bytes, std::chrono::duration<double>(t1 - t0).count()});
+    record({plan.hierarchy, plan.algorithm, plan.protocol, bytes, std::chrono::duration<double>(t1 - t0).count()});
     if (prof) ++profile_.calls;
   }
   if (e) fail(e);
@@ -280,71 +302,61 @@ void Communicator::validate_peers(PGTransport& tr, Algorithm algo, const uint64_
   });
 }
 
-StreamWait Communicator::run(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
-                             Wire wire_name, const StreamWait& ready) {
+StreamWait Communicator::run(at::Tensor t, const Plan& plan, bool avg, bool validate, const StreamWait& ready) {
   std::lock_guard<std::mutex> g(exec_mu_);
   TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
   try {
-    return run_locked(t, algorithm, hierarchy, avg, validate, wire_name, ready);
+    return run_locked(t, plan, avg, validate, ready);
   } catch (...) {
     graveyard_.push_back(t);  // receives may still be posted into it: keep its memory
     throw;
   }
 }
 
-StreamWait Communicator::run_locked(at::Tensor t, Algorithm algo, Hierarchy h, bool avg, bool validate,
-                                    Wire wire_name, const StreamWait& ready) {
-  TORCH_CHECK(t.is_contiguous() && t.layout() == at::kStrided, "fastar: allreduce needs a dense contiguous tensor");
+StreamWait Communicator::run_locked(at::Tensor t, const Plan& plan, bool avg, bool validate, const StreamWait& ready) {
   const DType dt = to_dtype(t.scalar_type());
-  const at::ScalarType wire = wire_dtype(wire_name, t.scalar_type());
+  const at::ScalarType wire = wire_dtype(plan.wire, t.scalar_type());
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
   const int64_t count = t.numel();
+  const Hierarchy h = plan.hierarchy;
+  const Algorithm algo = plan.algorithm;
+  uint64_t desc[kDescWords];
   if (t.is_cuda() || wire != t.scalar_type()) {
     TORCH_CHECK(t.is_cuda() || t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported");
-    if (h != Hierarchy::Flat && topo_.local_size == 1) h = Hierarchy::Flat;
-    const int wire_id = wire == t.scalar_type() ? 0 : wire == at::kHalf ? 1 : 2;
     // An NCCL-only group (a user's subgroup) has no CPU side for the header: NCCL checks the sizes.
     if (validate && topo_.size > 1 && world_->has_backend()) {
-      const uint64_t desc[kDescWords] = {seq, (uint64_t)count, (uint64_t)t.scalar_type(),
-                                         (uint64_t)(64 + wire_id * 256 + (int)h * 16 + (int)algo),
-                                         (uint64_t)Protocol::Network, 0};
+      encode_desc(plan, seq, count, (uint64_t)t.scalar_type(), desc);
       validate_peers(*world_, algo, desc, "an allreduce");
     }
     StreamWait after = tensor_->run(t, algo, h, avg, wire, ready, seq);
-    record({h, algo, count * (int64_t)dtype_size(dt), now_s() - t0});
+    record({h, algo, plan.protocol, count * (int64_t)dtype_size(dt), now_s() - t0});
     return after;
   }
   TORCH_CHECK(t.device().is_cpu(), "fastar: tensors on ", t.device(), " are not supported (CPU or CUDA only)");
-  if (h != Hierarchy::Flat && !hier_) h = Hierarchy::Flat;  // one rank per node: nothing to do locally
   void* data = t.data_ptr();
+  encode_desc(plan, seq, count, (uint64_t)t.scalar_type(), desc);
   if (h == Hierarchy::Flat) {
     auto steps = make_schedule(algo, world_->rank(), world_->size(), count);
-    if (validate && topo_.size > 1) {
-      const uint64_t desc[kDescWords] = {seq, (uint64_t)count, (uint64_t)t.scalar_type(), (uint64_t)algo,
-                                         (uint64_t)Protocol::Network, 0};
-      validate_peers(*world_, algo, desc, "an allreduce");
-    }
+    if (validate && topo_.size > 1) validate_peers(*world_, algo, desc, "an allreduce");
     exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
     exec_.run(steps, *world_, data, count, dt);
   } else {
+    if (!hier_) throw std::logic_error("fastar: a staged plan without the node's arena");
     // The shared-memory phase checks the local ranks against each other; the ranks that carry the
     // inter-node phase check their inter-node peers the same way as the flat path.
     if (validate && cross_ && topo_.num_nodes > 1 && (h == Hierarchy::Rail || topo_.local_rank == 0)) {
       try {
-        const uint64_t desc[kDescWords] = {seq, (uint64_t)count, (uint64_t)t.scalar_type(),
-                                           (uint64_t)h * 16 + (uint64_t)algo, (uint64_t)Protocol::Chunked,
-                                           (uint64_t)arena_->chunk_bytes()};
         validate_peers(*cross_, algo, desc, "an allreduce");
       } catch (const std::exception& e) {
         arena_->mark_failed(e.what());  // local peers fail at once, with this reason
         throw;
       }
     }
-    hier_->allreduce(h, algo, data, count, dt, seq);
+    hier_->allreduce(plan, data, count, dt, seq);
   }
   if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
-  record({h, algo, count * (int64_t)dtype_size(dt), now_s() - t0});
+  record({h, algo, plan.protocol, count * (int64_t)dtype_size(dt), now_s() - t0});
   return {};
 }
 
@@ -446,7 +458,7 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
     }
   }
   if (scatter && avg && S > 1) scale(dt, out.data_ptr(), 1.0 / S, shard);
-  record({hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, whole.numel() * (int64_t)whole.element_size(),
+  record({hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, hier_ ? Protocol::Halves : Protocol::Network, whole.numel() * (int64_t)whole.element_size(),
           now_s() - t0});
 }
 

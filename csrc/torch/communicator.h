@@ -52,9 +52,16 @@ class AsyncWork {
   std::exception_ptr error_;
 };
 
+// A tensor fastar does not reduce (sparse, not contiguous, a dtype it does not sum): thrown before
+// anything runs, so that the caller can take torch.distributed's way (fastar._C.NotForFastar).
+struct NotForFastar : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
 struct OpRecord {
   Hierarchy hierarchy = Hierarchy::Flat;
   Algorithm algorithm = Algorithm::HalvingDoubling;
+  Protocol protocol = Protocol::Network;
   int64_t bytes = 0;
   double seconds = 0;
 };
@@ -67,24 +74,20 @@ class Communicator {
   ~Communicator();
   void close();
   void unlink_shm();
-  // In-place sum (avg: then divided by the world size) over a resolved route (fastar/policy.py
-  // decides it; the enums cross the binding). wire: the dtype on the wire, accumulation in the
-  // tensor's. CUDA tensors and compressed wires take the TensorAllreduce path (process groups
-  // registered with set_tensor_groups); the rest the byte-level core (Gloo, shared memory).
-  void allreduce(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate,
-                 Wire wire = Wire::None);
-  // The latency path: a small CPU tensor on one node, auto route, run at once in shared memory.
-  // No allocation, no header exchange (the arena's descriptor check validates the call), no
-  // strings. Returns false, having done nothing, when the call is not for it (another device or
-  // dtype, too large, several nodes, queued work first, or a failed/closed communicator: the
-  // general path then runs it or raises the error).
-  bool allreduce_fast(const at::Tensor& t, bool avg);
+  // The one entry of an allreduce: in-place sum (avg: then divided by the world size) of t by
+  // `plan` (fastar/policy.py's; plan.h). Inline, on the caller's thread, when nothing is queued and
+  // not async_op: returns nullptr, done. Else queued behind the earlier work: the returned work
+  // completes it. The plan's wire is the dtype on the wire, accumulation in the tensor's. CUDA
+  // tensors and compressed wires take the TensorAllreduce path (process groups registered with
+  // set_tensor_groups); the rest the byte-level core (Gloo, shared memory). The latency protocol
+  // (one node, small CPU tensors) inline allocates nothing and formats no strings; the arena's
+  // descriptor check validates the call. Throws NotForFastar for a tensor fastar does not reduce,
+  // and std::invalid_argument for a plan that cannot run here, before anything runs.
+  std::shared_ptr<AsyncWork> allreduce(at::Tensor t, const Plan& plan, bool avg, bool validate, bool async_op);
   // Stage timings of the latency path (LatencyProfile), reset when switched; for
   // bench/latency_breakdown.py. Off by default (each stage costs a clock read when on).
   void set_latency_profile(bool on);
   LatencyProfile latency_profile();
-  std::shared_ptr<AsyncWork> allreduce_async(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg,
-                                             bool validate, Wire wire = Wire::None);
   // The two halves of the allreduce as collectives (the torch.distributed backend's
   // reduce_scatter_tensor and all_gather_into_tensor), CPU tensors only. reduce_scatter: `out` gets
   // the sum (avg: mean) over all ranks of shard `rank` of `in` (size x out's elements, float dtypes).
@@ -117,11 +120,10 @@ class Communicator {
   // multiple of 2^20, so that a later call never matches a call of the abandoned iteration that a
   // peer still runs (ranks that abandoned alike stay in step).
   void skip_sequence();
-  void set_small_bytes(int64_t b);
-  void set_local_chunk_bytes(int64_t b);  // the one-node pipeline's chunk (tuning, tests)
   void set_stream_above_bytes(int64_t b);  // streaming stores for results from this size (tuning)
   const Topology& topology() const { return topo_; }
   bool has_shm() const { return arena_ != nullptr; }
+  int64_t shm_chunk_bytes() const { return arena_ ? arena_->chunk_bytes() : 0; }  // a fact the plan needs
   std::string shm_name() const { return arena_ ? arena_->name() : ""; }
   OpRecord last_op();
   // Test hook: fails the communicator with this message (as a first error would).
@@ -129,10 +131,12 @@ class Communicator {
 
  private:
   std::shared_ptr<AsyncWork> submit_work(std::function<void(AsyncWork&)> fn, const std::string& label);
-  StreamWait run(at::Tensor t, Algorithm algorithm, Hierarchy hierarchy, bool avg, bool validate, Wire wire,
-                 const StreamWait& ready);
-  StreamWait run_locked(at::Tensor t, Algorithm algo, Hierarchy h, bool avg, bool validate, Wire wire,
-                        const StreamWait& ready);
+  // Refuses (std::invalid_argument, before anything runs) a plan this communicator cannot run.
+  void check_plan(const at::Tensor& t, const Plan& plan, DType dt);
+  // The latency protocol inline; false (nothing done) when queued work must go first.
+  bool run_latency(const at::Tensor& t, const Plan& plan, bool avg);
+  StreamWait run(at::Tensor t, const Plan& plan, bool avg, bool validate, const StreamWait& ready);
+  StreamWait run_locked(at::Tensor t, const Plan& plan, bool avg, bool validate, const StreamWait& ready);
   // The header exchange with the peers of a schedule (call_check.h) before any data moves.
   void validate_peers(PGTransport& tr, Algorithm algo, const uint64_t desc[kDescWords], const char* what);
   void record(const OpRecord& r);
@@ -152,7 +156,7 @@ class Communicator {
   Executor exec_;
   uint64_t seq_ = 0;
   bool fast_ok_ = false;
-  LatencyProfile profile_;  // one node, several local ranks: allreduce_fast may run
+  LatencyProfile profile_;  // one node, several local ranks: the latency protocol may run
   HeaderExchange header_;
   OpRecord last_;  // guarded by rec_mu_ (read while a collective runs)
   std::vector<at::Tensor> graveyard_;  // tensors of failed operations (see close())

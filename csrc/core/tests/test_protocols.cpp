@@ -39,6 +39,7 @@
 #include "../reduce.h"
 #include "../shm.h"
 #include "check.h"
+#include "test_plan.h"
 
 using namespace fastar;
 
@@ -166,7 +167,7 @@ void expect_no_errors(const std::vector<std::string>& errors, const char* test, 
 // ---- one call of each kind, checked -----------------------------------------------------------
 
 // Rank lr's allreduce of `count` elements of t (call k); checks every element and the chunk count.
-void allreduce_checked(Hierarchical& h, int L, int lr, int k, int64_t count, DType t, int64_t want_chunks,
+void allreduce_checked(Tuned& h, int L, int lr, int k, int64_t count, DType t, int64_t want_chunks,
                        const char* what) {
   Buf b(count * dtype_size(t));
   for (int64_t i = 0; i < count; ++i) put(t, b.data(), i, val(lr, i, k));
@@ -184,7 +185,7 @@ void allreduce_checked(Hierarchical& h, int L, int lr, int k, int64_t count, DTy
           dtype_name(t), (long long)count, (long long)st.chunks, (long long)want_chunks);
 }
 
-void reduce_scatter_checked(Hierarchical& h, int L, int lr, int k, int64_t shard, DType t, const char* what) {
+void reduce_scatter_checked(Tuned& h, int L, int lr, int k, int64_t shard, DType t, const char* what) {
   const size_t es = dtype_size(t);
   Buf in(L * shard * es, kHalvesNullIfEmpty), out(shard * es, kHalvesNullIfEmpty);
   for (int64_t i = 0; i < L * shard; ++i) put(t, in.data(), i, val(lr, i, k));
@@ -204,7 +205,7 @@ void reduce_scatter_checked(Hierarchical& h, int L, int lr, int k, int64_t shard
     }
 }
 
-void allgather_checked(Hierarchical& h, int L, int lr, int k, int64_t shard, DType t, const char* what) {
+void allgather_checked(Tuned& h, int L, int lr, int k, int64_t shard, DType t, const char* what) {
   const size_t es = dtype_size(t);
   Buf in(shard * es, kHalvesNullIfEmpty), out(L * shard * es, kHalvesNullIfEmpty);
   for (int64_t e = 0; e < shard; ++e) put(t, in.data(), e, t == DType::Bytes ? byte_val(lr, e, k) : val(lr, e, k));
@@ -231,7 +232,10 @@ void arena_checked(ArenaAllreduce& ar, int L, int lr, int k, int64_t offset, int
   char* reg = ar.region(lr);
   std::memset(reg, kSentinel, ar.region_bytes());
   for (int64_t i = 0; i < count; ++i) put(t, reg + offset, i, val(lr, i, k));
-  ar.allreduce(k % 2 ? Hierarchy::Rail : Hierarchy::Leader, Algorithm::HalvingDoubling, offset, count, t, (uint64_t)k);
+  Plan plan;
+  plan.hierarchy = k % 2 ? Hierarchy::Rail : Hierarchy::Leader;
+  plan.protocol = Protocol::InPlace;
+  ar.allreduce(plan, offset, count, t, (uint64_t)k);
   for (int64_t i = 0; i < count; ++i)
     if (get(t, reg + offset, i) != (double)sum_val(L, i, k)) {
       CHECK(false, "%s L=%d rank %d call %d: bucket %s at %lld count %lld element %lld = %g, want %lld", what, L, lr,
@@ -260,7 +264,7 @@ void latency_path(int L) {
                                 61440, 65532, 65534, 65536};
   const DType types[] = {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16};
   auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
-    Hierarchical h(&a, nullptr, 1);
+    Tuned h(&a, nullptr, 1);
     LatencyProfile prof;
     int k = 0;
     for (int64_t block : {4096, 1024, 64})
@@ -284,7 +288,7 @@ void latency_path(int L) {
 // slot path; smaller ones the latency path; calls of more than one chunk the pipeline.
 void one_barrier_path(int L) {
   auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
-    Hierarchical h(&a, nullptr, 1);
+    Tuned h(&a, nullptr, 1);
     h.small_bytes = kArenaChunk;
     h.local_chunk_bytes = kArenaChunk;
     int k = 0;
@@ -311,7 +315,7 @@ void chunked_path(int L) {
       {8, 11, DType::Float32},        {12, 40, DType::Float32},         {16, 9, DType::Float64},
   };
   auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
-    Hierarchical h(&a, nullptr, 1);
+    Tuned h(&a, nullptr, 1);
     int k = 0;
     for (int rep = 0; rep < 2; ++rep)
       for (const Case& c : cases) {
@@ -328,7 +332,7 @@ void chunked_path(int L) {
 // up to the arena's chunk; allgather of raw bytes too.
 void halves(int L) {
   auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
-    Hierarchical h(&a, nullptr, 1);
+    Tuned h(&a, nullptr, 1);
     int k = 0;
     for (int64_t chunk : {(int64_t)L * 8, (int64_t)4096, (int64_t)512 << 10}) {
       h.local_chunk_bytes = chunk;
@@ -368,7 +372,7 @@ void arena_allreduce(int L) {
 // and the small regions are reused across the paths in every order.
 void mixed_run(int L, int calls, uint32_t seed) {
   auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
-    Hierarchical h(&a, nullptr, 1);
+    Tuned h(&a, nullptr, 1);
     std::mt19937 rng(seed);
     auto pick = [&](int n) { return (int)(rng() % (uint32_t)n); };
     const DType types[] = {DType::Float32, DType::Float64, DType::BFloat16, DType::Float16};
@@ -414,14 +418,14 @@ const Path kPaths[] = {Path::Latency, Path::OneBarrier, Path::Chunked, Path::Red
 
 // One rank's call on `path` (call k; `grow` elements more than its peers' to make it disagree).
 struct Rank {
-  std::unique_ptr<Hierarchical> h;
+  std::unique_ptr<Tuned> h;
   std::unique_ptr<ArenaAllreduce> ar;
   Rank(ShmArena& a, Path p) {
     if (p == Path::Arena) {
       ar = std::make_unique<ArenaAllreduce>(&a, nullptr, 1);
       return;
     }
-    h = std::make_unique<Hierarchical>(&a, nullptr, 1);
+    h = std::make_unique<Tuned>(&a, nullptr, 1);
     if (p == Path::OneBarrier) {
       h->small_bytes = kArenaChunk;
       h->local_chunk_bytes = kArenaChunk;

@@ -1,0 +1,43 @@
+// The core tests' stand-in for fastar/policy.py's plan of a staged allreduce (the same rule:
+// python_tests/test_plan.py checks policy.py against the library itself). Each rank's Tuned
+// carries its own knobs, so that a test can plan ranks differently and check that they raise.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "../hierarchical.h"
+#include "../shm.h"
+
+namespace fastar {
+
+inline Plan staged_plan(Hierarchy h, Algorithm a, int64_t bytes, int64_t es, int64_t arena_chunk, int num_nodes,
+                        int64_t small_bytes, int64_t local_chunk_bytes, int64_t block_bytes) {
+  Plan p;
+  p.hierarchy = h;
+  p.algorithm = a;
+  const int64_t chunk = (num_nodes > 1 ? arena_chunk : std::min(arena_chunk, local_chunk_bytes)) / es * es;
+  const int64_t nchunks = bytes == 0 ? 0 : (bytes + chunk - 1) / chunk;
+  const bool small = bytes == 0 || (nchunks == 1 && bytes <= small_bytes && (num_nodes == 1 || h == Hierarchy::Leader));
+  const bool latency = small && num_nodes == 1 && bytes <= ShmArena::kSmallBytes;
+  p.protocol = latency ? Protocol::Latency : small ? Protocol::OneBarrier : Protocol::Chunked;
+  p.chunk_bytes = latency ? block_bytes : small ? 0 : chunk;
+  return p;
+}
+
+// A Hierarchical with the knobs the tests turn, planning each allreduce as policy.py would.
+struct Tuned : Hierarchical {
+  Tuned(ShmArena* a, Transport* inter, int num_nodes)
+      : Hierarchical(a, inter, num_nodes), arena_chunk(a->chunk_bytes()), nodes(num_nodes) {}
+  int64_t small_bytes = 64 << 10;
+  int64_t small_block_bytes = 4096;
+  int64_t arena_chunk;
+  int nodes;
+  HierarchicalStats allreduce(Hierarchy h, Algorithm a, void* data, int64_t count, DType t, uint64_t seq) {
+    const int64_t es = (int64_t)dtype_size(t);
+    return Hierarchical::allreduce(staged_plan(h, a, count * es, es, arena_chunk, nodes, small_bytes,
+                                               local_chunk_bytes.load(), small_block_bytes),
+                                   data, count, t, seq);
+  }
+};
+
+}  // namespace fastar
