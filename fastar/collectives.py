@@ -131,7 +131,7 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
             avg = _FAST_OPS.get(op)
         except TypeError:  # an unhashable op
             avg = None
-        if avg is not None and tensor.nbytes <= fast[1] and tensor.is_cpu:
+        if avg is not None and tensor.numel() * tensor.element_size() <= fast[1] and tensor.is_cpu:
             try:
                 work = st.comm.allreduce(tensor, fast[2], avg, True, False)
                 if work is not None:  # queued behind earlier work: wait for it

@@ -1,9 +1,10 @@
-"""The kernel layer (csrc/torch/kernels.cpp, csrc/cuda/kernels.cu) through fastar._C: pack/unpack with
-scaling, fp16/bf16 compress/decompress and sum_into, against torch's own ops, bit for bit, on the CPU
-and (when there is a GPU and the build has CUDA) on CUDA; plus the error messages for bad input.
+"""The kernel layer (csrc/torch/kernels.cpp, csrc/cuda/kernels.cu) through fastar._C: pack with scaling and
+sum_into (CPU and CUDA), fp16/bf16 compress/decompress (CUDA: on the CPU the codec casts with ATen's
+copy_), against torch's own ops, bit for bit (CUDA where there is a GPU and the build has CUDA); plus
+the error messages for bad input.
 
 The checks are shown to catch a broken build: fastar._C._set_fault (test-only, csrc/torch/kernels.h)
-makes pack write one element early or pack/unpack launch on the default stream, and the tests at the
+makes pack write one element early or launch on the default stream, and the tests at the
 end of "fault injection" below assert that the same checks then fail."""
 import math
 import os
@@ -27,6 +28,7 @@ needs_cuda_build = pytest.mark.skipif(
     not C.cuda_built(), reason="fastar._C was built without CUDA (FASTAR_CUDA=0 or no toolkit), so its CUDA kernels are absent"
 )
 DEVICES = ["cpu", pytest.param("cuda", marks=[needs_gpu, needs_cuda_build])]
+CUDA_ONLY = [pytest.param("cuda", marks=[needs_gpu, needs_cuda_build])]  # compress/decompress
 
 # shapes that hit the edge cases: scalars, empty tensors, odd sizes, sizes around the 16-byte vector
 # width and the CUDA kernels' 16384-element chunk
@@ -56,7 +58,7 @@ def test_cuda_built_is_a_bool():
     assert isinstance(C.cuda_built(), bool)
 
 
-# ---------------------------------------------------------------- pack / unpack
+# ---------------------------------------------------------------- pack
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -82,30 +84,14 @@ def check_pack(device, dtype, scale, gap, start):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("scale", [1.0, 0.25, 1.0 / 7.0])
-@pytest.mark.parametrize("gap,start", [(0, 0), (1, 1)])
-def test_unpack_matches_torch(device, dtype, scale, gap, start):
-    gen = torch.Generator().manual_seed(2)
-    offsets, total = layout(SHAPES, gap, start)
-    flat = rand((total,), dtype, device, gen)
-    dsts = [torch.full(s, -3.0, dtype=dtype, device=device) for s in SHAPES]
-    C.kernels_unpack(flat, dsts, offsets, scale)
-    for d, s, off in zip(dsts, SHAPES, offsets):
-        assert_bits(d, (flat[off:off + math.prod(s)] * scale).reshape(s))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_pack_unpack_round_trip_keeps_every_bit(device, dtype):
+def test_pack_keeps_every_bit(device, dtype):
     gen = torch.Generator().manual_seed(3)
     srcs = [rand(s, dtype, device, gen) for s in SHAPES]
     offsets, total = layout(SHAPES, 0)
     flat = torch.empty(total, dtype=dtype, device=device)
     C.kernels_pack(srcs, flat, offsets)  # scale defaults to 1
-    dsts = [torch.empty_like(t) for t in srcs]
-    C.kernels_unpack(flat, dsts, offsets)
-    for a, b in zip(dsts, srcs):
-        assert_bits(a, b)
+    for t, off in zip(srcs, offsets):
+        assert_bits(flat[off:off + t.numel()].reshape(t.shape), t)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -118,12 +104,10 @@ def test_pack_keeps_special_values(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pack_and_unpack_of_nothing(device):
+def test_pack_of_nothing(device):
     flat = torch.ones(4, device=device)
     C.kernels_pack([], flat, [], 2.0)
     C.kernels_pack([torch.empty(0, device=device)], flat, [4], 2.0)  # an empty tensor may sit at the very end
-    C.kernels_unpack(flat, [], [], 2.0)
-    C.kernels_unpack(torch.empty(0, device=device), [torch.empty(0, 3, device=device)], [0])
     assert_bits(flat, torch.ones(4, device=device))
 
 
@@ -144,7 +128,7 @@ SPECIAL = [0.0, -0.0, 1.0, -1.5, 65504.0, 65519.0, 65520.0, 1e5, 3e38, -3e38, 1e
            1.0009765625, 1.00048828125, 1.00146484375, float("inf"), float("-inf"), float("nan")]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("wire", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 1023, 4096, 100003])
 def test_compress_matches_torch(device, wire, n):
@@ -155,7 +139,7 @@ def test_compress_matches_torch(device, wire, n):
     assert_bits(out, flat.to(wire))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("wire", HALF_TYPES, ids=str)
 def test_compress_rounds_special_values_like_torch(device, wire):
     flat = torch.tensor(SPECIAL, dtype=torch.float32, device=device)
@@ -164,7 +148,7 @@ def test_compress_rounds_special_values_like_torch(device, wire):
     assert_bits(C.kernels_compress(flat[1:], wire), flat[1:].to(wire))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("wire", HALF_TYPES, ids=str)
 def test_compress_keeps_the_shape(device, wire):
     flat = torch.randn(3, 4, 5, device=device)
@@ -172,7 +156,7 @@ def test_compress_keeps_the_shape(device, wire):
     assert out.shape == (3, 4, 5) and out.dtype == wire
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("wire", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 1023, 100003])
 def test_decompress_matches_torch(device, wire, n):
@@ -183,7 +167,7 @@ def test_decompress_matches_torch(device, wire, n):
     assert_bits(flat, w.float())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("wire", HALF_TYPES, ids=str)
 def test_compress_decompress_round_trip(device, wire):
     flat = torch.tensor(SPECIAL * 3, device=device)
@@ -261,19 +245,11 @@ def test_pack_errors():
     assert_bits(flat, torch.zeros(10))  # nothing was written by the failed calls
 
 
-def test_unpack_errors():
-    flat = torch.zeros(10)
-    with raises(r"fastar unpack: got 1 tensors in dsts but 2 offsets"):
-        C.kernels_unpack(flat, [torch.ones(2)], [0, 1])
-    with raises(r"fastar unpack: dsts\[0\] is not contiguous"):
-        C.kernels_unpack(flat, [torch.ones(4, 4)[:, 1]], [0])
-    with raises(r"fastar unpack: dsts\[0\] has dtype BFloat16 but flat has dtype Float"):
-        C.kernels_unpack(flat, [torch.ones(2, dtype=torch.bfloat16)], [0])
-    with raises(r"fastar unpack: dsts\[0\] \(11 elements\) at offset 0 does not fit in flat \(10 elements\)"):
-        C.kernels_unpack(flat, [torch.ones(11)], [0])
-
-
 def test_compress_decompress_errors():
+    with raises(r"fastar compress: runs on CUDA tensors"):
+        C.kernels_compress(torch.ones(3), torch.float16)
+    with raises(r"fastar decompress: runs on CUDA tensors"):
+        C.kernels_decompress(torch.ones(3, dtype=torch.float16), torch.ones(3))
     with raises(r"fastar compress: flat has dtype Double, but compress takes a float32 bucket"):
         C.kernels_compress(torch.ones(3, dtype=torch.float64), torch.float16)
     with raises(r"fastar compress: wire dtype must be float16 or bfloat16, got Float"):
@@ -344,7 +320,6 @@ def check_kernels_follow_the_current_stream():
     flat_in, a, b = torch.zeros(total, device="cuda"), torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
     c, wire_in = torch.zeros(n, device="cuda"), torch.zeros(n, dtype=torch.bfloat16, device="cuda")
     flat_out = torch.zeros(total + 3, device="cuda")
-    dsts = [torch.zeros(sh, device="cuda") for sh in shapes]
     decompressed = torch.zeros(n, device="cuda")
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
@@ -357,11 +332,10 @@ def check_kernels_follow_the_current_stream():
         c.copy_(new["a"])
         wire_in.copy_(new["wire"])
         C.kernels_pack(srcs, flat_out, offsets, 0.5)
-        C.kernels_unpack(flat_in, dsts, offsets, 2.0)
         C.kernels_sum_into(a, b)
         wire = C.kernels_compress(c, torch.float16)
         C.kernels_decompress(wire_in, decompressed)
-        got = {"pack": flat_out.clone(), "unpack": [d.clone() for d in dsts], "sum_into": a.clone(),
+        got = {"pack": flat_out.clone(), "sum_into": a.clone(),
                "compress": wire.clone(), "decompress": decompressed.clone()}
     side.synchronize()
     torch.cuda.synchronize()
@@ -369,7 +343,6 @@ def check_kernels_follow_the_current_stream():
     for v, off in zip(new["srcs"], offsets):
         expected_flat[off:off + v.numel()] = v.reshape(-1) * 0.5
     expected = {"pack": expected_flat,
-                "unpack": [(new["flat"][off:off + math.prod(sh)] * 2.0).reshape(sh) for sh, off in zip(shapes, offsets)],
                 "sum_into": new["a"] + new["b"], "compress": new["a"].to(torch.float16),
                 "decompress": new["wire"].float()}
     wrong = []
@@ -491,7 +464,7 @@ def test_pack_writing_to_the_wrong_offset_fails_the_pack_check(device, gap, star
 def test_pack_on_the_default_stream_fails_the_stream_check(fault):
     check_kernels_follow_the_current_stream()
     fault("default_stream")
-    with pytest.raises(AssertionError, match=r"\['pack', 'unpack'\]"):
+    with pytest.raises(AssertionError, match=r"\['pack'\]"):
         check_kernels_follow_the_current_stream()
 
 

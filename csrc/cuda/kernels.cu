@@ -1,4 +1,4 @@
-// CUDA kernels behind csrc/torch/kernels.h: multi-tensor pack/unpack with scaling, the fp16/bf16 wire
+// CUDA kernels behind csrc/torch/kernels.h: multi-tensor pack with scaling, the fp16/bf16 wire
 // casts and the elementwise sum. All run on the current stream of the tensors' device; inputs were
 // checked by kernels.cpp. Half types compute in float (at::opmath_type) and round once, as the CPU
 // versions do, so CPU and GPU give the same bits (except that nvcc's --use_fast_math flushes fp32
@@ -82,7 +82,7 @@ __device__ __forceinline__ void copy_block(T* __restrict__ dst, const T* __restr
 }
 
 // One block per chunk of one tensor; the block finds its tensor by binary search over first_chunk.
-template <typename T, bool kPack, bool kScale>
+template <typename T, bool kScale>
 __global__ void __launch_bounds__(kThreads)
     multi_tensor_copy_kernel(const Segment* __restrict__ segs, int nsegs, T* flat, at::opmath_type<T> scale) {
   __shared__ int seg_index;
@@ -101,17 +101,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = seg.numel - begin < kChunk ? seg.numel - begin : kChunk;
   T* tensor = static_cast<T*>(seg.ptr) + begin;
   T* slice = flat + seg.offset + begin;
-  if constexpr (kPack) {
-    copy_block<T, kScale>(slice, tensor, n, scale);
-  } else {
-    copy_block<T, kScale>(tensor, slice, n, scale);
-  }
+  copy_block<T, kScale>(slice, tensor, n, scale);
 }
 
-// pack (kPack) or unpack: builds the segment table in pinned memory, copies it to the device on the
-// current stream (the caching host allocator keeps the pinned block until that copy is done) and
-// launches one kernel for all tensors.
-template <bool kPack>
+// pack: builds the segment table in pinned memory, copies it to the device on the current stream
+// (the caching host allocator keeps the pinned block until that copy is done) and launches one
+// kernel for all tensors.
 void multi_tensor_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& flat,
                        const std::vector<int64_t>& offsets, double scale) {
   std::vector<Segment> segs;
@@ -124,7 +119,7 @@ void multi_tensor_copy(const std::vector<at::Tensor>& tensors, const at::Tensor&
     chunks += (n + kChunk - 1) / kChunk;
   }
   if (segs.empty()) return;
-  TORCH_CHECK(chunks <= INT32_MAX, "fastar ", kPack ? "pack" : "unpack", ": ", chunks,
+  TORCH_CHECK(chunks <= INT32_MAX, "fastar pack: ", chunks,
               " chunks exceed the CUDA grid limit; split the call into several smaller ones");
 
   const c10::cuda::CUDAGuard guard(flat.device());
@@ -141,10 +136,10 @@ void multi_tensor_copy(const std::vector<at::Tensor>& tensors, const at::Tensor&
     using Op = at::opmath_type<scalar_t>;
     auto* flat_ptr = static_cast<scalar_t*>(flat.data_ptr());
     if (scale != 1.0) {
-      multi_tensor_copy_kernel<scalar_t, kPack, true>
+      multi_tensor_copy_kernel<scalar_t, true>
           <<<grid, kThreads, 0, stream>>>(seg_ptr, nsegs, flat_ptr, static_cast<Op>(scale));
     } else {
-      multi_tensor_copy_kernel<scalar_t, kPack, false>
+      multi_tensor_copy_kernel<scalar_t, false>
           <<<grid, kThreads, 0, stream>>>(seg_ptr, nsegs, flat_ptr, static_cast<Op>(scale));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -211,12 +206,7 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(T* dst, const T* src, int
 }  // namespace
 
 void pack_cuda(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vector<int64_t>& offsets, double scale) {
-  multi_tensor_copy<true>(srcs, flat, offsets, scale);
-}
-
-void unpack_cuda(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets,
-                 double scale) {
-  multi_tensor_copy<false>(dsts, flat, offsets, scale);
+  multi_tensor_copy(srcs, flat, offsets, scale);
 }
 
 void compress_cuda(const at::Tensor& flat, at::Tensor& out) {

@@ -9,8 +9,6 @@
 namespace fastar {
 
 void pack_cuda(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vector<int64_t>& offsets, double scale);
-void unpack_cuda(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets,
-                 double scale);
 // writes into `out` (an empty tensor of the wire dtype, same numel and device as flat)
 void compress_cuda(const at::Tensor& flat, at::Tensor& out);
 void decompress_cuda(const at::Tensor& wire, at::Tensor& flat);

@@ -92,7 +92,7 @@ void check_flat(const char* fn, const at::Tensor& flat) {
               ", but only float32, float64, float16 and bfloat16 are supported");
 }
 
-// The tensors of a pack/unpack against flat: one offset each, same device and dtype, contiguous, and
+// The tensors of a pack against flat: one offset each, same device and dtype, contiguous, and
 // every slice [offset, offset + numel) inside flat.
 void check_segments(const char* fn, const char* name, const std::vector<at::Tensor>& tensors,
                     const at::Tensor& flat, const std::vector<int64_t>& offsets) {
@@ -139,20 +139,6 @@ void pack_cpu(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::
   }
 }
 
-template <typename T>
-void unpack_cpu(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets,
-                double scale) {
-  const T* base = static_cast<const T*>(flat.data_ptr());
-  for (size_t i = 0; i < dsts.size(); ++i) {
-    copy_scaled(static_cast<T*>(dsts[i].data_ptr()), base + offsets[i], dsts[i].numel(), scale);
-  }
-}
-
-template <typename From, typename To>
-void convert_cpu(const From* src, To* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]));
-}
-
 #define FASTAR_DISPATCH_REDUCED_FLOAT(type, ...)                        \
   switch (type) {                                                      \
     case at::kFloat: { using scalar_t = float; __VA_ARGS__; break; }   \
@@ -179,17 +165,6 @@ void pack(const std::vector<at::Tensor>& srcs, at::Tensor& flat, const std::vect
   FASTAR_DISPATCH_REDUCED_FLOAT(flat.scalar_type(), pack_cpu<scalar_t>(srcs, flat, offsets, scale));
 }
 
-void unpack(const at::Tensor& flat, std::vector<at::Tensor>& dsts, const std::vector<int64_t>& offsets, double scale) {
-  check_segments("unpack", "dsts", dsts, flat, offsets);
-#ifdef FASTAR_WITH_CUDA
-  if (flat.is_cuda()) {
-    const FaultStream fault_stream(flat);
-    return unpack_cuda(flat, dsts, offsets, scale);
-  }
-#endif
-  FASTAR_DISPATCH_REDUCED_FLOAT(flat.scalar_type(), unpack_cpu<scalar_t>(flat, dsts, offsets, scale));
-}
-
 at::Tensor compress(const at::Tensor& flat, at::ScalarType wire) {
   TORCH_CHECK(wire == at::kHalf || wire == at::kBFloat16, "fastar compress: wire dtype must be float16 or bfloat16, got ",
               wire);
@@ -209,15 +184,10 @@ void compress_into(const at::Tensor& flat, at::Tensor& out) {
               "fastar compress: wire dtype must be float16 or bfloat16, got ", out.scalar_type());
   TORCH_CHECK(out.numel() == flat.numel(), "fastar compress: out has ", out.numel(), " elements but flat has ",
               flat.numel());
+  TORCH_CHECK(flat.is_cuda(), "fastar compress: runs on CUDA tensors (on the CPU the codec casts with ATen's copy_)");
 #ifdef FASTAR_WITH_CUDA
-  if (flat.is_cuda()) return compress_cuda(flat, out);
+  compress_cuda(flat, out);
 #endif
-  const float* src = flat.data_ptr<float>();
-  if (out.scalar_type() == at::kHalf) {
-    convert_cpu(src, out.data_ptr<at::Half>(), flat.numel());
-  } else {
-    convert_cpu(src, out.data_ptr<at::BFloat16>(), flat.numel());
-  }
 }
 
 void decompress(const at::Tensor& wire, at::Tensor& flat) {
@@ -233,15 +203,10 @@ void decompress(const at::Tensor& wire, at::Tensor& flat) {
   check_contiguous("decompress", "flat", flat);
   TORCH_CHECK(wire.numel() == flat.numel(), "fastar decompress: wire has ", wire.numel(), " elements but flat has ",
               flat.numel(), "; they must have the same number of elements");
+  TORCH_CHECK(flat.is_cuda(), "fastar decompress: runs on CUDA tensors (on the CPU the codec casts with ATen's copy_)");
 #ifdef FASTAR_WITH_CUDA
-  if (flat.is_cuda()) return decompress_cuda(wire, flat);
+  decompress_cuda(wire, flat);
 #endif
-  float* dst = flat.data_ptr<float>();
-  if (wire.scalar_type() == at::kHalf) {
-    convert_cpu(wire.data_ptr<at::Half>(), dst, wire.numel());
-  } else {
-    convert_cpu(wire.data_ptr<at::BFloat16>(), dst, wire.numel());
-  }
 }
 
 void sum_into(at::Tensor& dst, const at::Tensor& src) {
@@ -273,13 +238,6 @@ void register_kernels(pybind11::module_& m) {
       },
       py::arg("srcs"), py::arg("flat"), py::arg("offsets"), py::arg("scale") = 1.0, Release(),
       "flat[offsets[i]:offsets[i]+srcs[i].numel()] = srcs[i].view(-1) * scale, one kernel launch on CUDA");
-  m.def(
-      "kernels_unpack",
-      [](at::Tensor flat, std::vector<at::Tensor> dsts, const std::vector<int64_t>& offsets, double scale) {
-        unpack(flat, dsts, offsets, scale);
-      },
-      py::arg("flat"), py::arg("dsts"), py::arg("offsets"), py::arg("scale") = 1.0, Release(),
-      "dsts[i].view(-1)[:] = flat[offsets[i]:offsets[i]+dsts[i].numel()] * scale, one kernel launch on CUDA");
   m.def(
       "kernels_compress", [](at::Tensor flat, at::ScalarType wire) { return compress(flat, wire); }, py::arg("flat"),
       py::arg("wire"), Release(), "a float16/bfloat16 copy (rounded to nearest even) of the float32 tensor flat");
