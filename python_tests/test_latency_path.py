@@ -1,5 +1,6 @@
-"""The latency path (issue 16): fastar.all_reduce of a small CPU tensor on one node runs in
-Communicator.allreduce_fast, with no header exchange. These tests check that it gives the general
+"""The latency path (issue 16; since issue 24 the latency protocol of the one plan, run inline by
+Communicator.allreduce, the one entry): fastar.all_reduce of a small CPU tensor on one node runs
+with no header exchange. These tests check that it gives the general
 path's answers, that it still catches ranks that disagree and dead ranks (the arena's descriptor
 check and liveness checks stand in for the header), that it steps aside for what it does not take,
 and that the one-node pipeline (in-place slice, partial copy-in/out, streaming stores) is exact.
