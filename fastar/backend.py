@@ -229,22 +229,22 @@ class FastarBackend(_C10dBackend):
         self._transport = ProcessGroupGloo(PrefixStore("fastar/transport/", store), topo.rank, topo.size, timeout)
         world = _wrap_gloo(self._transport, PrefixStore("fastar/world_pg/", store), topo.rank, topo.size)
         self._world_pg = world
-        cross, cross_ranks = None, []
+        inter, inter_ranks = None, []
         if topo.num_nodes > 1 and topo.local_size > 1:
             # this rank's rail: the ranks with its local rank on every node (only members build it)
-            cross_ranks = topo.rail_ranks(topo.local_rank)
+            inter_ranks = topo.inter_ranks(topo.local_rank)
             rstore = PrefixStore(f"fastar/rail{topo.local_rank}/", store)
             rail = ProcessGroupGloo(PrefixStore("gloo/", rstore), topo.node, topo.num_nodes, timeout)
-            cross = _wrap_gloo(rail, PrefixStore("pg/", rstore), topo.node, topo.num_nodes)
+            inter = _wrap_gloo(rail, PrefixStore("pg/", rstore), topo.node, topo.num_nodes)
             self._rail = rail
-        self._cross_pg = cross
+        self._inter_pg = inter
         world_ranks = list(range(topo.size))  # the communicator's ranks are this group's ranks
 
         def make(shm_name: str, create: bool, chunk_bytes: int):
             return groups.extension().Communicator(
                 rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
                 node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
-                cross=cross, cross_ranks=cross_ranks, shm_name=shm_name, shm_create=create,
+                inter=inter, inter_ranks=inter_ranks, shm_name=shm_name, shm_create=create,
                 shm_chunk_bytes=chunk_bytes, timeout_s=timeout.total_seconds())
 
         chunk = settings.shm_chunk_bytes()  # a bad FASTAR_SHM_CHUNK_MB fails here, on every rank alike
@@ -357,7 +357,7 @@ class FastarBackend(_C10dBackend):
     def transport_groups(self) -> tuple:
         """(world, rail): the c10d ProcessGroups the communicator sends over (rail: None on one node
         or with one rank per node). Not registered with torch.distributed: no dist.* call takes them."""
-        return self._world_pg, self._cross_pg
+        return self._world_pg, self._inter_pg
 
     def set_timeout(self, timeout: timedelta) -> None:
         """The communicator's timeout from now on (fastar.set_timeout, when fastar.init adopted it)."""

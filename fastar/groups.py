@@ -139,11 +139,11 @@ def ensure_device_groups(st: State, device: torch.device) -> None:
         raise ValueError(f"fastar: tensors on {device} are not supported; use CPU or CUDA tensors")
     if kind == "cuda":
         world = dist.new_group(ranks=list(range(topo.size)), backend=backend, timeout=timeout)
-        rails = [dist.new_group(ranks=topo.rail_ranks(lr), backend=backend, timeout=timeout)
+        rails = [dist.new_group(ranks=topo.inter_ranks(lr), backend=backend, timeout=timeout)
                  if topo.num_nodes > 1 else None for lr in range(topo.local_size)]
-        cross = rails[topo.local_rank]
+        inter = rails[topo.local_rank]
     else:
-        world, cross = st.transport()  # the communicator's own groups (the backend's, when adopted)
+        world, inter = st.transport()  # the communicator's own groups (the backend's, when adopted)
     local = None
     if topo.local_size > 1:
         locals_ = [dist.new_group(ranks=topo.node_ranks(n), backend=backend, timeout=timeout)
@@ -153,16 +153,16 @@ def ensure_device_groups(st: State, device: torch.device) -> None:
         # NCCL makes a communicator on a group's first collective, which every member must join:
         # do it now, together, so that later batched sends and receives find it ready.
         with torch.cuda.device(device):
-            for g in (world, local, cross):
+            for g in (world, local, inter):
                 if g is not None:
                     dist.all_reduce(torch.zeros(1, device=device), group=g)
             torch.cuda.synchronize(device)
-    st.comm.set_tensor_groups(kind, world, local, cross, list(range(topo.size)),
-                              topo.rail_ranks(topo.local_rank) if cross is not None else [])
+    st.comm.set_tensor_groups(kind, world, local, inter, list(range(topo.size)),
+                              topo.inter_ranks(topo.local_rank) if inter is not None else [])
     st.device_groups[kind] = {
         "world": world,
         "desc": f"{backend} groups: world {topo.size}, local {topo.local_size if local else '-'}, "
-                f"rails {topo.num_nodes if cross is not None else '-'}"}
+                f"rails {topo.num_nodes if inter is not None else '-'}"}
 
 
 def group_comm(st: State, group, device: torch.device, wire: str):
@@ -174,7 +174,7 @@ def group_comm(st: State, group, device: torch.device, wire: str):
         r, n = dist.get_rank(group), len(ranks)
         st.group_comms[key] = extension().Communicator(
             rank=r, size=n, local_rank=0, local_size=1, node=r, num_nodes=n, world=group, world_ranks=ranks,
-            cross=None, cross_ranks=[], shm_name="", shm_create=False, shm_chunk_bytes=1 << 20,
+            inter=None, inter_ranks=[], shm_name="", shm_create=False, shm_chunk_bytes=1 << 20,
             timeout_s=st.timeout.total_seconds())
     comm = st.group_comms[key]
     if (device.type == "cuda" or wire) and not comm.has_tensor_groups(device.type):

@@ -40,7 +40,7 @@ class State:
     topo: topology.Topology
     comm: object  # fastar._C.Communicator
     world_group: object  # for torch.distributed calls (broadcasts, object gathers, node_segment)
-    cross_group: object  # this rank's rail group (None on one node, or when adopted: see comm_groups)
+    inter_group: object  # this rank's rail group (None on one node, or when adopted: see comm_groups)
     timeout: timedelta
     choice_record: object = None  # a dict, or LATENCY_PATH (see last_choice)
     group_comms: dict = field(default_factory=dict)
@@ -49,7 +49,7 @@ class State:
     # The FastarBackend whose communicator this is (fastar.init adopted the "fastar" default group's):
     # fastar.shutdown() leaves it open, and the backend's shutdown ends this state. None: fastar's own.
     owner: object = None
-    # (world, rail) the communicator sends over, when they are not world_group/cross_group (the
+    # (world, rail) the communicator sends over, when they are not world_group/inter_group (the
     # backend's, which torch.distributed does not know): the CPU tensor path's groups.
     comm_groups: tuple | None = None
     # fastar.all_reduce's fast entry: (the tuning it was made for, the latency limit in bytes, the one
@@ -73,7 +73,7 @@ class State:
 
     def transport(self) -> tuple:
         """(world, rail): the process groups the communicator sends over."""
-        return self.comm_groups or (self.world_group, self.cross_group)
+        return self.comm_groups or (self.world_group, self.inter_group)
 
     @property
     def last_choice(self) -> dict:
@@ -156,18 +156,18 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
         topo = topology.detect(local_size)
         world_ranks = list(range(topo.size))
         world = dist.new_group(ranks=world_ranks, backend="gloo", timeout=timeout)
-        cross_groups = []
+        inter_groups = []
         for lr in range(topo.local_size):  # every rank creates every group, in the same order
-            ranks = topo.rail_ranks(lr)
-            cross_groups.append(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout) if len(ranks) > 1 else None)
-        cross = cross_groups[topo.local_rank]
+            ranks = topo.inter_ranks(lr)
+            inter_groups.append(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout) if len(ranks) > 1 else None)
+        inter = inter_groups[topo.local_rank]
 
         def maker(chunk_bytes):
             def make(shm_name, create):
                 return extension().Communicator(
                     rank=topo.rank, size=topo.size, local_rank=topo.local_rank, local_size=topo.local_size,
                     node=topo.node, num_nodes=topo.num_nodes, world=world, world_ranks=world_ranks,
-                    cross=cross, cross_ranks=topo.rail_ranks(topo.local_rank) if cross is not None else [],
+                    inter=inter, inter_ranks=topo.inter_ranks(topo.local_rank) if inter is not None else [],
                     shm_name=shm_name, shm_create=create, shm_chunk_bytes=chunk_bytes,
                     timeout_s=timeout.total_seconds())
             return make
@@ -182,7 +182,7 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
                 warn_shm_fallback("fastar.init", e, chunks[i + 1])
         processes: list = [None] * topo.size
         dist.all_gather_object(processes, topology.this_process(), group=world)
-        _state = State(topo=topo, comm=comm, world_group=world, cross_group=cross, timeout=timeout,
+        _state = State(topo=topo, comm=comm, world_group=world, inter_group=inter, timeout=timeout,
                        processes=processes)
         _install_exit_hooks()
         log.debug("fastar.init: %s", topo)
@@ -214,7 +214,7 @@ def _adopt(be, timeout: timedelta | None) -> State:
     processes: list = [None] * be.topology.size
     dist.all_gather_object(processes, topology.this_process(), group=world)
     log.debug("fastar.init: adopted the \"fastar\" default group's communicator: %s", be.topology)
-    return State(topo=be.topology, comm=be.communicator, world_group=world, cross_group=None,
+    return State(topo=be.topology, comm=be.communicator, world_group=world, inter_group=None,
                  timeout=be.timeout, processes=processes, owner=be, comm_groups=be.transport_groups)
 
 

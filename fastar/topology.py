@@ -23,7 +23,7 @@ class Topology:
     def node_ranks(self, node: int) -> list[int]:
         return list(range(node * self.local_size, (node + 1) * self.local_size))
 
-    def rail_ranks(self, local_rank: int) -> list[int]:
+    def inter_ranks(self, local_rank: int) -> list[int]:
         return [n * self.local_size + local_rank for n in range(self.num_nodes)]
 
 

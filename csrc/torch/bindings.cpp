@@ -91,17 +91,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def(py::init([](int rank, int size, int local_rank, int local_size, int node, int num_nodes, py::object world,
-                       std::vector<int> world_ranks, py::object cross, std::vector<int> cross_ranks,
+                       std::vector<int> world_ranks, py::object inter, std::vector<int> inter_ranks,
                        std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s) {
              fastar::Topology t{rank, size, local_rank, local_size, node, num_nodes};
              auto w = as_pg(world);
-             auto c = as_pg(cross);
+             auto c = as_pg(inter);
              py::gil_scoped_release nogil;
-             return std::make_shared<Communicator>(t, w, world_ranks, c, cross_ranks, shm_name, shm_create,
+             return std::make_shared<Communicator>(t, w, world_ranks, c, inter_ranks, shm_name, shm_create,
                                                    shm_chunk_bytes, timeout_s);
            }),
            py::arg("rank"), py::arg("size"), py::arg("local_rank"), py::arg("local_size"), py::arg("node"),
-           py::arg("num_nodes"), py::arg("world"), py::arg("world_ranks"), py::arg("cross"), py::arg("cross_ranks"),
+           py::arg("num_nodes"), py::arg("world"), py::arg("world_ranks"), py::arg("inter"), py::arg("inter_ranks"),
            py::arg("shm_name"), py::arg("shm_create"), py::arg("shm_chunk_bytes"), py::arg("timeout_s"))
       // The one entry of an allreduce: None when it ran inline, else the queued work. Called
       // positionally (tensor, plan, avg, validate, async_op) on the latency path: no keyword matching.
@@ -130,15 +130,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("allgather", &Communicator::allgather, py::arg("output"), py::arg("input"), py::arg("algorithm"),
            py::arg("validate"), py::arg("async_op"), py::call_guard<py::gil_scoped_release>())
       .def("set_tensor_groups",
-           [](Communicator& c, const std::string& device_type, py::object world, py::object local, py::object cross,
-              std::vector<int> world_ranks, std::vector<int> cross_ranks) {
-             fastar::TensorGroups g{as_pg(world), as_pg(local), as_pg(cross), std::move(world_ranks),
-                                    std::move(cross_ranks)};
+           [](Communicator& c, const std::string& device_type, py::object world, py::object local, py::object inter,
+              std::vector<int> world_ranks, std::vector<int> inter_ranks) {
+             fastar::TensorGroups g{as_pg(world), as_pg(local), as_pg(inter), std::move(world_ranks),
+                                    std::move(inter_ranks)};
              py::gil_scoped_release nogil;  // waits for a running collective
              c.set_tensor_groups(device_type, std::move(g));
            },
-           py::arg("device_type"), py::arg("world"), py::arg("local"), py::arg("cross"), py::arg("world_ranks"),
-           py::arg("cross_ranks"))
+           py::arg("device_type"), py::arg("world"), py::arg("local"), py::arg("inter"), py::arg("world_ranks"),
+           py::arg("inter_ranks"))
       .def("has_tensor_groups", &Communicator::has_tensor_groups, py::arg("device_type"),
            py::call_guard<py::gil_scoped_release>())
       .def("unlink_shm", &Communicator::unlink_shm)

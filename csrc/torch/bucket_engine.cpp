@@ -92,7 +92,7 @@ void BucketEngine::attach_arena(const std::string& name, bool create) {
   arena_->share_timeout(comm_->timeout());  // fastar.set_timeout reaches wrap's buckets at once
   arena_->set_first_global_rank(t.node * t.local_size);
   comm_->failure_state()->watch(arena_);  // a first failure marks this arena too: peers raise at once
-  arena_ar_ = std::make_shared<ArenaAllreduce>(arena_.get(), comm_->cross_transport(), t.num_nodes);
+  arena_ar_ = std::make_shared<ArenaAllreduce>(arena_.get(), comm_->inter_transport(), t.num_nodes);
   // The mapping lives as long as any tensor over it: gradients that are bucket views may outlive
   // the wrapper (and this engine).
   std::shared_ptr<ShmArena> keep = arena_;

@@ -56,18 +56,18 @@ void AsyncWork::finish(std::exception_ptr e) {
 }
 
 Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup> world, std::vector<int> world_ranks,
-                           c10::intrusive_ptr<c10d::ProcessGroup> cross, std::vector<int> cross_ranks,
+                           c10::intrusive_ptr<c10d::ProcessGroup> inter, std::vector<int> inter_ranks,
                            std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s)
     : topo_(topo), timeout_(std::make_shared<Timeout>(timeout_s)), failure_(std::make_shared<FailureState>()) {
   world_ = std::make_unique<PGTransport>(world, world_ranks, timeout_, "fastar's world group");
-  if (cross) cross_ = std::make_unique<PGTransport>(cross, cross_ranks, timeout_, "fastar's inter-node group");
+  if (inter) inter_ = std::make_unique<PGTransport>(inter, inter_ranks, timeout_, "fastar's inter-node group");
   if (!shm_name.empty()) {
     arena_ = std::make_shared<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
                                         timeout_s);
     arena_->share_timeout(timeout_);
     arena_->set_first_global_rank(topo.node * topo.local_size);
     failure_->watch(arena_);
-    hier_ = std::make_unique<Hierarchical>(arena_.get(), cross_.get(), topo.num_nodes);
+    hier_ = std::make_unique<Hierarchical>(arena_.get(), inter_.get(), topo.num_nodes);
     fast_ok_ = topo.num_nodes == 1;
   }
   tensor_ = std::make_unique<TensorAllreduce>(topo, timeout_);
@@ -88,7 +88,7 @@ void Communicator::close() {
     keep_forever(std::shared_ptr<Hierarchical>(hier_.release()));
     keep_forever(std::move(arena_));
     keep_forever(std::shared_ptr<PGTransport>(world_.release()));
-    keep_forever(std::shared_ptr<PGTransport>(cross_.release()));
+    keep_forever(std::shared_ptr<PGTransport>(inter_.release()));
     keep_forever(std::shared_ptr<TensorAllreduce>(tensor_.release()));
     keep_forever(std::make_shared<Executor>(std::move(exec_)));
     keep_forever(std::make_shared<std::vector<at::Tensor>>(std::move(graveyard_)));
@@ -96,7 +96,7 @@ void Communicator::close() {
     hier_.reset();
     arena_.reset();
     world_.reset();
-    cross_.reset();
+    inter_.reset();
     tensor_.reset();
   }
 }
@@ -345,9 +345,9 @@ StreamWait Communicator::run_locked(at::Tensor t, const Plan& plan, bool avg, bo
     if (!hier_) throw std::logic_error("fastar: a staged plan without the node's arena");
     // The shared-memory phase checks the local ranks against each other; the ranks that carry the
     // inter-node phase check their inter-node peers the same way as the flat path.
-    if (validate && cross_ && topo_.num_nodes > 1 && (h == Hierarchy::Rail || topo_.local_rank == 0)) {
+    if (validate && inter_ && topo_.num_nodes > 1 && (h == Hierarchy::Rail || topo_.local_rank == 0)) {
       try {
-        validate_peers(*cross_, algo, desc, "an allreduce");
+        validate_peers(*inter_, algo, desc, "an allreduce");
       } catch (const std::exception& e) {
         arena_->mark_failed(e.what());  // local peers fail at once, with this reason
         throw;
@@ -420,12 +420,12 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
   Algorithm algo;
   if (hier_) {
     algo = halves_algorithm(algorithm, topo_.num_nodes);
-    if (validate && cross_ && topo_.num_nodes > 1) {
+    if (validate && inter_ && topo_.num_nodes > 1) {
       try {
         const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
                                            (uint64_t)(kind + (int)algo), (uint64_t)Protocol::Halves,
                                            (uint64_t)arena_->chunk_bytes()};
-        validate_peers(*cross_, algo, desc, what);
+        validate_peers(*inter_, algo, desc, what);
       } catch (const std::exception& e) {
         arena_->mark_failed(e.what());  // local peers fail at once, with this reason
         throw;

@@ -69,7 +69,7 @@ struct OpRecord {
 class Communicator {
  public:
   Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup> world, std::vector<int> world_ranks,
-               c10::intrusive_ptr<c10d::ProcessGroup> cross, std::vector<int> cross_ranks, std::string shm_name,
+               c10::intrusive_ptr<c10d::ProcessGroup> inter, std::vector<int> inter_ranks, std::string shm_name,
                bool shm_create, int64_t shm_chunk_bytes, double timeout_s);
   ~Communicator();
   void close();
@@ -103,7 +103,7 @@ class Communicator {
   std::shared_ptr<AsyncWork> submit(std::function<void()> fn, const std::string& label);
   void set_tensor_groups(const std::string& device_type, TensorGroups g);
   bool has_tensor_groups(const std::string& device_type);
-  Transport* cross_transport() const { return cross_.get(); }
+  Transport* inter_transport() const { return inter_.get(); }
   double timeout_s() const { return timeout_->seconds(); }
   // Shared by every wait of this communicator (its transports and arenas, wrap's bucket arena).
   const SharedTimeout& timeout() const { return timeout_; }
@@ -149,7 +149,7 @@ class Communicator {
   SharedTimeout timeout_;
   std::shared_ptr<FailureState> failure_;
   std::unique_ptr<PGTransport> world_;
-  std::unique_ptr<PGTransport> cross_;
+  std::unique_ptr<PGTransport> inter_;
   std::shared_ptr<ShmArena> arena_;
   std::unique_ptr<Hierarchical> hier_;
   std::unique_ptr<TensorAllreduce> tensor_;

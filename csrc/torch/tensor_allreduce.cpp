@@ -187,7 +187,7 @@ class TensorAllreduce::C10dPhase final : public LocalPhase {
  public:
   C10dPhase(TensorAllreduce& ta, const TensorGroups& g, const at::Tensor& flat, Hierarchy h)
       : ta_(ta), flat_(flat), h_(h), cuda_(flat.is_cuda()), local_(g.local->getBackend(flat.device().type())),
-        carry_(g.cross != nullptr) {}
+        carry_(g.inter != nullptr) {}
   int64_t chunks() const override { return 1; }
 
   Part reduce(int64_t) override {
@@ -274,7 +274,7 @@ void TensorAllreduce::body(const at::Tensor& flat, Algorithm a, Hierarchy h, boo
     p2p(g.world, g.world_ranks, flat, a, wire, seq, "fastar's world group");
   } else {
     C10dPhase ph(*this, g, flat, h);
-    Transport* inter = g.cross ? &transport(g.cross, g.cross_ranks, flat,
+    Transport* inter = g.inter ? &transport(g.inter, g.inter_ranks, flat,
                                             h == Hierarchy::Leader ? "the leaders' group" : "this rank's rail")
                                : nullptr;
     TensorCodec codec(flat.options(), wire, &buffers_);

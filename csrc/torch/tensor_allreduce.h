@@ -36,10 +36,10 @@ struct Topology {
   int node = 0, num_nodes = 1;
 };
 
-// fastar's groups for one device type. cross: this rank's rail (for local rank 0: the leaders).
+// fastar's groups for one device type. inter: this rank's rail (for local rank 0: the leaders).
 struct TensorGroups {
-  c10::intrusive_ptr<c10d::ProcessGroup> world, local, cross;
-  std::vector<int> world_ranks, cross_ranks;
+  c10::intrusive_ptr<c10d::ProcessGroup> world, local, inter;
+  std::vector<int> world_ranks, inter_ranks;
 };
 
 // Makes the current stream of the calling thread wait for GPU work; empty for CPU tensors.
