@@ -90,11 +90,9 @@ double get(DType t, const char* p, int64_t i) {
 }
 
 // Buffers are exactly as large as the call says (ASan sees any byte past them). An empty one is a
-// null pointer, as an empty tensor's data_ptr() is, where `null_if_empty`; elsewhere one byte:
-// reduce_scatter and allgather pass an empty shard's pointer to memcpy (hierarchical.cpp, the
-// copy-in loops; reduce.cpp, copy_out_stream), which UBSan reports for a null pointer even with 0
-// bytes, so the halves get a real pointer until the core skips empty copies.
-constexpr bool kHalvesNullIfEmpty = false;
+// null pointer, as an empty tensor's data_ptr() is, where `null_if_empty` (the halves too: their
+// phase skips empty copies, which UBSan would report for a null pointer even with 0 bytes).
+constexpr bool kHalvesNullIfEmpty = true;
 struct Buf {
   std::vector<char> v;
   explicit Buf(size_t bytes, bool null_if_empty = true) : v(bytes ? bytes : null_if_empty ? 0 : 1) {}
