@@ -383,13 +383,15 @@ class HalvesPhase final : public LocalPhase {
     const int buf = g & 1;
     const int64_t e = begin(c), n = size(c);
     char* slot = a_.slot(lr_, buf);
+    auto piece = [&](int nd) { return multi_ ? rail_piece(c, nd) : in_ + e * es_; };
     if (n > 0)
-      for (int nd = 0; nd < N_; ++nd) {
-        const char* piece = multi_ ? rail_piece(c, nd) : in_ + e * es_;
-        std::memcpy(slot + (int64_t)nd * w_ * es_, piece, n * es_);
-        copy_out_stream(out_ + (((int64_t)nd * L_ + lr_) * shard_ + e) * es_, piece, n * es_, streaming_);
-      }
+      for (int nd = 0; nd < N_; ++nd) std::memcpy(slot + (int64_t)nd * w_ * es_, piece(nd), n * es_);
     a_.signal(ShmFlag::In, g);
+    // This rank's own pieces into its output while the peers still copy theirs in: off the path
+    // to the barrier (it reads no slot).
+    if (n > 0)
+      for (int nd = 0; nd < N_; ++nd)
+        copy_out_stream(out_ + (((int64_t)nd * L_ + lr_) * shard_ + e) * es_, piece(nd), n * es_, streaming_);
     a_.wait_all(ShmFlag::In, g, "copy-in of an allgather");
     if (c == 0) a_.check_peers(desc_, first_gen_, "an allgather");
     if (n > 0)
