@@ -260,6 +260,24 @@ def _halves_worker(rank, n):
     every = [_halves_ref_input(r, n, shard, torch.float64) for r in range(n)]
     check(outs[0], sum(every)[rank * shard:(rank + 1) * shard].float(), "async reduce_scatter")
     check(outs[1], torch.cat([e[:shard] for e in every]).float(), "async allgather")
+    # Ranks that disagree raise on every rank, promptly: local rank 1 of each node passes another
+    # size (the rails agree among themselves, each node's arena does not). A fresh group per call:
+    # a failed group stays failed.
+    for coll in ("reduce_scatter", "allgather"):
+        grp = dist.new_group(backend="fastar")
+        k = 20_000 + (3 if rank % 2 else 0)
+        t0 = time.monotonic()
+        try:
+            if coll == "reduce_scatter":
+                dist.reduce_scatter_tensor(torch.ones(k), torch.ones(n * k), group=grp)
+            else:
+                dist.all_gather_into_tensor(torch.ones(n * k), torch.ones(k), group=grp)
+            errors.append(f"rank {rank}: a {coll} whose local ranks disagree gave no error")
+        except Exception as e:  # noqa: BLE001 - checked below
+            if "disagree" not in str(e):
+                errors.append(f"rank {rank}: {coll} with disagreeing ranks raised {e}")
+        if time.monotonic() - t0 > 20:
+            errors.append(f"rank {rank}: {coll} with disagreeing ranks took {time.monotonic() - t0:.1f} s to raise")
     dist.barrier(group=gloo)
     dist.destroy_process_group()
     return os.getpid(), errors
@@ -270,7 +288,8 @@ def test_halves_between_nodes_pipelined():
     64 KiB shared-memory chunk: the driver runs them in chunks, the rail's half of chunk c on its
     worker while the caller works on chunk c + 1 (a shard of 50001 float32 is 13 chunks of the
     reduce-scatter's 4096 elements, 7 of the allgather's 32768 bytes). Every result is exact: each
-    rank's inputs summed (or gathered) here, and Gloo's answer to the same call."""
+    rank's inputs summed (or gathered) here, and Gloo's answer to the same call. Then ranks that
+    disagree (another size on local rank 1 of each node) raise on every rank, within 20 s."""
     shard, chunk = 50_001, 64 << 10
     assert -(-shard // (chunk // (4 * 4))) >= 8 and -(-shard * 4 // (chunk // 2)) >= 4  # several chunks each
     before = fastar_segments()

@@ -292,7 +292,8 @@ int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
 //    piece is copied out.
 //  - allgather: this rank's piece goes into the rail's chunk at its node's place; the rail
 //    allgathers it; then every local rank puts its N pieces in its slot (and its own output) and
-//    copies every peer's out.
+//    copies every peer's out. Between nodes one barrier without data comes first, for the local
+//    descriptor check, before the first chunk goes between nodes.
 // Two slot buffers alternate by generation: a rank writes buffer g & 1 again only after every peer
 // raised In for g - 1, which each does after its last read of generation g - 2.
 class HalvesPhase final : public LocalPhase {
@@ -374,6 +375,15 @@ class HalvesPhase final : public LocalPhase {
 
   Part gather_place(int64_t c) {
     if (!multi_) return {};
+    if (c == 0) {
+      // Between nodes the allgather's first local exchange comes after the rail's first runs: the
+      // local ranks compare descriptors first (a barrier that moves no data), so that ranks that
+      // disagree raise before any chunk goes between nodes (the rail was checked by the caller).
+      const uint32_t g = ++h_.gen_;
+      a_.signal(ShmFlag::In, g);
+      a_.wait_all(ShmFlag::In, g, "the descriptors of an allgather");
+      a_.check_peers(desc_, first_gen_, "an allgather");
+    }
     if (size(c) > 0) std::memcpy(rail_piece(c, node_), in_ + begin(c) * es_, size(c) * es_);
     return rail_part(c);
   }
@@ -393,7 +403,7 @@ class HalvesPhase final : public LocalPhase {
       for (int nd = 0; nd < N_; ++nd)
         copy_out_stream(out_ + (((int64_t)nd * L_ + lr_) * shard_ + e) * es_, piece(nd), n * es_, streaming_);
     a_.wait_all(ShmFlag::In, g, "copy-in of an allgather");
-    if (c == 0) a_.check_peers(desc_, first_gen_, "an allgather");
+    if (c == 0 && !multi_) a_.check_peers(desc_, first_gen_, "an allgather");
     if (n > 0)
       for (int r = 0; r < L_; ++r)
         if (r != lr_)
