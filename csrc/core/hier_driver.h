@@ -34,7 +34,9 @@ namespace fastar {
 
 // Which schedule the driver runs between nodes on a chunk's part (schedule.h): make_schedule, or
 // one half (reduce_scatter_schedule, allgather_schedule: the part is N balanced shard pieces).
-enum class Collective { Allreduce = 0, ReduceScatter = 1, Allgather = 2 };
+// The same enum as the plan's (csrc/core/plan.h on main, issue 24): where that header exists, this
+// definition goes and hier_driver.h includes it.
+enum class Collective : uint64_t { Allreduce = 0, ReduceScatter = 1, Allgather = 2 };
 
 struct Part {
   void* data = nullptr;  // nullptr: this rank carries nothing between nodes for this chunk
