@@ -200,3 +200,101 @@ def test_killed_rank_leaves_no_segment():
     # its node peer sees it through shared memory
     assert f"rank {victim}" in got[2][1], got[2][1]
     assert not leaked(before, {pid for pid, _, _ in got.values()})
+
+
+def _halves_ref_input(rank, n, shard, dtype):
+    g = torch.Generator().manual_seed(shard * 64 + rank)
+    return torch.randint(-8, 9, (n * shard,), generator=g).to(dtype)
+
+
+def _halves_worker(rank, n):
+    import torch.distributed as dist
+
+    import fastar
+    dist.init_process_group("fastar", rank=rank, world_size=n, timeout=timedelta(seconds=60))
+    be = fastar.backend.get_backend()
+    gloo = dist.new_group(backend="gloo")
+    errors = []
+
+    def check(got, want, what):
+        if not torch.equal(got, want):
+            bad = (got != want).nonzero().flatten()
+            errors.append(f"rank {rank} {what}: {bad.numel()} elements wrong, first at {bad[0].item()}: "
+                          f"{got[bad[0]].item()} != {want[bad[0]].item()}")
+
+    def native(what):
+        name = be.records()[-1]["name"]
+        if not name.startswith(f"fastar::{what}") or "delegated" in name:
+            errors.append(f"rank {rank}: {what} ran as {name!r}")
+
+    for shard in (1, 4097, 50_001):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            what = f"shard {shard} {dtype}"
+            inp = _halves_ref_input(rank, n, shard, dtype)
+            kept = inp.clone()
+            # the reference without any collective: every rank's input, summed here (exact integers)
+            every = [_halves_ref_input(r, n, shard, torch.float64) for r in range(n)]
+            want_rs = sum(every)[rank * shard:(rank + 1) * shard].to(dtype)
+            out = torch.full((shard,), 99, dtype=dtype)
+            dist.reduce_scatter_tensor(out, inp)
+            native("reduce_scatter")
+            check(out, want_rs, f"reduce_scatter {what}")
+            check(inp, kept, f"reduce_scatter's input {what}")
+            ref = torch.empty_like(out)
+            dist.reduce_scatter_tensor(ref, kept.clone(), group=gloo)
+            check(out, ref, f"reduce_scatter against Gloo {what}")
+            mine = inp[rank * shard:(rank + 1) * shard].clone()
+            want_ag = torch.cat([e[r * shard:(r + 1) * shard] for r, e in enumerate(every)]).to(dtype)
+            ag = torch.full((n * shard,), 99, dtype=dtype)
+            dist.all_gather_into_tensor(ag, mine)
+            native("allgather")
+            check(ag, want_ag, f"allgather {what}")
+    # two in flight on the backend's queue, each over many chunks
+    shard = 50_001
+    ins = [_halves_ref_input(rank, n, shard, torch.float32) for _ in range(2)]
+    outs = [torch.empty(shard), torch.empty(n * shard)]
+    works = [dist.reduce_scatter_tensor(outs[0], ins[0], async_op=True),
+             dist.all_gather_into_tensor(outs[1], ins[1][:shard].clone(), async_op=True)]
+    for w in works:
+        w.wait()
+    every = [_halves_ref_input(r, n, shard, torch.float64) for r in range(n)]
+    check(outs[0], sum(every)[rank * shard:(rank + 1) * shard].float(), "async reduce_scatter")
+    check(outs[1], torch.cat([e[:shard] for e in every]).float(), "async allgather")
+    # Ranks that disagree raise on every rank, promptly: local rank 1 of each node passes another
+    # size (the rails agree among themselves, each node's arena does not). A fresh group per call:
+    # a failed group stays failed.
+    for coll in ("reduce_scatter", "allgather"):
+        grp = dist.new_group(backend="fastar")
+        k = 20_000 + (3 if rank % 2 else 0)
+        t0 = time.monotonic()
+        try:
+            if coll == "reduce_scatter":
+                dist.reduce_scatter_tensor(torch.ones(k), torch.ones(n * k), group=grp)
+            else:
+                dist.all_gather_into_tensor(torch.ones(n * k), torch.ones(k), group=grp)
+            errors.append(f"rank {rank}: a {coll} whose local ranks disagree gave no error")
+        except Exception as e:  # noqa: BLE001 - checked below
+            if "disagree" not in str(e):
+                errors.append(f"rank {rank}: {coll} with disagreeing ranks raised {e}")
+        if time.monotonic() - t0 > 20:
+            errors.append(f"rank {rank}: {coll} with disagreeing ranks took {time.monotonic() - t0:.1f} s to raise")
+    dist.barrier(group=gloo)
+    dist.destroy_process_group()
+    return os.getpid(), errors
+
+
+def test_halves_between_nodes_pipelined():
+    """reduce_scatter and allgather on the backend between 2 nodes x 2 (FASTAR_LOCAL_SIZE=2) with a
+    64 KiB shared-memory chunk: the driver runs them in chunks, the rail's half of chunk c on its
+    worker while the caller works on chunk c + 1 (a shard of 50001 float32 is 13 chunks of the
+    reduce-scatter's 4096 elements, 7 of the allgather's 32768 bytes). Every result is exact: each
+    rank's inputs summed (or gathered) here, and Gloo's answer to the same call. Then ranks that
+    disagree (another size on local rank 1 of each node) raise on every rank, within 20 s."""
+    shard, chunk = 50_001, 64 << 10
+    assert -(-shard // (chunk // (4 * 4))) >= 8 and -(-shard * 4 // (chunk // 2)) >= 4  # several chunks each
+    before = fastar_segments()
+    env = {"FASTAR_LOCAL_SIZE": "2", "FASTAR_SHM_CHUNK_MB": "0.0625"}
+    out = run_workers(_halves_worker, 4, init_dist=False, env=env, timeout=180)
+    errors = [e for _, errs in out for e in errs]
+    assert not errors, "\n".join(errors[:20])
+    assert not leaked(before, {pid for pid, _ in out})

@@ -15,10 +15,19 @@ HierarchicalDriver::~HierarchicalDriver() {
   if (worker_.joinable()) worker_.join();
 }
 
+std::vector<Step> HierarchicalDriver::schedule(const Job& j) const {
+  const int r = inter_->rank(), n = inter_->size();
+  switch (j.ph->collective()) {
+    case Collective::ReduceScatter: return reduce_scatter_schedule(j.algo, r, n, j.part.count);
+    case Collective::Allgather: return allgather_schedule(j.algo, r, n, j.part.count);
+    case Collective::Allreduce: break;
+  }
+  return make_schedule(j.algo, r, n, j.part.count);
+}
+
 void HierarchicalDriver::inter_run(const Job& j) {
   j.ph->before_inter(j.c);
-  const auto st = exec_.run(make_schedule(j.algo, inter_->rank(), inter_->size(), j.part.count), *inter_,
-                            j.part.data, j.part.count, *j.codec);
+  const auto st = exec_.run(schedule(j), *inter_, j.part.data, j.part.count, *j.codec);
   bytes_ += st.bytes_sent;
   j.ph->after_inter(j.c);
 }

@@ -1,12 +1,19 @@
 // The one hierarchical driver (issue #12): the paper's three phases, with the node's phase
-// pluggable. For each chunk of a buffer the LocalPhase reduces inside the node and says which part
-// this rank carries between nodes; the driver runs the schedule on that part over the inter-node
-// transport (the step loop, with the caller's codec); then the phase hands the result back to
-// every local rank. A pipelined phase gets the inter-node run of chunk c on the driver's worker
-// thread while the caller already reduces chunk c+1.
+// pluggable, for the three collectives (allreduce, reduce-scatter, allgather). For each chunk of a
+// buffer the LocalPhase does its node's part first and says which part this rank carries between
+// nodes; the driver runs the schedule of the phase's collective on that part over the inter-node
+// transport (the step loop, with the caller's codec); then the phase hands the result to every
+// local rank. A pipelined phase gets the inter-node run of chunk c on the driver's worker thread
+// while the caller already works on chunk c+1 (and hands out chunk c-1).
+//  - allreduce: reduce inside the node, allreduce between nodes, copy the result back;
+//  - reduce-scatter: reduce inside the node into the rail's N shard pieces of the chunk,
+//    reduce-scatter them between nodes, copy this node's piece out;
+//  - allgather: this rank's piece of the chunk into the rail's buffer, allgather it between
+//    nodes, then the local exchange that hands every piece to every local rank.
 //
 // The phases:
-//  - staged slots in the node's shared-memory arena (hierarchical.cpp: fastar.all_reduce);
+//  - staged slots in the node's shared-memory arena (hierarchical.cpp: fastar.all_reduce, and the
+//    halves: reduce_scatter / allgather);
 //  - in place in the bucket arena (arena_allreduce.cpp: fastar.wrap's buckets);
 //  - a c10d local group, NCCL or Gloo (csrc/torch/tensor_allreduce.cpp: CUDA tensors and
 //    compressed wires).
@@ -22,6 +29,7 @@
 
 #include "executor.h"
 #include "failure.h"
+#include "plan.h"
 
 namespace fastar {
 
@@ -34,13 +42,17 @@ class LocalPhase {
  public:
   virtual ~LocalPhase() = default;
   virtual int64_t chunks() const = 0;
-  // Chunk c's local reduction; returns the part this rank allreduces between nodes.
+  // Which schedule the driver runs between nodes on a chunk's part (schedule.h): make_schedule, or
+  // one half (reduce_scatter_schedule, allgather_schedule: the part is N balanced shard pieces).
+  virtual Collective collective() const { return Collective::Allreduce; }
+  // Chunk c's local work before the inter-node run (the local reduction; for an allgather, this
+  // rank's piece into place); returns the part this rank carries between nodes.
   virtual Part reduce(int64_t c) = 0;
   // Around this rank's inter-node run of chunk c (on the worker, for a pipelined phase): e.g. the
   // leader waits for every local slice first, and tells the local ranks when the result is in.
   virtual void before_inter(int64_t c) { (void)c; }
   virtual void after_inter(int64_t c) { (void)c; }
-  // Chunk c's result into every local rank's buffer.
+  // Chunk c's result into every local rank's buffer (after its inter-node run).
   virtual void distribute(int64_t c) = 0;
   virtual bool pipelined() const { return false; }
   // The run failed (this rank's error): local peers waiting on this rank fail at once.
@@ -67,6 +79,7 @@ class HierarchicalDriver {
     Algorithm algo;
     Codec* codec;
   };
+  std::vector<Step> schedule(const Job& j) const;  // the phase's collective over the inter-node peers
   void inter_run(const Job& j);  // before_inter, the schedule, after_inter
   void worker_loop();
   void wait_job(int64_t c);

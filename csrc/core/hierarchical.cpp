@@ -299,119 +299,182 @@ int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
   return w;
 }
 
-// Slots hold, per chunk of w shard elements, one piece of w for each rank (piece i at i * w).
-// Every local rank copies in the pieces its peers sum (not its own: it reads those from `in`), and
-// sums, for each node n, piece n * L + l of every slot: on one node straight into `out`, else into
-// the rail buffer, whose N shards the rail then reduce-scatters. Two buffers alternate by
-// generation: a rank writes buffer g & 1 again only after every peer raised In for g - 1, which
-// each does after its last read of generation g - 2.
-HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
-                                               uint64_t seq) {
-  HierarchicalStats stats;
-  const int L = arena_->local_size(), lr = arena_->local_rank(), N = num_nodes_;
-  const int64_t S = (int64_t)L * N;
-  const size_t es = dtype_size(t);
-  if (N > 1 && inter_ == nullptr) throw std::logic_error("fastar: reduce_scatter between nodes without a rail");
-  const int node = N > 1 ? inter_->rank() : 0;
-  const int64_t w = halves_chunk(S, t);
-  const int64_t nchunks = shard == 0 ? 1 : (shard + w - 1) / w;  // an empty call still meets its peers
-  const char* src = static_cast<const char*>(in);
-  char* dst = N > 1 ? nullptr : static_cast<char*>(out);
-  if (N > 1) {
-    rail_buf_.resize((size_t)(N * shard) * es);
-    dst = rail_buf_.data();
+// The halves' staged phase (Hierarchical::reduce_scatter / allgather), through the driver like the
+// allreduce. Local rank l of node nd is global rank nd * L + l; S = L * N shards of `shard`
+// elements. A chunk is w shard elements (e = c * w, n of them); the slots hold, per chunk, one
+// piece of w for each rank the local exchange needs (piece i at i * w). Between nodes the rail
+// buffer holds, per chunk, this local rank's N pieces in node order, contiguous: N * n elements at
+// N * e, which are the N balanced shards (part_begin) of the schedule's half on that chunk alone,
+// so that the rail runs chunk c on the driver's worker while the caller works on chunk c + 1.
+//  - reduce-scatter: every local rank copies in the pieces its peers sum (not its own: it reads
+//    those from `in`) and sums, for each node nd, piece nd * L + l of every slot: on one node
+//    straight into `out`, else into the rail's chunk; the rail reduce-scatters it; this node's
+//    piece is copied out.
+//  - allgather: this rank's piece goes into the rail's chunk at its node's place; the rail
+//    allgathers it; then every local rank puts its N pieces in its slot (and its own output) and
+//    copies every peer's out. Between nodes one barrier without data comes first, for the local
+//    descriptor check, before the first chunk goes between nodes.
+// Two slot buffers alternate by generation: a rank writes buffer g & 1 again only after every peer
+// raised In for g - 1, which each does after its last read of generation g - 2.
+class HalvesPhase final : public LocalPhase {
+ public:
+  HalvesPhase(Hierarchical& h, bool scatter, Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+              uint64_t seq)
+      : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
+        shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), N_(h.num_nodes_), es_(dtype_size(t)),
+        multi_(h.num_nodes_ > 1) {
+    if (multi_ && h.inter_ == nullptr)
+      throw std::logic_error(std::string("fastar: ") + (scatter ? "reduce_scatter" : "allgather") +
+                             " between nodes without a rail");
+    node_ = multi_ ? h.inter_->rank() : 0;
+    w_ = h.halves_chunk(scatter ? (int64_t)L_ * N_ : N_, t);
+    nchunks_ = shard == 0 ? 1 : (shard + w_ - 1) / w_;  // an empty call still meets its peers
+    if (multi_) {
+      h.rail_buf_.resize((size_t)(N_ * shard) * es_);
+      rail_ = h.rail_buf_.data();
+    }
+    desc_[kSeq] = seq;
+    desc_[kCount] = (uint64_t)shard;
+    desc_[kDType] = (uint64_t)t;
+    desc_[kRoute] = (scatter ? 512 : 1024) + (uint64_t)algo;
+    desc_[kProtocol] = (uint64_t)Protocol::Halves;
+    desc_[kChunk] = (uint64_t)(w_ * (int64_t)es_);
+    // A large allgather result is written with streaming stores (no read for ownership of lines
+    // about to be overwritten; the slots stay cached).
+    streaming_ = !scatter && (int64_t)L_ * N_ * shard * (int64_t)es_ >= Hierarchical::kHalvesStreamAboveBytes;
   }
-  const uint64_t desc[kDescWords] = {seq, (uint64_t)shard, (uint64_t)t, 512 + (uint64_t)algo,
-                                     (uint64_t)Protocol::Halves, (uint64_t)(w * (int64_t)es)};
-  const uint32_t first_gen = gen_ + 1;
-  arena_->begin_call(first_gen);
-  arena_->publish_desc(desc, first_gen);
-  std::vector<const void*> srcs(L);
-  try {
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const uint32_t g = ++gen_;
-      const int buf = g & 1;
-      const int64_t e = c * w, n = std::min(w, shard - e);
-      char* slot = arena_->slot(lr, buf);
+  void publish() {
+    first_gen_ = h_.gen_ + 1;
+    a_.begin_call(first_gen_);
+    a_.publish_desc(desc_, first_gen_);
+  }
+  int64_t chunks() const override { return nchunks_; }
+  Collective collective() const override { return scatter_ ? Collective::ReduceScatter : Collective::Allgather; }
+  bool pipelined() const override { return multi_; }
+  void failed(const std::string& why) override { a_.mark_failed(why); }
+  Part reduce(int64_t c) override { return scatter_ ? scatter_reduce(c) : gather_place(c); }
+  void distribute(int64_t c) override {
+    if (scatter_)
+      scatter_out(c);
+    else
+      gather_local(c);
+  }
+
+ private:
+  int64_t begin(int64_t c) const { return c * w_; }
+  int64_t size(int64_t c) const { return std::min(w_, shard_ - c * w_); }
+  char* rail_piece(int64_t c, int nd) const { return rail_ + ((int64_t)N_ * begin(c) + (int64_t)nd * size(c)) * es_; }
+  Part rail_part(int64_t c) const { return {rail_piece(c, 0), (int64_t)N_ * size(c)}; }
+
+  Part scatter_reduce(int64_t c) {
+    const uint32_t g = ++h_.gen_;
+    const int buf = g & 1;
+    const int64_t e = begin(c), n = size(c);
+    const int64_t S = (int64_t)L_ * N_;
+    char* slot = a_.slot(lr_, buf);
+    if (n > 0)
       for (int64_t i = 0; i < S; ++i)
-        if (i % L != lr) std::memcpy(slot + i * w * es, src + (i * shard + e) * es, n * es);
-      arena_->signal(ShmFlag::In, g);
-      arena_->wait_all(ShmFlag::In, g, "copy-in of a reduce_scatter");
-      if (c == 0) arena_->check_peers(desc, first_gen, "a reduce_scatter");
-      for (int nd = 0; nd < N; ++nd) {
-        const int64_t i = (int64_t)nd * L + lr;
-        for (int r = 0; r < L; ++r)
-          srcs[r] = r == lr ? src + (i * shard + e) * es : arena_->slot(r, buf) + i * w * es;
-        reduce_sum_many(t, dst + ((int64_t)nd * shard + e) * es, srcs.data(), L, n);
+        if (i % L_ != lr_) std::memcpy(slot + i * w_ * es_, in_ + (i * shard_ + e) * es_, n * es_);
+    a_.signal(ShmFlag::In, g);
+    a_.wait_all(ShmFlag::In, g, "copy-in of a reduce_scatter");
+    if (c == 0) a_.check_peers(desc_, first_gen_, "a reduce_scatter");
+    const void** srcs = src_array();
+    if (n > 0)
+      for (int nd = 0; nd < N_; ++nd) {
+        const int64_t i = (int64_t)nd * L_ + lr_;
+        for (int r = 0; r < L_; ++r)
+          srcs[r] = r == lr_ ? in_ + (i * shard_ + e) * es_ : a_.slot(r, buf) + i * w_ * es_;
+        reduce_sum_many(t_, multi_ ? rail_piece(c, nd) : out_ + e * es_, srcs, L_, n);
       }
-    }
-    stats.chunks = nchunks;
-    if (N > 1) {
-      auto st = exec_.run(reduce_scatter_schedule(algo, node, N, N * shard), *inter_, dst, N * shard, t);
-      std::memcpy(out, dst + (int64_t)node * shard * es, shard * es);
-      stats.inter_bytes_sent = st.bytes_sent;
-    }
-    return stats;
-  } catch (...) {
-    arena_->mark_failed(what_of(std::current_exception()));
-    throw;
+    return multi_ ? rail_part(c) : Part{};
   }
+
+  void scatter_out(int64_t c) {
+    if (multi_ && size(c) > 0) std::memcpy(out_ + begin(c) * es_, rail_piece(c, node_), size(c) * es_);
+  }
+
+  Part gather_place(int64_t c) {
+    if (!multi_) return {};
+    if (c == 0) {
+      // Between nodes the allgather's first local exchange comes after the rail's first runs: the
+      // local ranks compare descriptors first (a barrier that moves no data), so that ranks that
+      // disagree raise before any chunk goes between nodes (the rail was checked by the caller).
+      const uint32_t g = ++h_.gen_;
+      a_.signal(ShmFlag::In, g);
+      a_.wait_all(ShmFlag::In, g, "the descriptors of an allgather");
+      a_.check_peers(desc_, first_gen_, "an allgather");
+    }
+    if (size(c) > 0) std::memcpy(rail_piece(c, node_), in_ + begin(c) * es_, size(c) * es_);
+    return rail_part(c);
+  }
+
+  void gather_local(int64_t c) {
+    const uint32_t g = ++h_.gen_;
+    const int buf = g & 1;
+    const int64_t e = begin(c), n = size(c);
+    char* slot = a_.slot(lr_, buf);
+    auto piece = [&](int nd) { return multi_ ? rail_piece(c, nd) : in_ + e * es_; };
+    if (n > 0)
+      for (int nd = 0; nd < N_; ++nd) std::memcpy(slot + (int64_t)nd * w_ * es_, piece(nd), n * es_);
+    a_.signal(ShmFlag::In, g);
+    // This rank's own pieces into its output while the peers still copy theirs in: off the path
+    // to the barrier (it reads no slot).
+    if (n > 0)
+      for (int nd = 0; nd < N_; ++nd)
+        copy_out_stream(out_ + (((int64_t)nd * L_ + lr_) * shard_ + e) * es_, piece(nd), n * es_, streaming_);
+    a_.wait_all(ShmFlag::In, g, "copy-in of an allgather");
+    if (c == 0 && !multi_) a_.check_peers(desc_, first_gen_, "an allgather");
+    if (n > 0)
+      for (int r = 0; r < L_; ++r)
+        if (r != lr_)
+          for (int nd = 0; nd < N_; ++nd)
+            copy_out_stream(out_ + (((int64_t)nd * L_ + r) * shard_ + e) * es_,
+                            a_.slot(r, buf) + (int64_t)nd * w_ * es_, n * es_, streaming_);
+  }
+
+  const void** src_array() {
+    if (L_ <= Hierarchical::kMaxSmallRanks) return srcs_small_;
+    srcs_.resize(L_);
+    return srcs_.data();
+  }
+
+  Hierarchical& h_;
+  ShmArena& a_;
+  bool scatter_;
+  const char* in_;
+  char* out_;
+  int64_t shard_;
+  DType t_;
+  int L_, lr_, N_, node_ = 0;
+  size_t es_;
+  bool multi_, streaming_ = false;
+  int64_t w_ = 1, nchunks_ = 1;
+  char* rail_ = nullptr;
+  uint64_t desc_[kDescWords];
+  uint32_t first_gen_ = 0;
+  const void* srcs_small_[Hierarchical::kMaxSmallRanks];
+  std::vector<const void*> srcs_;
+};
+
+HierarchicalStats Hierarchical::halves(bool scatter, Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+                                       uint64_t seq) {
+  HalvesPhase ph(*this, scatter, algo, in, out, shard, t, seq);
+  ph.publish();
+  codec_.set_dtype(t);
+  HierarchicalStats stats;
+  stats.inter_bytes_sent = driver_.run(ph, algo, codec_);
+  stats.chunks = ph.chunks();
+  return stats;
 }
 
-// Between nodes first: the rail gathers this local rank's shards of every node. Then per chunk of
-// w shard elements each local rank puts its N pieces in its slot and copies every peer's out.
+HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+                                               uint64_t seq) {
+  return halves(true, algo, in, out, shard, t, seq);
+}
+
 HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
                                           uint64_t seq) {
-  HierarchicalStats stats;
-  const int L = arena_->local_size(), lr = arena_->local_rank(), N = num_nodes_;
-  const size_t es = dtype_size(t);
-  if (N > 1 && inter_ == nullptr) throw std::logic_error("fastar: allgather between nodes without a rail");
-  const int node = N > 1 ? inter_->rank() : 0;
-  const int64_t w = halves_chunk(N, t);
-  const int64_t nchunks = shard == 0 ? 1 : (shard + w - 1) / w;
-  char* dst = static_cast<char*>(out);
-  const char* mine = static_cast<const char*>(in);
-  const uint64_t desc[kDescWords] = {seq, (uint64_t)shard, (uint64_t)t, 1024 + (uint64_t)algo,
-                                     (uint64_t)Protocol::Halves, (uint64_t)(w * (int64_t)es)};
-  // A large result is written with streaming stores (no read for ownership of lines about to be
-  // overwritten; the slots stay cached).
-  const bool streaming = (int64_t)L * N * shard * (int64_t)es >= kHalvesStreamAboveBytes;
-  const uint32_t first_gen = gen_ + 1;
-  arena_->begin_call(first_gen);
-  arena_->publish_desc(desc, first_gen);
-  try {
-    if (N > 1) {
-      rail_buf_.resize((size_t)(N * shard) * es);
-      std::memcpy(rail_buf_.data() + (int64_t)node * shard * es, in, shard * es);
-      auto st = exec_.run(allgather_schedule(algo, node, N, N * shard), *inter_, rail_buf_.data(), N * shard, t);
-      stats.inter_bytes_sent = st.bytes_sent;
-      mine = rail_buf_.data();
-    }
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const uint32_t g = ++gen_;
-      const int buf = g & 1;
-      const int64_t e = c * w, n = std::min(w, shard - e);
-      char* slot = arena_->slot(lr, buf);
-      for (int nd = 0; nd < N; ++nd) {
-        const char* piece = mine + ((int64_t)(N > 1 ? nd : 0) * shard + e) * es;
-        std::memcpy(slot + (int64_t)nd * w * es, piece, n * es);
-        copy_out_stream(dst + (((int64_t)nd * L + lr) * shard + e) * es, piece, n * es, streaming);
-      }
-      arena_->signal(ShmFlag::In, g);
-      arena_->wait_all(ShmFlag::In, g, "copy-in of an allgather");
-      if (c == 0) arena_->check_peers(desc, first_gen, "an allgather");
-      for (int r = 0; r < L; ++r)
-        if (r != lr)
-          for (int nd = 0; nd < N; ++nd)
-            copy_out_stream(dst + (((int64_t)nd * L + r) * shard + e) * es,
-                            arena_->slot(r, buf) + (int64_t)nd * w * es, n * es, streaming);
-    }
-    stats.chunks = nchunks;
-    return stats;
-  } catch (...) {
-    arena_->mark_failed(what_of(std::current_exception()));
-    throw;
-  }
+  return halves(false, algo, in, out, shard, t, seq);
 }
 
 }  // namespace fastar

@@ -59,9 +59,11 @@ class Hierarchical {
   // The halves, over the node's ranks (local rank l of node n is global rank n * L + l) with `shard`
   // elements per rank. reduce_scatter: `out` (shard elements) gets the sum over all ranks of shard
   // `rank` of `in` (size * shard elements, left unchanged). allgather: `out` (size * shard) gets
-  // every rank's `in` (shard) at its place; t may be Bytes. Locally they go through the slots in
-  // chunks (every local rank sums its own shard from all slots, or copies all of them out);
-  // between nodes the rail (same local rank on every node) runs the schedule's half.
+  // every rank's `in` (shard) at its place; t may be Bytes. `algo` is the half's algorithm as it
+  // runs (halves_algorithm, chosen by the caller). Through the one driver like the allreduce:
+  // locally they go through the slots in chunks (every local rank sums its own shard from all
+  // slots, or copies all of them out); between nodes the rail (same local rank on every node) runs
+  // the schedule's half on each chunk on the driver's worker while the caller works on the next.
   HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   // Tuning, set from any thread at any time (Communicator.set_*): a call reads each once.
@@ -77,6 +79,9 @@ class Hierarchical {
 
  private:
   friend class StagedPhase;
+  friend class HalvesPhase;
+  HierarchicalStats halves(bool scatter, Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+                           uint64_t seq);
   // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
   // when each slot holds `pieces` of them.
   int64_t halves_chunk(int64_t pieces, DType t) const;
@@ -89,8 +94,7 @@ class Hierarchical {
   Transport* inter_;
   int num_nodes_;
   uint32_t gen_ = 0;
-  Executor exec_;  // the halves' rail phase
-  std::vector<char> rail_buf_;  // the halves' rail phase: this rank's shards of every node
+  std::vector<char> rail_buf_;  // the halves' rail phase: this rank's shards of every node, per chunk
   HostSum codec_;
   HierarchicalDriver driver_;  // last: its worker stops before the rest goes
 };

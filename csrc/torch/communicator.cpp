@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "core/flat_halves.h"
 #include "core/reduce.h"
 #include "torch/dtype_map.h"
 
@@ -417,9 +418,10 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
   const int kind = (scatter ? 512 : 1024);
-  Algorithm algo;
+  // The half's algorithm as it runs among the ranks that run the schedule (the nodes' rails, or
+  // every rank): halving/doubling needs a power of two.
+  const Algorithm algo = halves_algorithm(algorithm, hier_ ? topo_.num_nodes : (int)S);
   if (hier_) {
-    algo = halves_algorithm(algorithm, topo_.num_nodes);
     if (validate && inter_ && topo_.num_nodes > 1) {
       try {
         const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
@@ -432,30 +434,16 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
       }
     }
     if (scatter)
-      hier_->reduce_scatter(algorithm, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->reduce_scatter(algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);
     else
-      hier_->allgather(algorithm, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->allgather(algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   } else {
-    algo = halves_algorithm(algorithm, (int)S);
     if (validate && S > 1) {
       const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
                                          (uint64_t)(kind + (int)algo), (uint64_t)Protocol::Network, 0};
       validate_peers(*world_, algo, desc, what);
     }
-    exec_.set_tag_base((uint32_t)(seq & 0x3FF) << 20);
-    const int r = world_->rank();
-    const size_t es = dtype_size(dt);
-    if (scatter) {
-      at::Tensor work = in.clone();  // the schedule sums in place; the input stays as it was
-      graveyard_.push_back(work);
-      exec_.run(reduce_scatter_schedule(algo, r, (int)S, S * shard), *world_, work.data_ptr(), S * shard, dt);
-      graveyard_.pop_back();
-      std::memcpy(out.data_ptr(), static_cast<char*>(work.data_ptr()) + r * shard * es, shard * es);
-    } else {
-      char* o = static_cast<char*>(out.data_ptr());
-      std::memcpy(o + r * shard, in.data_ptr(), shard);
-      exec_.run(allgather_schedule(algo, r, (int)S, S * shard), *world_, o, S * shard, dt);
-    }
+    flat_halves(scatter, exec_, *world_, algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   }
   if (scatter && avg && S > 1) scale(dt, out.data_ptr(), 1.0 / S, shard);
   record({hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, hier_ ? Protocol::Halves : Protocol::Network, whole.numel() * (int64_t)whole.element_size(),

@@ -1,7 +1,8 @@
 // C++ tests of the node's shared-memory protocols, driven from several threads at once: L local
 // ranks are L threads of this process, each with its own ShmArena over one segment (local rank 0
 // creates it, the others open it by name, then it is unlinked, as fastar.init does) and its own
-// Hierarchical or ArenaAllreduce. One node: no inter-node transport.
+// Hierarchical or ArenaAllreduce. One node: no inter-node transport, except for the halves between
+// nodes (N segments, an in-memory transport per rail, the driver's worker threads pipelining).
 //
 // Covered: the latency path (ShmArena's small regions, block by block: sizes up to 64 KiB, block
 // edges, smaller blocks, profiling on), the one-barrier slot path (a larger small_bytes on every
@@ -25,13 +26,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "../arena_allreduce.h"
@@ -87,11 +91,9 @@ double get(DType t, const char* p, int64_t i) {
 }
 
 // Buffers are exactly as large as the call says (ASan sees any byte past them). An empty one is a
-// null pointer, as an empty tensor's data_ptr() is, where `null_if_empty`; elsewhere one byte:
-// reduce_scatter and allgather pass an empty shard's pointer to memcpy (hierarchical.cpp, the
-// copy-in loops; reduce.cpp, copy_out_stream), which UBSan reports for a null pointer even with 0
-// bytes, so the halves get a real pointer until the core skips empty copies.
-constexpr bool kHalvesNullIfEmpty = false;
+// null pointer, as an empty tensor's data_ptr() is, where `null_if_empty` (the halves too: their
+// phase skips empty copies, which UBSan would report for a null pointer even with 0 bytes).
+constexpr bool kHalvesNullIfEmpty = true;
 struct Buf {
   std::vector<char> v;
   explicit Buf(size_t bytes, bool null_if_empty = true) : v(bytes ? bytes : null_if_empty ? 0 : 1) {}
@@ -576,6 +578,138 @@ void disagree_test(int L, Path path, int odd) {
   }
 }
 
+// ---- the halves between nodes -----------------------------------------------------------------
+
+// The ranks of one rail (the same local rank on every node) as threads: messages matched by
+// (source, destination, tag), as Gloo matches them.
+struct RailHub {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<std::tuple<int, int, uint32_t>, std::deque<std::vector<char>>> box;
+};
+
+class RailTransport final : public Transport {
+ public:
+  RailTransport(RailHub& hub, int rank, int size) : hub_(hub), rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Handle isend(int peer, const void* data, size_t bytes, uint32_t tag) override {
+    std::lock_guard<std::mutex> g(hub_.mu);
+    hub_.box[{rank_, peer, tag}].emplace_back((const char*)data, (const char*)data + bytes);
+    hub_.cv.notify_all();
+    return -1;
+  }
+  Handle irecv(int peer, void* data, size_t bytes, uint32_t tag) override {
+    pending_.push_back({peer, data, bytes, tag});
+    return (Handle)pending_.size() - 1;
+  }
+  void wait(Handle h) override {
+    if (h < 0) return;
+    const Pending p = pending_[h];
+    std::unique_lock<std::mutex> l(hub_.mu);
+    const auto key = std::make_tuple(p.peer, rank_, p.tag);
+    if (!hub_.cv.wait_for(l, std::chrono::seconds((int64_t)kTimeout), [&] { return !hub_.box[key].empty(); }))
+      throw std::runtime_error("rail rank " + std::to_string(rank_) + ": timed out waiting for " + std::to_string(p.peer));
+    auto& m = hub_.box[key].front();
+    if (m.size() != p.bytes) throw std::runtime_error("rail message of the wrong size");
+    if (p.bytes) std::memcpy(p.data, m.data(), p.bytes);
+    hub_.box[key].pop_front();
+  }
+
+ private:
+  struct Pending {
+    int peer;
+    void* data;
+    size_t bytes;
+    uint32_t tag;
+  };
+  RailHub& hub_;
+  int rank_, size_;
+  std::vector<Pending> pending_;
+};
+
+// N nodes of L local ranks as N * L threads: a segment per node, a rail transport per local rank.
+// reduce_scatter and allgather through the driver, pipelined (the rail's half of chunk c on the
+// driver's worker while the caller works on chunk c + 1), over shards of many chunks of a small
+// arena chunk; every element checked, and the chunk count.
+void halves_between_nodes(int N, int L) {
+  const int S = N * L;
+  const int64_t chunk = 4096;
+  std::vector<std::vector<std::unique_ptr<ShmArena>>> arenas(N);
+  for (int nd = 0; nd < N; ++nd) {
+    const std::string name = segment_name();
+    arenas[nd].resize(L);
+    try {
+      for (int lr = 0; lr < L; ++lr)
+        arenas[nd][lr] = std::make_unique<ShmArena>(name, /*create=*/lr == 0, lr, L, chunk, kTimeout, false);
+    } catch (const std::exception& e) {
+      CHECK(false, "segment %s for %d ranks: %s", name.c_str(), L, e.what());
+      return;
+    }
+    arenas[nd][0]->unlink();
+  }
+  std::vector<RailHub> hubs(L);
+  std::vector<std::string> errors(S);
+  std::vector<std::thread> threads;
+  for (int nd = 0; nd < N; ++nd)
+    for (int lr = 0; lr < L; ++lr)
+      threads.emplace_back([&, nd, lr] {
+        const int g = nd * L + lr;
+        try {
+          RailTransport rail(hubs[lr], nd, N);
+          Hierarchical h(arenas[nd][lr].get(), &rail, N);
+          int k = 0;
+          for (Algorithm algo : {Algorithm::Ring, Algorithm::HalvingDoubling})
+            for (int64_t shard : {0, 1, 5, 255, 256, 257, 5000, 20011})
+              for (DType t : {DType::Float32, DType::Float64, DType::Bytes}) {
+                const size_t es = dtype_size(t);
+                const Algorithm a = halves_algorithm(algo, N);
+                ++k;
+                if (t != DType::Bytes) {  // reduce_scatter
+                  Buf in(S * shard * es, kHalvesNullIfEmpty), out(shard * es, kHalvesNullIfEmpty);
+                  for (int64_t i = 0; i < S * shard; ++i) put(t, in.data(), i, val(g, i, k));
+                  const auto st = h.reduce_scatter(a, in.data(), out.data(), shard, t, (uint64_t)k);
+                  const int64_t w = chunk / (S * (int64_t)es);
+                  CHECK(st.chunks == (shard == 0 ? 1 : ceil_div(shard, w)), "halves %dx%d: reduce_scatter ran %lld chunks",
+                        N, L, (long long)st.chunks);
+                  for (int64_t e = 0; e < shard; ++e)
+                    if (get(t, out.data(), e) != (double)sum_val(S, g * shard + e, k)) {
+                      CHECK(false, "halves %dx%d rank %d call %d: reduce_scatter %s %s shard %lld element %lld = %g, want %lld",
+                            N, L, g, k, algorithm_name(a), dtype_name(t), (long long)shard, (long long)e,
+                            get(t, out.data(), e), (long long)sum_val(S, g * shard + e, k));
+                      break;
+                    }
+                  for (int64_t i = 0; i < S * shard; ++i)
+                    if (get(t, in.data(), i) != (double)val(g, i, k)) {
+                      CHECK(false, "halves %dx%d rank %d: reduce_scatter changed its input at %lld", N, L, g, (long long)i);
+                      break;
+                    }
+                }
+                ++k;
+                Buf in(shard * es, kHalvesNullIfEmpty), out(S * shard * es, kHalvesNullIfEmpty);
+                for (int64_t i = 0; i < shard; ++i) put(t, in.data(), i, val(g, i, k));
+                const auto st = h.allgather(a, in.data(), out.data(), shard, t, (uint64_t)k);
+                const int64_t w = chunk / (N * (int64_t)es);
+                CHECK(st.chunks == (shard == 0 ? 1 : ceil_div(shard, w)), "halves %dx%d: allgather ran %lld chunks", N, L,
+                      (long long)st.chunks);
+                bool ok = true;
+                for (int r = 0; r < S && ok; ++r)
+                  for (int64_t e = 0; e < shard && ok; ++e)
+                    if (get(t, out.data(), r * shard + e) != (double)val(r, e, k)) {
+                      CHECK(false, "halves %dx%d rank %d call %d: allgather %s %s shard %lld: rank %d's element %lld = %g",
+                            N, L, g, k, algorithm_name(a), dtype_name(t), (long long)shard, r, (long long)e,
+                            get(t, out.data(), r * shard + e));
+                      ok = false;
+                    }
+              }
+        } catch (const std::exception& e) {
+          errors[g] = e.what();
+        }
+      });
+  for (auto& t : threads) t.join();
+  expect_no_errors(errors, N == 2 ? "halves between 2 nodes" : "halves between 3 nodes", L);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -600,6 +734,11 @@ int main(int argc, char** argv) {
       ++groups;
     }
   }
+  for (int N : {2, 3})
+    for (int L : {2, 3}) {
+      halves_between_nodes(N, L);
+      ++groups;
+    }
   for (Path p : {Path::Latency, Path::Chunked, Path::ReduceScatter, Path::Arena}) {
     timeout_test(3, p);
     ++groups;
