@@ -528,13 +528,13 @@ class FastarBackend(_C10dBackend):
         queued = nbytes > policy.HALVES_INLINE_BYTES
         op = op or what
         comm = self._comm
-        algo = groups.native_plan(plan).algorithm
+        native = groups.native_plan(plan)
         if scatter:
             def start():
-                return comm.reduce_scatter(out, inp, algo, avg, self._validate, queued)
+                return comm.reduce_scatter(out, inp, native, avg, self._validate, queued)
         else:
             def start():
-                return comm.allgather(out, inp, algo, self._validate, queued)
+                return comm.allgather(out, inp, native, self._validate, queued)
         def run() -> FastarWork:
             fut: torch.futures.Future = torch.futures.Future()
             try:

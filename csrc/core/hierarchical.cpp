@@ -285,13 +285,12 @@ void Hierarchical::check_plan(const Plan& plan, int64_t bytes, size_t es) const 
   }
 }
 
-int64_t Hierarchical::pipeline_chunk_bytes() const {
-  return num_nodes_ > 1 ? arena_->chunk_bytes()
-                        : std::min(arena_->chunk_bytes(), local_chunk_bytes.load(std::memory_order_relaxed));
-}
-
-int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
-  const int64_t w = pipeline_chunk_bytes() / (pieces * (int64_t)dtype_size(t));
+int64_t Hierarchical::halves_chunk(int64_t chunk_bytes, int64_t pieces, DType t) const {
+  if (chunk_bytes > arena_->chunk_bytes() || chunk_bytes < 1)
+    throw std::invalid_argument("fastar: a halves plan's chunk of " + std::to_string(chunk_bytes) +
+                                " B does not fit the arena's slot of " + std::to_string(arena_->chunk_bytes()) +
+                                " B (plans come from fastar/policy.py; this is a bug of fastar's)");
+  const int64_t w = chunk_bytes / (pieces * (int64_t)dtype_size(t));
   if (w < 1)
     throw std::invalid_argument("fastar: the shared-memory chunk (" + std::to_string(arena_->chunk_bytes()) +
                                 " bytes) is too small for one element of each of " + std::to_string(pieces) +
@@ -318,8 +317,8 @@ int64_t Hierarchical::halves_chunk(int64_t pieces, DType t) const {
 // raised In for g - 1, which each does after its last read of generation g - 2.
 class HalvesPhase final : public LocalPhase {
  public:
-  HalvesPhase(Hierarchical& h, bool scatter, Algorithm algo, const void* in, void* out, int64_t shard, DType t,
-              uint64_t seq)
+  HalvesPhase(Hierarchical& h, bool scatter, Algorithm algo, int64_t chunk_bytes, const void* in, void* out,
+              int64_t shard, DType t, uint64_t seq)
       : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
         shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), N_(h.num_nodes_), es_(dtype_size(t)),
         multi_(h.num_nodes_ > 1) {
@@ -327,7 +326,7 @@ class HalvesPhase final : public LocalPhase {
       throw std::logic_error(std::string("fastar: ") + (scatter ? "reduce_scatter" : "allgather") +
                              " between nodes without a rail");
     node_ = multi_ ? h.inter_->rank() : 0;
-    w_ = h.halves_chunk(scatter ? (int64_t)L_ * N_ : N_, t);
+    w_ = h.halves_chunk(chunk_bytes, scatter ? (int64_t)L_ * N_ : N_, t);
     nchunks_ = shard == 0 ? 1 : (shard + w_ - 1) / w_;  // an empty call still meets its peers
     if (multi_) {
       h.rail_buf_.resize((size_t)(N_ * shard) * es_);
@@ -456,9 +455,9 @@ class HalvesPhase final : public LocalPhase {
   std::vector<const void*> srcs_;
 };
 
-HierarchicalStats Hierarchical::halves(bool scatter, Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+HierarchicalStats Hierarchical::halves(bool scatter, Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard, DType t,
                                        uint64_t seq) {
-  HalvesPhase ph(*this, scatter, algo, in, out, shard, t, seq);
+  HalvesPhase ph(*this, scatter, algo, chunk_bytes, in, out, shard, t, seq);
   ph.publish();
   codec_.set_dtype(t);
   HierarchicalStats stats;
@@ -467,14 +466,14 @@ HierarchicalStats Hierarchical::halves(bool scatter, Algorithm algo, const void*
   return stats;
 }
 
-HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
-                                               uint64_t seq) {
-  return halves(true, algo, in, out, shard, t, seq);
+HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, int64_t chunk_bytes, const void* in, void* out,
+                                               int64_t shard, DType t, uint64_t seq) {
+  return halves(true, algo, chunk_bytes, in, out, shard, t, seq);
 }
 
-HierarchicalStats Hierarchical::allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t,
-                                          uint64_t seq) {
-  return halves(false, algo, in, out, shard, t, seq);
+HierarchicalStats Hierarchical::allgather(Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard,
+                                          DType t, uint64_t seq) {
+  return halves(false, algo, chunk_bytes, in, out, shard, t, seq);
 }
 
 }  // namespace fastar

@@ -64,11 +64,13 @@ class Hierarchical {
   // locally they go through the slots in chunks (every local rank sums its own shard from all
   // slots, or copies all of them out); between nodes the rail (same local rank on every node) runs
   // the schedule's half on each chunk on the driver's worker while the caller works on the next.
-  HierarchicalStats reduce_scatter(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
-  HierarchicalStats allgather(Algorithm algo, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
+  // chunk_bytes: the plan's (fastar/policy.py): how many bytes of the slots one chunk fills.
+  HierarchicalStats reduce_scatter(Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard,
+                                   DType t, uint64_t seq);
+  HierarchicalStats allgather(Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard, DType t,
+                              uint64_t seq);
   // Tuning, set from any thread at any time (Communicator.set_*): a call reads each once.
   // (What an allreduce reads and writes, its protocol and chunk, is the plan's: fastar/policy.py.)
-  std::atomic<int64_t> local_chunk_bytes{512 << 10};  // the halves' chunk on one node (at most the arena's)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
   // The allreduce writes its result back with streaming stores from this size: off by default. On
@@ -80,15 +82,11 @@ class Hierarchical {
  private:
   friend class StagedPhase;
   friend class HalvesPhase;
-  HierarchicalStats halves(bool scatter, Algorithm algo, const void* in, void* out, int64_t shard, DType t,
+  HierarchicalStats halves(bool scatter, Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard, DType t,
                            uint64_t seq);
   // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
-  // when each slot holds `pieces` of them.
-  int64_t halves_chunk(int64_t pieces, DType t) const;
-  // One node: chunks small enough that the slots and the result area stay in cache between the
-  // copy-in, the reduce and the copy-out (the user's buffers stream through memory once each
-  // way). Between nodes: the arena's chunk, the unit of the network phase's pipeline.
-  int64_t pipeline_chunk_bytes() const;
+  // when a chunk of chunk_bytes (the plan's) holds `pieces` of them.
+  int64_t halves_chunk(int64_t chunk_bytes, int64_t pieces, DType t) const;
 
   ShmArena* arena_;
   Transport* inter_;

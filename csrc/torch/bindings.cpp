@@ -125,9 +125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return d;
            })
       .def("reduce_scatter", &Communicator::reduce_scatter, py::arg("output"), py::arg("input"),
-           py::arg("algorithm"), py::arg("avg"), py::arg("validate"), py::arg("async_op"),
+           py::arg("plan"), py::arg("avg"), py::arg("validate"), py::arg("async_op"),
            py::call_guard<py::gil_scoped_release>())
-      .def("allgather", &Communicator::allgather, py::arg("output"), py::arg("input"), py::arg("algorithm"),
+      .def("allgather", &Communicator::allgather, py::arg("output"), py::arg("input"), py::arg("plan"),
            py::arg("validate"), py::arg("async_op"), py::call_guard<py::gil_scoped_release>())
       .def("set_tensor_groups",
            [](Communicator& c, const std::string& device_type, py::object world, py::object local, py::object inter,

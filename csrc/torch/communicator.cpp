@@ -361,24 +361,40 @@ StreamWait Communicator::run_locked(at::Tensor t, const Plan& plan, bool avg, bo
   return {};
 }
 
-std::shared_ptr<AsyncWork> Communicator::reduce_scatter(at::Tensor out, at::Tensor in, Algorithm algorithm,
-                                                        bool avg, bool validate, bool async_op) {
-  return halves(true, std::move(out), std::move(in), algorithm, avg, validate, async_op);
+std::shared_ptr<AsyncWork> Communicator::reduce_scatter(at::Tensor out, at::Tensor in, const Plan& plan, bool avg,
+                                                        bool validate, bool async_op) {
+  return halves(true, std::move(out), std::move(in), plan, avg, validate, async_op);
 }
 
-std::shared_ptr<AsyncWork> Communicator::allgather(at::Tensor out, at::Tensor in, Algorithm algorithm,
-                                                   bool validate, bool async_op) {
-  return halves(false, std::move(out), std::move(in), algorithm, false, validate, async_op);
+std::shared_ptr<AsyncWork> Communicator::allgather(at::Tensor out, at::Tensor in, const Plan& plan, bool validate,
+                                                   bool async_op) {
+  return halves(false, std::move(out), std::move(in), plan, false, validate, async_op);
 }
 
-std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at::Tensor in, Algorithm algorithm,
+std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at::Tensor in, const Plan& plan,
                                                 bool avg, bool validate, bool async_op) {
-  const std::string label = std::string(scatter ? "reduce_scatter:" : "allgather:") + algorithm_name(algorithm);
-  auto body = [this, scatter, out, in, algorithm, avg, validate] {
+  // The plan is checked before anything runs: a plan this communicator cannot run is refused
+  // (std::invalid_argument) and leaves it healthy.
+  const Collective want = scatter ? Collective::ReduceScatter : Collective::Allgather;
+  auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " cannot run " +
+                                (scatter ? "a reduce_scatter" : "an allgather") + " here: " + why +
+                                " (plans come from fastar/policy.py; this is a bug of fastar's)");
+  };
+  if (plan.collective != want) refuse(std::string("it is a plan for ") + collective_name(plan.collective));
+  const int participants = arena_ ? topo_.num_nodes : topo_.size;
+  if (plan.algorithm == Algorithm::HalvingDoubling && (participants & (participants - 1)) != 0)
+    refuse("halving/doubling halves need a power-of-two count of participants, not " + std::to_string(participants));
+  if (plan.protocol != (arena_ ? Protocol::Halves : Protocol::Network))
+    refuse(arena_ ? "the node's arena runs the halves protocol" : "without an arena the halves run the network protocol");
+  if (arena_ && (plan.chunk_bytes < 1 || plan.chunk_bytes > arena_->chunk_bytes()))
+    refuse("the chunk must fit the arena's slot of " + std::to_string(arena_->chunk_bytes()) + " B");
+  const std::string label = plan_label(plan);
+  auto body = [this, scatter, out, in, plan, avg, validate] {
     std::lock_guard<std::mutex> g(exec_mu_);
     TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
     try {
-      run_halves_locked(scatter, out, in, algorithm, avg, validate);
+      run_halves_locked(scatter, out, in, plan, avg, validate);
     } catch (...) {
       graveyard_.push_back(out);  // receives may still be posted into them: keep their memory
       graveyard_.push_back(in);
@@ -395,7 +411,7 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
   return work;
 }
 
-void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm,
+void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, const Plan& plan,
                                      bool avg, bool validate) {
   const char* what = scatter ? "a reduce_scatter" : "an allgather";
   for (const at::Tensor* t : {&out, &in}) {
@@ -417,16 +433,14 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
   const int64_t shard = scatter ? part.numel() : part.numel() * (int64_t)part.element_size();
   const uint64_t seq = ++seq_;
   const double t0 = now_s();
-  const int kind = (scatter ? 512 : 1024);
   // The half's algorithm as it runs among the ranks that run the schedule (the nodes' rails, or
-  // every rank): halving/doubling needs a power of two.
-  const Algorithm algo = halves_algorithm(algorithm, hier_ ? topo_.num_nodes : (int)S);
+  // every rank): the plan's (halving/doubling for a power of two; halves() checked it).
+  const Algorithm algo = plan.algorithm;
+  uint64_t desc[kDescWords];
+  encode_desc(plan, seq, in.numel(), (uint64_t)in.scalar_type(), desc);
   if (hier_) {
     if (validate && inter_ && topo_.num_nodes > 1) {
       try {
-        const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
-                                           (uint64_t)(kind + (int)algo), (uint64_t)Protocol::Halves,
-                                           (uint64_t)arena_->chunk_bytes()};
         validate_peers(*inter_, algo, desc, what);
       } catch (const std::exception& e) {
         arena_->mark_failed(e.what());  // local peers fail at once, with this reason
@@ -434,20 +448,15 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
       }
     }
     if (scatter)
-      hier_->reduce_scatter(algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->reduce_scatter(algo, plan.chunk_bytes, in.data_ptr(), out.data_ptr(), shard, dt, seq);
     else
-      hier_->allgather(algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->allgather(algo, plan.chunk_bytes, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   } else {
-    if (validate && S > 1) {
-      const uint64_t desc[kDescWords] = {seq, (uint64_t)in.numel(), (uint64_t)in.scalar_type(),
-                                         (uint64_t)(kind + (int)algo), (uint64_t)Protocol::Network, 0};
-      validate_peers(*world_, algo, desc, what);
-    }
+    if (validate && S > 1) validate_peers(*world_, algo, desc, what);
     flat_halves(scatter, exec_, *world_, algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   }
   if (scatter && avg && S > 1) scale(dt, out.data_ptr(), 1.0 / S, shard);
-  record({hier_ ? Hierarchy::Rail : Hierarchy::Flat, algo, hier_ ? Protocol::Halves : Protocol::Network, whole.numel() * (int64_t)whole.element_size(),
-          now_s() - t0});
+  record({plan.hierarchy, algo, plan.protocol, whole.numel() * (int64_t)whole.element_size(), now_s() - t0});
 }
 
 }  // namespace fastar

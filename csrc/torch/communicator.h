@@ -92,13 +92,13 @@ class Communicator {
   // reduce_scatter_tensor and all_gather_into_tensor), CPU tensors only. reduce_scatter: `out` gets
   // the sum (avg: mean) over all ranks of shard `rank` of `in` (size x out's elements, float dtypes).
   // allgather: `out` (size x in's elements, any dtype: bytes are moved) gets every rank's `in` at
-  // its place. In shared memory on each node, the schedule's half between nodes (halving/doubling
-  // when the node count is a power of two, else ring). Run at once when nothing is queued and not
+  // its place. In shared memory on each node, the schedule's half between nodes. plan: fastar/
+  // policy.py's (collective, algorithm, protocol halves with an arena or network without, chunk);
+  // one it cannot run is refused before anything runs. Run at once when nothing is queued and not
   // async_op (the returned work is then complete), else queued in submission order.
-  std::shared_ptr<AsyncWork> reduce_scatter(at::Tensor out, at::Tensor in, Algorithm algorithm, bool avg,
-                                            bool validate, bool async_op);
-  std::shared_ptr<AsyncWork> allgather(at::Tensor out, at::Tensor in, Algorithm algorithm, bool validate,
-                                       bool async_op);
+  std::shared_ptr<AsyncWork> reduce_scatter(at::Tensor out, at::Tensor in, const Plan& plan, bool avg, bool validate,
+                                            bool async_op);
+  std::shared_ptr<AsyncWork> allgather(at::Tensor out, at::Tensor in, const Plan& plan, bool validate, bool async_op);
   // Queues fn behind every collective submitted before it (fastar.wrap's shared-memory buckets).
   std::shared_ptr<AsyncWork> submit(std::function<void()> fn, const std::string& label);
   void set_tensor_groups(const std::string& device_type, TensorGroups g);
@@ -140,9 +140,9 @@ class Communicator {
   // The header exchange with the peers of a schedule (call_check.h) before any data moves.
   void validate_peers(PGTransport& tr, Algorithm algo, const uint64_t desc[kDescWords], const char* what);
   void record(const OpRecord& r);
-  std::shared_ptr<AsyncWork> halves(bool scatter, at::Tensor out, at::Tensor in, Algorithm algorithm, bool avg,
+  std::shared_ptr<AsyncWork> halves(bool scatter, at::Tensor out, at::Tensor in, const Plan& plan, bool avg,
                                     bool validate, bool async_op);
-  void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, Algorithm algorithm, bool avg,
+  void run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, const Plan& plan, bool avg,
                          bool validate);
 
   Topology topo_;

@@ -3,6 +3,7 @@
 // carries its own knobs, so that a test can plan ranks differently and check that they raise.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "../hierarchical.h"
@@ -30,6 +31,15 @@ struct Tuned : Hierarchical {
       : Hierarchical(a, inter, num_nodes), arena_chunk(a->chunk_bytes()), nodes(num_nodes) {}
   int64_t small_bytes = 64 << 10;
   int64_t small_block_bytes = 4096;
+  std::atomic<int64_t> local_chunk_bytes{512 << 10};
+  // The pipeline's chunk as policy.py plans it: one node min(slot, local chunk), between nodes the slot.
+  int64_t chunk() const { return nodes > 1 ? arena_chunk : std::min(arena_chunk, local_chunk_bytes.load()); }
+  HierarchicalStats reduce_scatter(Algorithm a, const void* in, void* out, int64_t shard, DType t, uint64_t seq) {
+    return Hierarchical::reduce_scatter(a, chunk(), in, out, shard, t, seq);
+  }
+  HierarchicalStats allgather(Algorithm a, const void* in, void* out, int64_t shard, DType t, uint64_t seq) {
+    return Hierarchical::allgather(a, chunk(), in, out, shard, t, seq);
+  }
   int64_t arena_chunk;
   int nodes;
   HierarchicalStats allreduce(Hierarchy h, Algorithm a, void* data, int64_t count, DType t, uint64_t seq) {

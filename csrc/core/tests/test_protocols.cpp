@@ -657,7 +657,7 @@ void halves_between_nodes(int N, int L) {
         const int g = nd * L + lr;
         try {
           RailTransport rail(hubs[lr], nd, N);
-          Hierarchical h(arenas[nd][lr].get(), &rail, N);
+          Tuned h(arenas[nd][lr].get(), &rail, N);
           int k = 0;
           for (Algorithm algo : {Algorithm::Ring, Algorithm::HalvingDoubling})
             for (int64_t shard : {0, 1, 5, 255, 256, 257, 5000, 20011})
