@@ -66,6 +66,7 @@ class HierarchicalDriver {
     Part part;
     Algorithm algo;
     Codec* codec;
+    const OpContext* op = nullptr;  // the caller's operation: the worker's waits keep its deadline
   };
   void inter_run(const Job& j);  // before_inter, the schedule, after_inter
   void worker_loop();

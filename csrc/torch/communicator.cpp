@@ -60,6 +60,7 @@ Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup>
                            std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s)
     : topo_(topo), timeout_(std::make_shared<Timeout>(timeout_s)), failure_(std::make_shared<FailureState>()) {
   world_ = std::make_unique<PGTransport>(world, world_ranks, timeout_, "fastar's world group");
+  world_->watch_failures(failure_);  // the first failure reaches every rank with its reason
   if (cross) cross_ = std::make_unique<PGTransport>(cross, cross_ranks, timeout_, "fastar's inter-node group");
   if (!shm_name.empty()) {
     arena_ = std::make_shared<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
@@ -80,6 +81,7 @@ void Communicator::close() {
   std::lock_guard<std::mutex> g(exec_mu_);
   if (!world_) return;  // closed before
   std::lock_guard<std::mutex> life(life_mu_);
+  world_->stop_watching();
   // Release the transports now, not at interpreter exit (a wrapped model can keep this object
   // alive until then), so that retained Gloo works die while their process groups still exist.
   // After a failure, operations may still be posted on them, reading or writing buffers that this
@@ -233,6 +235,7 @@ bool Communicator::allreduce_fast(const at::Tensor& t, bool avg) {
     if (prof) profile_.checks_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(t0 - entry).count();
     void* data = t.data_ptr();
     try {
+      OpScope op(timeout_.get(), failure_.get(), /*lazy=*/true);  // one deadline; no clock read unless it waits
       // The route "auto" takes on one node (fastar/policy.py): leader, halving/doubling.
       hier_->allreduce(Hierarchy::Leader, Algorithm::HalvingDoubling, data, count, dt, ++seq_);
       if (avg) scale(dt, data, 1.0 / topo_.size, count);
