@@ -93,3 +93,53 @@ def test_a_stalled_peer_fails_every_rank_with_the_first_reason(n, local_size, vi
         assert not own_timeout.search(_reason(msg)), f"rank {rank} timed out on its own: {msg}"
     assert res[STALLER][2] >= stalled_at + CONT_AFTER_S - 1  # it raised after it was continued
     assert codes == {r: 0 for r in range(n)}, codes  # no signal death, no kill
+
+
+def _backend_worker(rank, n):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch.distributed as dist
+
+    import fastar  # noqa: F401 - registers the "fastar" backend
+
+    dist.init_process_group("fastar", rank=rank, world_size=n, timeout=timedelta(seconds=TIMEOUT_S))
+    t = torch.ones(1 << 12)
+    dist.all_reduce(t)  # one good call
+    stalled_at = None
+    if rank == STALLER:
+        stalled_at = time.monotonic()
+        subprocess.Popen(["sh", "-c", f"sleep {CONT_AFTER_S}; kill -CONT {os.getpid()}"], start_new_session=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    try:
+        dist.all_reduce(t)
+        msg, kind = "no error", None
+    except Exception as e:  # noqa: BLE001 - the kind is asserted by the parent
+        msg, kind = str(e), type(e).__name__
+    raised_at = time.monotonic()
+    try:  # the group after its failure: another call raises too, and destroying it is clean
+        dist.all_reduce(t)
+        later = "no error"
+    except Exception as e:  # noqa: BLE001
+        later = f"{type(e).__name__}: {e}"
+    dist.destroy_process_group()
+    return msg, kind, raised_at, stalled_at, later
+
+
+def test_the_fastar_backend_after_a_stalled_peer():
+    """The "fastar" torch.distributed backend, 2 nodes x 1: a rank stalled before an allreduce; both
+    ranks raise a Python exception with rank 0's reason, a later call raises, destroy_process_group
+    is clean, no signal death."""
+    codes: dict = {}
+    res = run_workers(_backend_worker, 2, init_dist=False, env={"FASTAR_LOCAL_SIZE": "1"}, timeout=150,
+                      exitcodes=codes)
+    stalled_at = res[STALLER][3]
+    first = re.compile(rf"timed out after {TIMEOUT_S} s: rank 0 waited for rank {STALLER}\b")
+    for rank, (msg, kind, raised_at, _, later) in enumerate(res):
+        assert kind == "RuntimeError", f"rank {rank}: {kind}: {msg}"
+        assert raised_at - stalled_at < TIMEOUT_S + MARGIN_S, (rank, raised_at - stalled_at, msg)
+        assert first.search(_reason(msg)), f"rank {rank} does not carry rank 0's reason: {msg}"
+        assert later.startswith("RuntimeError") and "earlier collective failed" in later, later
+    assert codes == {0: 0, 1: 0}, codes
