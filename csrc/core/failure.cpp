@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <stdexcept>
+#include <thread>
 
 #include "shm.h"
 
@@ -58,8 +60,126 @@ bool FailureState::fail(std::exception_ptr e) {
       if (auto a = w.lock()) mark.push_back(std::move(a));
   }
   for (auto& a : mark) a->mark_failed(why);
+  std::lock_guard<std::mutex> g(wake_mu_);  // failed_ is set: a waker added from now on is not called
+  for (auto& kv : wakers_) kv.second(why);
   return true;
 }
+
+uint64_t FailureState::add_waker(std::function<void(const std::string&)> f) {
+  std::lock_guard<std::mutex> g(wake_mu_);
+  wakers_.emplace(++next_, std::move(f));
+  return next_;
+}
+
+void FailureState::remove_waker(uint64_t id) {
+  std::lock_guard<std::mutex> g(wake_mu_);
+  wakers_.erase(id);
+}
+
+namespace {
+thread_local OpContext* current_op = nullptr;
+}  // namespace
+
+OpContext* OpContext::current() { return current_op; }
+
+OpScope::OpScope(const Timeout* t, FailureState* f, bool lazy) : prev_(current_op) {
+  if (prev_ || !t) return;  // inside an operation: its deadline holds
+  ctx_.timeout = t;
+  ctx_.failure = f;
+  if (!lazy) ctx_.start = OpContext::Clock::now();
+  current_op = &ctx_;
+  set_ = true;
+}
+
+OpScope::OpScope(const OpContext* c) : prev_(current_op) {
+  if (prev_ || !c) return;
+  ctx_ = *c;
+  current_op = &ctx_;
+  set_ = true;
+}
+
+OpScope::~OpScope() {
+  if (set_) current_op = prev_;
+}
+
+namespace alarm {
+namespace {
+
+struct Alarms {
+  std::mutex mu;       // the schedule
+  std::mutex call_mu;  // held while an alarm's fn runs (remove waits for it)
+  std::condition_variable cv;
+  uint64_t next = 0;
+  std::map<std::pair<std::chrono::steady_clock::time_point, uint64_t>, std::function<void()>> due;
+  std::map<uint64_t, std::chrono::steady_clock::time_point> when;
+
+  void loop() {
+    std::unique_lock<std::mutex> l(mu);
+    while (true) {
+      if (due.empty()) {
+        cv.wait(l);
+        continue;
+      }
+      const auto first = due.begin()->first.first;
+      if (std::chrono::steady_clock::now() < first) {
+        cv.wait_until(l, first);
+        continue;
+      }
+      auto it = due.begin();
+      const uint64_t id = it->first.second;
+      std::function<void()> fn = std::move(it->second);
+      due.erase(it);
+      when.erase(id);
+      std::lock_guard<std::mutex> c(call_mu);  // taken before mu is let go: remove(id) waits for fn
+      l.unlock();
+      fn();
+      l.lock();
+    }
+  }
+};
+
+Alarms& alarms() {
+  // Never destroyed, its thread never joined: alarms may be set until the process exits.
+  static Alarms* a = [] {
+    auto* p = new Alarms();
+    std::thread([p] { p->loop(); }).detach();
+    return p;
+  }();
+  return *a;
+}
+
+}  // namespace
+
+uint64_t add(std::chrono::steady_clock::time_point when, std::function<void()> fn) {
+  Alarms& a = alarms();
+  bool first;
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> g(a.mu);
+    id = ++a.next;
+    a.due.emplace(std::make_pair(when, id), std::move(fn));
+    a.when.emplace(id, when);
+    first = a.due.begin()->first.second == id;
+  }
+  if (first) a.cv.notify_one();  // the thread sleeps until a later time: wake it for this one
+  return id;
+}
+
+void remove(uint64_t id) {
+  Alarms& a = alarms();
+  {
+    std::lock_guard<std::mutex> g(a.mu);
+    auto it = a.when.find(id);
+    if (it != a.when.end()) {
+      a.due.erase({it->second, id});
+      a.when.erase(it);
+      return;
+    }
+  }
+  std::lock_guard<std::mutex> c(a.call_mu);  // it may be running now: wait for it
+}
+
+}  // namespace alarm
 
 std::exception_ptr FailureState::cause() const {
   std::lock_guard<std::mutex> g(mu_);

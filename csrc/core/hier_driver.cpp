@@ -48,6 +48,7 @@ void HierarchicalDriver::worker_loop() {
     std::exception_ptr e;
     if (!skip) {
       try {
+        OpScope op(j.op);
         inter_run(j);
       } catch (...) {
         e = std::current_exception();
@@ -89,7 +90,7 @@ int64_t HierarchicalDriver::run(LocalPhase& ph, Algorithm algo, Codec& codec) {
         if (async) {
           {
             std::lock_guard<std::mutex> g(mu_);
-            queue_.push_back({&ph, c, p, algo, &codec});
+            queue_.push_back({&ph, c, p, algo, &codec, OpContext::current()});
           }
           cv_.notify_all();
           queued[c] = true;

@@ -78,6 +78,7 @@ class HierarchicalDriver {
     Part part;
     Algorithm algo;
     Codec* codec;
+    const OpContext* op = nullptr;  // the caller's operation: the worker's waits keep its deadline
   };
   std::vector<Step> schedule(const Job& j) const;  // the phase's collective over the inter-node peers
   void inter_run(const Job& j);  // before_inter, the schedule, after_inter

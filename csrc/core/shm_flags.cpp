@@ -63,6 +63,9 @@ void ShmArena::wait_word(Word* a, std::atomic<uint32_t>* sl, int rank, uint32_t 
     if ((i & 63) == 0 && std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spin_ns_)) break;
   }
   auto last_check = start;
+  // The operation this wait belongs to: its deadline (not the timeout from this wait's start), and
+  // its communicator's failure (a first failure elsewhere, e.g. a remote peer's, stops this wait).
+  OpContext* op = OpContext::current();
   int yields = 0;
   while (true) {
     uint32_t v = gen_of(a, std::memory_order_acquire);
@@ -78,10 +81,19 @@ void ShmArena::wait_word(Word* a, std::atomic<uint32_t>* sl, int rank, uint32_t 
     }
     const auto now = std::chrono::steady_clock::now();
     auto* hdr = reinterpret_cast<Header*>(base_ + kCtlBytes * rank);
+    // Before a verdict on the peer, its flag once more: a peer that raised it and then failed or
+    // exited while this rank slept (a loaded host deschedules for tens of ms) did its part.
     if (hdr->failed.load(std::memory_order_acquire)) {
+      if (reached(gen_of(a, std::memory_order_seq_cst), gen)) return;
       const char* err = base_ + kCtlBytes * rank + kErrOffset;
       throw std::runtime_error("fastar shm: " + who(rank) + " failed while " + who(local_rank_) + " waited for it (" +
                                what + "); its error: " + (err[0] ? std::string(err) : std::string("(none given)")));
+    }
+    if (op && op->failure && op->failure->failed()) {
+      if (reached(gen_of(a, std::memory_order_seq_cst), gen)) return;
+      const std::exception_ptr cause = op->failure->cause();
+      throw std::runtime_error("fastar shm: " + who(local_rank_) + " stopped waiting for " + who(rank) + " (" + what +
+                               "): " + (cause ? what_of(cause) : std::string("the communicator failed")));
     }
     if (small && reached(flag(rank, ShmFlag::In)->load(std::memory_order_seq_cst), gen)) {
       // A peer on the latency path raises In after all its blocks: then this block is in too.
@@ -94,13 +106,18 @@ void ShmArena::wait_word(Word* a, std::atomic<uint32_t>* sl, int rank, uint32_t 
     if (now - last_check > std::chrono::milliseconds(100)) {
       last_check = now;
       const int pid = hdr->pid.load();
-      if (!peer_alive(pid, hdr->start_ticks.load(), hdr->pid_ns.load()))
+      if (!peer_alive(pid, hdr->start_ticks.load(), hdr->pid_ns.load())) {
+        if (reached(gen_of(a, std::memory_order_seq_cst), gen)) return;
         throw std::runtime_error("fastar shm: " + who(rank) + " (pid " + std::to_string(pid) + ") exited while " +
                                  who(local_rank_) + " waited for it (" + what + ")");
-      if (std::chrono::duration<double>(now - start).count() > timeout_s())
+      }
+      const double waited = op ? op->elapsed(now, start) : std::chrono::duration<double>(now - start).count();
+      if (waited > timeout_s()) {
+        if (reached(gen_of(a, std::memory_order_seq_cst), gen)) return;
         throw std::runtime_error("fastar shm: timed out after " + std::to_string((int)timeout_s()) + " s: " +
                                  who(local_rank_) + " waited for " + who(rank) + " (" + what +
                                  "); that rank is stuck, dead, or called a different collective");
+      }
     }
   }
 }

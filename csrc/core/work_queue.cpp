@@ -11,7 +11,8 @@ namespace {
 
 }  // namespace
 
-WorkQueue::WorkQueue(std::shared_ptr<FailureState> fs) : fs_(std::move(fs)) {
+WorkQueue::WorkQueue(std::shared_ptr<FailureState> fs, SharedTimeout timeout)
+    : fs_(std::move(fs)), timeout_(std::move(timeout)) {
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -55,6 +56,7 @@ void WorkQueue::push(std::function<void(std::exception_ptr)> task) {
     queue_.push_back([this, task = std::move(task)] {
       std::exception_ptr err = fs_->later();
       try {
+        OpScope op(timeout_.get(), fs_.get());  // one deadline for every wait of the task
         task(err);
       } catch (...) {
         fs_->fail(std::current_exception());
@@ -76,6 +78,7 @@ bool WorkQueue::enter_inline() {
 void WorkQueue::run_inline(const std::function<void()>& fn) {
   std::exception_ptr e;
   try {
+    OpScope op(timeout_.get(), fs_.get());  // one deadline for every wait of the call
     fn();
   } catch (...) {
     e = std::current_exception();

@@ -18,7 +18,9 @@ namespace fastar {
 
 class WorkQueue {
  public:
-  explicit WorkQueue(std::shared_ptr<FailureState> fs);
+  // timeout: each task and inline call is one operation (OpScope): its waits share one deadline,
+  // the start plus the timeout's current value (none when null).
+  explicit WorkQueue(std::shared_ptr<FailureState> fs, SharedTimeout timeout = nullptr);
   ~WorkQueue();
   WorkQueue(const WorkQueue&) = delete;
   WorkQueue& operator=(const WorkQueue&) = delete;
@@ -39,6 +41,7 @@ class WorkQueue {
   void worker_loop();
 
   std::shared_ptr<FailureState> fs_;
+  SharedTimeout timeout_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;

@@ -61,6 +61,7 @@ Communicator::Communicator(Topology topo, c10::intrusive_ptr<c10d::ProcessGroup>
                            std::string shm_name, bool shm_create, int64_t shm_chunk_bytes, double timeout_s)
     : topo_(topo), timeout_(std::make_shared<Timeout>(timeout_s)), failure_(std::make_shared<FailureState>()) {
   world_ = std::make_unique<PGTransport>(world, world_ranks, timeout_, "fastar's world group");
+  world_->watch_failures(failure_);  // the first failure reaches every rank with its reason
   if (inter) inter_ = std::make_unique<PGTransport>(inter, inter_ranks, timeout_, "fastar's inter-node group");
   if (!shm_name.empty()) {
     arena_ = std::make_shared<ShmArena>(shm_name, shm_create, topo.local_rank, topo.local_size, shm_chunk_bytes,
@@ -81,6 +82,7 @@ void Communicator::close() {
   std::lock_guard<std::mutex> g(exec_mu_);
   if (!world_) return;  // closed before
   std::lock_guard<std::mutex> life(life_mu_);
+  world_->stop_watching();
   // Release the transports now, not at interpreter exit (a wrapped model can keep this object
   // alive until then), so that retained Gloo works die while their process groups still exist.
   // After a failure, operations may still be posted on them, reading or writing buffers that this
@@ -257,6 +259,7 @@ bool Communicator::run_latency(const at::Tensor& t, const Plan& plan, bool avg) 
       std::rethrow_exception(refused);
     }
     try {
+      OpScope op(timeout_.get(), failure_.get(), /*lazy=*/true);  // one deadline; no clock read unless it waits
       hier_->allreduce(plan, data, count, dt, ++seq_);
       if (avg) scale(dt, data, 1.0 / topo_.size, count);
     } catch (...) {

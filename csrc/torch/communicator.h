@@ -164,7 +164,7 @@ class Communicator {
   std::mutex exec_mu_;  // one collective at a time, in submission order
   std::mutex rec_mu_;
   std::mutex life_mu_;  // the objects close() releases, for the calls that do not take exec_mu_
-  WorkQueue queue_{failure_};  // last: its worker stops (close) before the rest goes
+  WorkQueue queue_{failure_, timeout_};  // last: its worker stops (close) before the rest goes
 };
 
 }  // namespace fastar

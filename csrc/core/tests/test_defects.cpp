@@ -303,6 +303,65 @@ static void test_timeout_reaches_a_wait_in_progress() {
   CHECK(!bad, "an invalid timeout was accepted");
 }
 
+// Issue 24: one deadline per operation. Inside an operation (OpScope), a wait that follows a
+// timed-out one has no time left: it raises at its first check, not a whole timeout later. And
+// the operation's first failure stops a wait on a peer that never fails itself.
+static void test_operation_deadline_spans_its_waits() {
+  Node node(2, 64 << 10, 2.0);
+  auto timeout = std::make_shared<Timeout>(2.0);
+  auto fs = std::make_shared<FailureState>();
+  node.arenas[1]->share_timeout(timeout);
+  std::string err1, err2;
+  double first = 0, second = 0;
+  {
+    OpScope op(timeout.get(), fs.get());
+    auto t0 = std::chrono::steady_clock::now();
+    try {
+      node.arenas[1]->wait_rank(ShmFlag::In, 0, 1, "test: the first wait");
+    } catch (const std::exception& e) {
+      err1 = e.what();
+    }
+    first = since(t0);
+    t0 = std::chrono::steady_clock::now();
+    try {
+      node.arenas[1]->wait_rank(ShmFlag::Reduced, 0, 1, "test: the second wait");
+    } catch (const std::exception& e) {
+      err2 = e.what();
+    }
+    second = since(t0);
+  }
+  CHECK(err1.find("timed out after 2 s") != std::string::npos, "first wait: %s", err1.c_str());
+  CHECK(err2.find("timed out after 2 s") != std::string::npos, "second wait: %s", err2.c_str());
+  CHECK(first >= 1.9, "the first wait raised after %.2f s, before the 2 s timeout", first);
+  // The deadline passed during the first wait: well under a timeout (about one 100 ms check).
+  CHECK(second < 1.0, "the second wait of the operation took %.2f s after the deadline had passed", second);
+  CHECK(OpContext::current() == nullptr, "the operation outlived its scope");
+
+  // The operation's failure state fails (e.g. a remote peer's message): the wait stops with it.
+  Node node2(2, 64 << 10, 30.0);
+  auto timeout2 = std::make_shared<Timeout>(30.0);
+  auto fs2 = std::make_shared<FailureState>();
+  node2.arenas[1]->share_timeout(timeout2);
+  std::string err;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread failer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    fs2->fail(std::make_exception_ptr(std::runtime_error("test: rank 5 failed first")));
+  });
+  {
+    OpScope op(timeout2.get(), fs2.get());
+    try {
+      node2.arenas[1]->wait_rank(ShmFlag::In, 0, 1, "test: a peer that never fails itself");
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  failer.join();
+  CHECK(err.find("stopped waiting") != std::string::npos && err.find("rank 5 failed first") != std::string::npos,
+        "error: %s", err.c_str());
+  CHECK(since(t0) < 10, "the wait took %.1f s after the failure", since(t0));
+}
+
 // The work queue: submission order, the inline gate, one sticky error.
 static void test_work_queue_order_gate_and_sticky_error() {
   auto fs = std::make_shared<FailureState>();
@@ -359,6 +418,7 @@ int main() {
   test_generation_wraparound();
   test_failure_marks_every_arena();
   test_timeout_reaches_a_wait_in_progress();
+  test_operation_deadline_spans_its_waits();
   test_tuning_disagreement();
   if (failures) std::fprintf(stderr, "%d failure(s)\n", failures.load());
   else std::printf("test_defects: all passed\n");
