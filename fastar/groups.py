@@ -32,7 +32,7 @@ def native_plan(plan) -> object:
     """A fastar.policy.Plan as the binding's fastar._C.Plan (its enums: _C.Collective, Algorithm,
     Hierarchy, Protocol, Wire): the plan crosses into C++ as these, never as strings. Cached: equal
     plans are one object."""
-    key = (plan.collective, plan.algorithm, plan.hierarchy, plan.protocol, plan.chunk_bytes, plan.wire)
+    key = (plan.collective, plan.algorithm, plan.hierarchy, plan.protocol, plan.chunk_bytes, plan.wire, plan.stream)
     native = _NATIVE_PLANS.get(key)
     if native is None:
         ext = extension()
@@ -41,7 +41,7 @@ def native_plan(plan) -> object:
                 _ENUMS.update({(kind.__name__, n): v for n, v in kind.__members__.items()})
         native = ext.Plan(_ENUMS[("Collective", plan.collective)], _ENUMS[("Algorithm", plan.algorithm)],
                           _ENUMS[("Hierarchy", plan.hierarchy)], _ENUMS[("Protocol", plan.protocol)],
-                          plan.chunk_bytes, _ENUMS[("Wire", plan.wire or "none")])
+                          plan.chunk_bytes, _ENUMS[("Wire", plan.wire or "none")], plan.stream)
         _NATIVE_PLANS[key] = native
     return native
 

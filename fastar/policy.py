@@ -21,6 +21,9 @@ RAIL_ABOVE_BYTES = 8 << 20
 # the caller's thread (no hand-off); larger ones are queued, so that the caller (FSDP's prefetch)
 # goes on while they run.
 HALVES_INLINE_BYTES = 1 << 20
+# An allgather writes an output of at least this many bytes with streaming stores (no read for
+# ownership of lines about to be overwritten; the slots stay cached): measured faster in session 7.
+HALVES_STREAM_ABOVE_BYTES = 16 << 20
 
 
 def is_pow2(n: int) -> bool:
@@ -91,6 +94,10 @@ class Tuning:
     # blocks took 0.95 us at 4 KiB when the cores shared a cache and 2.3 us when they did not; one
     # 4 KiB block 1.07 and 1.8 (docs/results.md, session 8).
     latency_block_bytes: int = 4096
+    # The allreduce writes its result back with streaming stores from this size: never by default.
+    # On session 8's host cached stores measured 10-20 % faster at 16 MiB and no slower at 64 and
+    # 256 MiB, with the cores sharing a cache or not (docs/results.md).
+    stream_above_bytes: int = 1 << 62
 
     def __post_init__(self):
         if self.small_bytes < 0:
@@ -139,6 +146,7 @@ class Plan:
     chunk_bytes: int  # the pipeline's chunk (chunked, halves), the latency protocol's block, else 0
     wire: str  # "" (the tensor's dtype), "fp16" or "bf16"
     why: str = field(default="", compare=False)
+    stream: bool = False  # the result written with streaming stores (not compared between ranks)
 
     @property
     def label(self) -> str:
@@ -188,7 +196,10 @@ def plan(nbytes: int, itemsize: int, node: Node, *, collective: str = "allreduce
         why.append(f"one barrier: {nbytes} B <= {t.small_bytes} B in one chunk")
         return Plan("allreduce", algorithm, hierarchy, "one_barrier", 0, "", "; ".join(why))
     why.append(f"chunked: {nchunks} chunks of {chunk} B through the slots")
-    return Plan("allreduce", algorithm, hierarchy, "chunked", chunk, "", "; ".join(why))
+    stream = nbytes >= t.stream_above_bytes
+    if stream:
+        why.append(f"streaming stores: {nbytes} B >= {t.stream_above_bytes} B")
+    return Plan("allreduce", algorithm, hierarchy, "chunked", chunk, "", "; ".join(why), stream)
 
 
 def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algorithm: str, t: Tuning) -> Plan:
@@ -207,7 +218,10 @@ def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algori
         why.append(f"halving_doubling: {p} participants, a power of two")
     if not arena:
         return Plan(collective, algorithm, hierarchy, "network", 0, "", "; ".join(why))
-    return Plan(collective, algorithm, hierarchy, "halves", _pipeline_chunk(node, 1, t), "", "; ".join(why))
+    stream = collective == "allgather" and nbytes >= HALVES_STREAM_ABOVE_BYTES
+    if stream:
+        why.append(f"streaming stores: an output of {nbytes} B >= {HALVES_STREAM_ABOVE_BYTES} B")
+    return Plan(collective, algorithm, hierarchy, "halves", _pipeline_chunk(node, 1, t), "", "; ".join(why), stream)
 
 
 def latency_limit(node: Node, t: Tuning | None = None) -> int:

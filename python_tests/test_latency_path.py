@@ -136,7 +136,7 @@ def _pipeline_worker(rank, n, numel):
     fastar.init()
     wrong = []
     for stream_above in (1 << 62, 0):  # cached stores (the default), then streaming stores at every size
-        state.get_state().comm.set_stream_above_bytes(stream_above)
+        fastar.policy.set_tuning(stream_above_bytes=stream_above)
         t = _values(rank, n, numel, torch.float32)
         fastar.all_reduce(t, hierarchy="leader", algorithm="halving_doubling")
         want = sum(_values(r, n, numel, torch.float64) for r in range(n)).float()

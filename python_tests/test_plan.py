@@ -146,3 +146,13 @@ def test_the_communicator_refuses_a_plan_it_cannot_run_before_anything_runs():
             assert out[name] != "ran" and "plan" in out[name], (rank, name, out[name])
             assert out["failed after " + name] is False, (rank, name)
         assert out["sum"] == 2.0
+
+
+def test_streaming_stores_are_planned():
+    assert not policy.plan(64 * MiB, 4, ONE_NODE).stream  # cached stores by default (measured faster)
+    assert policy.plan(1 * MiB, 4, ONE_NODE, t=policy.Tuning(stream_above_bytes=0)).stream
+    assert not policy.plan(4 * KiB, 4, ONE_NODE, t=policy.Tuning(stream_above_bytes=0)).stream  # latency: no copy-out
+    big = policy.HALVES_STREAM_ABOVE_BYTES
+    assert policy.plan(big, 4, TWO_NODES, collective="allgather").stream
+    assert not policy.plan(big - 4, 4, TWO_NODES, collective="allgather").stream
+    assert not policy.plan(big, 4, TWO_NODES, collective="reduce_scatter").stream

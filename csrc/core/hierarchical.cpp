@@ -36,7 +36,7 @@ class StagedPhase final : public LocalPhase {
     block_bytes_ = latency_ ? plan.chunk_bytes : 0;
     // What the ranks must agree on (call_check.h): the call and its plan.
     encode_desc(plan, seq, count, (uint64_t)t, desc_);
-    streaming_ = bytes >= h.stream_above_bytes.load(std::memory_order_relaxed);
+    streaming_ = plan.stream;
   }
   void publish() {
     first_gen_ = h_.gen_ + 1;
@@ -317,8 +317,8 @@ int64_t Hierarchical::halves_chunk(int64_t chunk_bytes, int64_t pieces, DType t)
 // raised In for g - 1, which each does after its last read of generation g - 2.
 class HalvesPhase final : public LocalPhase {
  public:
-  HalvesPhase(Hierarchical& h, bool scatter, Algorithm algo, int64_t chunk_bytes, const void* in, void* out,
-              int64_t shard, DType t, uint64_t seq)
+  HalvesPhase(Hierarchical& h, bool scatter, Algorithm algo, int64_t chunk_bytes, bool stream, const void* in,
+              void* out, int64_t shard, DType t, uint64_t seq)
       : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
         shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), N_(h.num_nodes_), es_(dtype_size(t)),
         multi_(h.num_nodes_ > 1) {
@@ -340,7 +340,7 @@ class HalvesPhase final : public LocalPhase {
     desc_[kChunk] = (uint64_t)(w_ * (int64_t)es_);
     // A large allgather result is written with streaming stores (no read for ownership of lines
     // about to be overwritten; the slots stay cached).
-    streaming_ = !scatter && (int64_t)L_ * N_ * shard * (int64_t)es_ >= Hierarchical::kHalvesStreamAboveBytes;
+    streaming_ = !scatter && stream;
   }
   void publish() {
     first_gen_ = h_.gen_ + 1;
@@ -455,25 +455,25 @@ class HalvesPhase final : public LocalPhase {
   std::vector<const void*> srcs_;
 };
 
-HierarchicalStats Hierarchical::halves(bool scatter, Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard, DType t,
+HierarchicalStats Hierarchical::halves(bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
                                        uint64_t seq) {
-  HalvesPhase ph(*this, scatter, algo, chunk_bytes, in, out, shard, t, seq);
+  HalvesPhase ph(*this, scatter, plan.algorithm, plan.chunk_bytes, plan.stream, in, out, shard, t, seq);
   ph.publish();
   codec_.set_dtype(t);
   HierarchicalStats stats;
-  stats.inter_bytes_sent = driver_.run(ph, algo, codec_);
+  stats.inter_bytes_sent = driver_.run(ph, plan.algorithm, codec_);
   stats.chunks = ph.chunks();
   return stats;
 }
 
-HierarchicalStats Hierarchical::reduce_scatter(Algorithm algo, int64_t chunk_bytes, const void* in, void* out,
-                                               int64_t shard, DType t, uint64_t seq) {
-  return halves(true, algo, chunk_bytes, in, out, shard, t, seq);
+HierarchicalStats Hierarchical::reduce_scatter(const Plan& plan, const void* in, void* out, int64_t shard, DType t,
+                                               uint64_t seq) {
+  return halves(true, plan, in, out, shard, t, seq);
 }
 
-HierarchicalStats Hierarchical::allgather(Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard,
-                                          DType t, uint64_t seq) {
-  return halves(false, algo, chunk_bytes, in, out, shard, t, seq);
+HierarchicalStats Hierarchical::allgather(const Plan& plan, const void* in, void* out, int64_t shard, DType t,
+                                          uint64_t seq) {
+  return halves(false, plan, in, out, shard, t, seq);
 }
 
 }  // namespace fastar

@@ -64,25 +64,19 @@ class Hierarchical {
   // locally they go through the slots in chunks (every local rank sums its own shard from all
   // slots, or copies all of them out); between nodes the rail (same local rank on every node) runs
   // the schedule's half on each chunk on the driver's worker while the caller works on the next.
-  // chunk_bytes: the plan's (fastar/policy.py): how many bytes of the slots one chunk fills.
-  HierarchicalStats reduce_scatter(Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard,
-                                   DType t, uint64_t seq);
-  HierarchicalStats allgather(Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard, DType t,
-                              uint64_t seq);
+  // plan: fastar/policy.py's: the schedule's algorithm between nodes, the chunk (how many bytes of
+  // the slots one chunk fills), streaming stores for the allgather's output.
+  HierarchicalStats reduce_scatter(const Plan& plan, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
+  HierarchicalStats allgather(const Plan& plan, const void* in, void* out, int64_t shard, DType t, uint64_t seq);
   // Tuning, set from any thread at any time (Communicator.set_*): a call reads each once.
   // (What an allreduce reads and writes, its protocol and chunk, is the plan's: fastar/policy.py.)
   static constexpr int kMaxSmallRanks = 64;
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
-  // The allreduce writes its result back with streaming stores from this size: off by default. On
-  // this host cached stores measured 10-20 % faster at 16 MiB and no slower at 64 and 256 MiB, with
-  // the cores sharing a cache or not (docs/results.md, session 8). Communicator.set_stream_above_bytes.
-  std::atomic<int64_t> stream_above_bytes{INT64_MAX};
-  static constexpr int64_t kHalvesStreamAboveBytes = 16 << 20;  // the allgather's output (session 7)
 
  private:
   friend class StagedPhase;
   friend class HalvesPhase;
-  HierarchicalStats halves(bool scatter, Algorithm algo, int64_t chunk_bytes, const void* in, void* out, int64_t shard, DType t,
+  HierarchicalStats halves(bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
                            uint64_t seq);
   // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
   // when a chunk of chunk_bytes (the plan's) holds `pieces` of them.

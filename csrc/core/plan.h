@@ -33,6 +33,7 @@ struct Plan {
   Protocol protocol = Protocol::Network;
   int64_t chunk_bytes = 0;
   Wire wire = Wire::None;
+  bool stream = false;  // results written with streaming stores (large ones; not part of the descriptor)
 };
 
 const char* hierarchy_name(Hierarchy h);

@@ -35,7 +35,7 @@ void ShmArena::throw_mismatch(int rank, const uint64_t mine[kDescWords], const s
   if (!m.empty()) throw std::runtime_error(m);
   throw std::runtime_error("fastar: " + who(rank) + " runs the staged path for " + std::string(what) + " while " +
                            who(local_rank_) + " runs the latency path: the ranks disagree on the latency path's "
-                           "threshold (Communicator.set_small_bytes)");
+                           "threshold (fastar.policy.Tuning.small_bytes)");
 }
 
 std::atomic<uint64_t>* ShmArena::small_desc(int rank, int buf) const {

@@ -65,17 +65,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<fastar::Plan>(m, "Plan")
       .def(py::init([](fastar::Collective c, fastar::Algorithm a, fastar::Hierarchy h, fastar::Protocol p,
-                       int64_t chunk_bytes, fastar::Wire w) {
-             return fastar::Plan{c, a, h, p, chunk_bytes, w};
+                       int64_t chunk_bytes, fastar::Wire w, bool stream) {
+             return fastar::Plan{c, a, h, p, chunk_bytes, w, stream};
            }),
            py::arg("collective"), py::arg("algorithm"), py::arg("hierarchy"), py::arg("protocol"),
-           py::arg("chunk_bytes"), py::arg("wire"))
+           py::arg("chunk_bytes"), py::arg("wire"), py::arg("stream") = false)
       .def_readonly("collective", &fastar::Plan::collective)
       .def_readonly("algorithm", &fastar::Plan::algorithm)
       .def_readonly("hierarchy", &fastar::Plan::hierarchy)
       .def_readonly("protocol", &fastar::Plan::protocol)
       .def_readonly("chunk_bytes", &fastar::Plan::chunk_bytes)
       .def_readonly("wire", &fastar::Plan::wire)
+      .def_readonly("stream", &fastar::Plan::stream)
       .def("__repr__", [](const fastar::Plan& p) {
         return "<fastar._C.Plan " + fastar::plan_label(p) + " chunk " + std::to_string(p.chunk_bytes) + ">";
       });
@@ -147,7 +148,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_timeout", &Communicator::set_timeout, py::arg("seconds"))
       .def("_fail_for_test", &Communicator::fail_for_test, py::arg("why"),
            "Test hook: fails the communicator (and marks its arenas) as a first error would.")
-      .def("set_stream_above_bytes", &Communicator::set_stream_above_bytes, py::arg("bytes"))
       .def("has_shm", &Communicator::has_shm)
       .def("shm_chunk_bytes", &Communicator::shm_chunk_bytes)
       .def("failed", [](Communicator& c) { return (bool)c.failure(); })

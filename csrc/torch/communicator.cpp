@@ -138,11 +138,6 @@ bool Communicator::has_tensor_groups(const std::string& device_type) {
   return tensor_ && tensor_->has_groups(c10::Device(device_type).type());
 }
 
-// The tuning setter never waits for a running collective: the next call reads the new value.
-void Communicator::set_stream_above_bytes(int64_t b) {
-  std::lock_guard<std::mutex> g(life_mu_);
-  if (hier_) hier_->stream_above_bytes = b;
-}
 
 OpRecord Communicator::last_op() {
   std::lock_guard<std::mutex> g(rec_mu_);
@@ -451,9 +446,9 @@ void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const 
       }
     }
     if (scatter)
-      hier_->reduce_scatter(algo, plan.chunk_bytes, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->reduce_scatter(plan, in.data_ptr(), out.data_ptr(), shard, dt, seq);
     else
-      hier_->allgather(algo, plan.chunk_bytes, in.data_ptr(), out.data_ptr(), shard, dt, seq);
+      hier_->allgather(plan, in.data_ptr(), out.data_ptr(), shard, dt, seq);
   } else {
     if (validate && S > 1) validate_peers(*world_, algo, desc, what);
     flat_halves(scatter, exec_, *world_, algo, in.data_ptr(), out.data_ptr(), shard, dt, seq);

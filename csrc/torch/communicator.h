@@ -120,7 +120,6 @@ class Communicator {
   // multiple of 2^20, so that a later call never matches a call of the abandoned iteration that a
   // peer still runs (ranks that abandoned alike stay in step).
   void skip_sequence();
-  void set_stream_above_bytes(int64_t b);  // streaming stores for results from this size (tuning)
   const Topology& topology() const { return topo_; }
   bool has_shm() const { return arena_ != nullptr; }
   int64_t shm_chunk_bytes() const { return arena_ ? arena_->chunk_bytes() : 0; }  // a fact the plan needs

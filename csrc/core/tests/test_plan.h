@@ -34,11 +34,20 @@ struct Tuned : Hierarchical {
   std::atomic<int64_t> local_chunk_bytes{512 << 10};
   // The pipeline's chunk as policy.py plans it: one node min(slot, local chunk), between nodes the slot.
   int64_t chunk() const { return nodes > 1 ? arena_chunk : std::min(arena_chunk, local_chunk_bytes.load()); }
+  Plan halves_plan(Collective c, Algorithm a) const {
+    Plan p;
+    p.collective = c;
+    p.algorithm = a;
+    p.hierarchy = Hierarchy::Rail;
+    p.protocol = Protocol::Halves;
+    p.chunk_bytes = chunk();
+    return p;
+  }
   HierarchicalStats reduce_scatter(Algorithm a, const void* in, void* out, int64_t shard, DType t, uint64_t seq) {
-    return Hierarchical::reduce_scatter(a, chunk(), in, out, shard, t, seq);
+    return Hierarchical::reduce_scatter(halves_plan(Collective::ReduceScatter, a), in, out, shard, t, seq);
   }
   HierarchicalStats allgather(Algorithm a, const void* in, void* out, int64_t shard, DType t, uint64_t seq) {
-    return Hierarchical::allgather(a, chunk(), in, out, shard, t, seq);
+    return Hierarchical::allgather(halves_plan(Collective::Allgather, a), in, out, shard, t, seq);
   }
   int64_t arena_chunk;
   int nodes;
