@@ -156,3 +156,48 @@ def test_streaming_stores_are_planned():
     assert policy.plan(big, 4, TWO_NODES, collective="allgather").stream
     assert not policy.plan(big - 4, 4, TWO_NODES, collective="allgather").stream
     assert not policy.plan(big, 4, TWO_NODES, collective="reduce_scatter").stream
+
+
+# What a grep for size constants finds outside policy.py, and why none of them chooses a route or a
+# protocol: capacities, user-facing defaults, and bit arithmetic. A new threshold elsewhere fails
+# this test (move it into policy.py, or add it here with the reason it is not a choice).
+NOT_CHOICES = {
+    "fastar/data_parallel.py": ["bucket_cap_mb * (1 << 20)", "first_bucket_mb * (1 << 20)",  # the user's caps
+                                "250 * (1 << 20)"],  # DDP's buffer-broadcast bucket
+    "fastar/groups.py": ["shm_chunk_bytes=1 << 20"],  # a user's group: no arena, the size is unused
+    "fastar/settings.py": ["* (1 << 20)"],  # FASTAR_SHM_CHUNK_MB in bytes
+    "fastar/state.py": ["SHM_FALLBACK_CHUNKS = (1 << 20, 256 << 10)"],  # smaller arenas for a small /dev/shm
+    "csrc/core/shm.h": ["kSmallBytes = 64 << 10"],  # the small regions' capacity (LATENCY_MAX_BYTES)
+    "csrc/core/call_check.cpp": ["(route & 7) << 20"],  # bit fields of the check word
+    "csrc/core/executor.h": ["chunk_bytes = 4 << 20"],  # the step loop's receive slots
+    "csrc/core/reduce.cpp": ["(127 - 15) << 10"],  # fp16 exponent arithmetic
+    "csrc/core/flat_halves.cpp": ["(seq & 0x3FF) << 20"],  # message tags
+    "csrc/torch/communicator.cpp": ["(uint64_t(1) << 20) - 1", "(seq & 0x3FF) << 20"],
+    "csrc/torch/bucket_engine.cpp": ["(uint64_t(1) << 20) - 1"],  # call numbers
+    "csrc/torch/tensor_codec.cpp": ["(int64_t)(4 << 20)"],  # the rounding pass's scratch piece
+}
+
+
+def test_every_threshold_lives_in_policy():
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pat = re.compile(r"<< ?(10|20)\b|\b[A-Z_]*BYTES[A-Z_]*\s*=\s*\d")
+    found = {}
+    for d in ("fastar", "csrc"):
+        for f in sorted((root / d).rglob("*")):
+            rel = f.relative_to(root).as_posix()
+            if f.suffix not in (".py", ".h", ".cpp", ".cu", ".cuh") or rel == "fastar/policy.py" \
+                    or rel.startswith(("fastar/simulate/", "csrc/core/tests/")):
+                continue
+            for line in f.read_text().splitlines():
+                if pat.search(line):
+                    found.setdefault(rel, []).append(line.strip())
+    unexplained = {f: [ln for ln in lines if not any(ok in ln for ok in NOT_CHOICES.get(f, []))]
+                   for f, lines in found.items()}
+    unexplained = {f: v for f, v in unexplained.items() if v}
+    assert not unexplained, f"size thresholds outside fastar/policy.py: {unexplained}"
+    # and the allowlist is not stale
+    for f, oks in NOT_CHOICES.items():
+        for ok in oks:
+            assert any(ok in ln for ln in found.get(f, [])), (f, ok)
