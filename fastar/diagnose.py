@@ -79,12 +79,20 @@ def _exchange_reports(msg: str) -> list[tuple[int, str]]:
     return _store_call(others) or []
 
 
+_annotated_for = None  # the communicator whose first error this process has annotated
+
+
 def with_cause(err: BaseException) -> BaseException:
     """This rank's error with what the other ranks reported and which same-host peers have exited
     (and publishes this one), so that every rank's error names the rank that failed."""
+    global _annotated_for
     msg = str(err)
-    if msg.startswith(EARLIER_FAILURE):
-        return err  # an echo of the first error, which was annotated when it was raised
+    comm = getattr(state.current(), "comm", None)
+    if msg.startswith(EARLIER_FAILURE) and comm is not None and _annotated_for is comm:
+        return err  # an echo of the first error, which was annotated when this rank raised it
+    # (else the first error reached this rank from another one, through the failure contract's
+    # message, and was never raised here: its first echo gets the annotation)
+    _annotated_for = comm
     try:
         gone = exited_peers_settled()
         # Without torchrun's agent (which hosts the store itself), the store lived in rank 0's
