@@ -187,7 +187,8 @@ class FastarBackend(_C10dBackend):
         self._comm = self._make_communicator()
         # What the plans (fastar.policy.plan) need to know of this communicator.
         self._node = policy.Node(self._topo.size, self._topo.local_size,
-                                 self._comm.shm_chunk_bytes() if self._comm.has_shm() else 0)
+                                 self._comm.shm_chunk_bytes() if self._comm.has_shm() else 0,
+                                 self._comm.single_copy())
         self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
         self._queue: queue.Queue = queue.Queue()
         self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
@@ -264,6 +265,7 @@ class FastarBackend(_C10dBackend):
                 state.warn_shm_fallback('init_process_group("fastar")', e, chunks[i + 1])
                 continue
             self.shm_chunk_bytes = c
+            comm.probe_single_copy(settings.single_copy())  # the node's ranks together, after all mapped it
             return comm
 
     def _node_segment(self, make, attempt: int):

@@ -74,7 +74,7 @@ def nothing_to_compress(wire: str, device_type: str, size: int, num_nodes: int, 
 # plan plus the call, so ranks whose plans differ (different tuning) raise on every rank.
 
 COLLECTIVES = ("allreduce", "reduce_scatter", "allgather")
-PROTOCOLS = ("latency", "one_barrier", "chunked", "halves", "in_place", "network")
+PROTOCOLS = ("latency", "one_barrier", "chunked", "halves", "in_place", "network", "single_copy")
 # The node arena's small regions hold this much per rank (ShmArena::kSmallBytes; test_plan.py
 # checks it against fastar._C.LATENCY_MAX_BYTES): the latency protocol's ceiling.
 LATENCY_MAX_BYTES = 64 << 10
@@ -98,12 +98,24 @@ class Tuning:
     # On session 8's host cached stores measured 10-20 % faster at 16 MiB and no slower at 64 and
     # 256 MiB, with the cores sharing a cache or not (docs/results.md).
     stream_above_bytes: int = 1 << 62
+    # One node whose ranks may read each other's memory (Node.single_copy): an allreduce the latency
+    # protocol does not take and of at least this many bytes takes the single-copy protocol (each
+    # rank reads its peers' parts of its slice straight from their buffers and sums in place, then
+    # reads their summed slices: the peers' bytes cross once, where the slots copy them twice). Its
+    # three barriers and system calls lose to the latency protocol's one pass up to 64 KiB, and it
+    # beats the slots above (docs/results.md, session 11).
+    single_copy_min_bytes: int = 0
+    # Its chunk: how much of each peer's part is read into a scratch (kept in cache) before it is summed.
+    single_copy_chunk_bytes: int = 64 << 10
 
     def __post_init__(self):
         if self.small_bytes < 0:
             raise ValueError(f"fastar: Tuning.small_bytes must be at least 0, not {self.small_bytes}")
         if self.local_chunk_bytes < 4096:
             raise ValueError(f"fastar: Tuning.local_chunk_bytes must be at least 4096, not {self.local_chunk_bytes}")
+        if self.single_copy_chunk_bytes < 4096 or self.single_copy_chunk_bytes % 64:
+            raise ValueError("fastar: Tuning.single_copy_chunk_bytes must be a multiple of 64 bytes of at least "
+                             f"4096, not {self.single_copy_chunk_bytes}")
         if self.latency_block_bytes < 64 or self.latency_block_bytes % 64:
             raise ValueError("fastar: Tuning.latency_block_bytes must be a multiple of 64 bytes, not "
                              f"{self.latency_block_bytes}")
@@ -131,6 +143,9 @@ class Node:
     size: int
     local_size: int
     arena_chunk_bytes: int = 0  # the node arena's slot; 0: no arena (one rank per node, a user's group)
+    # The node's ranks may read each other's memory (the probe at init, FASTAR_SINGLE_COPY): the
+    # single-copy protocol can run.
+    single_copy: bool = False
 
     @property
     def num_nodes(self) -> int:
@@ -192,6 +207,11 @@ def plan(nbytes: int, itemsize: int, node: Node, *, collective: str = "allreduce
         why.append(f"latency protocol: {nbytes} B <= {min(t.small_bytes, LATENCY_MAX_BYTES)} B on one node "
                    "(the arena's small regions, in blocks; no header exchange)")
         return Plan("allreduce", algorithm, hierarchy, "latency", t.latency_block_bytes, "", "; ".join(why))
+    single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
+    if node.single_copy and node.num_nodes == 1 and nbytes >= t.single_copy_min_bytes and single_copy_chunk:
+        why.append(f"single copy: {nbytes} B >= {t.single_copy_min_bytes} B on one node whose ranks may read "
+                   f"each other's memory (chunks of {single_copy_chunk} B per peer)")
+        return Plan("allreduce", algorithm, hierarchy, "single_copy", single_copy_chunk, "", "; ".join(why))
     if small:
         why.append(f"one barrier: {nbytes} B <= {t.small_bytes} B in one chunk")
         return Plan("allreduce", algorithm, hierarchy, "one_barrier", 0, "", "; ".join(why))

@@ -10,6 +10,9 @@ VARIABLES = {
     "FASTAR_SHM_CHUNK_MB": "chunk size of the staged shared-memory path, MiB (default 4)",
     "FASTAR_LOCAL_SIZE": "ranks per node, overriding torchrun's LOCAL_WORLD_SIZE",
     "FASTAR_TRAIN_WRAP": "fastar.train's gradient averaging: fastar or ddp",
+    "FASTAR_SINGLE_COPY": "one node's ranks read each other's buffers directly (process_vm_readv) for "
+                          "allreduces from policy.Tuning.single_copy_min_bytes: 1 (default: where the kernel "
+                          "allows it) or 0 (never: the shared-memory slots)",
     "FASTAR_BACKEND_VALIDATE": "the \"fastar\" torch.distributed backend's shape and dtype check (a header "
                                "exchanged before each native collective): 1 (default) or 0 (off); read when a "
                                "backend's process group is created",
@@ -61,3 +64,9 @@ def train_wrap() -> str | None:
 def backend_validate() -> bool:
     """FASTAR_BACKEND_VALIDATE: "1" (default) or "0"; read by each FastarBackend as it is created."""
     return env_choice("FASTAR_BACKEND_VALIDATE", ("0", "1"), "1") == "1"
+
+
+def single_copy() -> bool:
+    """FASTAR_SINGLE_COPY: "1" (default) or "0". Read when a communicator is made; a node uses the
+    single-copy protocol only when every local rank wants it and the probe found it allowed."""
+    return env_choice("FASTAR_SINGLE_COPY", ("0", "1"), "1") == "1"

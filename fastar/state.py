@@ -60,7 +60,7 @@ class State:
     def node(self) -> policy.Node:
         """What a plan needs to know of this communicator (fastar.policy.plan)."""
         return policy.Node(self.topo.size, self.topo.local_size,
-                           self.comm.shm_chunk_bytes() if self.comm.has_shm() else 0)
+                           self.comm.shm_chunk_bytes() if self.comm.has_shm() else 0, self.comm.single_copy())
 
     def refresh_fast(self) -> tuple:
         t = policy.tuning()
@@ -180,6 +180,8 @@ def init(local_size: int | None = None, timeout: timedelta | None = None):
                 if i + 1 == len(chunks):
                     raise
                 warn_shm_fallback("fastar.init", e, chunks[i + 1])
+        if comm.has_shm():
+            comm.probe_single_copy(settings.single_copy())  # the node's ranks together, after all mapped it
         processes: list = [None] * topo.size
         dist.all_gather_object(processes, topology.this_process(), group=world)
         _state = State(topo=topo, comm=comm, world_group=world, inter_group=inter, timeout=timeout,

@@ -148,7 +148,8 @@ def _pipeline_worker(rank, n, numel):
 def test_one_node_pipeline_exact(n, numel):
     """Several 512 KiB chunks, uneven slices, with and without the streaming copy-out: every
     element equals the exact sum on every rank."""
-    res = run_workers(_pipeline_worker, n, numel, timeout=240, env={"FASTAR_LOCAL_SIZE": str(n)})
+    res = run_workers(_pipeline_worker, n, numel, timeout=240,
+                      env={"FASTAR_LOCAL_SIZE": str(n), "FASTAR_SINGLE_COPY": "0"})  # the slots' pipeline
     assert all(v == [0, 0] for v in res), res
 
 

@@ -35,6 +35,10 @@ def _tuning_worker(rank, n, setting):
         if rank == 0:
             fastar.policy.set_tuning(local_chunk_bytes=256 << 10)
         count = (512 << 10) // 4  # one chunk at 512 KiB, two at 256 KiB
+    elif setting == "single_copy_chunk":
+        if rank == 0:
+            fastar.policy.set_tuning(single_copy_chunk_bytes=128 << 10)
+        count = (512 << 10) // 4  # the single-copy protocol on both ranks, its chunk differs
     else:
         if rank == 0:
             fastar.policy.set_tuning(small_bytes=256 << 10)  # one-barrier slots here, the chunked pipeline elsewhere
@@ -50,12 +54,14 @@ def _tuning_worker(rank, n, setting):
     return kind, val, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("setting", ["chunk", "small_bytes"])
+@pytest.mark.parametrize("setting", ["chunk", "small_bytes", "single_copy_chunk"])
 def test_ranks_tuned_differently_raise_on_every_rank(setting):
-    res = run_workers(_tuning_worker, 2, setting, timeout=120)
+    # the slots' settings with the single-copy protocol off (it takes these sizes when allowed)
+    env = {} if setting == "single_copy_chunk" else {"FASTAR_SINGLE_COPY": "0"}
+    res = run_workers(_tuning_worker, 2, setting, timeout=120, env=env)
     for rank, (kind, val, took) in enumerate(res):
         assert kind == "error", f"rank {rank}: {val} (the other: {res[1 - rank]})"
-        assert "disagree" in val and ("chunk" in val if setting == "chunk" else "protocol" in val), val
+        assert "disagree" in val and ("protocol" in val if setting == "small_bytes" else "chunk" in val), val
         assert took < 10 + MARGIN_S, took
 
 

@@ -14,6 +14,7 @@ from mp_utils import run_workers
 KiB, MiB = 1 << 10, 1 << 20
 ONE_NODE = policy.Node(4, 4, 4 * MiB)
 TWO_NODES = policy.Node(4, 2, 4 * MiB)
+ONE_NODE_SC = policy.Node(4, 4, 4 * MiB, single_copy=True)  # its ranks may read each other's memory
 
 
 @pytest.mark.parametrize("nbytes,itemsize,node,want", [
@@ -27,6 +28,12 @@ TWO_NODES = policy.Node(4, 2, 4 * MiB)
     (16 * MiB, 4, TWO_NODES, ("rail", "chunked", 4 * MiB)),
     (4 * KiB, 4, policy.Node(4, 1), ("flat", "network", 0)),  # one rank per node
     (4 * KiB, 4, policy.Node(4, 2, 0), ("flat", "network", 0)),  # no arena (a user's group)
+    # the single-copy protocol: one node whose probe allowed it, from single_copy_min_bytes
+    (64 * KiB, 4, ONE_NODE_SC, ("leader", "latency", 4096)),  # the latency protocol first
+    (64 * KiB + 4, 4, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
+    (64 * MiB, 2, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
+    (1 * MiB, 8, policy.Node(4, 4, 32 * KiB, single_copy=True), ("leader", "single_copy", 32 * KiB)),  # the slot
+    (1 * MiB, 4, policy.Node(4, 2, 4 * MiB, single_copy=True), ("leader", "chunked", 4 * MiB)),  # two nodes: slots
 ])
 def test_allreduce_plans(nbytes, itemsize, node, want):
     p = policy.plan(nbytes, itemsize, node)
@@ -47,7 +54,8 @@ def test_the_tuning_changes_the_plan_and_is_validated():
     finally:
         policy.set_tuning(**vars(old))
     assert policy.tuning() == old
-    for bad in ({"small_bytes": -1}, {"local_chunk_bytes": 100}, {"latency_block_bytes": 100}):
+    for bad in ({"small_bytes": -1}, {"local_chunk_bytes": 100}, {"latency_block_bytes": 100},
+                {"single_copy_chunk_bytes": 100}):
         with pytest.raises(ValueError, match="Tuning"):
             policy.Tuning(**bad)
 
@@ -55,9 +63,11 @@ def test_the_tuning_changes_the_plan_and_is_validated():
 def test_the_fast_entrys_limit_is_the_plans():
     """fastar.all_reduce takes every call up to latency_limit with the one latency plan, without
     planning it: that must be exactly what plan() gives, for every dtype size, under several tunings."""
-    for tune in ({}, {"small_bytes": 8 * KiB}, {"local_chunk_bytes": 16 * KiB}, {"small_bytes": 0}):
+    for tune in ({}, {"small_bytes": 8 * KiB}, {"local_chunk_bytes": 16 * KiB}, {"small_bytes": 0},
+                 {"single_copy_min_bytes": 1 << 20}, {"small_bytes": 0, "single_copy_min_bytes": 0}):
         t = policy.Tuning(**tune)
-        for node in (ONE_NODE, policy.Node(2, 2, 64 * KiB), policy.Node(8, 8, 1 * MiB)):
+        for node in (ONE_NODE, policy.Node(2, 2, 64 * KiB), policy.Node(8, 8, 1 * MiB), ONE_NODE_SC,
+                     policy.Node(2, 2, 64 * KiB, single_copy=True)):
             lim = policy.latency_limit(node, t)
             one = policy.plan(0, 1, node, t=t)
             for es in (1, 2, 4, 8):
@@ -123,7 +133,12 @@ def _refusal_worker(rank, n):
         "chunk above the slot": policy.Plan("allreduce", "halving_doubling", "leader", "chunked", 64 * MiB, ""),
         "flat with a protocol": policy.Plan("allreduce", "halving_doubling", "flat", "chunked", 4096, ""),
         "a halves plan": policy.Plan("reduce_scatter", "halving_doubling", "rail", "halves", 4096, ""),
+        "single copy, chunk not whole elements": policy.Plan("allreduce", "halving_doubling", "leader",
+                                                             "single_copy", 4098, ""),
     }
+    if not st.node.single_copy:  # the probe refused it here: every single-copy plan is refused
+        bad["single copy where the probe refused it"] = policy.Plan("allreduce", "halving_doubling", "leader",
+                                                                    "single_copy", 4096, "")
     for name, p in bad.items():
         try:
             comm.allreduce(t, groups.native_plan(p), False, True, False)
@@ -142,7 +157,8 @@ def test_the_communicator_refuses_a_plan_it_cannot_run_before_anything_runs():
     res = run_workers(_refusal_worker, 2, timeout=120)
     for rank, out in enumerate(res):
         for name in ("latency too large", "one barrier with a chunk", "chunk not whole elements",
-                     "chunk above the slot", "flat with a protocol", "a halves plan"):
+                     "chunk above the slot", "flat with a protocol", "a halves plan",
+                     "single copy, chunk not whole elements"):
             assert out[name] != "ran" and "plan" in out[name], (rank, name, out[name])
             assert out["failed after " + name] is False, (rank, name)
         assert out["sum"] == 2.0

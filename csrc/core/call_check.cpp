@@ -15,6 +15,7 @@ const char* protocol_name(uint64_t p) {
     case Protocol::Halves: return "halves (reduce-scatter/allgather)";
     case Protocol::InPlace: return "in place (wrap's bucket arena)";
     case Protocol::Network: return "network only";
+    case Protocol::SingleCopy: return "single-copy (peers' memory read directly)";
   }
   return "unknown";
 }
@@ -29,11 +30,12 @@ const char* collective_name(Collective c) {
 }
 
 std::string plan_label(const Plan& p) {
-  static const char* short_names[] = {"?", "latency", "one_barrier", "chunked", "halves", "in_place", "network"};
+  static const char* short_names[] = {"?",        "latency", "one_barrier", "chunked",
+                                       "halves",   "in_place", "network",    "single_copy"};
   const uint64_t pr = (uint64_t)p.protocol;
   std::string s = std::string(hierarchy_name(p.hierarchy)) + ":" + algorithm_name(p.algorithm);
   if (p.wire != Wire::None) s += std::string(":") + wire_name(p.wire);
-  return s + ":" + (pr <= 6 ? short_names[pr] : "?");
+  return s + ":" + (pr <= 7 ? short_names[pr] : "?");
 }
 
 std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs[kDescWords], const char* what,

@@ -31,8 +31,9 @@ class StagedPhase final : public LocalPhase {
     carries_ = multi_ && h.inter_ != nullptr && (mode_ == Hierarchy::Rail || lr_ == 0);
     latency_ = plan.protocol == Protocol::Latency;
     small_ = latency_ || plan.protocol == Protocol::OneBarrier;
+    single_ = plan.protocol == Protocol::SingleCopy;
     chunk_elems_ = latency_ || small_ ? std::max<int64_t>(count, 1) : plan.chunk_bytes / (int64_t)es_;
-    nchunks_ = count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
+    nchunks_ = single_ ? 1 : count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
     block_bytes_ = latency_ ? plan.chunk_bytes : 0;
     // What the ranks must agree on (call_check.h): the call and its plan.
     encode_desc(plan, seq, count, (uint64_t)t, desc_);
@@ -44,11 +45,16 @@ class StagedPhase final : public LocalPhase {
     a_.publish_desc(desc_, first_gen_);  // read by a peer on another protocol, to say why
   }
   int64_t chunks() const override { return small_ ? 1 : nchunks_; }
-  bool pipelined() const override { return !small_; }
+  bool pipelined() const override { return !small_ && !single_; }
   void failed(const std::string& why) override { a_.mark_failed(why); }
   LatencyProfile* prof = nullptr;
+  double scale_by = 1.0;  // the single-copy protocol's avg, applied to each summed slice
+  bool scales() const { return single_; }
 
-  Part reduce(int64_t c) override { return small_ ? reduce_small() : reduce_chunk(c); }
+  Part reduce(int64_t c) override {
+    if (single_) return reduce_single();
+    return small_ ? reduce_small() : reduce_chunk(c);
+  }
 
   void before_inter(int64_t c) override {
     if (!small_ && mode_ != Hierarchy::Rail && L_ > 1)
@@ -58,6 +64,7 @@ class StagedPhase final : public LocalPhase {
     if (!small_) a_.signal(ShmFlag::Done, gen(c));
   }
   void distribute(int64_t c) override {
+    if (single_) return distribute_single();
     if (small_) return distribute_small();
     const uint32_t g = gen(c);
     const int buf = g & 1;
@@ -193,6 +200,52 @@ class StagedPhase final : public LocalPhase {
     std::memcpy(base_, res, count_ * es_);
   }
 
+  // One node, the peers' memory read directly (Protocol::SingleCopy): every rank's buffer stays
+  // where it is. After In (addresses and descriptors published) this rank sums its slice [s0, s1)
+  // in place, a chunk at a time: each peer's bytes of the chunk read once into the scratch (it
+  // stays in cache), summed in rank order with its own, scaled for avg. After a peer's Reduced its
+  // slice is final and is read straight into place. Done: no peer reads this rank's buffer any more,
+  // so the caller may change it. Peers read only slices this rank does not write at that time.
+  Part reduce_single() {
+    const uint32_t g = ++h_.gen_;
+    a_.publish_address(base_);
+    a_.signal(ShmFlag::In, g);
+    a_.wait_all(ShmFlag::In, g, "the buffers' addresses");
+    check_peers();
+    const int64_t s0 = part_begin(count_, L_, lr_), s1 = part_begin(count_, L_, lr_ + 1);
+    const int64_t w = chunk_elems_;
+    const size_t need = (size_t)(L_ - 1) * (size_t)w * es_;
+    if (h_.scratch_.size() < need) h_.scratch_.resize(need);
+    char* scratch = h_.scratch_.data();
+    const void** srcs = src_array();
+    for (int64_t o = s0; o < s1; o += w) {
+      const int64_t n = std::min(w, s1 - o);
+      for (int k = 1; k < L_; ++k) {
+        const int r = (lr_ + k) % L_;
+        char* into = scratch + (size_t)(k - 1) * (size_t)w * es_;
+        a_.read_peer(r, into, o * (int64_t)es_, (size_t)n * es_, "its part of this rank's slice");
+        srcs[r] = into;
+      }
+      srcs[lr_] = base_ + o * es_;
+      reduce_sum_many(t_, base_ + o * es_, srcs, L_, n);
+      if (scale_by != 1.0) scale(t_, base_ + o * es_, scale_by, n);
+    }
+    a_.signal(ShmFlag::Reduced, g);
+    return {};
+  }
+
+  void distribute_single() {
+    const uint32_t g = first_gen_;
+    for (int k = 1; k < L_; ++k) {
+      const int r = (lr_ + k) % L_;
+      a_.wait_rank(ShmFlag::Reduced, r, g, "a peer's sum of its slice");
+      const int64_t b = part_begin(count_, L_, r), e = part_begin(count_, L_, r + 1);
+      a_.read_peer(r, base_ + b * es_, b * (int64_t)es_, (size_t)(e - b) * es_, "its summed slice");
+    }
+    a_.signal(ShmFlag::Done, g);
+    a_.wait_all(ShmFlag::Done, g, "the peers' reads of this rank's buffer");
+  }
+
   Part reduce_chunk(int64_t c) {
     const uint32_t g = ++h_.gen_;
     const int buf = g & 1;
@@ -234,7 +287,7 @@ class StagedPhase final : public LocalPhase {
   DType t_;
   int L_, lr_;
   size_t es_;
-  bool multi_, carries_ = false, small_ = false, latency_ = false, streaming_ = false;
+  bool multi_, carries_ = false, small_ = false, latency_ = false, single_ = false, streaming_ = false;
   int64_t chunk_elems_ = 1, nchunks_ = 0, block_bytes_ = 0;
   uint64_t desc_[kDescWords];
   uint32_t first_gen_ = 0;
@@ -242,14 +295,17 @@ class StagedPhase final : public LocalPhase {
   std::vector<const void*> srcs_;
 };
 
-HierarchicalStats Hierarchical::allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq) {
+HierarchicalStats Hierarchical::allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq,
+                                          double scale_by) {
   StagedPhase ph(*this, plan, data, count, t, seq);
   ph.prof = profile && profile->on ? profile : nullptr;
+  ph.scale_by = scale_by;
   ph.publish();
   codec_.set_dtype(t);
   HierarchicalStats stats;
   stats.inter_bytes_sent = driver_.run(ph, plan.algorithm, codec_);
   stats.chunks = ph.chunks();
+  if (scale_by != 1.0 && !ph.scales()) scale(t, data, scale_by, count);
   return stats;
 }
 
@@ -280,8 +336,17 @@ void Hierarchical::check_plan(const Plan& plan, int64_t bytes, size_t es) const 
         refuse("the chunk must be whole elements, at most the arena's slot of " + std::to_string(arena_->chunk_bytes()) +
                " B");
       return;
+    case Protocol::SingleCopy:
+      if (multi) refuse("the single-copy protocol runs on one node");
+      if (!arena_->single_copy())
+        refuse("this node's ranks may not read each other's memory (the probe at init: process_vm_readv was "
+               "refused on some local rank, or FASTAR_SINGLE_COPY=0 there)");
+      if (plan.chunk_bytes < (int64_t)es || plan.chunk_bytes % (int64_t)es || plan.chunk_bytes > arena_->chunk_bytes())
+        refuse("the chunk must be whole elements, at most the arena's slot of " + std::to_string(arena_->chunk_bytes()) +
+               " B");
+      return;
     default:
-      refuse("the staged phase runs the latency, one-barrier or chunked protocol");
+      refuse("the staged phase runs the latency, one-barrier, chunked or single-copy protocol");
   }
 }
 

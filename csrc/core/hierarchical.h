@@ -53,7 +53,10 @@ class Hierarchical {
   Hierarchical(ShmArena* arena, Transport* inter, int num_nodes);
   // fastar.all_reduce's hierarchy: the one driver (hier_driver.h) with the staged phase (slots).
   // plan: fastar/policy.py's (hierarchy leader or rail; protocol latency, one-barrier or chunked).
-  HierarchicalStats allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq);
+  // scale: every element of the result multiplied by it (op avg: 1 / world size); the single-copy
+  // protocol scales each slice once where it is summed, the others the whole buffer at the end.
+  HierarchicalStats allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq,
+                              double scale = 1.0);
   // Throws std::invalid_argument, saying why, when this node cannot run the plan for `bytes`.
   void check_plan(const Plan& plan, int64_t bytes, size_t elem_bytes) const;
   // The halves, over the node's ranks (local rank l of node n is global rank n * L + l) with `shard`
@@ -87,6 +90,7 @@ class Hierarchical {
   int num_nodes_;
   uint32_t gen_ = 0;
   std::vector<char> rail_buf_;  // the halves' rail phase: this rank's shards of every node, per chunk
+  std::vector<char> scratch_;  // the single-copy protocol: the peers' bytes of one chunk, per peer
   HostSum codec_;
   HierarchicalDriver driver_;  // last: its worker stops before the rest goes
 };

@@ -24,6 +24,11 @@ enum class Protocol : uint64_t {
   Halves = 4,      // reduce-scatter / allgather through the slots (chunk: the slots' chunk)
   InPlace = 5,     // fastar.wrap's buckets in the bucket arena
   Network = 6,     // no local phase: the schedule over the transport alone
+  // One node: every rank reads its peers' buffers straight from their memory (process_vm_readv,
+  // where the node's probe found it allowed): its 1/L slice summed in place through a scratch of
+  // chunk bytes per peer, then every peer's reduced slice copied into place. One copy of the
+  // peers' bytes instead of the slots' two (chunk: the scratch per peer).
+  SingleCopy = 7,
 };
 
 struct Plan {

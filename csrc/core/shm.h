@@ -13,7 +13,8 @@
 // ever lands on a flag.
 //
 // One class, three files: shm.cpp (the segment: creation, checks, layout, liveness), shm_flags.cpp
-// (flags, waits, failure marking, the generation refresh), shm_desc.cpp (the call descriptors).
+// (flags, waits, failure marking, the generation refresh, the single-copy probe and reads),
+// shm_desc.cpp (the call descriptors).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -108,6 +109,19 @@ class ShmArena {
   // check_desc against every other local rank.
   void check_peers(const uint64_t desc[kDescWords], uint32_t gen, const char* what);
 
+  // The single-copy protocol (Protocol::SingleCopy): local ranks read each other's buffers with
+  // process_vm_readv. probe_single_copy: every local rank calls it once, together, after all have
+  // mapped the segment (a wait like the flags', within the timeout); each reads a known word from
+  // every peer's memory. The node may use the protocol only when every local rank could, and
+  // wanted to (`want`: FASTAR_SINGLE_COPY): the same answer on every local rank.
+  bool probe_single_copy(bool want);
+  bool single_copy() const { return single_copy_; }
+  // This rank's buffer for its current call: published before In, read by the peers after it.
+  void publish_address(const void* p);
+  // Reads `bytes` at `offset` past local rank `rank`'s published buffer into dst; throws a
+  // std::runtime_error naming that rank and the reason (it exited, failed, or left the call).
+  void read_peer(int rank, void* dst, int64_t offset, size_t bytes, const char* what);
+
   // Removes fastar segments of this user whose creating process is gone (crash during init).
   // Names end in _ns<pid namespace inode>_p<pid>; segments of another pid namespace are left alone.
   static int remove_stale(const std::string& prefix);
@@ -137,6 +151,7 @@ class ShmArena {
   [[noreturn]] void throw_mismatch(int rank, const uint64_t mine[kDescWords], const std::atomic<uint64_t>* theirs,
                                    const char* what) const;
   char* small_base_ = nullptr;
+  bool single_copy_ = false;
   std::string who(int local_rank) const;  // "local rank 1 (rank 3)"
   int first_global_rank_ = -1;
   std::string name_;

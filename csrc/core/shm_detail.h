@@ -29,6 +29,15 @@ constexpr size_t kSmallSleepersOffset = 8;
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a small flag's futex word is its low half");
 static_assert(sizeof(std::atomic<uint64_t>) == 8 && sizeof(std::atomic<uint32_t>) == 4, "lock-free flag words");
 static_assert(kDescWords * sizeof(uint64_t) <= kLine, "a descriptor fits its line");
+// A control page's lines: 0 the header, 1-3 the flags (ShmFlag), 8-9 the descriptors (shm_desc.cpp),
+// 10 the single-copy probe's state word (then its sleepers word), 11 the single-copy addresses.
+constexpr size_t kProbeLine = 10;
+constexpr size_t kAddressLine = 11;
+struct Addresses {
+  std::atomic<uint64_t> probe;  // a word in this process that holds kMagic (probe_single_copy)
+  std::atomic<uint64_t> call;   // the buffer of this rank's current single-copy call
+};
+static_assert(sizeof(Addresses) <= kLine, "the addresses fit a line");
 
 struct Header {
   std::atomic<uint64_t> magic;

@@ -1,7 +1,10 @@
 // Flags and waits: generation counters on the control pages and the latency path's block flags,
 // the one wait (spin, yield, futex), failure marking, and the refresh that keeps 32-bit
-// generations comparable.
+// generations comparable; the single-copy protocol's probe and reads of a peer's memory.
 #include <sched.h>
+#include <sys/uio.h>
+
+#include <cerrno>
 
 #include <chrono>
 #include <cstring>
@@ -196,6 +199,90 @@ void ShmArena::begin_call(uint32_t first_gen) {
       for (int b = 0; b < kSmallBlocks; ++b) small_flag(local_rank_, b, buf)->store(old, std::memory_order_release);
     }
   if (all) refreshed_at_ = first_gen;
+}
+
+// ---- the single-copy protocol ------------------------------------------------------------------
+
+namespace {
+
+// The word a peer's probe reads from this process.
+const uint64_t probe_word = kMagic;
+
+// process_vm_readv until every byte is in; 0 or the errno of the failure.
+int read_process(int pid, void* dst, uint64_t src, size_t bytes) {
+  char* d = static_cast<char*>(dst);
+  while (bytes > 0) {
+    struct iovec local{d, bytes}, remote{reinterpret_cast<void*>(src), bytes};
+    const ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno;
+    if (n == 0) return EFAULT;
+    d += n;
+    src += (uint64_t)n;
+    bytes -= (size_t)n;
+  }
+  return 0;
+}
+
+Addresses* addresses(char* page) { return reinterpret_cast<Addresses*>(page + kAddressLine * kLine); }
+
+}  // namespace
+
+bool ShmArena::probe_single_copy(bool want) {
+  char* mine = base_ + kCtlBytes * local_rank_;
+  auto* state = reinterpret_cast<std::atomic<uint32_t>*>(mine + kProbeLine * kLine);
+  auto signal_state = [&](uint32_t v) {
+    state->store(v, std::memory_order_seq_cst);
+    if (state[1].load(std::memory_order_seq_cst) != 0) futex_wake(state);
+  };
+  // 1: this rank's probe word is published; 2: it could read every peer's and wants the protocol;
+  // 3: it could not or does not want it. A peer at 1 has published, at 2 or 3 has decided.
+  addresses(mine)->probe.store(reinterpret_cast<uint64_t>(&probe_word), std::memory_order_relaxed);
+  signal_state(1);
+  bool ok = want;
+  for (int r = 0; r < local_size_; ++r) {
+    if (r == local_rank_) continue;
+    char* page = base_ + kCtlBytes * r;
+    auto* theirs = reinterpret_cast<std::atomic<uint32_t>*>(page + kProbeLine * kLine);
+    if (!reached(theirs->load(std::memory_order_acquire), 1))
+      wait_word(theirs, theirs + 1, r, 1, "the single-copy probe", false);
+    uint64_t got = 0;
+    const int pid = reinterpret_cast<Header*>(page)->pid.load();
+    if (ok && (read_process(pid, &got, addresses(page)->probe.load(), sizeof got) != 0 || got != kMagic)) ok = false;
+  }
+  signal_state(ok ? 2 : 3);
+  bool all = ok;
+  for (int r = 0; r < local_size_; ++r) {
+    if (r == local_rank_) continue;
+    auto* theirs = reinterpret_cast<std::atomic<uint32_t>*>(base_ + kCtlBytes * r + kProbeLine * kLine);
+    if (!reached(theirs->load(std::memory_order_acquire), 2))
+      wait_word(theirs, theirs + 1, r, 2, "the single-copy probe", false);
+    if (theirs->load(std::memory_order_acquire) != 2) all = false;
+  }
+  single_copy_ = all;
+  return all;
+}
+
+void ShmArena::publish_address(const void* p) {
+  addresses(base_ + kCtlBytes * local_rank_)->call.store(reinterpret_cast<uint64_t>(p), std::memory_order_relaxed);
+}
+
+void ShmArena::read_peer(int rank, void* dst, int64_t offset, size_t bytes, const char* what) {
+  if (bytes == 0) return;
+  char* page = base_ + kCtlBytes * rank;
+  auto* hdr = reinterpret_cast<Header*>(page);
+  const int pid = hdr->pid.load();
+  const int err = read_process(pid, dst, addresses(page)->call.load(std::memory_order_relaxed) + (uint64_t)offset, bytes);
+  if (err == 0) return;
+  std::string why;
+  if (!peer_alive(pid, hdr->start_ticks.load(), hdr->pid_ns.load()) || err == ESRCH)
+    why = "it exited";
+  else if (hdr->failed.load(std::memory_order_acquire))
+    why = std::string("it failed: ") + (page[kErrOffset] ? std::string(page + kErrOffset) : std::string("(no reason given)"));
+  else
+    why = std::string("process_vm_readv: ") + std::strerror(err);
+  throw std::runtime_error("fastar shm: " + who(local_rank_) + " could not read the buffer of " + who(rank) + " (pid " +
+                           std::to_string(pid) + ", " + what + "): " + why);
 }
 
 }  // namespace fastar

@@ -50,7 +50,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .value("chunked", fastar::Protocol::Chunked)
       .value("halves", fastar::Protocol::Halves)
       .value("in_place", fastar::Protocol::InPlace)
-      .value("network", fastar::Protocol::Network);
+      .value("network", fastar::Protocol::Network)
+      .value("single_copy", fastar::Protocol::SingleCopy);
   py::enum_<fastar::Algorithm>(m, "Algorithm")
       .value("halving_doubling", fastar::Algorithm::HalvingDoubling)
       .value("ring", fastar::Algorithm::Ring);
@@ -107,6 +108,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // The one entry of an allreduce: None when it ran inline, else the queued work. Called
       // positionally (tensor, plan, avg, validate, async_op) on the latency path: no keyword matching.
       .def("allreduce", &Communicator::allreduce, py::call_guard<py::gil_scoped_release>())
+      .def("probe_single_copy", &Communicator::probe_single_copy, py::arg("want"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("single_copy", &Communicator::single_copy)
       .def("set_latency_profile", &Communicator::set_latency_profile, py::arg("on"),
            py::call_guard<py::gil_scoped_release>())
       .def("latency_profile",

@@ -113,6 +113,15 @@ void Communicator::fail_for_test(const std::string& why) {
   fail(std::make_exception_ptr(std::runtime_error(why)));
 }
 
+bool Communicator::probe_single_copy(bool want) {
+  std::lock_guard<std::mutex> g(exec_mu_);
+  if (!arena_) return false;
+  OpScope op(timeout_.get(), failure_.get());  // one deadline, like a collective's
+  return arena_->probe_single_copy(want);
+}
+
+bool Communicator::single_copy() const { return arena_ && arena_->single_copy(); }
+
 void Communicator::unlink_shm() {
   if (arena_) arena_->unlink();
 }
@@ -255,8 +264,7 @@ bool Communicator::run_latency(const at::Tensor& t, const Plan& plan, bool avg) 
     }
     try {
       OpScope op(timeout_.get(), failure_.get(), /*lazy=*/true);  // one deadline; no clock read unless it waits
-      hier_->allreduce(plan, data, count, dt, ++seq_);
-      if (avg) scale(dt, data, 1.0 / topo_.size, count);
+      hier_->allreduce(plan, data, count, dt, ++seq_, avg ? 1.0 / topo_.size : 1.0);
     } catch (...) {
       e = std::current_exception();
       graveyard_.push_back(t);
@@ -352,9 +360,9 @@ StreamWait Communicator::run_locked(at::Tensor t, const Plan& plan, bool avg, bo
         throw;
       }
     }
-    hier_->allreduce(plan, data, count, dt, seq);
+    hier_->allreduce(plan, data, count, dt, seq, avg && topo_.size > 1 ? 1.0 / topo_.size : 1.0);
   }
-  if (avg && topo_.size > 1) scale(dt, data, 1.0 / topo_.size, count);
+  if (avg && topo_.size > 1 && h == Hierarchy::Flat) scale(dt, data, 1.0 / topo_.size, count);
   record({h, algo, plan.protocol, count * (int64_t)dtype_size(dt), now_s() - t0});
   return {};
 }

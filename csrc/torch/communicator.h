@@ -74,6 +74,10 @@ class Communicator {
   ~Communicator();
   void close();
   void unlink_shm();
+  // The single-copy protocol's probe (ShmArena::probe_single_copy): every local rank calls it once,
+  // together, after the arena is mapped by all; false without an arena.
+  bool probe_single_copy(bool want);
+  bool single_copy() const;
   // The one entry of an allreduce: in-place sum (avg: then divided by the world size) of t by
   // `plan` (fastar/policy.py's; plan.h). Inline, on the caller's thread, when nothing is queued and
   // not async_op: returns nullptr, done. Else queued behind the earlier work: the returned work

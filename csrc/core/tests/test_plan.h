@@ -12,10 +12,18 @@
 namespace fastar {
 
 inline Plan staged_plan(Hierarchy h, Algorithm a, int64_t bytes, int64_t es, int64_t arena_chunk, int num_nodes,
-                        int64_t small_bytes, int64_t local_chunk_bytes, int64_t block_bytes) {
+                        int64_t small_bytes, int64_t local_chunk_bytes, int64_t block_bytes,
+                        int64_t single_copy_bytes = -1, int64_t single_copy_chunk = 64 << 10) {
   Plan p;
   p.hierarchy = h;
   p.algorithm = a;
+  // single_copy_bytes: policy.py's Tuning.single_copy_min_bytes on a node whose probe allowed it
+  // (negative: not allowed here).
+  if (single_copy_bytes >= 0 && num_nodes == 1 && bytes >= single_copy_bytes) {
+    p.protocol = Protocol::SingleCopy;
+    p.chunk_bytes = std::min(single_copy_chunk, arena_chunk) / es * es;
+    return p;
+  }
   const int64_t chunk = (num_nodes > 1 ? arena_chunk : std::min(arena_chunk, local_chunk_bytes)) / es * es;
   const int64_t nchunks = bytes == 0 ? 0 : (bytes + chunk - 1) / chunk;
   const bool small = bytes == 0 || (nchunks == 1 && bytes <= small_bytes && (num_nodes == 1 || h == Hierarchy::Leader));
@@ -31,6 +39,9 @@ struct Tuned : Hierarchical {
       : Hierarchical(a, inter, num_nodes), arena_chunk(a->chunk_bytes()), nodes(num_nodes) {}
   int64_t small_bytes = 64 << 10;
   int64_t small_block_bytes = 4096;
+  int64_t single_copy_bytes = -1;  // the single-copy protocol from this many bytes (after probe_single_copy)
+  int64_t single_copy_chunk = 64 << 10;
+  double scale_by = 1.0;  // op avg's factor
   std::atomic<int64_t> local_chunk_bytes{512 << 10};
   // The pipeline's chunk as policy.py plans it: one node min(slot, local chunk), between nodes the slot.
   int64_t chunk() const { return nodes > 1 ? arena_chunk : std::min(arena_chunk, local_chunk_bytes.load()); }
@@ -54,8 +65,9 @@ struct Tuned : Hierarchical {
   HierarchicalStats allreduce(Hierarchy h, Algorithm a, void* data, int64_t count, DType t, uint64_t seq) {
     const int64_t es = (int64_t)dtype_size(t);
     return Hierarchical::allreduce(staged_plan(h, a, count * es, es, arena_chunk, nodes, small_bytes,
-                                               local_chunk_bytes.load(), small_block_bytes),
-                                   data, count, t, seq);
+                                               local_chunk_bytes.load(), small_block_bytes, single_copy_bytes,
+                                               single_copy_chunk),
+                                   data, count, t, seq, scale_by);
   }
 };
 

@@ -330,6 +330,71 @@ void chunked_path(int L) {
   expect_no_errors(errors, "chunked path", L);
 }
 
+// The single-copy protocol (peers' buffers read with process_vm_readv; the threads of this process
+// stand in for the node's processes): the probe agrees on every rank, then sizes from empty to
+// several chunks per slice, slices shorter than a chunk or empty (fewer elements than ranks), every
+// dtype, chunks of 4 KiB to the arena's slot, op avg's scale; with calls of the other protocols in
+// between (the flags' generations and the slots' buffers stay in step). A rank that does not want
+// it makes the probe fail on every rank, and a plan of it is then refused before anything runs.
+void single_copy_path(int L) {
+  struct Case { int64_t count; DType t; int64_t chunk; };
+  const Case cases[] = {
+      {0, DType::Float32, 4096},        {1, DType::Float32, 4096},          {(int64_t)L - 1, DType::Float64, 4096},
+      {1000, DType::Float32, 4096},     {16387, DType::Float32, 65536},     {100003, DType::Float32, 4096},
+      {300007, DType::Float32, 65536},  {70001, DType::BFloat16, 8192},     {50001, DType::Float16, 65536},
+      {40009, DType::Float64, 4096},    {262144, DType::Float32, kArenaChunk}, {9, DType::Float64, 64},
+  };
+  auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
+    Tuned h(&a, nullptr, 1);
+    CHECK(a.probe_single_copy(true), "single copy L=%d: the probe failed on local rank %d", L, lr);
+    int k = 0;
+    for (int rep = 0; rep < 2; ++rep)
+      for (const Case& c : cases) {
+        h.single_copy_bytes = 0;
+        h.single_copy_chunk = c.chunk;
+        allreduce_checked(h, L, lr, ++k, c.count, c.t, 1, "single-copy path");
+        h.single_copy_bytes = -1;  // a call of the other protocols in between
+        allreduce_checked(h, L, lr, ++k, 3000 + rep, DType::Float32, -1, "after a single-copy call");
+      }
+    // op avg: each slice scaled where it is summed (a power of two: exact)
+    h.single_copy_bytes = 0;
+    h.scale_by = 0.25;
+    const int64_t count = 50000;
+    Buf b(count * 4);
+    ++k;
+    for (int64_t i = 0; i < count; ++i) put(DType::Float32, b.data(), i, val(lr, i, k));
+    h.allreduce(Hierarchy::Leader, Algorithm::HalvingDoubling, b.data(), count, DType::Float32, (uint64_t)k);
+    for (int64_t i = 0; i < count; ++i)
+      if (get(DType::Float32, b.data(), i) != sum_val(L, i, k) * 0.25) {
+        CHECK(false, "single copy L=%d rank %d: avg element %lld = %g, want %g", L, lr, (long long)i,
+              get(DType::Float32, b.data(), i), sum_val(L, i, k) * 0.25);
+        break;
+      }
+  });
+  expect_no_errors(errors, "single-copy path", L);
+  // One rank does not want it: no rank may use it, and its plan is refused with the reason.
+  std::vector<int> agreed(L, -1);
+  std::vector<std::string> refused(L);
+  errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
+    agreed[lr] = a.probe_single_copy(lr != L - 1);
+    Tuned h(&a, nullptr, 1);
+    h.single_copy_bytes = 0;
+    Buf b(4096);
+    try {
+      h.allreduce(Hierarchy::Leader, Algorithm::HalvingDoubling, b.data(), 1024, DType::Float32, 1);
+    } catch (const std::invalid_argument& e) {
+      refused[lr] = e.what();
+    }
+  });
+  expect_no_errors(errors, "single-copy probe refused", L);
+  for (int lr = 0; lr < L; ++lr) {
+    CHECK(agreed[lr] == 0, "single copy L=%d: local rank %d's probe said %d though local rank %d did not want it", L,
+          lr, agreed[lr], L - 1);
+    CHECK(contains(refused[lr], "may not read each other's memory"),
+          "single copy L=%d: local rank %d ran a single-copy plan the probe refused: %s", L, lr, refused[lr].c_str());
+  }
+}
+
 // reduce_scatter then allgather over shards of many sizes, with chunks of one element per rank
 // up to the arena's chunk; allgather of raw bytes too.
 void halves(int L) {
@@ -403,7 +468,7 @@ void mixed_run(int L, int calls, uint32_t seed) {
 
 // ---- failures ---------------------------------------------------------------------------------
 
-enum class Path { Latency, OneBarrier, Chunked, ReduceScatter, Allgather, Arena };
+enum class Path { Latency, OneBarrier, Chunked, ReduceScatter, Allgather, Arena, SingleCopy };
 const char* path_name(Path p) {
   switch (p) {
     case Path::Latency: return "latency path";
@@ -412,11 +477,12 @@ const char* path_name(Path p) {
     case Path::ReduceScatter: return "reduce_scatter";
     case Path::Allgather: return "allgather";
     case Path::Arena: return "arena allreduce";
+    case Path::SingleCopy: return "single-copy path";
   }
   return "?";
 }
-const Path kPaths[] = {Path::Latency, Path::OneBarrier, Path::Chunked, Path::ReduceScatter, Path::Allgather,
-                       Path::Arena};
+const Path kPaths[] = {Path::Latency, Path::OneBarrier,   Path::Chunked,   Path::ReduceScatter,
+                       Path::Allgather, Path::Arena, Path::SingleCopy};
 
 // One rank's call on `path` (call k; `grow` elements more than its peers' to make it disagree).
 struct Rank {
@@ -431,6 +497,10 @@ struct Rank {
     if (p == Path::OneBarrier) {
       h->small_bytes = kArenaChunk;
       h->local_chunk_bytes = kArenaChunk;
+    } else if (p == Path::SingleCopy) {
+      if (!a.probe_single_copy(true)) throw std::runtime_error("the single-copy probe failed");
+      h->single_copy_bytes = 0;
+      h->single_copy_chunk = 4096;
     } else {
       h->local_chunk_bytes = 16 << 10;
     }
@@ -443,6 +513,8 @@ struct Rank {
       case Path::ReduceScatter: return reduce_scatter_checked(*h, L, lr, k, 3000 + grow, DType::Float32, "failure test");
       case Path::Allgather: return allgather_checked(*h, L, lr, k, 3000 + grow, DType::Float32, "failure test");
       case Path::Arena: return arena_checked(*ar, L, lr, k, 4096, 10000 + grow, DType::Float32, "failure test");
+      case Path::SingleCopy:
+        return allreduce_checked(*h, L, lr, k, 40000 + grow, DType::Float32, 1, "failure test");
     }
   }
 };
@@ -721,6 +793,7 @@ int main(int argc, char** argv) {
     latency_path(L);
     one_barrier_path(L);
     chunked_path(L);
+    single_copy_path(L);
     halves(L);
     arena_allreduce(L);
     mixed_run(L, mixed_calls, 1234 + L);
