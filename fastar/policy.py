@@ -107,6 +107,10 @@ class Tuning:
     single_copy_min_bytes: int = 0
     # Its chunk: how much of each peer's part is read into a scratch (kept in cache) before it is summed.
     single_copy_chunk_bytes: int = 64 << 10
+    # The halves (reduce-scatter, allgather) of at least this many bytes (the whole buffer) on such a
+    # node take the single-copy protocol too (each rank reads its peers' inputs: one copy); smaller
+    # ones the slots, whose copies cost less than its system calls and two barriers.
+    halves_single_copy_min_bytes: int = 64 << 10
 
     def __post_init__(self):
         if self.small_bytes < 0:
@@ -238,6 +242,11 @@ def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algori
         why.append(f"halving_doubling: {p} participants, a power of two")
     if not arena:
         return Plan(collective, algorithm, hierarchy, "network", 0, "", "; ".join(why))
+    single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
+    if node.single_copy and node.num_nodes == 1 and nbytes >= t.halves_single_copy_min_bytes and single_copy_chunk:
+        why.append(f"single copy: {nbytes} B >= {t.halves_single_copy_min_bytes} B on one node whose ranks may "
+                   "read each other's memory")
+        return Plan(collective, algorithm, hierarchy, "single_copy", single_copy_chunk, "", "; ".join(why))
     stream = collective == "allgather" and nbytes >= HALVES_STREAM_ABOVE_BYTES
     if stream:
         why.append(f"streaming stores: an output of {nbytes} B >= {HALVES_STREAM_ABOVE_BYTES} B")

@@ -163,3 +163,59 @@ def test_a_peer_dying_while_read_is_an_error_within_one_timeout():
     allowed, err, secs = res[0]
     assert err is not None and "rank 1" in err and "exited" in err, err
     assert secs < TIMEOUT_S + MARGIN_S, secs
+
+
+def _backend_worker(rank, n):
+    import torch.distributed as dist
+
+    import fastar
+    dist.destroy_process_group()  # run_workers' Gloo group: the "fastar" one instead
+    os.environ["FASTAR_LOCAL_SIZE"] = str(n)
+    dist.init_process_group("fastar", rank=rank, world_size=n,
+                            init_method=f"tcp://127.0.0.1:{os.environ['FASTAR_TEST_PORT2']}")
+    comm = fastar.backend.get_backend()._comm
+    out = {"single_copy": comm.single_copy(), "protocols": {}, "wrong": []}
+
+    def note(name):
+        out["protocols"].setdefault(name, set()).add(comm.last_op()["protocol"])
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for shard in (1000, 40_001, 1 << 20):  # 4 KiB (the slots' halves), 160 KiB, 4 MiB per rank
+            inp = torch.cat([_values(rank, shard, dtype) + 10 * r for r in range(n)])
+            got = torch.empty(shard, dtype=dtype)
+            dist.reduce_scatter_tensor(got, inp)
+            note(f"reduce_scatter {shard}")
+            want = sum(_values(p, shard, torch.float64) + 10 * rank for p in range(n))
+            if not torch.allclose(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 0):
+                out["wrong"].append(("reduce_scatter", str(dtype), shard))
+            mine = _values(rank, shard, dtype)
+            every = torch.empty(n * shard, dtype=dtype)
+            dist.all_gather_into_tensor(every, mine)
+            note(f"allgather {shard}")
+            if not torch.equal(every, torch.cat([_values(r, shard, dtype) for r in range(n)])):
+                out["wrong"].append(("allgather", str(dtype), shard))
+            t = _values(rank, n * shard, dtype)
+            dist.all_reduce(t)
+            note(f"allreduce {n * shard}")
+            want = sum(_values(r, n * shard, torch.float64) for r in range(n))
+            if not torch.allclose(t.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 0):
+                out["wrong"].append(("allreduce", str(dtype), shard))
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_backends_collectives_take_it(n):
+    """dist.all_reduce, reduce_scatter_tensor and all_gather_into_tensor on a "fastar" group: exact,
+    and the protocol each ran is the plan's (the slots for the small halves, single copy above)."""
+    from mp_utils import free_port
+    res = run_workers(_backend_worker, n, timeout=300, env={"FASTAR_TEST_PORT2": str(free_port())})
+    for rank, out in enumerate(res):
+        assert not out["wrong"], (rank, out["wrong"])
+        if not out["single_copy"]:
+            continue  # the probe refused it on this kernel (test_single_copy_exact... checks the probe)
+        for name, protocols in out["protocols"].items():
+            what, numel = name.split()
+            small = int(numel) in (1000, n * 1000)  # at most 12 KiB: the slots' halves, the latency protocol
+            want = {"single_copy"} if not small else {"latency"} if what == "allreduce" else {"halves"}
+            assert protocols == want, (rank, name, protocols)

@@ -300,12 +300,18 @@ HierarchicalStats Hierarchical::allreduce(const Plan& plan, void* data, int64_t 
   StagedPhase ph(*this, plan, data, count, t, seq);
   ph.prof = profile && profile->on ? profile : nullptr;
   ph.scale_by = scale_by;
+  const HierarchicalStats stats = drive(ph, plan.algorithm, t);
+  if (scale_by != 1.0 && !ph.scales()) scale(t, data, scale_by, count);
+  return stats;
+}
+
+template <class Phase>
+HierarchicalStats Hierarchical::drive(Phase& ph, Algorithm a, DType t) {
   ph.publish();
   codec_.set_dtype(t);
   HierarchicalStats stats;
-  stats.inter_bytes_sent = driver_.run(ph, plan.algorithm, codec_);
+  stats.inter_bytes_sent = driver_.run(ph, a, codec_);
   stats.chunks = ph.chunks();
-  if (scale_by != 1.0 && !ph.scales()) scale(t, data, scale_by, count);
   return stats;
 }
 
@@ -382,8 +388,8 @@ int64_t Hierarchical::halves_chunk(int64_t chunk_bytes, int64_t pieces, DType t)
 // raised In for g - 1, which each does after its last read of generation g - 2.
 class HalvesPhase final : public LocalPhase {
  public:
-  HalvesPhase(Hierarchical& h, bool scatter, Algorithm algo, int64_t chunk_bytes, bool stream, const void* in,
-              void* out, int64_t shard, DType t, uint64_t seq)
+  HalvesPhase(Hierarchical& h, bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
+              uint64_t seq)
       : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
         shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), N_(h.num_nodes_), es_(dtype_size(t)),
         multi_(h.num_nodes_ > 1) {
@@ -391,21 +397,16 @@ class HalvesPhase final : public LocalPhase {
       throw std::logic_error(std::string("fastar: ") + (scatter ? "reduce_scatter" : "allgather") +
                              " between nodes without a rail");
     node_ = multi_ ? h.inter_->rank() : 0;
-    w_ = h.halves_chunk(chunk_bytes, scatter ? (int64_t)L_ * N_ : N_, t);
+    w_ = h.halves_chunk(plan.chunk_bytes, scatter ? (int64_t)L_ * N_ : N_, t);
     nchunks_ = shard == 0 ? 1 : (shard + w_ - 1) / w_;  // an empty call still meets its peers
     if (multi_) {
       h.rail_buf_.resize((size_t)(N_ * shard) * es_);
       rail_ = h.rail_buf_.data();
     }
-    desc_[kSeq] = seq;
-    desc_[kCount] = (uint64_t)shard;
-    desc_[kDType] = (uint64_t)t;
-    desc_[kRoute] = (scatter ? 512 : 1024) + (uint64_t)algo;
-    desc_[kProtocol] = (uint64_t)Protocol::Halves;
-    desc_[kChunk] = (uint64_t)(w_ * (int64_t)es_);
+    encode_desc(plan, seq, shard, (uint64_t)t, desc_);  // what the ranks must agree on: the call and its plan
     // A large allgather result is written with streaming stores (no read for ownership of lines
     // about to be overwritten; the slots stay cached).
-    streaming_ = !scatter && stream;
+    streaming_ = !scatter && plan.stream;
   }
   void publish() {
     first_gen_ = h_.gen_ + 1;
@@ -520,15 +521,98 @@ class HalvesPhase final : public LocalPhase {
   std::vector<const void*> srcs_;
 };
 
+// The halves on one node with the peers' memory read directly (Protocol::SingleCopy; one node, so
+// local rank = rank). After In (every rank's input published): a reduce-scatter sums shard `lr` of
+// every rank's input into `out`, a chunk at a time through the scratch (each peer's piece read once,
+// summed in rank order); an allgather puts its own input in place and reads every peer's input
+// straight into its place in `out`. Done: no peer reads this rank's input any more.
+class SingleCopyHalves final : public LocalPhase {
+ public:
+  SingleCopyHalves(Hierarchical& h, bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
+                   uint64_t seq)
+      : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
+        shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)) {
+    const std::string what = scatter ? "a reduce_scatter" : "an allgather";
+    auto refuse = [&](const std::string& why) {
+      throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " cannot run " + what + " here: " + why +
+                                  " (plans come from fastar/policy.py; this is a bug of fastar's)");
+    };
+    if (h.num_nodes_ > 1) refuse("the single-copy protocol runs on one node");
+    if (!a_.single_copy()) refuse("this node's ranks may not read each other's memory (the probe at init)");
+    if (plan.chunk_bytes < (int64_t)es_ || plan.chunk_bytes % (int64_t)es_ || plan.chunk_bytes > a_.chunk_bytes())
+      refuse("the chunk must be whole elements, at most the arena's slot");
+    w_ = plan.chunk_bytes / (int64_t)es_;
+    encode_desc(plan, seq, shard, (uint64_t)t, desc_);
+  }
+  void publish() {
+    first_gen_ = h_.gen_ + 1;
+    a_.begin_call(first_gen_);
+    a_.publish_desc(desc_, first_gen_);
+  }
+  int64_t chunks() const override { return 1; }
+  Collective collective() const override { return scatter_ ? Collective::ReduceScatter : Collective::Allgather; }
+  void failed(const std::string& why) override { a_.mark_failed(why); }
+  Part reduce(int64_t) override {
+    const uint32_t g = ++h_.gen_;
+    a_.publish_address(in_);
+    a_.signal(ShmFlag::In, g);
+    a_.wait_all(ShmFlag::In, g, scatter_ ? "the inputs' addresses of a reduce_scatter" : "the inputs' addresses of an allgather");
+    a_.check_peers(desc_, first_gen_, scatter_ ? "a reduce_scatter" : "an allgather");
+    if (scatter_) {
+      const size_t need = (size_t)(L_ - 1) * (size_t)w_ * es_;
+      if (h_.scratch_.size() < need) h_.scratch_.resize(need);
+      std::vector<const void*>& srcs = srcs_;
+      srcs.resize(L_);
+      const int64_t mine = (int64_t)lr_ * shard_;
+      for (int64_t o = 0; o < shard_; o += w_) {
+        const int64_t n = std::min(w_, shard_ - o);
+        for (int k = 1; k < L_; ++k) {
+          const int r = (lr_ + k) % L_;
+          char* into = h_.scratch_.data() + (size_t)(k - 1) * (size_t)w_ * es_;
+          a_.read_peer(r, into, (mine + o) * (int64_t)es_, (size_t)n * es_, "its part of this rank's shard");
+          srcs[r] = into;
+        }
+        srcs[lr_] = in_ + (mine + o) * es_;
+        reduce_sum_many(t_, out_ + o * es_, srcs.data(), L_, n);
+      }
+    } else if (shard_ > 0) {
+      std::memcpy(out_ + (int64_t)lr_ * shard_ * es_, in_, (size_t)shard_ * es_);
+      for (int k = 1; k < L_; ++k) {
+        const int r = (lr_ + k) % L_;
+        a_.read_peer(r, out_ + (int64_t)r * shard_ * es_, 0, (size_t)shard_ * es_, "its input");
+      }
+    }
+    a_.signal(ShmFlag::Done, g);
+    return {};
+  }
+  void distribute(int64_t) override {
+    a_.wait_all(ShmFlag::Done, first_gen_, "the peers' reads of this rank's input");
+  }
+
+ private:
+  Hierarchical& h_;
+  ShmArena& a_;
+  bool scatter_;
+  const char* in_;
+  char* out_;
+  int64_t shard_;
+  DType t_;
+  int L_, lr_;
+  size_t es_;
+  int64_t w_ = 1;
+  uint64_t desc_[kDescWords];
+  uint32_t first_gen_ = 0;
+  std::vector<const void*> srcs_;
+};
+
 HierarchicalStats Hierarchical::halves(bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
                                        uint64_t seq) {
-  HalvesPhase ph(*this, scatter, plan.algorithm, plan.chunk_bytes, plan.stream, in, out, shard, t, seq);
-  ph.publish();
-  codec_.set_dtype(t);
-  HierarchicalStats stats;
-  stats.inter_bytes_sent = driver_.run(ph, plan.algorithm, codec_);
-  stats.chunks = ph.chunks();
-  return stats;
+  if (plan.protocol == Protocol::SingleCopy) {
+    SingleCopyHalves ph(*this, scatter, plan, in, out, shard, t, seq);
+    return drive(ph, plan.algorithm, t);
+  }
+  HalvesPhase ph(*this, scatter, plan, in, out, shard, t, seq);
+  return drive(ph, plan.algorithm, t);
 }
 
 HierarchicalStats Hierarchical::reduce_scatter(const Plan& plan, const void* in, void* out, int64_t shard, DType t,

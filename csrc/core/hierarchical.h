@@ -79,8 +79,12 @@ class Hierarchical {
  private:
   friend class StagedPhase;
   friend class HalvesPhase;
+  friend class SingleCopyHalves;
   HierarchicalStats halves(bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
                            uint64_t seq);
+  // Every collective's tail: the phase's descriptor published, the driver run over its chunks.
+  template <class Phase>
+  HierarchicalStats drive(Phase& ph, Algorithm a, DType t);
   // The shard-wide chunk of the halves: how many elements of a shard go through the slots at once
   // when a chunk of chunk_bytes (the plan's) holds `pieces` of them.
   int64_t halves_chunk(int64_t chunk_bytes, int64_t pieces, DType t) const;

@@ -391,8 +391,9 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
   const int participants = arena_ ? topo_.num_nodes : topo_.size;
   if (plan.algorithm == Algorithm::HalvingDoubling && (participants & (participants - 1)) != 0)
     refuse("halving/doubling halves need a power-of-two count of participants, not " + std::to_string(participants));
-  if (plan.protocol != (arena_ ? Protocol::Halves : Protocol::Network))
-    refuse(arena_ ? "the node's arena runs the halves protocol" : "without an arena the halves run the network protocol");
+  if (plan.protocol != (arena_ ? Protocol::Halves : Protocol::Network) && !(arena_ && plan.protocol == Protocol::SingleCopy))
+    refuse(arena_ ? "the node's arena runs the halves or single-copy protocol"
+                  : "without an arena the halves run the network protocol");
   if (arena_ && (plan.chunk_bytes < 1 || plan.chunk_bytes > arena_->chunk_bytes()))
     refuse("the chunk must fit the arena's slot of " + std::to_string(arena_->chunk_bytes()) + " B");
   const std::string label = plan_label(plan);

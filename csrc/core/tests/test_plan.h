@@ -45,13 +45,15 @@ struct Tuned : Hierarchical {
   std::atomic<int64_t> local_chunk_bytes{512 << 10};
   // The pipeline's chunk as policy.py plans it: one node min(slot, local chunk), between nodes the slot.
   int64_t chunk() const { return nodes > 1 ? arena_chunk : std::min(arena_chunk, local_chunk_bytes.load()); }
+  // halves_single_copy: the halves take the single-copy protocol (one node, after the probe)
+  bool halves_single_copy = false;
   Plan halves_plan(Collective c, Algorithm a) const {
     Plan p;
     p.collective = c;
     p.algorithm = a;
     p.hierarchy = Hierarchy::Rail;
-    p.protocol = Protocol::Halves;
-    p.chunk_bytes = chunk();
+    p.protocol = halves_single_copy && nodes == 1 ? Protocol::SingleCopy : Protocol::Halves;
+    p.chunk_bytes = p.protocol == Protocol::SingleCopy ? std::min(single_copy_chunk, arena_chunk) / 8 * 8 : chunk();
     return p;
   }
   HierarchicalStats reduce_scatter(Algorithm a, const void* in, void* out, int64_t shard, DType t, uint64_t seq) {

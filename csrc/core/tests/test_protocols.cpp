@@ -397,12 +397,17 @@ void single_copy_path(int L) {
 
 // reduce_scatter then allgather over shards of many sizes, with chunks of one element per rank
 // up to the arena's chunk; allgather of raw bytes too.
-void halves(int L) {
+// single_copy: the same calls through the single-copy protocol (chunks of the scratch instead of
+// the slots'), with a slot-protocol call after each change.
+void halves(int L, bool single_copy) {
   auto errors = on_ranks(L, false, [&](ShmArena& a, int lr) {
     Tuned h(&a, nullptr, 1);
+    if (single_copy && !a.probe_single_copy(true)) throw std::runtime_error("the single-copy probe failed");
+    h.halves_single_copy = single_copy;
     int k = 0;
     for (int64_t chunk : {(int64_t)L * 8, (int64_t)4096, (int64_t)512 << 10}) {
       h.local_chunk_bytes = chunk;
+      h.single_copy_chunk = std::max<int64_t>(chunk, 64);
       for (int64_t shard : {0, 1, 5, 64, 1000, 4099, 70001}) {
         if (chunk < 4096 && shard > 1000) continue;  // a chunk per element: keep it short
         for (DType t : {DType::Float32, DType::Float64}) {
@@ -411,10 +416,15 @@ void halves(int L) {
         }
         allgather_checked(h, L, lr, ++k, shard, DType::Bytes, "halves");
         reduce_scatter_checked(h, L, lr, ++k, shard, DType::BFloat16, "halves");
+        if (single_copy) {  // a call of the slots' protocol in between
+          h.halves_single_copy = false;
+          reduce_scatter_checked(h, L, lr, ++k, shard, DType::Float32, "halves between single-copy calls");
+          h.halves_single_copy = true;
+        }
       }
     }
   });
-  expect_no_errors(errors, "halves", L);
+  expect_no_errors(errors, single_copy ? "single-copy halves" : "halves", L);
 }
 
 // fastar.wrap's buckets: in place in every rank's region, at several offsets, to the region's end.
@@ -794,7 +804,8 @@ int main(int argc, char** argv) {
     one_barrier_path(L);
     chunked_path(L);
     single_copy_path(L);
-    halves(L);
+    halves(L, false);
+    halves(L, true);
     arena_allreduce(L);
     mixed_run(L, mixed_calls, 1234 + L);
     groups += 6;
