@@ -143,3 +143,58 @@ def test_the_fastar_backend_after_a_stalled_peer():
         assert first.search(_reason(msg)), f"rank {rank} does not carry rank 0's reason: {msg}"
         assert later.startswith("RuntimeError") and "earlier collective failed" in later, later
     assert codes == {0: 0, 1: 0}, codes
+
+
+# -- one deadline per operation: k waits still raise within one timeout -----------------------------
+
+SLOW_STOP_S = 3  # the slow peer is stopped this long at a time: each single wait stays under the timeout
+
+
+def _slow_peer_worker(rank, n, local_size):
+    import os
+    import subprocess
+    import time
+
+    import fastar
+
+    fastar.init(local_size=local_size, timeout=timedelta(seconds=TIMEOUT_S))
+    # Many waits in one operation: the slots' pipeline in 4 KiB chunks on one node (1024 chunks of
+    # 4 MiB); between nodes 256 MiB, 64 of the step loop's 4 MiB receive slots, whose transfer
+    # alone needs more 20 ms windows than fit in one timeout.
+    fastar.policy.set_tuning(local_chunk_bytes=4096, single_copy_min_bytes=1 << 40)
+    t = torch.ones(1 << 20 if local_size > 1 else 64 << 20)
+    fastar.all_reduce(t)  # one good call
+    throttler = None
+    if rank == STALLER:
+        # stopped for SLOW_STOP_S, running for 20 ms, stopped again...: it still progresses, and no
+        # single wait of its peer lasts a timeout; only the operation's deadline can end the call
+        throttler = subprocess.Popen(
+            ["sh", "-c", f"while kill -STOP {os.getpid()}; do sleep {SLOW_STOP_S}; kill -CONT {os.getpid()}; "
+                         "sleep 0.02; done"], start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        fastar.all_reduce(t)
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+    took = time.monotonic() - t0
+    if throttler is not None:
+        throttler.kill()
+        throttler.wait()
+    return msg, took
+
+
+@pytest.mark.parametrize("local_size", [2, 1], ids=["1x2-shm", "2x1-gloo"])
+def test_an_operation_of_many_waits_raises_within_one_timeout(local_size):
+    """A peer that is stopped again and again for less than the timeout: every single wait of its
+    peer ends in time, but the allreduce's one deadline does not move (issue 24: an absolute deadline
+    per operation, handed to every wait): rank 0 raises within timeout + 15 s, not after k waits."""
+    codes: dict = {}
+    res = run_workers(_slow_peer_worker, 2, local_size, timeout=200, exitcodes=codes,
+                      env={"FASTAR_SINGLE_COPY": "0"})
+    msg, took = res[0]
+    assert "timed out" in msg, msg
+    assert took < TIMEOUT_S + MARGIN_S, f"rank 0 raised after {took:.1f} s: {msg}"
+    assert SLOW_STOP_S < TIMEOUT_S  # the premise: no single wait lasts a timeout
+    assert res[STALLER][0] != "no error", res[STALLER]
+    assert codes == {0: 0, 1: 0}, codes
