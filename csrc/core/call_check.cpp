@@ -38,6 +38,12 @@ std::string plan_label(const Plan& p) {
   return s + ":" + (pr <= 7 ? short_names[pr] : "?");
 }
 
+void refuse_plan(const Plan& plan, const std::string& what, const std::string& why) {
+  throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " (chunk " + std::to_string(plan.chunk_bytes) +
+                              " B) cannot run " + what + " here: " + why +
+                              " (plans come from fastar/policy.py; this is a bug of fastar's)");
+}
+
 std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs[kDescWords], const char* what,
                           const std::string& me, const std::string& them) {
   static const char* names[kDescWords] = {"call number", "element count", "dtype", "hierarchy/algorithm",

@@ -19,6 +19,11 @@ namespace fastar {
 std::string desc_mismatch(const uint64_t mine[kDescWords], const uint64_t theirs[kDescWords], const char* what,
                           const std::string& me, const std::string& them);
 
+// A plan this side cannot run (fastar/policy.py planned it wrong): std::invalid_argument before
+// anything runs, "fastar: the plan <label> cannot run <what> here: <why> (...)". The one message of
+// every refusal (Communicator, Hierarchical, the single-copy halves).
+[[noreturn]] void refuse_plan(const Plan& plan, const std::string& what, const std::string& why);
+
 // The latency path's 32-bit check of a descriptor, stored with block 0's generation in one word:
 // count (17 bits), dtype (3), route (3) exactly, and the low 9 bits of seq. Exact where it matters:
 // two calls that differ in count, dtype or route never share a check word. Protocol and chunk

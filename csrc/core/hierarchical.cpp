@@ -316,11 +316,7 @@ HierarchicalStats Hierarchical::drive(Phase& ph, Algorithm a, DType t) {
 }
 
 void Hierarchical::check_plan(const Plan& plan, int64_t bytes, size_t es) const {
-  auto refuse = [&](const std::string& why) {
-    throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " (chunk " + std::to_string(plan.chunk_bytes) +
-                                " B) cannot run an allreduce of " + std::to_string(bytes) + " B here: " + why +
-                                " (plans come from fastar/policy.py; this is a bug of fastar's)");
-  };
+  auto refuse = [&](const std::string& why) { refuse_plan(plan, "an allreduce of " + std::to_string(bytes) + " B", why); };
   const bool multi = num_nodes_ > 1;
   if (plan.collective != Collective::Allreduce) refuse("it is not an allreduce plan");
   if (plan.hierarchy == Hierarchy::Flat) refuse("a flat plan has no local phase");
@@ -532,11 +528,7 @@ class SingleCopyHalves final : public LocalPhase {
                    uint64_t seq)
       : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
         shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)) {
-    const std::string what = scatter ? "a reduce_scatter" : "an allgather";
-    auto refuse = [&](const std::string& why) {
-      throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " cannot run " + what + " here: " + why +
-                                  " (plans come from fastar/policy.py; this is a bug of fastar's)");
-    };
+    auto refuse = [&](const std::string& why) { refuse_plan(plan, scatter ? "a reduce_scatter" : "an allgather", why); };
     if (h.num_nodes_ > 1) refuse("the single-copy protocol runs on one node");
     if (!a_.single_copy()) refuse("this node's ranks may not read each other's memory (the probe at init)");
     if (plan.chunk_bytes < (int64_t)es_ || plan.chunk_bytes % (int64_t)es_ || plan.chunk_bytes > a_.chunk_bytes())

@@ -216,10 +216,7 @@ std::shared_ptr<AsyncWork> Communicator::allreduce(at::Tensor t, const Plan& pla
 }
 
 void Communicator::check_plan(const at::Tensor& t, const Plan& plan, DType dt) {
-  auto refuse = [&](const char* why) {
-    throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " cannot run here: " + why +
-                                " (plans come from fastar/policy.py; this is a bug of fastar's)");
-  };
+  auto refuse = [&](const char* why) { refuse_plan(plan, "an allreduce", why); };
   const bool tensor_path = t.is_cuda() || wire_dtype(plan.wire, t.scalar_type()) != t.scalar_type();
   if (tensor_path || plan.hierarchy == Hierarchy::Flat) {
     if (plan.protocol != Protocol::Network) refuse("flat plans, CUDA tensors and compressed wires run the network protocol");
@@ -382,11 +379,7 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
   // The plan is checked before anything runs: a plan this communicator cannot run is refused
   // (std::invalid_argument) and leaves it healthy.
   const Collective want = scatter ? Collective::ReduceScatter : Collective::Allgather;
-  auto refuse = [&](const std::string& why) {
-    throw std::invalid_argument("fastar: the plan " + plan_label(plan) + " cannot run " +
-                                (scatter ? "a reduce_scatter" : "an allgather") + " here: " + why +
-                                " (plans come from fastar/policy.py; this is a bug of fastar's)");
-  };
+  auto refuse = [&](const std::string& why) { refuse_plan(plan, scatter ? "a reduce_scatter" : "an allgather", why); };
   if (plan.collective != want) refuse(std::string("it is a plan for ") + collective_name(plan.collective));
   const int participants = arena_ ? topo_.num_nodes : topo_.size;
   if (plan.algorithm == Algorithm::HalvingDoubling && (participants & (participants - 1)) != 0)
