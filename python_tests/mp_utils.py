@@ -133,3 +133,24 @@ def run_workers(fn, nprocs: int, *args, timeout: float = 180, env: dict | None =
     if failures:
         raise WorkerError(failures, got)
     return [got[r] for r in range(nprocs)]
+
+
+# A rank that must stay alive without progressing (a stalled peer) until the ranks under test have
+# seen what they should, instead of sleeping out a fixed worst case: the others mark a folder (a test's
+# tmp_path) when they are done, and the staller waits for their marks, at most cap_s.
+
+def mark_done(folder, rank: int) -> None:
+    with open(os.path.join(str(folder), f"done.{rank}"), "w"):
+        pass
+
+
+def stay_until_done(folder, ranks, cap_s: float) -> float:
+    """Sleeps until every rank in `ranks` has called mark_done(folder, rank), or cap_s; returns the
+    seconds it stayed."""
+    import time
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < cap_s:
+        if all(os.path.exists(os.path.join(str(folder), f"done.{r}")) for r in ranks):
+            break
+        time.sleep(0.05)
+    return time.monotonic() - t0
