@@ -2,7 +2,8 @@
 
 Workers are forked from a forkserver that has imported torch once (torch.multiprocessing's
 "forkserver" with torch and torch.distributed preloaded): a spawned worker spends ~1.5 s of CPU
-importing torch, which on this 2-core host was a third of the suite's time. A forked worker is a
+importing torch (on this 2-core host, 4 spawned workers took 3.2 s to start, 4 forked ones 0.1 s;
+test_errors.py went from 205 to 97 s, test_backend.py from 115 to 60 s). A forked worker is a
 fresh process in everything the tests look at: fastar (and every test module) is imported in the
 worker, after the parent's environment (os.environ when run_workers was called, plus `env`) is in
 place, and fastar's exit hooks (atexit) run when the worker's function returns, as at a normal exit.
