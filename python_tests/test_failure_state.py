@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from mp_utils import run_workers
+from mp_utils import mark_done, run_workers, stay_until_done
 
 TIMEOUT_S = 3
 MARGIN_S = 15  # a fail-fast bound: timeout + 15 s, never a tight wall-clock figure
+QUEUED = 10
 
 
 def _many_buckets_model():
@@ -24,7 +25,7 @@ def _many_buckets_model():
     return nn.Sequential(*[nn.Linear(32, 32) for _ in range(24)])  # 48 tensors, ~4 KiB each
 
 
-def _stall_worker(rank, n, local_size, staller, lower_after_wrap):
+def _stall_worker(rank, n, local_size, staller, lower_after_wrap, folder):
     import fastar
 
     # a long init timeout, lowered after wrap: set_timeout must reach the buckets
@@ -36,22 +37,24 @@ def _stall_worker(rank, n, local_size, staller, lower_after_wrap):
     model(torch.randn(2, 32)).sum().backward()  # one good step
     if rank == staller:
         # alive but not progressing (a stuck data loader, a debugger): the others must not wait
-        # one timeout per bucket
-        time.sleep(TIMEOUT_S + MARGIN_S + 5)
+        # one timeout per bucket. It stays until they have raised (at most the time they are allowed).
+        stay_until_done(folder, [r for r in range(n) if r != staller], TIMEOUT_S + MARGIN_S + 5)
         return "stalled", 0.0, nb
     t0 = time.monotonic()
     try:
         model(torch.randn(2, 32)).sum().backward()
-        return "no error", time.monotonic() - t0, nb
+        out = "no error", time.monotonic() - t0, nb
     except RuntimeError as e:
-        return str(e), time.monotonic() - t0, nb
+        out = str(e), time.monotonic() - t0, nb
+    mark_done(folder, rank)
+    return out
 
 
 @pytest.mark.parametrize("n,local_size,lower_after_wrap", [(2, 2, False), (2, 2, True), (4, 2, True), (2, 1, True)],
                          ids=["1x2", "1x2-set_timeout", "2x2-set_timeout", "2x1-set_timeout"])
-def test_stalled_peer_costs_one_timeout_not_one_per_bucket(n, local_size, lower_after_wrap):
+def test_stalled_peer_costs_one_timeout_not_one_per_bucket(n, local_size, lower_after_wrap, tmp_path):
     staller = n - 1
-    res = run_workers(_stall_worker, n, local_size, staller, lower_after_wrap, timeout=150)
+    res = run_workers(_stall_worker, n, local_size, staller, lower_after_wrap, str(tmp_path), timeout=150)
     for rank, (msg, took, nb) in enumerate(res):
         if rank == staller:
             continue
@@ -67,7 +70,9 @@ def _queued_worker(rank, n):
     fastar.init(local_size=n, timeout=timedelta(seconds=TIMEOUT_S))
     if rank == 1:
         time.sleep(TIMEOUT_S + 4)  # rank 0's first call times out meanwhile
-    works = [fastar.all_reduce(torch.ones(1000), async_op=True) for _ in range(6)]
+    # 1 + QUEUED works: if each queued one waited a timeout of its own they would take QUEUED x 3 s = 30 s,
+    # well past the fail-fast bound of timeout + 15 s that the test holds them to
+    works = [fastar.all_reduce(torch.ones(1000), async_op=True) for _ in range(1 + QUEUED)]
     errors, times = [], []
     t0 = time.monotonic()
     for w in works:
@@ -95,7 +100,8 @@ def test_after_a_failure_queued_work_fails_at_once_and_shutdown_init_recovers():
     assert errors[0], "the first call should have timed out"
     assert all(errors), errors
     assert all("earlier collective failed" in e for e in errors[1:]), errors
-    assert times[-1] - times[0] < 2.0, times  # the queued ones did not each wait a timeout
+    assert len(errors) == 1 + QUEUED and QUEUED * TIMEOUT_S > TIMEOUT_S + MARGIN_S
+    assert times[-1] - times[0] < TIMEOUT_S + MARGIN_S, times  # the queued ones did not each wait a timeout
     assert "earlier collective failed" in later and "fastar.shutdown()" in later, later
     for _, _, _, v in res:
         assert v == 3.0

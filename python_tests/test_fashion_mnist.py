@@ -178,6 +178,8 @@ def test_optimizer_options_and_defaults(tmp_path):
         st = next(iter(ck["optimizer"]["state"].values()))
         assert state_keys[name] in st
         assert len(s["history"]) == 1 and 0 <= s["history"][0]["train_top1_err"] <= 100
+        if name == "lars":  # neither --base-lr nor --ref-batch: LARS's global lr, not scaled with kn
+            assert s["target_lr"] == recipe.LARS_DEFAULT_LR and s["config"]["ref_batch"] == 16, s["config"]
     # a resume must not switch optimizers: the recipe differs
     with pytest.raises(ValueError, match="optimizer"):
         run(tiny + ["--optimizer", "sgd", "--out", str(tmp_path / "lamb"), "--resume"])
@@ -245,41 +247,38 @@ def test_debian_fashion_mnist_loads():
 
 
 @needs_data
-def test_smoke_run_two_workers_lars_trains_logs_and_plots(tmp_path):
-    """The issue's smoke command: fastar-train --nproc 2 --data fashion-mnist --model resnet8
-    --epochs 1 --train-subset 4096 --optimizer lars --out DIR."""
-    pytest.importorskip("timm")
+def test_smoke_run_two_workers_trains_through_fastar_logs_and_plots(tmp_path):
+    """A short two-worker run of fastar-train on Fashion-MNIST whose gradients fastar.wrap averages
+    (no DDP stand-in), held to an accuracy that only training gives: 3 epochs of 8,192 images at
+    16x16, resnet8 width 8, kn = 64, SGD at 0.2 without warmup, /10 at epoch 2.5 (measured: 23.7 %
+    validation error on the 10,000 test images, 10 s in all; chance is 90 %; --optimizer lars, whose
+    global lr is checked in test_optimizer_options_and_defaults, reached only 72 % in such a run)."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("WORLD_SIZE", None)
     env.pop("FASTAR_TRAIN_WRAP", None)  # through fastar: no DDP stand-in, whether or not the extension is built
     out = str(tmp_path / "smoke")
     cmd = [sys.executable, "-m", "fastar.train", "--nproc", "2", "--data", "fashion-mnist", "--model", "resnet8",
-           "--epochs", "1", "--train-subset", "4096", "--optimizer", "lars", "--out", out, "--no-progress"]
+           "--width", "8", "--image-size", "16", "--train-subset", "8192", "--epochs", "3", "--batch", "32",
+           "--base-lr", "0.2", "--ref-batch", "64", "--warmup", "none", "--milestones", "2.5", "--out", out,
+           "--no-progress"]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "lars" in p.stdout and "val top-1 error" in p.stdout
+    assert "sgd lr 0.2" in p.stdout and "val top-1 error" in p.stdout
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
-    assert s["world_size"] == 2 and s["config"]["optimizer"] == "lars" and s["config"]["train_subset"] == 4096
+    assert s["world_size"] == 2 and s["config"]["optimizer"] == "sgd" and s["config"]["train_subset"] == 8192
     assert s["impl"] == "fastar" and "grads averaged by fastar" in p.stdout  # fastar.wrap averaged the gradients
-    assert s["iters_per_epoch"] == 4096 // 64
+    assert s["iters_per_epoch"] == 8192 // 64 and s["target_lr"] == pytest.approx(0.2)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) == 1
-    r = rows[0]
-    # it trained: 64 steps at LARS's default global lr (recipe.LARS_DEFAULT_LR = 10, not SGD's
-    # 0.1*64/256 = 0.025, at which the loss stayed at ln 10 = 2.303 and the error at 84.7 %) moved every
-    # conv weight and brought the loss below ln 10 and the error well below chance (measured: loss
-    # 2.20, 72.0 % with the same steps in one process, --batch 32 --accum 2). The training error over
-    # the epoch's 4096 images (train mode: batch statistics) is the stable measure of it: 79.0 % in a
-    # run through fastar, chance 90 % (binomial std over 4096 images: 0.6 points). The validation error
-    # after 64 steps rides on BN running statistics that have not settled (the same run: val loss 8.3,
-    # val error 86.8 %), so it is held only below chance.
-    assert s["target_lr"] == recipe.LARS_DEFAULT_LR and s["config"]["ref_batch"] == 64
-    assert 0 < r["train_loss"] < 2.27 and r["train_top1_err"] < 85 and r["val_top1_err"] < 89.5
-    assert r["images_per_s"] > 0
+    assert len(rows) == 3
+    # it trained: the loss fell from ln 10 = 2.303 and the error on the 10,000 test images is far
+    # below chance (90 %); measured 23.7 % (epochs: 42.5, 30.7, 23.7 %), held below 35 %
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] < 2.2, rows
+    assert rows[-1]["val_top1_err"] < 35, rows
+    assert all(r["images_per_s"] > 0 for r in rows)
     torch.manual_seed(0)
-    init = build_model("resnet8", 10).state_dict()
+    init = build_model("resnet8", 10, width=8).state_dict()
     trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
     for k, v in init.items():
         if k.endswith("weight") and v.dim() == 4:

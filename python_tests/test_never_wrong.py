@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fastar
-from mp_utils import run_workers
+from mp_utils import mark_done, run_workers, stay_until_done
 
 MARGIN_S = 15  # a fail-fast bound: timeout + 15 s, never a tight wall-clock figure
 
@@ -67,11 +67,12 @@ def test_ranks_tuned_differently_raise_on_every_rank(setting):
 
 # --- defect 5: set_timeout while a collective hangs -------------------------------------------------
 
-def _stuck_worker(rank, n, local_size):
+def _stuck_worker(rank, n, local_size, folder):
     fastar.init(local_size=local_size, timeout=timedelta(seconds=120))
     fastar.all_reduce(torch.ones(10))  # both ranks are up
     if rank == 1:
-        time.sleep(5 + MARGIN_S + 8)  # alive, not progressing (a debugger, a stuck data loader)
+        # alive, not progressing (a debugger, a stuck data loader), until rank 0 has its outcome
+        stay_until_done(folder, [0], 5 + MARGIN_S + 8)
         return None
     work = fastar.all_reduce(torch.ones(1 << 20), async_op=True)  # 4 MiB
     time.sleep(1.0)
@@ -79,12 +80,14 @@ def _stuck_worker(rank, n, local_size):
     fastar.set_timeout(timedelta(seconds=5))
     set_took = time.monotonic() - t0
     kind, msg = _outcome(lambda: work.wait())
-    return set_took, kind, msg, time.monotonic() - t0
+    took = time.monotonic() - t0
+    mark_done(folder, rank)
+    return set_took, kind, msg, took
 
 
 @pytest.mark.parametrize("local_size", [2, 1], ids=["1x2-shm", "2x1-gloo"])
-def test_set_timeout_returns_at_once_and_reaches_the_stuck_collective(local_size):
-    res = run_workers(_stuck_worker, 2, local_size, timeout=150)
+def test_set_timeout_returns_at_once_and_reaches_the_stuck_collective(local_size, tmp_path):
+    res = run_workers(_stuck_worker, 2, local_size, str(tmp_path), timeout=150)
     set_took, kind, msg, took = res[0]
     assert set_took < MARGIN_S, f"fastar.set_timeout took {set_took:.1f} s while a collective was stuck"
     assert kind == "error" and ("timed out" in msg.lower() or "time" in msg.lower()), msg
@@ -166,7 +169,7 @@ def test_the_backward_after_one_that_raised_works():
 
 # --- defect 6: the first failure reaches wrap's bucket arena ----------------------------------------
 
-def _bucket_arena_worker(rank, n):
+def _bucket_arena_worker(rank, n, folder):
     fastar.init(local_size=n, timeout=timedelta(seconds=60))
     model = fastar.wrap(_layers(), bucket_cap_mb=0.0005, first_bucket_mb=0.0005)
     assert model._engine.has_arena()
@@ -177,15 +180,17 @@ def _bucket_arena_worker(rank, n):
         work = fastar.all_reduce(torch.ones(1000), async_op=True)  # rank 1 never joins this one
         kind, msg = _outcome(lambda: work.wait(timedelta(seconds=2)))
         assert kind == "error" and "did not complete" in msg, msg
-        time.sleep(MARGIN_S)
+        stay_until_done(folder, [1], MARGIN_S)  # alive until rank 1 has its outcome: its error is the reason
         return None
     t0 = time.monotonic()
     kind, msg = _outcome(lambda: model(torch.randn(4, 16)).sum().backward())  # waits in the bucket arena
-    return kind, msg, time.monotonic() - t0
+    took = time.monotonic() - t0
+    mark_done(folder, rank)
+    return kind, msg, took
 
 
-def test_a_first_failure_reaches_the_bucket_arena_with_its_reason():
-    kind, msg, took = run_workers(_bucket_arena_worker, 2, timeout=150)[1]
+def test_a_first_failure_reaches_the_bucket_arena_with_its_reason(tmp_path):
+    kind, msg, took = run_workers(_bucket_arena_worker, 2, str(tmp_path), timeout=150)[1]
     assert kind == "error"
     assert "did not complete within 2 s" in msg, msg  # rank 0's reason, not a timeout of its own
     assert took < 2 + MARGIN_S, took  # not the 60 s timeout

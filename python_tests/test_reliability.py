@@ -158,7 +158,8 @@ def test_soak_memory_fds_and_segments_stay_flat(monkeypatch):
     # 524 -> 1024 MB over 1000 calls of 1M elements, flat at 524 MB with the threshold pinned).
     # Pinning it (inherited by the spawned workers) makes RSS measure what fastar keeps.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    out = run_workers(_soak_worker, 4, timeout=SOAK_TIMEOUT_S)
+    # spawned, not forked: glibc reads MALLOC_MMAP_THRESHOLD_ when the process starts
+    out = run_workers(_soak_worker, 4, timeout=SOAK_TIMEOUT_S, start="spawn")
     for r, o in enumerate(out):
         assert not o["errors"], o["errors"]
         s = o["snaps"]
