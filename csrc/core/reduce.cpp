@@ -83,17 +83,24 @@ void sum_native(T* __restrict d, const T* __restrict s, int64_t n) {
 
 template <typename T>
 void sum_many_native(T* d, const void* const* srcs, int nsrc, int64_t n) {
+  if (nsrc == 1) {
+    if (d != srcs[0]) std::memmove(d, srcs[0], (size_t)n * sizeof(T));
+    return;
+  }
   constexpr int64_t kBlock = 1024;  // stay in L1 while walking all sources
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = b + kBlock < n ? b + kBlock : n;
     T acc[kBlock];
     const T* s0 = static_cast<const T*>(srcs[0]);
     for (int64_t i = b; i < e; ++i) acc[i - b] = s0[i];
-    for (int k = 1; k < nsrc; ++k) {
+    for (int k = 1; k + 1 < nsrc; ++k) {
       const T* __restrict sk = static_cast<const T*>(srcs[k]);
       for (int64_t i = b; i < e; ++i) acc[i - b] += sk[i];
     }
-    std::memcpy(d + b, acc, (e - b) * sizeof(T));
+    // The last source is added on the way out: one pass less over the block. d may be any of the
+    // sources (an in-place sum): element i of every source is read before d[i] is written.
+    const T* sl = static_cast<const T*>(srcs[nsrc - 1]);
+    for (int64_t i = b; i < e; ++i) d[i] = acc[i - b] + sl[i];
   }
 }
 
