@@ -98,19 +98,25 @@ class Tuning:
     # On session 8's host cached stores measured 10-20 % faster at 16 MiB and no slower at 64 and
     # 256 MiB, with the cores sharing a cache or not (docs/results.md).
     stream_above_bytes: int = 1 << 62
-    # One node whose ranks may read each other's memory (Node.single_copy): an allreduce the latency
-    # protocol does not take and of at least this many bytes takes the single-copy protocol (each
-    # rank reads its peers' parts of its slice straight from their buffers and sums in place, then
-    # reads their summed slices: the peers' bytes cross once, where the slots copy them twice). Its
-    # three barriers and system calls lose to the latency protocol's one pass up to 64 KiB, and it
-    # beats the slots above (docs/results.md, session 11).
-    single_copy_min_bytes: int = 0
+    # One node whose ranks may read each other's memory (Node.single_copy): an allreduce of
+    # single_copy_min_bytes to single_copy_max_bytes takes the single-copy protocol (each rank reads
+    # its peers' parts of its slice straight from their buffers and sums in place, then reads their
+    # summed slices: the peers' bytes cross once, where the slots copy them twice). Measured against
+    # the slots in one process, alternately (docs/results.md, session 11): 0.72-0.79 of their time
+    # at 4-32 MiB at 1x2 and 0.86-0.89 at 4-16 MiB at 1x4; 1.1-1.6x at 128 KiB-1 MiB (the kernel pins
+    # every 4 KiB page it copies), level at 2 MiB, and at 64 MiB level (1x2) or 1.1x (1x4).
+    single_copy_min_bytes: int = 4 << 20
+    single_copy_max_bytes: int = 32 << 20
     # Its chunk: how much of each peer's part is read into a scratch (kept in cache) before it is summed.
     single_copy_chunk_bytes: int = 64 << 10
     # The halves (reduce-scatter, allgather) of at least this many bytes (the whole buffer) on such a
     # node take the single-copy protocol too (each rank reads its peers' inputs: one copy); smaller
-    # ones the slots, whose copies cost less than its system calls and two barriers.
-    halves_single_copy_min_bytes: int = 64 << 10
+    # ones the slots, whose copies cost less than its system calls and two barriers. With two ranks
+    # a node (one peer to read) from halves_single_copy_pair_min_bytes. Measured against the slots
+    # (docs/results.md, session 11): 1x2 0.66-0.93 of their time at 16 KiB-16 MiB (the 1 and 4 MiB
+    # allgathers level); 1x4 1.1-1.25x up to 256 KiB, 0.86-1.06 from 1 MiB.
+    halves_single_copy_min_bytes: int = 1 << 20
+    halves_single_copy_pair_min_bytes: int = 16 << 10
 
     def __post_init__(self):
         if self.small_bytes < 0:
@@ -212,9 +218,10 @@ def plan(nbytes: int, itemsize: int, node: Node, *, collective: str = "allreduce
                    "(the arena's small regions, in blocks; no header exchange)")
         return Plan("allreduce", algorithm, hierarchy, "latency", t.latency_block_bytes, "", "; ".join(why))
     single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
-    if node.single_copy and node.num_nodes == 1 and nbytes >= t.single_copy_min_bytes and single_copy_chunk:
-        why.append(f"single copy: {nbytes} B >= {t.single_copy_min_bytes} B on one node whose ranks may read "
-                   f"each other's memory (chunks of {single_copy_chunk} B per peer)")
+    if node.single_copy and node.num_nodes == 1 and t.single_copy_min_bytes <= nbytes <= t.single_copy_max_bytes \
+            and single_copy_chunk:
+        why.append(f"single copy: {t.single_copy_min_bytes} B <= {nbytes} B <= {t.single_copy_max_bytes} B on one "
+                   f"node whose ranks may read each other's memory (chunks of {single_copy_chunk} B per peer)")
         return Plan("allreduce", algorithm, hierarchy, "single_copy", single_copy_chunk, "", "; ".join(why))
     if small:
         why.append(f"one barrier: {nbytes} B <= {t.small_bytes} B in one chunk")
@@ -243,9 +250,10 @@ def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algori
     if not arena:
         return Plan(collective, algorithm, hierarchy, "network", 0, "", "; ".join(why))
     single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
-    if node.single_copy and node.num_nodes == 1 and nbytes >= t.halves_single_copy_min_bytes and single_copy_chunk:
-        why.append(f"single copy: {nbytes} B >= {t.halves_single_copy_min_bytes} B on one node whose ranks may "
-                   "read each other's memory")
+    least = t.halves_single_copy_pair_min_bytes if node.local_size == 2 else t.halves_single_copy_min_bytes
+    if node.single_copy and node.num_nodes == 1 and nbytes >= least and single_copy_chunk:
+        why.append(f"single copy: {nbytes} B >= {least} B on one node of {node.local_size} ranks that may read "
+                   "each other's memory")
         return Plan(collective, algorithm, hierarchy, "single_copy", single_copy_chunk, "", "; ".join(why))
     stream = collective == "allgather" and nbytes >= HALVES_STREAM_ABOVE_BYTES
     if stream:

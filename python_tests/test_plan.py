@@ -30,10 +30,12 @@ ONE_NODE_SC = policy.Node(4, 4, 4 * MiB, single_copy=True)  # its ranks may read
     (4 * KiB, 4, policy.Node(4, 2, 0), ("flat", "network", 0)),  # no arena (a user's group)
     # the single-copy protocol: one node whose probe allowed it, from single_copy_min_bytes
     (64 * KiB, 4, ONE_NODE_SC, ("leader", "latency", 4096)),  # the latency protocol first
-    (64 * KiB + 4, 4, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
-    (64 * MiB, 2, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
-    (1 * MiB, 8, policy.Node(4, 4, 32 * KiB, single_copy=True), ("leader", "single_copy", 32 * KiB)),  # the slot
-    (1 * MiB, 4, policy.Node(4, 2, 4 * MiB, single_copy=True), ("leader", "chunked", 4 * MiB)),  # two nodes: slots
+    (4 * MiB - 4, 4, ONE_NODE_SC, ("leader", "chunked", 512 * KiB)),  # below single_copy_min_bytes
+    (4 * MiB, 4, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
+    (32 * MiB, 2, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
+    (32 * MiB + 8, 8, ONE_NODE_SC, ("leader", "chunked", 512 * KiB)),  # above single_copy_max_bytes
+    (8 * MiB, 8, policy.Node(4, 4, 32 * KiB, single_copy=True), ("leader", "single_copy", 32 * KiB)),  # the slot
+    (8 * MiB, 4, policy.Node(4, 2, 4 * MiB, single_copy=True), ("leader", "chunked", 4 * MiB)),  # two nodes: slots
 ])
 def test_allreduce_plans(nbytes, itemsize, node, want):
     p = policy.plan(nbytes, itemsize, node)
@@ -64,7 +66,8 @@ def test_the_fast_entrys_limit_is_the_plans():
     """fastar.all_reduce takes every call up to latency_limit with the one latency plan, without
     planning it: that must be exactly what plan() gives, for every dtype size, under several tunings."""
     for tune in ({}, {"small_bytes": 8 * KiB}, {"local_chunk_bytes": 16 * KiB}, {"small_bytes": 0},
-                 {"single_copy_min_bytes": 1 << 20}, {"small_bytes": 0, "single_copy_min_bytes": 0}):
+                 {"single_copy_min_bytes": 1 << 20}, {"small_bytes": 0, "single_copy_min_bytes": 0},
+                 {"single_copy_min_bytes": 0, "single_copy_max_bytes": 1 << 40}):
         t = policy.Tuning(**tune)
         for node in (ONE_NODE, policy.Node(2, 2, 64 * KiB), policy.Node(8, 8, 1 * MiB), ONE_NODE_SC,
                      policy.Node(2, 2, 64 * KiB, single_copy=True)):
@@ -78,6 +81,17 @@ def test_the_fast_entrys_limit_is_the_plans():
                 assert policy.plan(over, es, node, t=t).protocol != "latency" or over <= lim
         assert policy.latency_limit(TWO_NODES, t) == -1
         assert policy.latency_limit(policy.Node(4, 1), t) == -1
+
+
+def test_the_halves_single_copy_plans():
+    two, four = policy.Node(2, 2, 4 * MiB, single_copy=True), policy.Node(4, 4, 4 * MiB, single_copy=True)
+    assert policy.plan(16 * KiB, 4, two, collective="reduce_scatter").protocol == "single_copy"
+    assert policy.plan(16 * KiB - 4, 4, two, collective="allgather").protocol == "halves"
+    assert policy.plan(1 * MiB - 4, 4, four, collective="reduce_scatter").protocol == "halves"
+    p = policy.plan(1 * MiB, 2, four, collective="allgather")
+    assert (p.protocol, p.chunk_bytes) == ("single_copy", 64 * KiB)
+    assert policy.plan(64 * MiB, 4, policy.Node(8, 4, 4 * MiB, single_copy=True),
+                       collective="reduce_scatter").protocol == "halves"  # two nodes
 
 
 def test_halves_plans():

@@ -21,6 +21,10 @@ from mp_utils import run_workers
 
 TIMEOUT_S = 6
 MARGIN_S = 15  # a fail-fast bound: timeout + 15 s
+# The protocol at every size above the latency protocol's (the default takes it from 4 to 32 MiB,
+# where it measured faster than the slots): these tests are about what it computes and how it fails.
+EVERY_SIZE = {"single_copy_min_bytes": 0, "single_copy_max_bytes": 1 << 40}
+HALVES_FROM_16K = {"halves_single_copy_min_bytes": 16 << 10}  # as with two ranks, for three
 
 
 class _IoVec(ctypes.Structure):
@@ -59,6 +63,10 @@ def _exact_worker(rank, n):
     st = state.get_state()
     allows = _kernel_allows(n)
     out = {"allows": allows, "probe": st.node.single_copy, "protocols": set(), "wrong": []}
+    # the default plan takes it in its range (8 MiB) where allowed
+    fastar.all_reduce(torch.zeros(2 << 20))
+    out["default 8 MiB"] = st.last_choice["protocol"]
+    fastar.policy.set_tuning(**EVERY_SIZE)
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         es = torch.empty((), dtype=dtype).element_size()
         # just above the latency protocol's 64 KiB, slices shorter than a chunk, several chunks per
@@ -89,6 +97,7 @@ def test_single_copy_exact_where_the_probe_allows_it(n):
         assert out["probe"] == all(o["allows"] for o in res), (rank, out, "the probe disagrees with the kernel")
         assert not out["wrong"], (rank, out["wrong"])
         assert out["protocols"] == ({"single_copy"} if out["probe"] else {"chunked"}), (rank, out["protocols"])
+        assert out["default 8 MiB"] == ("single_copy" if out["probe"] else "chunked"), (rank, out)
 
 
 def _off_worker(rank, n):
@@ -115,6 +124,7 @@ def _disagree_worker(rank, n):
     fastar.init(timeout=timedelta(seconds=TIMEOUT_S))
     if not state.get_state().node.single_copy:
         return "not allowed here"
+    fastar.policy.set_tuning(**EVERY_SIZE)
     if rank == 0:
         fastar.policy.set_tuning(single_copy_min_bytes=1 << 40)  # the slots here, single copy on rank 1
     t = torch.ones(1 << 18)  # 1 MiB
@@ -141,6 +151,7 @@ def _dying_worker(rank, n):
     from fastar import state
     fastar.init(timeout=timedelta(seconds=TIMEOUT_S))
     allowed = state.get_state().node.single_copy
+    fastar.policy.set_tuning(**EVERY_SIZE)
     big = torch.ones(16 << 20)  # 64 MiB: the peer's reads take a while
     fastar.all_reduce(big)
     if rank == 1:  # killed while its peer reads its memory, or waits for it
@@ -175,6 +186,7 @@ def _backend_worker(rank, n):
                             init_method=f"tcp://127.0.0.1:{os.environ['FASTAR_TEST_PORT2']}")
     comm = fastar.backend.get_backend()._comm
     out = {"single_copy": comm.single_copy(), "protocols": {}, "wrong": []}
+    fastar.policy.set_tuning(**EVERY_SIZE, **HALVES_FROM_16K)
 
     def note(name):
         out["protocols"].setdefault(name, set()).add(comm.last_op()["protocol"])
