@@ -28,7 +28,8 @@ COLLECTIVES = ("allreduce", "reduce_scatter", "allgather")
 MODES = {
     "allreduce": {"single_copy": {"single_copy_min_bytes": 0, "single_copy_max_bytes": 1 << 62},
                   "slots": {"single_copy_min_bytes": 1 << 62}},
-    "halves": {"single_copy": {"halves_single_copy_min_bytes": 0, "halves_single_copy_pair_min_bytes": 0},
+    "halves": {"single_copy": {"halves_single_copy_min_bytes": 0, "halves_single_copy_pair_min_bytes": 0,
+                               "halves_single_copy_max_bytes": 1 << 62},
                "slots": {"halves_single_copy_min_bytes": 1 << 62, "halves_single_copy_pair_min_bytes": 1 << 62}},
 }
 

@@ -109,14 +109,16 @@ class Tuning:
     single_copy_max_bytes: int = 32 << 20
     # Its chunk: how much of each peer's part is read into a scratch (kept in cache) before it is summed.
     single_copy_chunk_bytes: int = 64 << 10
-    # The halves (reduce-scatter, allgather) of at least this many bytes (the whole buffer) on such a
-    # node take the single-copy protocol too (each rank reads its peers' inputs: one copy); smaller
-    # ones the slots, whose copies cost less than its system calls and two barriers. With two ranks
-    # a node (one peer to read) from halves_single_copy_pair_min_bytes. Measured against the slots
-    # (docs/results.md, session 11): 1x2 0.66-0.93 of their time at 16 KiB-16 MiB (the 1 and 4 MiB
-    # allgathers level); 1x4 1.1-1.25x up to 256 KiB, 0.86-1.06 from 1 MiB.
-    halves_single_copy_min_bytes: int = 1 << 20
+    # The halves (reduce-scatter, allgather; bytes of the whole buffer) on such a node take the
+    # single-copy protocol too (each rank reads its peers' inputs: one copy) from
+    # halves_single_copy_pair_min_bytes with two ranks a node (one peer to read), from
+    # halves_single_copy_min_bytes with more, up to halves_single_copy_max_bytes. Measured against
+    # the slots (bench/protocol_ab.py, docs/results.md session 11): 1x2 0.61-0.98 of their time at
+    # 16 KiB-32 MiB, 1.09-1.28x at 64 MiB; 1x4 (four ranks on two cores) 1.08-1.20x up to 256 KiB, the
+    # reduce-scatter 0.89-0.93 at 1-4 MiB but the allgather 1.01-1.23x at 1-16 MiB: never by default.
+    halves_single_copy_min_bytes: int = 1 << 62
     halves_single_copy_pair_min_bytes: int = 16 << 10
+    halves_single_copy_max_bytes: int = 32 << 20
 
     def __post_init__(self):
         if self.small_bytes < 0:
@@ -251,9 +253,10 @@ def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algori
         return Plan(collective, algorithm, hierarchy, "network", 0, "", "; ".join(why))
     single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
     least = t.halves_single_copy_pair_min_bytes if node.local_size == 2 else t.halves_single_copy_min_bytes
-    if node.single_copy and node.num_nodes == 1 and nbytes >= least and single_copy_chunk:
-        why.append(f"single copy: {nbytes} B >= {least} B on one node of {node.local_size} ranks that may read "
-                   "each other's memory")
+    if node.single_copy and node.num_nodes == 1 and least <= nbytes <= t.halves_single_copy_max_bytes \
+            and single_copy_chunk:
+        why.append(f"single copy: {least} B <= {nbytes} B <= {t.halves_single_copy_max_bytes} B on one node of "
+                   f"{node.local_size} ranks that may read each other's memory")
         return Plan(collective, algorithm, hierarchy, "single_copy", single_copy_chunk, "", "; ".join(why))
     stream = collective == "allgather" and nbytes >= HALVES_STREAM_ABOVE_BYTES
     if stream:

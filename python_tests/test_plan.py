@@ -87,8 +87,10 @@ def test_the_halves_single_copy_plans():
     two, four = policy.Node(2, 2, 4 * MiB, single_copy=True), policy.Node(4, 4, 4 * MiB, single_copy=True)
     assert policy.plan(16 * KiB, 4, two, collective="reduce_scatter").protocol == "single_copy"
     assert policy.plan(16 * KiB - 4, 4, two, collective="allgather").protocol == "halves"
-    assert policy.plan(1 * MiB - 4, 4, four, collective="reduce_scatter").protocol == "halves"
-    p = policy.plan(1 * MiB, 2, four, collective="allgather")
+    assert policy.plan(32 * MiB, 4, two, collective="allgather").protocol == "single_copy"
+    assert policy.plan(32 * MiB + 4, 4, two, collective="allgather").protocol == "halves"
+    assert policy.plan(4 * MiB, 4, four, collective="reduce_scatter").protocol == "halves"  # never by default
+    p = policy.plan(1 * MiB, 2, four, collective="allgather", t=policy.Tuning(halves_single_copy_min_bytes=1 * MiB))
     assert (p.protocol, p.chunk_bytes) == ("single_copy", 64 * KiB)
     assert policy.plan(64 * MiB, 4, policy.Node(8, 4, 4 * MiB, single_copy=True),
                        collective="reduce_scatter").protocol == "halves"  # two nodes

@@ -24,7 +24,7 @@ MARGIN_S = 15  # a fail-fast bound: timeout + 15 s
 # The protocol at every size above the latency protocol's (the default takes it from 4 to 32 MiB,
 # where it measured faster than the slots): these tests are about what it computes and how it fails.
 EVERY_SIZE = {"single_copy_min_bytes": 0, "single_copy_max_bytes": 1 << 40}
-HALVES_FROM_16K = {"halves_single_copy_min_bytes": 16 << 10}  # as with two ranks, for three
+HALVES_FROM_16K = {"halves_single_copy_min_bytes": 16 << 10}  # as with two ranks, for three (off by default)
 
 
 class _IoVec(ctypes.Structure):
