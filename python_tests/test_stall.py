@@ -152,25 +152,28 @@ SLOW_STOP_S = 3  # the slow peer is stopped this long at a time: each single wai
 
 def _slow_peer_worker(rank, n, local_size):
     import os
+    import signal
     import subprocess
     import time
 
     import fastar
 
     fastar.init(local_size=local_size, timeout=timedelta(seconds=TIMEOUT_S))
-    # Many waits in one operation: the slots' pipeline in 4 KiB chunks on one node (1024 chunks of
-    # 4 MiB); between nodes 256 MiB, 64 of the step loop's 4 MiB receive slots, whose transfer
-    # alone needs more 20 ms windows than fit in one timeout.
+    # Many waits in one operation: 64 MiB, through the slots' pipeline in 4 KiB chunks on one node
+    # (16384 chunks), through the step loop's 4 MiB receive slots between nodes: more work than
+    # fits in the few 10 ms windows the peer runs in within one timeout.
     fastar.policy.set_tuning(local_chunk_bytes=4096, single_copy_min_bytes=1 << 40)
-    t = torch.ones(1 << 20 if local_size > 1 else 64 << 20)
+    t = torch.ones(16 << 20)
     fastar.all_reduce(t)  # one good call
     throttler = None
     if rank == STALLER:
-        # stopped for SLOW_STOP_S, running for 20 ms, stopped again...: it still progresses, and no
-        # single wait of its peer lasts a timeout; only the operation's deadline can end the call
+        # stopped for SLOW_STOP_S, running for 10 ms, stopped again...: it still progresses, and no
+        # single wait of its peer lasts a timeout; only the operation's deadline can end the call.
+        # It stops itself first, so that the call cannot finish before the throttler starts.
         throttler = subprocess.Popen(
-            ["sh", "-c", f"while kill -STOP {os.getpid()}; do sleep {SLOW_STOP_S}; kill -CONT {os.getpid()}; "
-                         "sleep 0.02; done"], start_new_session=True)
+            ["sh", "-c", f"while sleep {SLOW_STOP_S}; do kill -CONT {os.getpid()}; sleep 0.01; "
+                         f"kill -STOP {os.getpid()} || break; done"], start_new_session=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
     t0 = time.monotonic()
     try:
         fastar.all_reduce(t)
