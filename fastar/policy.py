@@ -185,6 +185,11 @@ def _pipeline_chunk(node: Node, itemsize: int, t: Tuning) -> int:
     return chunk // itemsize * itemsize
 
 
+def _single_copy_chunk(node: Node, itemsize: int, t: Tuning) -> int:
+    """The single-copy protocol's scratch per peer: whole elements, at most the arena's slot."""
+    return min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
+
+
 def plan(nbytes: int, itemsize: int, node: Node, *, collective: str = "allreduce", algorithm: str = "auto",
          hierarchy: str = "auto", device: str = "cpu", wire: str = "", in_place: bool = False,
          t: Tuning | None = None) -> Plan:
@@ -219,7 +224,7 @@ def plan(nbytes: int, itemsize: int, node: Node, *, collective: str = "allreduce
         why.append(f"latency protocol: {nbytes} B <= {min(t.small_bytes, LATENCY_MAX_BYTES)} B on one node "
                    "(the arena's small regions, in blocks; no header exchange)")
         return Plan("allreduce", algorithm, hierarchy, "latency", t.latency_block_bytes, "", "; ".join(why))
-    single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
+    single_copy_chunk = _single_copy_chunk(node, itemsize, t)
     if node.single_copy and node.num_nodes == 1 and t.single_copy_min_bytes <= nbytes <= t.single_copy_max_bytes \
             and single_copy_chunk:
         why.append(f"single copy: {t.single_copy_min_bytes} B <= {nbytes} B <= {t.single_copy_max_bytes} B on one "
@@ -251,7 +256,7 @@ def _plan_halves(collective: str, nbytes: int, itemsize: int, node: Node, algori
         why.append(f"halving_doubling: {p} participants, a power of two")
     if not arena:
         return Plan(collective, algorithm, hierarchy, "network", 0, "", "; ".join(why))
-    single_copy_chunk = min(t.single_copy_chunk_bytes, node.arena_chunk_bytes) // itemsize * itemsize
+    single_copy_chunk = _single_copy_chunk(node, itemsize, t)
     least = t.halves_single_copy_pair_min_bytes if node.local_size == 2 else t.halves_single_copy_min_bytes
     if node.single_copy and node.num_nodes == 1 and least <= nbytes <= t.halves_single_copy_max_bytes \
             and single_copy_chunk:
