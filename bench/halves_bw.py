@@ -3,11 +3,13 @@
     python bench/halves_bw.py --nproc 2 --json bench/results/halves_1x2.json
 
 For each size (the bytes of the whole buffer: reduce-scatter's input, allgather's output; a multiple
-of the world size in float32 elements) and each collective, it times `dist.reduce_scatter_tensor` /
-`dist.all_gather_into_tensor` on a Gloo group and on a "fastar" group of the same ranks, and, as the
-yardstick of what the halves save, `dist.all_reduce` of the whole buffer on the fastar group (what
-the backend ran for a reduce-scatter before it had the halves: an allreduce, then a copy of the
-shard). Open MPI's MPI_Reduce_scatter_block and MPI_Allgather (impl "mpi:openmpi", through mpi4py:
+of the world size in float32 elements) and each collective, it times fastar's own calls
+(`fastar.reduce_scatter_single` / `fastar.all_gather_single` with their defaults: impl "fastar", as
+bench/allreduce_bw.py times fastar.all_reduce), `dist.reduce_scatter_single` /
+`dist.all_gather_single` on a Gloo group and on a "fastar" group of the same ranks (impl
+"torch:fastar": the backend, what FSDP gets), and, as the yardstick of what the halves save,
+`dist.all_reduce` of the whole buffer on the fastar group (what the backend ran for a reduce-scatter
+before it had the halves: an allreduce, then a copy of the shard). Open MPI's MPI_Reduce_scatter_block and MPI_Allgather (impl "mpi:openmpi", through mpi4py:
 bench/mpi_allreduce.py --collective) run as allreduce_bw.py runs its MPI_Allreduce: under mpirun in
 the same invocation, before and after the workers (never at the same time), the same sizes, timing
 rules and placement (--bind), the run in the workers' host placement compared
@@ -34,7 +36,7 @@ import common  # noqa: E402
 from stamp import core_round_trip_ns, write_result  # noqa: E402
 
 COLLECTIVES = ("reduce_scatter", "allgather")
-IMPLS = ("torch:gloo", "torch:fastar", "torch:fastar allreduce")
+IMPLS = ("torch:gloo", "fastar", "torch:fastar", "torch:fastar allreduce")
 MPI_CALLS = {"reduce_scatter": "MPI_Reduce_scatter_block", "allgather": "MPI_Allgather"}
 
 
@@ -47,8 +49,9 @@ def _worker(rank: int, world: int, args) -> dict | None:
     torch.set_num_threads(1)  # the workers share the host's cores, as allreduce_bw.py's
     if args.bind == "core":  # as mpirun places its ranks (the same policy)
         common.pin_to_core(rank)
-    import fastar  # noqa: F401 - registers "fastar"
+    import fastar  # registers "fastar"
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))  # env:// (common.launch)
+    fastar.init()  # fastar's own calls: its process groups and arena, beside the "fastar" group's
     groups = {"torch:gloo": dist.new_group(backend="gloo"), "torch:fastar": dist.new_group(backend="fastar")}
     groups["torch:fastar allreduce"] = groups["torch:fastar"]
     ctl = dist.new_group(backend="gloo")
@@ -72,13 +75,19 @@ def _worker(rank: int, world: int, args) -> dict | None:
             buf = torch.zeros(whole)  # the yardstick's buffer: zeros, repeated in-place sums stay finite
 
             def call(impl: str, dst=out, src=full, ar=buf) -> None:
+                if impl == "fastar":
+                    if coll == "reduce_scatter":
+                        fastar.reduce_scatter_single(dst, src)
+                    else:
+                        fastar.all_gather_single(dst, mine)
+                    return
                 g = groups[impl]
                 if impl == "torch:fastar allreduce":
                     dist.all_reduce(ar, group=g)
                 elif coll == "reduce_scatter":
-                    dist.reduce_scatter_tensor(dst, src, group=g)
+                    dist.reduce_scatter_single(dst, src, group=g)
                 else:
-                    dist.all_gather_into_tensor(dst, mine, group=g)
+                    dist.all_gather_single(dst, mine, group=g)
 
             def block(impl: str, n: int) -> float:
                 dist.barrier(group=ctl)
@@ -118,15 +127,21 @@ def mpi_rows(res: dict) -> list[dict]:
              "iters": r["_iters"], "wrong": r["wrong"]} for r in res["rows"]]
 
 
+# ratio name -> (numerator impl, denominator impl); above 1: the denominator takes less time
+RATIOS = {"mpi_over_fastar": (common.MPI_IMPL, "fastar"),  # fastar's own calls, as allreduce_bw's
+          "mpi_over_backend": (common.MPI_IMPL, "torch:fastar"),
+          "gloo_over_backend": ("torch:gloo", "torch:fastar"),  # both through torch.distributed
+          "allreduce_over_backend": ("torch:fastar allreduce", "torch:fastar"),
+          "backend_over_fastar": ("torch:fastar", "fastar")}  # what torch.distributed's call costs
+
+
 def ratios_of(rows: list[dict]) -> dict:
-    """Per collective and size: every other impl's time / torch:fastar's (above 1: fastar takes less)."""
+    """Per collective and size: the RATIOS present in the rows."""
     out = {}
     for coll in COLLECTIVES:
         for nbytes in sorted({r["bytes"] for r in rows}):
             t = {r["impl"]: r["time_us"] for r in rows if r["collective"] == coll and r["bytes"] == nbytes}
-            out[f"{coll} {nbytes}"] = {key: t[impl] / t["torch:fastar"] for impl, key in (
-                ("torch:gloo", "gloo_over_fastar"), ("torch:fastar allreduce", "allreduce_over_fastar"),
-                (common.MPI_IMPL, "mpi_over_fastar")) if impl in t}
+            out[f"{coll} {nbytes}"] = {key: t[a] / t[b] for key, (a, b) in RATIOS.items() if a in t and b in t}
     return out
 
 
@@ -135,17 +150,18 @@ def _cell(v, width: int, digits: int) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'collective':16}{'bytes':>10}{'gloo us':>11}{'mpi us':>11}{'fastar us':>11}{'allreduce us':>14}"
-          f"{'gloo/fastar':>13}{'mpi/fastar':>12}{'wrong':>7}")
+    print(f"{'collective':16}{'bytes':>10}{'gloo us':>11}{'mpi us':>11}{'fastar us':>11}{'backend us':>12}"
+          f"{'allreduce us':>14}{'gloo/backend':>14}{'mpi/fastar':>12}{'mpi/backend':>13}{'wrong':>7}")
     for coll in COLLECTIVES:
         for nbytes in sorted({r["bytes"] for r in rows}):
             rs = [r for r in rows if r["collective"] == coll and r["bytes"] == nbytes]
             t = {r["impl"]: r["time_us"] for r in rs}
             mpi = t.get(common.MPI_IMPL)
-            f = t["torch:fastar"]
-            print(f"{coll:16}{nbytes:>10}{t['torch:gloo']:>11.1f}{_cell(mpi, 11, 1)}{f:>11.1f}"
-                  f"{t['torch:fastar allreduce']:>14.1f}{t['torch:gloo'] / f:>13.2f}"
-                  f"{_cell(mpi / f if mpi else None, 12, 2)}{sum(r['wrong'] for r in rs):>7}")
+            f, b = t["fastar"], t["torch:fastar"]
+            print(f"{coll:16}{nbytes:>10}{t['torch:gloo']:>11.1f}{_cell(mpi, 11, 1)}{f:>11.1f}{b:>12.1f}"
+                  f"{t['torch:fastar allreduce']:>14.1f}{t['torch:gloo'] / b:>14.2f}"
+                  f"{_cell(mpi / f if mpi else None, 12, 2)}{_cell(mpi / b if mpi else None, 13, 2)}"
+                  f"{sum(r['wrong'] for r in rs):>7}")
 
 
 def main(argv=None) -> int:

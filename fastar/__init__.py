@@ -4,10 +4,12 @@
     dist.init_process_group("gloo")          # under torchrun
     model = fastar.wrap(model)               # gradients averaged while backward runs
     fastar.all_reduce(tensor, op="sum")      # or a single collective
+    fastar.reduce_scatter_single(out, inp)   # and the allreduce's two halves
+    fastar.all_gather_single(out, inp)
 """
 from __future__ import annotations
 
-from .collectives import all_reduce, explain  # noqa: F401
+from .collectives import all_gather_single, all_reduce, explain, reduce_scatter_single  # noqa: F401
 from .state import init, is_initialized, set_timeout, shutdown  # noqa: F401
 from . import backend, trace  # noqa: F401,E402 - importing backend registers dist.init_process_group("fastar")
 

@@ -189,6 +189,7 @@ class FastarBackend(_C10dBackend):
         self._node = policy.Node(self._topo.size, self._topo.local_size,
                                  self._comm.shm_chunk_bytes() if self._comm.has_shm() else 0,
                                  self._comm.single_copy())
+        self._halves_plans = groups.PlanCache(lambda: self._node)  # the halves' plans, by size
         self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
         self._queue: queue.Queue = queue.Queue()
         self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
@@ -443,17 +444,21 @@ class FastarBackend(_C10dBackend):
                     fut.set_exception(self._annotate(e))
                     return FastarWork(fut, result)
                 if work is None:
-                    self._count(op, "latency")
-                    if post is not None:
-                        post()
-                    rec[3:] = [t0, time.monotonic()]  # the native clock: steady_clock = CLOCK_MONOTONIC
-                    self._keep(rec)
-                    fut.set_result(result)
-                    return FastarWork(fut, result)
+                    return self._ran_inline(op, "latency", post, rec, t0, fut, result)
                 return self._launch(lambda: work, fut, result, post, rec, op)
             return self._launch(lambda: self._comm.allreduce(flat, native, avg, self._validate, True), fut, result,
                                 post, rec, op)
         return self._profiled(name, run)
+
+    def _ran_inline(self, op: str, path: str, post, rec, t0: float, fut, result) -> FastarWork:
+        """The Work of a collective the communicator ran inline (complete when it returned)."""
+        self._count(op, path)
+        if post is not None:
+            post()
+        rec[3:] = [t0, time.monotonic()]  # the native clock: steady_clock = CLOCK_MONOTONIC
+        self._keep(rec)
+        fut.set_result(result)
+        return FastarWork(fut, result)
 
     def _launch(self, start, fut, result, post, rec, op: str) -> FastarWork:
         """Starts one native collective (`start()` returns fastar's work) and returns its Work."""
@@ -519,8 +524,8 @@ class FastarBackend(_C10dBackend):
             raise RuntimeError("fastar backend: the process group was shut down")
         whole = inp if scatter else out
         nbytes = whole.numel() * whole.element_size()
-        plan = policy.plan(nbytes, whole.element_size(), self._node,
-                           collective="reduce_scatter" if scatter else "allgather")
+        plan, native = self._halves_plans.get("reduce_scatter" if scatter else "allgather", nbytes,
+                                              whole.element_size())
         label = f"{'shm+rail' if plan.hierarchy == 'rail' else 'flat'}:{plan.algorithm}"
         name = f"fastar::{what} {nbytes}B {label} peers={self._size}"
         rec = [name, nbytes, label, 0.0, 0.0]
@@ -530,7 +535,6 @@ class FastarBackend(_C10dBackend):
         queued = nbytes > policy.HALVES_INLINE_BYTES
         op = op or what
         comm = self._comm
-        native = groups.native_plan(plan)
         if scatter:
             def start():
                 return comm.reduce_scatter(out, inp, native, avg, self._validate, queued)
@@ -539,11 +543,16 @@ class FastarBackend(_C10dBackend):
                 return comm.allgather(out, inp, native, self._validate, queued)
         def run() -> FastarWork:
             fut: torch.futures.Future = torch.futures.Future()
+            t0 = time.monotonic()
             try:
-                return self._launch(start, fut, result, post, rec, op)
+                work = start()
             except RuntimeError as e:  # an inline call failed (or the communicator had): the Work says so
+                self._count(op, "native")
                 fut.set_exception(self._annotate(e))
                 return FastarWork(fut, result)
+            if work is None:  # ran inline
+                return self._ran_inline(op, "native", post, rec, t0, fut, result)
+            return self._launch(lambda: work, fut, result, post, rec, op)
         return self._profiled(name, run)
 
     def _enqueue(self, pending: _Pending) -> None:

@@ -36,13 +36,13 @@ _FAST_OPS = {"sum": False, "avg": True, "mean": True, "SUM": False, "AVG": True,
              dist.ReduceOp.SUM: False, dist.ReduceOp.AVG: True}
 
 
-def _parse_op(op):
+def _parse_op(op, where: str = "fastar.all_reduce"):
     if isinstance(op, str):
         key = op.lower()
         if key in _REDUCE_OPS:
             return _REDUCE_OPS[key]
-        raise ValueError(f"fastar.all_reduce: op={op!r} is not supported; use 'sum' or 'avg' "
-                         "(or torch.distributed.all_reduce for max/min/product)")
+        raise ValueError(f"{where}: op={op!r} is not supported; use 'sum' or 'avg' "
+                         f"(or torch.distributed.{where.split('.')[-1]} for max/min/product)")
     if op == dist.ReduceOp.SUM:
         return False
     if op == dist.ReduceOp.AVG:
@@ -62,7 +62,8 @@ def check_tensor(tensor, where: str = "fastar.all_reduce") -> None:
 
 
 class Work:
-    """Handle of an asynchronous fastar.all_reduce, like torch.distributed's Work."""
+    """Handle of an asynchronous fastar.all_reduce (reduce_scatter_single, all_gather_single), like
+    torch.distributed's Work."""
 
     def __init__(self, native, tensor, timeout_s: float):
         self._native, self._tensor, self._timeout = native, tensor, timeout_s
@@ -200,6 +201,127 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
     if work is not None:  # queued behind earlier work
         Work(work, tensor, st.timeout.total_seconds() + 30).wait()
     return None
+
+
+def reduce_scatter_single(output, input, op="sum", group=None, async_op=False, validate=True):  # noqa: A002
+    """Reduce-scatter, like torch.distributed.reduce_scatter_single: `output` (n elements) on rank r
+    gets the sum (op="avg": the mean) over ranks of input[r*n:(r+1)*n]; `input` holds world size x n
+    elements. The first half of fastar's allreduce as a collective of its own: in shared memory on
+    each node (the single-copy protocol where the node allows it, else the arena's slots), the
+    schedule's half between nodes (halving/doubling for a power-of-two node count, else ring).
+    CPU tensors of float32/float64/float16/bfloat16; CUDA tensors, other dtypes and other ops go
+    through torch.distributed.reduce_scatter_single on the group (said once in a warning).
+    validate: ranks check that they make the same call (else every rank raises)."""
+    st = _state_mod._state
+    if st is not None and group is None and not async_op:
+        # The fast entry: this size's plan from the communicator's cache (policy.plan once per size),
+        # run inline. A call fastar does not run (CUDA, strided, another dtype, a size that does not
+        # match) raises NotForFastar or ValueError before anything runs: _halves then gives its
+        # message or its fallback.
+        try:
+            avg = _FAST_OPS.get(op)
+            if avg is not None:
+                native = st.halves.get("reduce_scatter", input.nbytes, input.itemsize)[1]
+                work = st.comm.reduce_scatter(output, input, native, avg, validate, False)
+                if work is not None:  # queued behind earlier work: wait for it
+                    Work(work, output, st.timeout.total_seconds() + 30).wait()
+                return None
+        except (AttributeError, TypeError, ValueError):  # not a tensor, an unhashable op, NotForFastar
+            pass
+        except RuntimeError as e:
+            reraise(e)
+    return _halves(True, output, input, op, group, async_op, validate)
+
+
+def all_gather_single(output, input, group=None, async_op=False, validate=True):  # noqa: A002
+    """Allgather, like torch.distributed.all_gather_single: `output` (world size x n elements) gets
+    every rank's `input` (n elements) at the rank's place; any dtype (bytes are moved). The second
+    half of fastar's allreduce as a collective of its own (see reduce_scatter_single). CUDA tensors
+    go through torch.distributed.all_gather_single on the group."""
+    st = _state_mod._state
+    if st is not None and group is None and not async_op:  # the fast entry (reduce_scatter_single's)
+        try:
+            native = st.halves.get("allgather", output.nbytes, output.itemsize)[1]
+            work = st.comm.allgather(output, input, native, validate, False)
+            if work is not None:
+                Work(work, output, st.timeout.total_seconds() + 30).wait()
+            return None
+        except (AttributeError, ValueError):
+            pass
+        except RuntimeError as e:
+            reraise(e)
+    return _halves(False, output, input, "sum", group, async_op, validate)
+
+
+def _halves(scatter: bool, output, input, op, group, async_op: bool, validate: bool):  # noqa: A002
+    """The general entry of the halves: checks with messages, fallbacks, user groups, async_op."""
+    where = "fastar.reduce_scatter_single" if scatter else "fastar.all_gather_single"
+    require_dist()
+    check_tensor(output, where)
+    check_tensor(input, where)
+    avg = _parse_op(op, where) if scatter else False
+    world = dist.get_world_size(group)
+    whole, part = (input, output) if scatter else (output, input)
+    if whole.numel() != part.numel() * world:
+        raise ValueError(f"{where}: the {'input' if scatter else 'output'} must hold world size ({world}) x the "
+                         f"{'output' if scatter else 'input'}'s {part.numel()} elements = {part.numel() * world}, "
+                         f"not {whole.numel()}")
+    if output.dtype != input.dtype:
+        raise ValueError(f"{where}: the input is {input.dtype} and the output {output.dtype}; pass one dtype")
+    if output.device != input.device:
+        raise ValueError(f"{where}: the input is on {input.device} and the output on {output.device}; "
+                         "pass tensors of one device")
+    fallback = None
+    if avg is None:
+        fallback = f"op {op}"
+    elif scatter and input.dtype not in SUPPORTED_DTYPES:
+        fallback = f"dtype {input.dtype}"
+    elif input.device.type != "cpu":
+        fallback = f"{input.device.type} tensors"
+    if fallback is not None:
+        warn_once(f"fallback:{where}:{fallback}",
+                  f"{where}: fastar runs CPU tensors" + (" of float32/float64/float16/bfloat16 with sum or avg"
+                                                         if scatter else "") +
+                  f"; {fallback} go through torch.distributed.{where.split('.')[-1]} instead")
+        return _torch_halves(scatter, output, input, op, avg, group, async_op, world)
+    st = get_state()
+    comm, node = st.comm, None
+    if group is not None and group is not dist.group.WORLD and world != st.topo.size:
+        comm = group_comm(st, group, input.device, "")
+        node = policy.Node(world, 1)  # a flat communicator of the group's ranks
+    coll = "reduce_scatter" if scatter else "allgather"
+    nbytes = whole.numel() * whole.element_size()
+    if node is None:
+        native = st.halves.get(coll, nbytes, whole.element_size())[1]
+    else:
+        native = native_plan(policy.plan(nbytes, whole.element_size(), node, collective=coll))
+    try:
+        work = comm.reduce_scatter(output, input, native, avg, validate, async_op) if scatter \
+            else comm.allgather(output, input, native, validate, async_op)
+    except RuntimeError as e:
+        reraise(e)
+    if async_op:
+        return Work(work, output, st.timeout.total_seconds() + 30)
+    if work is not None:  # queued behind earlier work
+        Work(work, output, st.timeout.total_seconds() + 30).wait()
+    return None
+
+
+def _torch_halves(scatter: bool, output, input, op, avg, group, async_op: bool, world: int):  # noqa: A002
+    """torch.distributed's reduce_scatter_single / all_gather_single (fastar's fallback)."""
+    if not scatter:
+        w = dist.all_gather_single(output, input, group=group, async_op=async_op)
+        return _DoneWork(output, w) if async_op else None
+    dop = op if avg is None else (dist.ReduceOp.AVG if avg else dist.ReduceOp.SUM)
+    if dop == dist.ReduceOp.AVG and "gloo" in backend_of(group):  # Gloo has no AVG: a sum, then divided
+        dist.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=group)
+        if output.is_floating_point() or output.is_complex():
+            output.div_(world)
+        else:
+            output.floor_divide_(world)
+        return _DoneWork(output) if async_op else None
+    w = dist.reduce_scatter_single(output, input, op=dop, group=group, async_op=async_op)
+    return _DoneWork(output, w) if async_op else None
 
 
 def _NotForFastar():

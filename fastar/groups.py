@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from . import topology
+from . import policy, topology
 
 if TYPE_CHECKING:
     from .state import State
@@ -44,6 +44,33 @@ def native_plan(plan) -> object:
                           plan.chunk_bytes, _ENUMS[("Wire", plan.wire or "none")], plan.stream)
         _NATIVE_PLANS[key] = native
     return native
+
+
+class PlanCache:
+    """fastar.policy.plan of one communicator's calls, by (collective, bytes, itemsize): each size is
+    planned once per tuning, so that a call of fastar.reduce_scatter_single / all_gather_single, or of
+    the backend's halves, costs a dict lookup instead of a plan. get() -> (Plan, its fastar._C.Plan).
+    policy.py still decides every plan; a tuning replaced by policy.set_tuning empties the cache."""
+
+    LIMIT = 1024  # sizes kept; then it starts again (a job has a few dozen sizes)
+
+    def __init__(self, node):
+        self._node = node  # () -> policy.Node of the communicator
+        self._tuning = None
+        self._plans: dict = {}
+
+    def get(self, collective: str, nbytes: int, itemsize: int) -> tuple:
+        t = policy.tuning()
+        if t is not self._tuning:
+            self._tuning, self._plans = t, {}
+        key = (collective, nbytes, itemsize)
+        hit = self._plans.get(key)
+        if hit is None:
+            if len(self._plans) >= self.LIMIT:
+                self._plans.clear()
+            p = policy.plan(nbytes, itemsize, self._node(), collective=collective, t=t)
+            hit = self._plans[key] = (p, native_plan(p))
+        return hit
 
 
 class ShmSpaceError(RuntimeError):

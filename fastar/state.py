@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from . import policy, settings, topology
-from .groups import ShmSpaceError, extension, native_plan, node_segment
+from .groups import PlanCache, ShmSpaceError, extension, native_plan, node_segment
 
 log = logging.getLogger("fastar")
 
@@ -55,6 +55,11 @@ class State:
     # fastar.all_reduce's fast entry: (the tuning it was made for, the latency limit in bytes, the one
     # latency plan as fastar._C.Plan); remade when policy.set_tuning replaced the tuning.
     fast: tuple = (None, -1, None)
+    # The plans of fastar.reduce_scatter_single / all_gather_single on this communicator, by size.
+    halves: PlanCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.halves = PlanCache(lambda: self.node)
 
     @property
     def node(self) -> policy.Node:

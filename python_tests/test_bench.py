@@ -227,10 +227,12 @@ def test_halves_bw_smoke_without_mpi(tmp_path):
     assert data["wrong"] == 0
     keys = {(r["collective"], r["impl"], r["bytes"]) for r in data["rows"]}
     assert keys == {(c, i, b) for c in ("reduce_scatter", "allgather")
-                    for i in ("torch:gloo", "torch:fastar", "torch:fastar allreduce") for b in (4096, 65536)}
+                    for i in ("torch:gloo", "fastar", "torch:fastar", "torch:fastar allreduce") for b in (4096, 65536)}
     for r in data["rows"]:
         assert r["time_us"] > 0 and r["iters"] >= 3 and r["wrong"] == 0
     assert set(data["ratios"]) == {f"{c} {b}" for c in ("reduce_scatter", "allgather") for b in (4096, 65536)}
+    assert all(set(v) == {"gloo_over_backend", "allreduce_over_backend", "backend_over_fastar"}
+               for v in data["ratios"].values()), data["ratios"]
 
 
 def test_halves_bw_open_mpi_rows(tmp_path):
@@ -248,7 +250,7 @@ def test_halves_bw_open_mpi_rows(tmp_path):
     ext = data["external"]["mpi:openmpi"]
     assert ext["library"].startswith("Open MPI") and "--collective reduce_scatter,allgather" in ext["command"]
     assert set(data["host_states"]) == {"before", "workers", "after"}
-    assert all(v["mpi_over_fastar"] > 0 for v in data["ratios"].values())
+    assert all(v["mpi_over_fastar"] > 0 and v["mpi_over_backend"] > 0 for v in data["ratios"].values())
 
 
 def test_protocol_ab_runs_each_protocol(tmp_path):

@@ -90,8 +90,15 @@ def test_the_halves_single_copy_plans():
     assert policy.plan(32 * MiB, 4, two, collective="allgather").protocol == "single_copy"
     assert policy.plan(32 * MiB + 4, 4, two, collective="allgather").protocol == "halves"
     assert policy.plan(4 * MiB, 4, four, collective="reduce_scatter").protocol == "halves"  # never by default
-    p = policy.plan(1 * MiB, 2, four, collective="allgather", t=policy.Tuning(halves_single_copy_min_bytes=1 * MiB))
-    assert (p.protocol, p.chunk_bytes) == ("single_copy", 64 * KiB)
+    t = policy.Tuning(halves_single_copy_min_bytes=1 * MiB)
+    p = policy.plan(1 * MiB, 2, four, collective="reduce_scatter", t=t)
+    assert (p.protocol, p.chunk_bytes) == ("single_copy", 64 * KiB)  # the scratch per peer
+    p = policy.plan(1 * MiB, 2, four, collective="allgather", t=t)
+    assert (p.protocol, p.chunk_bytes) == ("single_copy", 1 * MiB)  # the allgather's piece
+    p = policy.plan(1 * MiB, 2, policy.Node(4, 4, 256 * KiB, single_copy=True), collective="allgather", t=t)
+    assert p.chunk_bytes == 256 * KiB  # at most the arena's slot
+    with pytest.raises(ValueError, match="single_copy_gather_bytes"):
+        policy.Tuning(single_copy_gather_bytes=100)
     assert policy.plan(64 * MiB, 4, policy.Node(8, 4, 4 * MiB, single_copy=True),
                        collective="reduce_scatter").protocol == "halves"  # two nodes
 

@@ -567,11 +567,20 @@ class SingleCopyHalves final : public LocalPhase {
         srcs[lr_] = in_ + (mine + o) * es_;
         reduce_sum_many(t_, out_ + o * es_, srcs.data(), L_, n);
       }
-    } else if (shard_ > 0) {
-      std::memcpy(out_ + (int64_t)lr_ * shard_ * es_, in_, (size_t)shard_ * es_);
-      for (int k = 1; k < L_; ++k) {
-        const int r = (lr_ + k) % L_;
-        a_.read_peer(r, out_ + (int64_t)r * shard_ * es_, 0, (size_t)shard_ * es_, "its input");
+    } else {
+      // In pieces of the plan's chunk, this rank's own copy beside its reads of the peers': every
+      // rank then reads each input while its owner copies it, from the cache they share.
+      const int64_t bytes = shard_ * (int64_t)es_, piece = w_ * (int64_t)es_;
+      for (int64_t o = 0; o < bytes; o += piece) {
+        const size_t n = (size_t)std::min(piece, bytes - o);
+        for (int k = 0; k < L_; ++k) {
+          const int r = (lr_ + k) % L_;
+          char* into = out_ + (int64_t)r * bytes + o;
+          if (k == 0)
+            std::memcpy(into, in_ + o, n);
+          else
+            a_.read_peer(r, into, o, n, "its input");
+        }
       }
     }
     a_.signal(ShmFlag::Done, g);

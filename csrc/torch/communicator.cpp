@@ -379,7 +379,31 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
   // The plan is checked before anything runs: a plan this communicator cannot run is refused
   // (std::invalid_argument) and leaves it healthy.
   const Collective want = scatter ? Collective::ReduceScatter : Collective::Allgather;
-  auto refuse = [&](const std::string& why) { refuse_plan(plan, scatter ? "a reduce_scatter" : "an allgather", why); };
+  const char* what = scatter ? "a reduce_scatter" : "an allgather";
+  // Tensors fastar does not run (CUDA ones, strided or sparse, a dtype a reduce-scatter does not sum)
+  // raise NotForFastar, and a wrong size std::invalid_argument, before anything runs: the
+  // communicator stays healthy and the caller takes torch.distributed's way or gives its message.
+  for (const at::Tensor* t : {&out, &in}) {
+    if (!t->device().is_cpu())
+      throw NotForFastar(std::string("fastar: ") + what + " runs on CPU tensors (CUDA ones go to NCCL)");
+    if (t->layout() != at::kStrided || !t->is_contiguous())
+      throw NotForFastar(std::string("fastar: ") + what + " needs dense contiguous tensors");
+  }
+  if (in.scalar_type() != out.scalar_type())
+    throw NotForFastar(std::string("fastar: ") + what + " needs one dtype for its input and output");
+  DType summed;
+  if (scatter && !try_dtype(in.scalar_type(), &summed))
+    throw NotForFastar("fastar: a reduce_scatter does not sum this dtype");
+  {
+    const at::Tensor& whole = scatter ? in : out;
+    const at::Tensor& part = scatter ? out : in;
+    if (whole.numel() != part.numel() * (int64_t)topo_.size)
+      throw std::invalid_argument(std::string("fastar: ") + what + ": the " + (scatter ? "input" : "output") +
+                                  " must hold world size (" + std::to_string(topo_.size) + ") x " +
+                                  std::to_string(part.numel()) + " elements (the " + (scatter ? "output" : "input") +
+                                  "'s), not " + std::to_string(whole.numel()));
+  }
+  auto refuse = [&](const std::string& why) { refuse_plan(plan, what, why); };
   if (plan.collective != want) refuse(std::string("it is a plan for ") + collective_name(plan.collective));
   const int participants = arena_ ? topo_.num_nodes : topo_.size;
   if (plan.algorithm == Algorithm::HalvingDoubling && (participants & (participants - 1)) != 0)
@@ -389,7 +413,6 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
                   : "without an arena the halves run the network protocol");
   if (arena_ && (plan.chunk_bytes < 1 || plan.chunk_bytes > arena_->chunk_bytes()))
     refuse("the chunk must fit the arena's slot of " + std::to_string(arena_->chunk_bytes()) + " B");
-  const std::string label = plan_label(plan);
   auto body = [this, scatter, out, in, plan, avg, validate] {
     std::lock_guard<std::mutex> g(exec_mu_);
     TORCH_CHECK(world_, "fastar: the communicator was closed (fastar.shutdown() was called)");
@@ -401,33 +424,18 @@ std::shared_ptr<AsyncWork> Communicator::halves(bool scatter, at::Tensor out, at
       throw;
     }
   };
-  if (async_op || !queue_.enter_inline()) return submit_work([body](AsyncWork&) { body(); }, label);
-  auto work = std::make_shared<AsyncWork>();
-  work->algorithm = label;
-  work->start_s = now_s();
-  queue_.run_inline([&] { body(); });
-  work->end_s = now_s();
-  work->finish(nullptr);
-  return work;
+  if (async_op || !queue_.enter_inline()) return submit_work([body](AsyncWork&) { body(); }, plan_label(plan));
+  queue_.run_inline([&] { body(); });  // inline: same order on every rank (nothing queued before it), no thread hop
+  return nullptr;
 }
 
 void Communicator::run_halves_locked(bool scatter, const at::Tensor& out, const at::Tensor& in, const Plan& plan,
                                      bool avg, bool validate) {
+  // halves() checked the tensors before the call was queued or run.
   const char* what = scatter ? "a reduce_scatter" : "an allgather";
-  for (const at::Tensor* t : {&out, &in}) {
-    TORCH_CHECK(t->device().is_cpu(), "fastar: ", what, " runs on CPU tensors (CUDA ones go to NCCL), not ",
-                t->device());
-    TORCH_CHECK(t->layout() == at::kStrided && t->is_contiguous(), "fastar: ", what,
-                " needs dense contiguous tensors (call .contiguous() first)");
-  }
-  TORCH_CHECK(in.scalar_type() == out.scalar_type(), "fastar: ", what, " needs one dtype for input and output, not ",
-              in.scalar_type(), " and ", out.scalar_type());
   const int64_t S = topo_.size;
   const at::Tensor& whole = scatter ? in : out;
   const at::Tensor& part = scatter ? out : in;
-  TORCH_CHECK(whole.numel() == part.numel() * S, "fastar: ", what, ": the ", scatter ? "input" : "output",
-              " must hold world size (", S, ") x ", part.numel(), " elements (the ", scatter ? "output" : "input",
-              "'s), not ", whole.numel());
   // A reduce-scatter sums (float dtypes); an allgather only moves bytes, of any dtype.
   const DType dt = scatter ? to_dtype(in.scalar_type()) : DType::Bytes;
   const int64_t shard = scatter ? part.numel() : part.numel() * (int64_t)part.element_size();

@@ -92,14 +92,16 @@ class Communicator {
   // bench/latency_breakdown.py. Off by default (each stage costs a clock read when on).
   void set_latency_profile(bool on);
   LatencyProfile latency_profile();
-  // The two halves of the allreduce as collectives (the torch.distributed backend's
-  // reduce_scatter_tensor and all_gather_into_tensor), CPU tensors only. reduce_scatter: `out` gets
+  // The two halves of the allreduce as collectives (fastar.reduce_scatter_single and
+  // fastar.all_gather_single, and the torch.distributed backend's), CPU tensors only. reduce_scatter: `out` gets
   // the sum (avg: mean) over all ranks of shard `rank` of `in` (size x out's elements, float dtypes).
   // allgather: `out` (size x in's elements, any dtype: bytes are moved) gets every rank's `in` at
   // its place. In shared memory on each node, the schedule's half between nodes. plan: fastar/
   // policy.py's (collective, algorithm, protocol halves with an arena or network without, chunk);
-  // one it cannot run is refused before anything runs. Run at once when nothing is queued and not
-  // async_op (the returned work is then complete), else queued in submission order.
+  // one it cannot run is refused before anything runs, and so are tensors it does not run
+  // (NotForFastar: CUDA, strided or sparse, two dtypes, a dtype a reduce-scatter does not sum;
+  // std::invalid_argument: sizes that do not match the world size). Run at once when nothing is queued and not
+  // async_op (then nullptr is returned: it is complete), else queued in submission order (its work).
   std::shared_ptr<AsyncWork> reduce_scatter(at::Tensor out, at::Tensor in, const Plan& plan, bool avg, bool validate,
                                             bool async_op);
   std::shared_ptr<AsyncWork> allgather(at::Tensor out, at::Tensor in, const Plan& plan, bool validate, bool async_op);
