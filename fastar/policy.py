@@ -88,8 +88,11 @@ class Tuning:
     # on one node the latency protocol, up to LATENCY_MAX_BYTES). DeepSpeed's small-message path.
     small_bytes: int = 64 << 10
     # The one-node pipeline's chunk: slots and result area stay in cache (between nodes the arena's
-    # chunk, FASTAR_SHM_CHUNK_MB, is the unit of the network pipeline instead).
-    local_chunk_bytes: int = 512 << 10
+    # chunk, FASTAR_SHM_CHUNK_MB, is the unit of the network pipeline instead). Session 12, 1x4 (four
+    # ranks on two cores), fastar.all_reduce, best of three: 128 KiB against 512 KiB took 233 against
+    # 271 us at 512 KiB, 426 against 485 at 1 MiB, 755-773 against 866 at 2 MiB, 27.0 against 31.0 ms
+    # at 64 MiB (64 KiB: 226 and 821 us at 512 KiB and 2 MiB); at 1x2 level (128 KiB-64 MiB).
+    local_chunk_bytes: int = 128 << 10
     # The latency protocol's smallest block: each block costs the peers one more flag line. 1 KiB
     # blocks took 0.95 us at 4 KiB when the cores shared a cache and 2.3 us when they did not; one
     # 4 KiB block 1.07 and 1.8 (docs/results.md, session 8).

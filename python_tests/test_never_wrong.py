@@ -34,7 +34,7 @@ def _tuning_worker(rank, n, setting):
     if setting == "chunk":
         if rank == 0:
             fastar.policy.set_tuning(local_chunk_bytes=256 << 10)
-        count = (512 << 10) // 4  # one chunk at 512 KiB, two at 256 KiB
+        count = (512 << 10) // 4  # four chunks at 128 KiB (the default), two at 256 KiB
     elif setting == "single_copy_chunk":
         fastar.policy.set_tuning(single_copy_min_bytes=0)  # the protocol at this size on both ranks
         if rank == 0:

@@ -21,8 +21,8 @@ ONE_NODE_SC = policy.Node(4, 4, 4 * MiB, single_copy=True)  # its ranks may read
     (0, 4, ONE_NODE, ("leader", "latency", 4096)),
     (4 * KiB, 4, ONE_NODE, ("leader", "latency", 4096)),
     (64 * KiB, 2, ONE_NODE, ("leader", "latency", 4096)),
-    (64 * KiB + 8, 8, ONE_NODE, ("leader", "chunked", 512 * KiB)),
-    (3 * MiB, 4, ONE_NODE, ("leader", "chunked", 512 * KiB)),
+    (64 * KiB + 8, 8, ONE_NODE, ("leader", "chunked", 128 * KiB)),
+    (3 * MiB, 4, ONE_NODE, ("leader", "chunked", 128 * KiB)),
     (4 * KiB, 4, TWO_NODES, ("leader", "one_barrier", 0)),  # between nodes: no latency protocol
     (1 * MiB, 4, TWO_NODES, ("leader", "chunked", 4 * MiB)),  # the arena's chunk between nodes
     (16 * MiB, 4, TWO_NODES, ("rail", "chunked", 4 * MiB)),
@@ -30,10 +30,10 @@ ONE_NODE_SC = policy.Node(4, 4, 4 * MiB, single_copy=True)  # its ranks may read
     (4 * KiB, 4, policy.Node(4, 2, 0), ("flat", "network", 0)),  # no arena (a user's group)
     # the single-copy protocol: one node whose probe allowed it, from single_copy_min_bytes
     (64 * KiB, 4, ONE_NODE_SC, ("leader", "latency", 4096)),  # the latency protocol first
-    (4 * MiB - 4, 4, ONE_NODE_SC, ("leader", "chunked", 512 * KiB)),  # below single_copy_min_bytes
+    (4 * MiB - 4, 4, ONE_NODE_SC, ("leader", "chunked", 128 * KiB)),  # below single_copy_min_bytes
     (4 * MiB, 4, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
     (32 * MiB, 2, ONE_NODE_SC, ("leader", "single_copy", 64 * KiB)),
-    (32 * MiB + 8, 8, ONE_NODE_SC, ("leader", "chunked", 512 * KiB)),  # above single_copy_max_bytes
+    (32 * MiB + 8, 8, ONE_NODE_SC, ("leader", "chunked", 128 * KiB)),  # above single_copy_max_bytes
     (8 * MiB, 8, policy.Node(4, 4, 32 * KiB, single_copy=True), ("leader", "single_copy", 32 * KiB)),  # the slot
     (8 * MiB, 4, policy.Node(4, 2, 4 * MiB, single_copy=True), ("leader", "chunked", 4 * MiB)),  # two nodes: slots
 ])
