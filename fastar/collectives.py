@@ -192,8 +192,14 @@ def all_reduce(tensor, op="sum", group=None, algorithm="auto", hierarchy="auto",
                       "compression": p.wire}
     if log.isEnabledFor(logging.DEBUG):
         log.debug("fastar.all_reduce %d B: %s (%s)", nbytes, p.label, p.why)
+    return _run(lambda: comm.allreduce(tensor, native_plan(p), avg, validate, async_op), tensor, st, async_op)
+
+
+def _run(start, tensor, st, async_op: bool):
+    """start(): a communicator call (None when it ran inline and is complete, else its work). Returns
+    what the public call returns: its Work with async_op, else None once the call is complete."""
     try:
-        work = comm.allreduce(tensor, native_plan(p), avg, validate, async_op)
+        work = start()
     except RuntimeError as e:
         reraise(e)
     if async_op:
@@ -295,16 +301,9 @@ def _halves(scatter: bool, output, input, op, group, async_op: bool, validate: b
         native = st.halves.get(coll, nbytes, whole.element_size())[1]
     else:
         native = native_plan(policy.plan(nbytes, whole.element_size(), node, collective=coll))
-    try:
-        work = comm.reduce_scatter(output, input, native, avg, validate, async_op) if scatter \
-            else comm.allgather(output, input, native, validate, async_op)
-    except RuntimeError as e:
-        reraise(e)
-    if async_op:
-        return Work(work, output, st.timeout.total_seconds() + 30)
-    if work is not None:  # queued behind earlier work
-        Work(work, output, st.timeout.total_seconds() + 30).wait()
-    return None
+    if scatter:
+        return _run(lambda: comm.reduce_scatter(output, input, native, avg, validate, async_op), output, st, async_op)
+    return _run(lambda: comm.allgather(output, input, native, validate, async_op), output, st, async_op)
 
 
 def _torch_halves(scatter: bool, output, input, op, avg, group, async_op: bool, world: int):  # noqa: A002

@@ -13,18 +13,47 @@ namespace fastar {
 Hierarchical::Hierarchical(ShmArena* arena, Transport* inter, int num_nodes)
     : arena_(arena), inter_(inter), num_nodes_(num_nodes), driver_(inter, /*worker=*/inter != nullptr) {}
 
+// What the phases over the node's arena share: the call's descriptor (call_check.h: the call and
+// its plan, what the ranks must agree on) and its first generation, published before the driver
+// runs the phase (Hierarchical::drive); a failure marks the arena, so that local peers waiting on
+// this rank fail at once.
+class ArenaCall : public LocalPhase {
+ public:
+  void publish() {
+    first_gen_ = h_.gen_ + 1;
+    a_.begin_call(first_gen_);
+    a_.publish_desc(desc_, first_gen_);  // read by a peer on another protocol, to say why
+  }
+  void failed(const std::string& why) override { a_.mark_failed(why); }
+
+ protected:
+  ArenaCall(Hierarchical& h, const Plan& plan, uint64_t seq, int64_t count, DType t)
+      : h_(h), a_(*h.arena_), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)) {
+    encode_desc(plan, seq, count, (uint64_t)t, desc_);
+  }
+
+  Hierarchical& h_;
+  ShmArena& a_;
+  DType t_;
+  int L_, lr_;
+  size_t es_;
+  uint64_t desc_[kDescWords];
+  uint32_t first_gen_ = 0;
+  std::vector<const void*> srcs_;
+};
+
 // The staged local phase: every local rank copies its chunk into its slot; each sums its 1/L slice
 // of all slots (a reduce-scatter, every core busy); the part a rank carries between nodes is the
 // whole chunk's result area (leader, local rank 0) or its own slice of it (rail); then every local
 // rank copies the result back. On one node the slice is summed in place in the rank's own buffer.
 // Small single-chunk buffers take one barrier: every rank sums all slots itself.
-class StagedPhase final : public LocalPhase {
+class StagedPhase final : public ArenaCall {
  public:
   // Runs the plan fastar/policy.py made (protocol and chunk included); refuses one that cannot
   // run here, with the reason, before touching the arena.
   StagedPhase(Hierarchical& h, const Plan& plan, void* data, int64_t count, DType t, uint64_t seq)
-      : h_(h), a_(*h.arena_), mode_(plan.hierarchy), base_(static_cast<char*>(data)), count_(count), t_(t),
-        L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)), multi_(h.num_nodes_ > 1) {
+      : ArenaCall(h, plan, seq, count, t), mode_(plan.hierarchy), base_(static_cast<char*>(data)), count_(count),
+        multi_(h.num_nodes_ > 1) {
     const int64_t bytes = count * (int64_t)es_;
     h.check_plan(plan, bytes, es_);
     if (multi_ && mode_ == Hierarchy::Rail && h.inter_ == nullptr) throw std::logic_error("fastar: rail without transport");
@@ -35,18 +64,10 @@ class StagedPhase final : public LocalPhase {
     chunk_elems_ = latency_ || small_ ? std::max<int64_t>(count, 1) : plan.chunk_bytes / (int64_t)es_;
     nchunks_ = single_ ? 1 : count == 0 ? 0 : (count + chunk_elems_ - 1) / chunk_elems_;
     block_bytes_ = latency_ ? plan.chunk_bytes : 0;
-    // What the ranks must agree on (call_check.h): the call and its plan.
-    encode_desc(plan, seq, count, (uint64_t)t, desc_);
     streaming_ = plan.stream;
-  }
-  void publish() {
-    first_gen_ = h_.gen_ + 1;
-    a_.begin_call(first_gen_);
-    a_.publish_desc(desc_, first_gen_);  // read by a peer on another protocol, to say why
   }
   int64_t chunks() const override { return small_ ? 1 : nchunks_; }
   bool pipelined() const override { return !small_ && !single_; }
-  void failed(const std::string& why) override { a_.mark_failed(why); }
   LatencyProfile* prof = nullptr;
   double scale_by = 1.0;  // the single-copy protocol's avg, applied to each summed slice
   bool scales() const { return single_; }
@@ -279,20 +300,12 @@ class StagedPhase final : public LocalPhase {
     return {res, n};
   }
 
-  Hierarchical& h_;
-  ShmArena& a_;
   Hierarchy mode_;
   char* base_;
   int64_t count_;
-  DType t_;
-  int L_, lr_;
-  size_t es_;
   bool multi_, carries_ = false, small_ = false, latency_ = false, single_ = false, streaming_ = false;
   int64_t chunk_elems_ = 1, nchunks_ = 0, block_bytes_ = 0;
-  uint64_t desc_[kDescWords];
-  uint32_t first_gen_ = 0;
   const void* srcs_small_[Hierarchical::kMaxSmallRanks];
-  std::vector<const void*> srcs_;
 };
 
 HierarchicalStats Hierarchical::allreduce(const Plan& plan, void* data, int64_t count, DType t, uint64_t seq,
@@ -382,13 +395,12 @@ int64_t Hierarchical::halves_chunk(int64_t chunk_bytes, int64_t pieces, DType t)
 //    descriptor check, before the first chunk goes between nodes.
 // Two slot buffers alternate by generation: a rank writes buffer g & 1 again only after every peer
 // raised In for g - 1, which each does after its last read of generation g - 2.
-class HalvesPhase final : public LocalPhase {
+class HalvesPhase final : public ArenaCall {
  public:
   HalvesPhase(Hierarchical& h, bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
               uint64_t seq)
-      : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
-        shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), N_(h.num_nodes_), es_(dtype_size(t)),
-        multi_(h.num_nodes_ > 1) {
+      : ArenaCall(h, plan, seq, shard, t), scatter_(scatter), in_(static_cast<const char*>(in)),
+        out_(static_cast<char*>(out)), shard_(shard), N_(h.num_nodes_), multi_(h.num_nodes_ > 1) {
     if (multi_ && h.inter_ == nullptr)
       throw std::logic_error(std::string("fastar: ") + (scatter ? "reduce_scatter" : "allgather") +
                              " between nodes without a rail");
@@ -399,20 +411,13 @@ class HalvesPhase final : public LocalPhase {
       h.rail_buf_.resize((size_t)(N_ * shard) * es_);
       rail_ = h.rail_buf_.data();
     }
-    encode_desc(plan, seq, shard, (uint64_t)t, desc_);  // what the ranks must agree on: the call and its plan
     // A large allgather result is written with streaming stores (no read for ownership of lines
     // about to be overwritten; the slots stay cached).
     streaming_ = !scatter && plan.stream;
   }
-  void publish() {
-    first_gen_ = h_.gen_ + 1;
-    a_.begin_call(first_gen_);
-    a_.publish_desc(desc_, first_gen_);
-  }
   int64_t chunks() const override { return nchunks_; }
   Collective collective() const override { return scatter_ ? Collective::ReduceScatter : Collective::Allgather; }
   bool pipelined() const override { return multi_; }
-  void failed(const std::string& why) override { a_.mark_failed(why); }
   Part reduce(int64_t c) override { return scatter_ ? scatter_reduce(c) : gather_place(c); }
   void distribute(int64_t c) override {
     if (scatter_)
@@ -499,22 +504,15 @@ class HalvesPhase final : public LocalPhase {
     return srcs_.data();
   }
 
-  Hierarchical& h_;
-  ShmArena& a_;
   bool scatter_;
   const char* in_;
   char* out_;
   int64_t shard_;
-  DType t_;
-  int L_, lr_, N_, node_ = 0;
-  size_t es_;
+  int N_, node_ = 0;
   bool multi_, streaming_ = false;
   int64_t w_ = 1, nchunks_ = 1;
   char* rail_ = nullptr;
-  uint64_t desc_[kDescWords];
-  uint32_t first_gen_ = 0;
   const void* srcs_small_[Hierarchical::kMaxSmallRanks];
-  std::vector<const void*> srcs_;
 };
 
 // The halves on one node with the peers' memory read directly (Protocol::SingleCopy; one node, so
@@ -522,28 +520,21 @@ class HalvesPhase final : public LocalPhase {
 // every rank's input into `out`, a chunk at a time through the scratch (each peer's piece read once,
 // summed in rank order); an allgather puts its own input in place and reads every peer's input
 // straight into its place in `out`. Done: no peer reads this rank's input any more.
-class SingleCopyHalves final : public LocalPhase {
+class SingleCopyHalves final : public ArenaCall {
  public:
   SingleCopyHalves(Hierarchical& h, bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,
                    uint64_t seq)
-      : h_(h), a_(*h.arena_), scatter_(scatter), in_(static_cast<const char*>(in)), out_(static_cast<char*>(out)),
-        shard_(shard), t_(t), L_(a_.local_size()), lr_(a_.local_rank()), es_(dtype_size(t)) {
+      : ArenaCall(h, plan, seq, shard, t), scatter_(scatter), in_(static_cast<const char*>(in)),
+        out_(static_cast<char*>(out)), shard_(shard) {
     auto refuse = [&](const std::string& why) { refuse_plan(plan, scatter ? "a reduce_scatter" : "an allgather", why); };
     if (h.num_nodes_ > 1) refuse("the single-copy protocol runs on one node");
     if (!a_.single_copy()) refuse("this node's ranks may not read each other's memory (the probe at init)");
     if (plan.chunk_bytes < (int64_t)es_ || plan.chunk_bytes % (int64_t)es_ || plan.chunk_bytes > a_.chunk_bytes())
       refuse("the chunk must be whole elements, at most the arena's slot");
     w_ = plan.chunk_bytes / (int64_t)es_;
-    encode_desc(plan, seq, shard, (uint64_t)t, desc_);
-  }
-  void publish() {
-    first_gen_ = h_.gen_ + 1;
-    a_.begin_call(first_gen_);
-    a_.publish_desc(desc_, first_gen_);
   }
   int64_t chunks() const override { return 1; }
   Collective collective() const override { return scatter_ ? Collective::ReduceScatter : Collective::Allgather; }
-  void failed(const std::string& why) override { a_.mark_failed(why); }
   Part reduce(int64_t) override {
     const uint32_t g = ++h_.gen_;
     a_.publish_address(in_);
@@ -591,19 +582,11 @@ class SingleCopyHalves final : public LocalPhase {
   }
 
  private:
-  Hierarchical& h_;
-  ShmArena& a_;
   bool scatter_;
   const char* in_;
   char* out_;
   int64_t shard_;
-  DType t_;
-  int L_, lr_;
-  size_t es_;
   int64_t w_ = 1;
-  uint64_t desc_[kDescWords];
-  uint32_t first_gen_ = 0;
-  std::vector<const void*> srcs_;
 };
 
 HierarchicalStats Hierarchical::halves(bool scatter, const Plan& plan, const void* in, void* out, int64_t shard, DType t,

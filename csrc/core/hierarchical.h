@@ -77,6 +77,7 @@ class Hierarchical {
   LatencyProfile* profile = nullptr;  // set while profiling the latency path
 
  private:
+  friend class ArenaCall;
   friend class StagedPhase;
   friend class HalvesPhase;
   friend class SingleCopyHalves;
