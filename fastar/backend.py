@@ -108,13 +108,17 @@ class _Pending:
 
 
 class FastarWork(_C10dWork):
-    """A Work over a torch Future: wait() raises the collective's error, get_future() chains."""
+    """A Work over a torch Future: wait() raises the collective's error, get_future() chains.
+    fut None: a collective that succeeded inline (complete when returned); its future is made only
+    when someone asks for it."""
 
-    def __init__(self, fut: torch.futures.Future, result, pending: _Pending | None = None):
+    def __init__(self, fut: torch.futures.Future | None, result, pending: _Pending | None = None):
         super().__init__()
         self._fut, self._result, self._pending = fut, result, pending
 
     def wait(self, timeout: timedelta | None = None) -> bool:
+        if self._fut is None:
+            return True
         p = self._pending
         if p is not None and not p.done:  # wait here rather than for the completion thread's wake-up
             p.complete(p.backend._wait_s)
@@ -122,12 +126,16 @@ class FastarWork(_C10dWork):
         return True
 
     def is_completed(self) -> bool:
+        if self._fut is None:
+            return True
         p = self._pending
         if p is not None and not p.done and p.native.is_completed():
             p.complete(p.backend._wait_s)
         return self._fut.done()
 
     def is_success(self) -> bool:
+        if self._fut is None:
+            return True
         if not self._fut.done():
             return False
         try:
@@ -137,6 +145,8 @@ class FastarWork(_C10dWork):
             return False
 
     def exception(self):
+        if self._fut is None:
+            return None
         try:
             self._fut.value()
         except Exception as e:  # noqa: BLE001
@@ -147,6 +157,10 @@ class FastarWork(_C10dWork):
         return self._result
 
     def get_future(self) -> torch.futures.Future:
+        if self._fut is None:
+            self._fut = torch.futures.Future()
+            self._fut.set_result(self._result)
+            return self._fut
         p = self._pending
         if p is not None and not p.queued:  # someone will chain on it: the completion thread completes it
             p.backend._enqueue(p)
@@ -189,7 +203,8 @@ class FastarBackend(_C10dBackend):
         self._node = policy.Node(self._topo.size, self._topo.local_size,
                                  self._comm.shm_chunk_bytes() if self._comm.has_shm() else 0,
                                  self._comm.single_copy())
-        self._halves_plans = groups.PlanCache(lambda: self._node)  # the halves' plans, by size
+        # the halves' plans by size, with their label and the name of their records and profiler ranges
+        self._halves_plans = groups.PlanCache(lambda: self._node, self._describe_halves)
         self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
         self._queue: queue.Queue = queue.Queue()
         self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
@@ -431,7 +446,6 @@ class FastarBackend(_C10dBackend):
         latency = plan.protocol == "latency"
 
         def run() -> FastarWork:
-            fut: torch.futures.Future = torch.futures.Future()
             if latency:
                 # The latency protocol runs inline when nothing is queued (the Work is complete when
                 # returned; the same with the profiler on: the range then covers the call); behind
@@ -441,24 +455,24 @@ class FastarBackend(_C10dBackend):
                     work = self._comm.allreduce(flat, native, avg, self._validate, False)
                 except RuntimeError as e:
                     self._count(op, "latency")
+                    fut: torch.futures.Future = torch.futures.Future()
                     fut.set_exception(self._annotate(e))
                     return FastarWork(fut, result)
                 if work is None:
-                    return self._ran_inline(op, "latency", post, rec, t0, fut, result)
-                return self._launch(lambda: work, fut, result, post, rec, op)
-            return self._launch(lambda: self._comm.allreduce(flat, native, avg, self._validate, True), fut, result,
-                                post, rec, op)
+                    return self._ran_inline(op, "latency", post, rec, t0, result)
+                return self._launch(lambda: work, torch.futures.Future(), result, post, rec, op)
+            return self._launch(lambda: self._comm.allreduce(flat, native, avg, self._validate, True),
+                                torch.futures.Future(), result, post, rec, op)
         return self._profiled(name, run)
 
-    def _ran_inline(self, op: str, path: str, post, rec, t0: float, fut, result) -> FastarWork:
+    def _ran_inline(self, op: str, path: str, post, rec, t0: float, result) -> FastarWork:
         """The Work of a collective the communicator ran inline (complete when it returned)."""
         self._count(op, path)
         if post is not None:
             post()
         rec[3:] = [t0, time.monotonic()]  # the native clock: steady_clock = CLOCK_MONOTONIC
         self._keep(rec)
-        fut.set_result(result)
-        return FastarWork(fut, result)
+        return FastarWork(None, result)
 
     def _launch(self, start, fut, result, post, rec, op: str) -> FastarWork:
         """Starts one native collective (`start()` returns fastar's work) and returns its Work."""
@@ -522,12 +536,13 @@ class FastarBackend(_C10dBackend):
         (halving/doubling when the node count is a power of two, else ring)."""
         if self._closed:
             raise RuntimeError("fastar backend: the process group was shut down")
+        if torch.autograd.profiler._is_profiler_enabled and not self._halves_run(scatter, out, inp):
+            # the communicator would refuse them (ValueError) inside this call's range: the caller
+            # delegates them, in one range of the delegated call's
+            raise ValueError("fastar backend: tensors the communicator does not run")
         whole = inp if scatter else out
-        nbytes = whole.numel() * whole.element_size()
-        plan, native = self._halves_plans.get("reduce_scatter" if scatter else "allgather", nbytes,
-                                              whole.element_size())
-        label = f"{'shm+rail' if plan.hierarchy == 'rail' else 'flat'}:{plan.algorithm}"
-        name = f"fastar::{what} {nbytes}B {label} peers={self._size}"
+        nbytes = whole.nbytes
+        plan, native, (label, name) = self._halves_plans.get(what, nbytes, whole.itemsize)
         rec = [name, nbytes, label, 0.0, 0.0]
         # Small calls run at once in the caller's thread (no hand-off); large ones are queued, so
         # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run. The same
@@ -542,18 +557,24 @@ class FastarBackend(_C10dBackend):
             def start():
                 return comm.allgather(out, inp, native, self._validate, queued)
         def run() -> FastarWork:
-            fut: torch.futures.Future = torch.futures.Future()
             t0 = time.monotonic()
             try:
                 work = start()
             except RuntimeError as e:  # an inline call failed (or the communicator had): the Work says so
                 self._count(op, "native")
+                fut: torch.futures.Future = torch.futures.Future()
                 fut.set_exception(self._annotate(e))
                 return FastarWork(fut, result)
             if work is None:  # ran inline
-                return self._ran_inline(op, "native", post, rec, t0, fut, result)
-            return self._launch(lambda: work, fut, result, post, rec, op)
+                return self._ran_inline(op, "native", post, rec, t0, result)
+            return self._launch(lambda: work, torch.futures.Future(), result, post, rec, op)
         return self._profiled(name, run)
+
+    def _describe_halves(self, plan, nbytes: int) -> tuple[str, str]:
+        """(label, name) of a halves call: its plan as records show it, and its record's and
+        profiler range's name."""
+        label = f"{'shm+rail' if plan.hierarchy == 'rail' else 'flat'}:{plan.algorithm}"
+        return label, f"fastar::{plan.collective} {nbytes}B {label} peers={self._size}"
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._lock:
@@ -656,6 +677,13 @@ class FastarBackend(_C10dBackend):
             return FastarWork(fut.then(divide), list(tensors))
         return self._delegated_call(op, tensors, call)
 
+    def _halves_run(self, scatter: bool, out: torch.Tensor, inp: torch.Tensor) -> bool:
+        """Whether the communicator runs these halves (its own check, Communicator::halves, made
+        here before a profiler range opens)."""
+        whole, part = (inp, out) if scatter else (out, inp)
+        return (self._halves_ok(out, inp) and whole.numel() == part.numel() * self._size
+                and (not scatter or inp.dtype in collectives.SUPPORTED_DTYPES))
+
     def _halves_ok(self, *tensors) -> bool:
         """CPU tensors the native halves take: dense, contiguous, one dtype."""
         return (all(t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() for t in tensors)
@@ -663,11 +691,14 @@ class FastarBackend(_C10dBackend):
 
     def reduce_scatter_single(self, output, input, opts):  # noqa: A002 - torch's name
         avg = _op_kind(opts.reduceOp)
-        if avg is None or input.dtype not in collectives.SUPPORTED_DTYPES or not self._halves_ok(output, input) \
-                or input.numel() != output.numel() * self._size:
-            return self._delegated_call("reduce_scatter_single", [input],
-                                        lambda g: g.reduce_scatter_single(output, input, opts))
-        return self._native_halves(True, output, input, avg, "reduce_scatter", [output], op="reduce_scatter_single")
+        if avg is not None:
+            try:
+                return self._native_halves(True, output, input, avg, "reduce_scatter", [output],
+                                           op="reduce_scatter_single")
+            except ValueError:  # the communicator does not run these tensors (checked before anything ran)
+                pass
+        return self._delegated_call("reduce_scatter_single", [input],
+                                    lambda g: g.reduce_scatter_single(output, input, opts))
 
     def reduce_scatter(self, outputs, inputs, opts):
         avg = _op_kind(opts.reduceOp)
@@ -681,10 +712,11 @@ class FastarBackend(_C10dBackend):
         return self._native_halves(True, outputs[0], flat, avg, "reduce_scatter", list(outputs))
 
     def all_gather_single(self, output, input, opts):  # noqa: A002 - torch's name
-        if not self._halves_ok(output, input) or output.numel() != input.numel() * self._size:
+        try:
+            return self._native_halves(False, output, input, False, "allgather", [output], op="all_gather_single")
+        except ValueError:  # the communicator does not run these tensors (checked before anything ran)
             return self._delegated_call("all_gather_single", [input],
                                         lambda g: g.all_gather_single(output, input, opts))
-        return self._native_halves(False, output, input, False, "allgather", [output], op="all_gather_single")
 
     def allgather(self, outputs, inputs, opts):
         n = self._size

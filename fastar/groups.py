@@ -49,13 +49,16 @@ def native_plan(plan) -> object:
 class PlanCache:
     """fastar.policy.plan of one communicator's calls, by (collective, bytes, itemsize): each size is
     planned once per tuning, so that a call of fastar.reduce_scatter_single / all_gather_single, or of
-    the backend's halves, costs a dict lookup instead of a plan. get() -> (Plan, its fastar._C.Plan).
-    policy.py still decides every plan; a tuning replaced by policy.set_tuning empties the cache."""
+    the backend's halves, costs a dict lookup instead of a plan. get() -> (Plan, its fastar._C.Plan,
+    describe(Plan, nbytes) or None): describe, the caller's, makes what it shows of the call (the
+    backend's record and profiler names) once per size too. policy.py still decides every plan; a
+    tuning replaced by policy.set_tuning empties the cache."""
 
     LIMIT = 1024  # sizes kept; then it starts again (a job has a few dozen sizes)
 
-    def __init__(self, node):
+    def __init__(self, node, describe=None):
         self._node = node  # () -> policy.Node of the communicator
+        self._describe = describe
         self._tuning = None
         self._plans: dict = {}
 
@@ -69,7 +72,7 @@ class PlanCache:
             if len(self._plans) >= self.LIMIT:
                 self._plans.clear()
             p = policy.plan(nbytes, itemsize, self._node(), collective=collective, t=t)
-            hit = self._plans[key] = (p, native_plan(p))
+            hit = self._plans[key] = (p, native_plan(p), self._describe(p, nbytes) if self._describe else None)
         return hit
 
 
