@@ -203,8 +203,8 @@ class FastarBackend(_C10dBackend):
         self._node = policy.Node(self._topo.size, self._topo.local_size,
                                  self._comm.shm_chunk_bytes() if self._comm.has_shm() else 0,
                                  self._comm.single_copy())
-        # the halves' plans by size, with their label and the name of their records and profiler ranges
-        self._halves_plans = groups.PlanCache(lambda: self._node, self._describe_halves)
+        # the CPU plans by collective and size, with their label and the end of their records' names
+        self._plans = groups.PlanCache(lambda: self._node, self._describe)
         self._wait_s = self._timeout.total_seconds() + 30  # the communicator fails first, within its timeout
         self._queue: queue.Queue = queue.Queue()
         self._records: list = []  # (name, bytes, plan, start_s, end_s) of recent native collectives
@@ -434,15 +434,15 @@ class FastarBackend(_C10dBackend):
         op = op or what
         if self._closed:
             raise RuntimeError("fastar backend: the process group was shut down")
-        nbytes = flat.numel() * flat.element_size()
+        nbytes = flat.nbytes
         if flat.device.type == "cuda":
             self._ensure_cuda()
             plan = policy.plan(nbytes, flat.element_size(), self._node, hierarchy="flat", device="cuda")
+            native, (label, suffix) = groups.native_plan(plan), self._describe(plan, nbytes)
         else:
-            plan = policy.plan(nbytes, flat.element_size(), self._node)
-        name = f"fastar::{what} {nbytes}B {plan.hierarchy}:{plan.algorithm} peers={self._size}"
-        rec = [name, nbytes, f"{plan.hierarchy}:{plan.algorithm}", 0.0, 0.0]
-        native = groups.native_plan(plan)
+            plan, native, (label, suffix) = self._plans.get("allreduce", nbytes, flat.itemsize)
+        name = "fastar::" + what + suffix
+        rec = [name, nbytes, label, 0.0, 0.0]
         latency = plan.protocol == "latency"
 
         def run() -> FastarWork:
@@ -542,7 +542,8 @@ class FastarBackend(_C10dBackend):
             raise ValueError("fastar backend: tensors the communicator does not run")
         whole = inp if scatter else out
         nbytes = whole.nbytes
-        plan, native, (label, name) = self._halves_plans.get(what, nbytes, whole.itemsize)
+        plan, native, (label, suffix) = self._plans.get(what, nbytes, whole.itemsize)
+        name = "fastar::" + what + suffix
         rec = [name, nbytes, label, 0.0, 0.0]
         # Small calls run at once in the caller's thread (no hand-off); large ones are queued, so
         # that the caller (FSDP's prefetch, a DDP-style overlap) goes on while they run. The same
@@ -570,11 +571,14 @@ class FastarBackend(_C10dBackend):
             return self._launch(lambda: work, torch.futures.Future(), result, post, rec, op)
         return self._profiled(name, run)
 
-    def _describe_halves(self, plan, nbytes: int) -> tuple[str, str]:
-        """(label, name) of a halves call: its plan as records show it, and its record's and
-        profiler range's name."""
-        label = f"{'shm+rail' if plan.hierarchy == 'rail' else 'flat'}:{plan.algorithm}"
-        return label, f"fastar::{plan.collective} {nbytes}B {label} peers={self._size}"
+    def _describe(self, plan, nbytes: int) -> tuple[str, str]:
+        """(label, suffix) of a native call: its plan as its record shows it, and the end of its
+        record's and profiler range's name (after "fastar::<what>")."""
+        if plan.collective == "allreduce":
+            label = f"{plan.hierarchy}:{plan.algorithm}"
+        else:
+            label = f"{'shm+rail' if plan.hierarchy == 'rail' else 'flat'}:{plan.algorithm}"
+        return label, f" {nbytes}B {label} peers={self._size}"
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._lock:
